@@ -1,0 +1,3 @@
+from vlmcache.cli import main
+
+main()

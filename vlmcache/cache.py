@@ -1,0 +1,392 @@
+"""The HDF5 feature cache: atomic shards, a manifest per split, lazy readers, verification and listing.
+
+Layout: `<cache_dir>/<dataset>/<key>/<split>/shard-00000.h5 ... + manifest.json`, and
+`<cache_dir>/<dataset>/<key>/text.h5` for class-text embeddings. The key names the encoder
+(model, weight source, short hash of everything that changes its numbers). Each split's manifest
+holds the full fingerprint (encoder plus split definition and options), the shards with their row
+ranges, byte sizes and sha256, and the skipped images. A file the manifest does not list does not
+exist, so a killed run never leaves anything a reader would count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from vlmcache.errors import VlmcacheError
+
+MANIFEST = "manifest.json"
+TEXT_FILE = "text.h5"
+FORMAT = 1
+TMP_MARK = ".tmp-"  # temporary files are `<final name>.tmp-<pid>`
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tmp_name(final: Path) -> Path:
+    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}")
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make a fully written temporary file visible under its final name, durably."""
+    _fsync_file(tmp)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=False)
+            f.write("\n")
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_stale_tmp(folder: Path) -> list[Path]:
+    """Delete temporary files left by processes that no longer run (a killed extraction)."""
+    removed = []
+    for p in folder.glob(f"*{TMP_MARK}*"):
+        pid = p.name.rsplit(TMP_MARK, 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
+def write_shard(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> dict:
+    """Write one shard to a temporary name, flush, fsync, rename. Returns its manifest entry fields."""
+    tmp = tmp_name(final)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for name, arr in arrays.items():
+                # Tokens are read in contiguous row slices; one row per chunk keeps any slice cheap.
+                chunks = (1, *arr.shape[1:]) if name == "tokens" and len(arr) else None
+                f.create_dataset(name, data=arr, chunks=chunks)
+            for k, v in attrs.items():
+                f.attrs[k] = v
+            f.flush()
+        digest = sha256_file(tmp)
+        size = tmp.stat().st_size
+        publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"file": final.name, "bytes": size, "sha256": digest}
+
+
+def open_h5(path: Path) -> h5py.File:
+    """Read-only, without HDF5 file locking: readers never block each other or a writer's rename."""
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as e:
+        raise VlmcacheError(f"The cache file '{path}' cannot be read as HDF5 ({e}); run `vlmcache cache verify`.") from None
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def read_manifest(split_dir: Path) -> dict | None:
+    path = split_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VlmcacheError(f"The manifest '{path}' is not valid JSON ({e}); re-extract with --overwrite.") from None
+    if manifest.get("format") != FORMAT:
+        raise VlmcacheError(f"The manifest '{path}' has format {manifest.get('format')}; this vlmcache reads {FORMAT}.")
+    return manifest
+
+
+def fingerprint_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the keys whose values differ, e.g. ['encoder.precision', 'tokens']."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def describe_diff(old: dict, new: dict) -> str:
+    parts = []
+    for name in fingerprint_diff(old, new):
+        a, b = old, new
+        for part in name.split("."):
+            a, b = (a or {}).get(part), (b or {}).get(part)
+        parts.append(f"{name}: {a!r} -> {b!r}")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+@dataclass
+class ShardRef:
+    path: Path
+    start: int  # first row of this shard in the split's concatenated order (after skips)
+    rows: int
+
+
+class SplitCache:
+    """A finished split of the cache. Pickles without open files; each process opens its own."""
+
+    def __init__(self, split_dir: str | os.PathLike):
+        self.dir = Path(split_dir)
+        manifest = read_manifest(self.dir)
+        if manifest is None:
+            raise VlmcacheError(f"No cache at '{self.dir}' ({MANIFEST} is missing); run `vlmcache extract` first.")
+        done = len(manifest["shards"])
+        if not manifest.get("complete"):
+            raise VlmcacheError(
+                f"The cache '{self.dir}' is incomplete ({done} of {manifest['n_shards']} shards); "
+                f"run the same `vlmcache extract` command again to resume."
+            )
+        self.manifest = manifest
+        self.shards: list[ShardRef] = []
+        start = 0
+        for entry in sorted(manifest["shards"], key=lambda e: e["start"]):
+            self.shards.append(ShardRef(self.dir / entry["file"], start, entry["rows"]))
+            start += entry["rows"]
+        self.n = start
+        self._starts = np.asarray([s.start for s in self.shards], dtype=np.int64)
+        self._files: dict[int, h5py.File] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _file(self, i: int) -> h5py.File:
+        f = self._files.get(i)
+        if f is None:
+            path = self.shards[i].path
+            if not path.is_file():
+                raise VlmcacheError(f"The shard '{path}' listed in the manifest is missing; run `vlmcache cache verify`.")
+            f = self._files[i] = open_h5(path)
+        return f
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.manifest["fingerprint"]
+
+    def has(self, name: str) -> bool:
+        return any(name in self._file(i) for i in range(len(self.shards)) if self.shards[i].rows) if self.n else False
+
+    def load(self, name: str) -> np.ndarray:
+        """One dataset of every shard, concatenated in row order (for pooled, labels, rows, views)."""
+        parts = [self._file(i)[name][()] for i in range(len(self.shards))]
+        return np.concatenate(parts) if parts else np.zeros((0,))
+
+    def pooled(self) -> np.ndarray:
+        return self.load("pooled")
+
+    def labels(self) -> np.ndarray:
+        return self.load("labels")
+
+    def rows(self) -> np.ndarray:
+        return self.load("rows")
+
+    def token_shape(self) -> tuple[int, int]:
+        for i, s in enumerate(self.shards):
+            if s.rows and "tokens" in self._file(i):
+                return tuple(self._file(i)["tokens"].shape[1:])
+        raise VlmcacheError(
+            f"The cache '{self.dir}' holds no tokens; extract again with --tokens (and --overwrite) for the decoder head."
+        )
+
+    def read_tokens(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of `tokens` as one (n, T, W) float16 array, read slice by slice across shards."""
+        if not 0 <= start <= stop <= self.n:
+            raise IndexError(f"token rows [{start}, {stop}) outside [0, {self.n})")
+        parts = []
+        first = int(np.searchsorted(self._starts, start, side="right") - 1)
+        for i in range(max(first, 0), len(self.shards)):
+            s = self.shards[i]
+            if s.start >= stop:
+                break
+            lo, hi = max(start, s.start) - s.start, min(stop, s.start + s.rows) - s.start
+            if hi > lo:
+                parts.append(self._file(i)["tokens"][lo:hi])
+        if not parts:
+            return np.zeros((0, *self.token_shape()), dtype=np.float16)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def verify_split(split_dir: Path) -> list[str]:
+    """Re-hash every shard the manifest lists; return one line per problem (empty when all is well)."""
+    manifest = read_manifest(split_dir)
+    if manifest is None:
+        return [f"{split_dir}: no {MANIFEST}"]
+    problems = []
+    for entry in manifest["shards"]:
+        path = split_dir / entry["file"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"{path}: {size} bytes, the manifest says {entry['bytes']}")
+            continue
+        if sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (the file changed after it was written)")
+    if not manifest.get("complete"):
+        problems.append(f"{split_dir}: incomplete, {len(manifest['shards'])} of {manifest['n_shards']} shards")
+    return problems
+
+
+# --------------------------------------------------------------------------- text embeddings
+
+
+def write_text(path: Path, sets: dict[str, tuple[list[str], np.ndarray]], classnames: list[str], fingerprint: dict):
+    """Write text.h5 atomically: one group per template set with its templates and (C, D) embeddings."""
+    tmp = tmp_name(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["fingerprint"] = json.dumps(fingerprint)
+            f.create_dataset("classnames", data=np.array(classnames, dtype=h5py.string_dtype()))
+            for name, (templates, emb) in sets.items():
+                g = f.create_group(name)
+                g.create_dataset("embeddings", data=emb.astype(np.float32))
+                g.create_dataset("templates", data=np.array(templates, dtype=h5py.string_dtype()))
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_text(path: Path) -> tuple[dict, list[str], dict[str, tuple[list[str], np.ndarray]]]:
+    """(fingerprint, classnames, {set name: (templates, (C, D) float32 embeddings)})."""
+    if not path.is_file():
+        raise VlmcacheError(f"No class-text embeddings at '{path}'; run `vlmcache extract` first.")
+    with open_h5(path) as f:
+        fingerprint = json.loads(f.attrs["fingerprint"])
+        classnames = [s.decode() if isinstance(s, bytes) else s for s in f["classnames"][()]]
+        sets = {
+            name: ([t.decode() if isinstance(t, bytes) else t for t in g["templates"][()]], g["embeddings"][()])
+            for name, g in f.items()
+            if isinstance(g, h5py.Group)
+        }
+    return fingerprint, classnames, sets
+
+
+# --------------------------------------------------------------------------- listing
+
+
+KEY_RE = re.compile(r"^(?P<model>.+?)__(?P<source>.+)__(?P<hash>[0-9a-f]{8})$")
+
+
+def iter_caches(cache_dir: Path) -> Iterator[Path]:
+    """Every `<dataset>/<key>` folder under the cache root."""
+    if not cache_dir.is_dir():
+        return
+    for ds in sorted(p for p in cache_dir.iterdir() if p.is_dir()):
+        for key in sorted(p for p in ds.iterdir() if p.is_dir() and KEY_RE.match(p.name)):
+            yield key
+
+
+def summarize(model_dir: Path) -> dict:
+    """Splits, rows, completeness and bytes of one `<dataset>/<key>` cache, from manifests only."""
+    splits = {}
+    for d in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+        try:
+            m = read_manifest(d)
+        except VlmcacheError as e:
+            splits[d.name] = {"error": str(e)}
+            continue
+        if m is None:
+            continue
+        splits[d.name] = {
+            "rows": sum(e["rows"] for e in m["shards"]),
+            "n_rows": m["n_rows"],
+            "skipped": sum(len(e["skipped"]) for e in m["shards"]),
+            "shards": f"{len(m['shards'])}/{m['n_shards']}",
+            "complete": bool(m.get("complete")),
+            "bytes": sum(e["bytes"] for e in m["shards"]),
+            "tokens": bool(m["fingerprint"].get("tokens")),
+            "views": int(m["fingerprint"].get("views") or 0),
+        }
+    text = model_dir / TEXT_FILE
+    return {
+        "dataset": model_dir.parent.name,
+        "key": model_dir.name,
+        "path": str(model_dir),
+        "splits": splits,
+        "text": text.is_file(),
+        "bytes": sum(s.get("bytes", 0) for s in splits.values()) + (text.stat().st_size if text.is_file() else 0),
+    }
+
+
+def resolve_cache(cache_dir: Path, ref: str) -> Path:
+    """A `<dataset>/<key>` folder from a path, `dataset/key`, or a unique key (or key prefix)."""
+    for candidate in (Path(ref), cache_dir / ref):
+        if candidate.is_dir() and KEY_RE.match(candidate.name):
+            return candidate
+    matches = [p for p in iter_caches(cache_dir) if p.name.startswith(ref) or f"{p.parent.name}/{p.name}" == ref]
+    if len(matches) == 1:
+        return matches[0]
+    known = [f"{p.parent.name}/{p.name}" for p in iter_caches(cache_dir)]
+    if not matches:
+        listing = ", ".join(known) if known else f"none under '{cache_dir}'"
+        raise VlmcacheError(f"No cache matches '{ref}'. Caches: {listing}.")
+    raise VlmcacheError(f"'{ref}' matches several caches: {', '.join(f'{p.parent.name}/{p.name}' for p in matches)}.")

@@ -1,0 +1,361 @@
+"""The `vlmcache` command: parses, validates and calls the library. Nothing here that tests cannot call directly."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from vlmcache import cache
+from vlmcache.datasets import DATASETS, load_dataset, parse_split_files, read_split_file, split_stats
+from vlmcache.errors import VlmcacheError
+from vlmcache.extract import ExtractConfig, default_workers, run_extract
+from vlmcache.templates import DEFAULT_TEMPLATE_SETS, TEMPLATE_SETS
+
+app = typer.Typer(
+    help="Long-tailed classification with frozen CLIP encoders: extract features once, then train heads on the cache.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+datasets_app = typer.Typer(help="List the datasets, or show one dataset's class-frequency statistics.")
+cache_app = typer.Typer(help="Inspect and verify the feature cache.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(cache_app, name="cache")
+
+out = Console()
+err = Console(stderr=True)
+
+DatasetName = Enum("DatasetName", {k: k for k in DATASETS}, type=str)
+
+
+def user_errors(fn):
+    """Print a VlmcacheError as one line on stderr and exit 2; a user mistake never shows a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VlmcacheError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# --------------------------------------------------------------------------- shared options
+
+CACHE_DIR = typer.Option("cache", "--cache-dir", help="Root of the feature cache.")
+ROOT = typer.Option(None, "--root", help="Image folder that the split files' paths start from.")
+SPLIT_FILES = typer.Option(
+    None, "--split-file", help="NAME=PATH of a split file ('relative/path label' lines); repeat for each split."
+)
+CLASSNAMES = typer.Option(None, "--classnames", help="Class names, one per line (the 'split' dataset only).")
+JSON = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
+
+
+# --------------------------------------------------------------------------- extract
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.1f} img/s" if task.speed else "- img/s", style="cyan")
+
+
+class RichProgress:
+    """The extraction's progress bar (images/s and ETA), on stderr so that --json stays clean."""
+
+    def __init__(self, console: Console):
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(), console=console, speed_estimate_period=10,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+    def start(self, split: str, total: int, completed: int = 0) -> None:
+        self.task = self.bar.add_task(f"extract {split}", total=total, completed=completed)
+
+    def advance(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+
+
+@app.command()
+@user_errors
+def extract(
+    dataset: DatasetName = typer.Option(..., "--dataset", "-d", help="Dataset name (see `vlmcache datasets`)."),
+    root: Path = ROOT,
+    split_file: list[str] = SPLIT_FILES,
+    classnames: Path = CLASSNAMES,
+    split: list[str] = typer.Option(None, "--split", help="Extract only this split; repeat for several. Default: all."),
+    model: str = typer.Option("ViT-B-16", "--model", "-m", help="open_clip model name (open_clip.list_models())."),
+    pretrained: str = typer.Option(
+        "openai", "--pretrained", "-p", help="open_clip pretrained tag, a local weights file, or 'none' (random)."
+    ),
+    preprocess_from: str = typer.Option(
+        None, "--preprocess-from", help="For a local weights file: the pretrained tag whose preprocessing it uses."
+    ),
+    cache_dir: Path = CACHE_DIR,
+    tokens: bool = typer.Option(False, "--tokens", help="Also cache the final block's tokens (for the decoder head)."),
+    views: int = typer.Option(0, "--views", help="Augmented views (random resized crop + flip) per training image."),
+    view_seed: int = typer.Option(0, "--view-seed", help="Seed of the augmented views."),
+    templates: str = typer.Option(
+        ",".join(DEFAULT_TEMPLATE_SETS), "--templates", help=f"Template sets, comma-separated: {', '.join(TEMPLATE_SETS)}."
+    ),
+    shard_size: int = typer.Option(1024, "--shard-size", help="Rows per HDF5 shard."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
+    workers: int = typer.Option(default_workers(), "--workers", help="Image-loading processes (0: in the main one)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16, bf16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard a cache made with other settings and start again."),
+    holdout: float = typer.Option(0.2, "--holdout", help="imagefolder without train/ and val/: test fraction per class."),
+    seed: int = typer.Option(0, "--seed", help="Seed of generated splits (imagefolder hold-out, digits_lt)."),
+    as_json: bool = JSON,
+):
+    """Run the frozen encoders once over a dataset and cache image and class-text embeddings.
+
+    Example: [bold]vlmcache extract --dataset places_lt --root /data/places365 --model ViT-B-16 --pretrained openai --tokens[/]
+
+    A killed run resumes where it stopped when given the same command again.
+    """
+    cfg = ExtractConfig(
+        dataset=dataset.value, root=str(root) if root else None, split_files=parse_split_files(split_file),
+        classnames_file=str(classnames) if classnames else None, splits=split or None, model=model,
+        pretrained=pretrained, preprocess_from=preprocess_from, cache_dir=str(cache_dir), shard_size=shard_size,
+        batch_size=batch_size, workers=workers, tokens=tokens, views=views, view_seed=view_seed,
+        templates=[t.strip() for t in templates.split(",") if t.strip()], device=device, precision=precision,
+        overwrite=overwrite, holdout=holdout, seed=seed,
+    )
+    log = functools.partial(err.print, highlight=False)
+    with RichProgress(err) as progress:
+        summary = run_extract(cfg, progress=progress, log=log)
+    if as_json:
+        _print_json(summary)
+        return
+    _print_extract_summary(summary)
+
+
+def _print_extract_summary(summary: dict) -> None:
+    table = Table(title=f"{summary['dataset']} / {summary['key']}  ({summary['device']}, {summary['precision']})")
+    for col in ("split", "rows", "skipped", "shards", "resumed", "size", "time", "img/s"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for s in summary["splits"]:
+        table.add_row(
+            s["split"], f"{s['rows']:,}", str(s["skipped"]), str(s["shards"]), str(s["resumed_shards"]),
+            _size(s["bytes"]), f"{s['seconds']:.1f} s", f"{s['images_per_s']:,.0f}" if s["images_per_s"] else "-",
+        )
+    out.print(table)
+    for note in summary["notes"]:
+        out.print(f"note: {note}", highlight=False)
+    if summary["pretrained"] == "random":
+        out.print("note: random weights: the features exercise the pipeline, they do not carry CLIP's knowledge.")
+    out.print(f"cache: {summary['cache']}", highlight=False)
+    out.print(f"class texts: {', '.join(summary['text']['template_sets'])} in {summary['text']['path']}", highlight=False)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets(ctx: typer.Context):
+    """List the datasets. Example: [bold]vlmcache datasets info places_lt[/]"""
+    if ctx.invoked_subcommand is not None:
+        return
+    table = Table(title="datasets (--dataset NAME)")
+    table.add_column("name")
+    table.add_column("what")
+    for name, info in DATASETS.items():
+        table.add_row(name, info.description)
+    out.print(table)
+
+
+@datasets_app.command("info")
+@user_errors
+def datasets_info(
+    name: DatasetName = typer.Argument(..., help="Dataset name."),
+    root: Path = ROOT,
+    split_file: Path = typer.Option(None, "--split-file", help="Statistics of this split file instead."),
+    as_json: bool = JSON,
+):
+    """Images, classes, largest and smallest class, and many (>100) / medium (20-100) / few (<20) shot classes.
+
+    Example: [bold]vlmcache datasets info places_lt --split-file Places_LT_train.txt --json[/]
+    """
+    if split_file is not None:
+        if name.value in ("imagefolder", "digits_lt"):
+            raise VlmcacheError(f"--split-file does not apply to {name.value}.")
+        _, labels = read_split_file(split_file)
+        result = {"dataset": name.value, "split_file": str(split_file), **split_stats(labels)}
+        rows = {split_file.name: split_stats(labels)}
+        notes = []
+    else:
+        ds = load_dataset(name.value, root)
+        rows = {s: split_stats(sp.labels) for s, sp in ds.splits.items()}
+        result = {"dataset": name.value, "num_classes": ds.num_classes, "splits": rows, "notes": ds.notes}
+        notes = ds.notes
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(title=name.value)
+    for col in ("split", "images", "classes", "max / min per class", "many / medium / few"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for s, st in rows.items():
+        table.add_row(s, f"{st['images']:,}", f"{st['classes']:,}", f"{st['max_per_class']:,} / {st['min_per_class']:,}",
+                      f"{st['many']} / {st['medium']} / {st['few']}")
+    out.print(table)
+    for note in notes:
+        out.print(f"note: {note}", highlight=False)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+@cache_app.command("ls")
+@user_errors
+def cache_ls(cache_dir: Path = CACHE_DIR, as_json: bool = JSON):
+    """List the caches under the cache root. Example: [bold]vlmcache cache ls --cache-dir cache[/]"""
+    found = [cache.summarize(p) for p in cache.iter_caches(cache_dir)]
+    if as_json:
+        _print_json({"cache_dir": str(cache_dir), "caches": found})
+        return
+    if not found:
+        out.print(f"No caches under '{cache_dir}'. Make one with `vlmcache extract` (or `vlmcache demo`).")
+        return
+    table = Table(title=f"caches in {cache_dir}")
+    for col in ("dataset", "key", "splits", "text", "size"):
+        table.add_column(col, no_wrap=col == "key")
+    for c in found:
+        splits = ", ".join(
+            f"{s} {v.get('rows', 0):,}" + ("" if v.get("complete") else f" ({v.get('shards', 'broken')}, incomplete)")
+            + (" +tokens" if v.get("tokens") else "")
+            for s, v in c["splits"].items()
+        )
+        table.add_row(c["dataset"], c["key"], splits, "yes" if c["text"] else "no", _size(c["bytes"]))
+    out.print(table)
+
+
+@cache_app.command("info")
+@user_errors
+def cache_info(
+    ref: str = typer.Argument(..., help="A cache: its path, DATASET/KEY, or a unique key prefix."),
+    cache_dir: Path = CACHE_DIR,
+    as_json: bool = JSON,
+):
+    """Fingerprint, splits, shards and skipped images of one cache.
+
+    Example: [bold]vlmcache cache info digits_lt/vlmcache-tiny__random__50f14ae9[/]
+    """
+    model_dir = cache.resolve_cache(cache_dir, ref)
+    summary = cache.summarize(model_dir)
+    manifests = {s: cache.read_manifest(model_dir / s) for s in summary["splits"]}
+    skipped = {s: [x for e in m["shards"] for x in e["skipped"]] for s, m in manifests.items() if m}
+    fingerprint = next((m["fingerprint"]["encoder"] for m in manifests.values() if m), None)
+    if as_json:
+        _print_json({**summary, "encoder": fingerprint, "skipped_images": skipped})
+        return
+    out.print(f"[bold]{summary['dataset']} / {summary['key']}[/]  ({_size(summary['bytes'])})  {summary['path']}")
+    if fingerprint:
+        out.print_json(json.dumps(fingerprint))
+    table = Table()
+    for col in ("split", "rows", "of", "skipped", "shards", "complete", "tokens", "views", "size"):
+        table.add_column(col)
+    for s, v in summary["splits"].items():
+        if "error" in v:
+            table.add_row(s, v["error"], "", "", "", "", "", "", "")
+            continue
+        table.add_row(s, f"{v['rows']:,}", f"{v['n_rows']:,}", str(v["skipped"]), v["shards"],
+                      "yes" if v["complete"] else "NO", "yes" if v["tokens"] else "no", str(v["views"]), _size(v["bytes"]))
+    out.print(table)
+    for s, items in skipped.items():
+        for x in items[:20]:
+            out.print(f"skipped {s} row {x['row']}: {x['path']}: {x['reason']}", highlight=False)
+        if len(items) > 20:
+            out.print(f"... and {len(items) - 20} more skipped in {s} (see --json)")
+
+
+@cache_app.command("verify")
+@user_errors
+def cache_verify(
+    ref: str = typer.Argument(None, help="A cache (path, DATASET/KEY or key prefix); default: every cache."),
+    cache_dir: Path = CACHE_DIR,
+    as_json: bool = JSON,
+):
+    """Re-hash every shard against its manifest; exit 1 and name the shards that differ.
+
+    Example: [bold]vlmcache cache verify places_lt/ViT-B-16__openai__3f9a2c1e[/]
+    """
+    targets = [cache.resolve_cache(cache_dir, ref)] if ref else list(cache.iter_caches(cache_dir))
+    problems, checked = [], 0
+    for model_dir in targets:
+        for split_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+            try:
+                problems += cache.verify_split(split_dir)
+            except VlmcacheError as e:
+                problems.append(str(e))
+            checked += 1
+    if as_json:
+        _print_json({"checked_splits": checked, "problems": problems, "ok": not problems})
+    else:
+        for p in problems:
+            out.print(f"[red]BAD[/] {p}", highlight=False)
+        out.print(f"{checked} split(s) checked: " + ("all shards match their manifest." if not problems
+                                                     else f"{len(problems)} problem(s)."))
+    if problems:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command()
+@user_errors
+def demo(cache_dir: Path = CACHE_DIR, workers: int = typer.Option(0, "--workers", help="Image-loading processes.")):
+    """Run the whole loop on the built-in digits_lt data with the tiny random-weight model.
+
+    Example: [bold]vlmcache demo[/]
+    """
+    out.print(
+        "[bold]vlmcache demo[/]: digits_lt (scikit-learn digits, long-tailed) with vlmcache-tiny.\n"
+        "vlmcache-tiny has [bold]random weights[/]: its numbers show that the pipeline runs, not CLIP's accuracy.",
+    )
+    cfg = ExtractConfig(dataset="digits_lt", model="vlmcache-tiny", pretrained="none", cache_dir=str(cache_dir),
+                        shard_size=256, tokens=True, workers=workers)
+    with RichProgress(err) as progress:
+        summary = run_extract(cfg, progress=progress, log=functools.partial(err.print, highlight=False))
+    _print_extract_summary(summary)
+    out.print("Next: inspect it with `vlmcache cache info " + f"{summary['dataset']}/{summary['key']}"
+              f" --cache-dir {cache_dir}`. Training heads on the cache (stage 2) is not built yet.", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""Long-tailed datasets chosen by name: split definitions, class names and class-frequency statistics."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from vlmcache.errors import VlmcacheError, unknown_choice
+from vlmcache.images import ArraySource, FileSource
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass
+class Split:
+    """One split: where its images come from, their labels, and a hash of its definition."""
+
+    name: str
+    source: FileSource | ArraySource
+    labels: np.ndarray  # (N,) int64
+    origin: str  # the split file, or how the split was made
+    sha256: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    name: str
+    classnames: list[str]
+    splits: dict[str, Split]
+    root: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise unknown_choice(f"split of {self.name}", name, self.splits)
+        return self.splits[name]
+
+
+# --------------------------------------------------------------------------- split files
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_relpath(rel: str, where: str) -> None:
+    """Refuse paths that would leave the image root: absolute paths and `..` parts."""
+    p = PurePosixPath(rel.replace("\\", "/"))
+    if p.is_absolute() or rel.startswith("~") or (len(rel) > 1 and rel[1] == ":"):
+        raise VlmcacheError(f"{where}: the path '{rel}' is absolute; split paths must be relative to --root.")
+    if ".." in p.parts:
+        raise VlmcacheError(f"{where}: the path '{rel}' contains '..' and would escape --root.")
+
+
+def read_split_file(path: str | os.PathLike, num_classes: int | None = None) -> tuple[list[str], np.ndarray]:
+    """Parse `relative/path label` lines (blank lines allowed; the path may contain spaces)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VlmcacheError(f"The split file '{path}' does not exist.")
+    relpaths: list[str] = []
+    labels: list[int] = []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            where = f"{path}, line {lineno}"
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2:
+                raise VlmcacheError(f"{where}: expected 'relative/path label', got '{line}'.")
+            rel, label_text = parts
+            try:
+                label = int(label_text)
+            except ValueError:
+                raise VlmcacheError(f"{where}: the label '{label_text}' is not an integer.") from None
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                bound = f"0..{num_classes - 1}" if num_classes is not None else "0 or more"
+                raise VlmcacheError(f"{where}: the label {label} is out of range (valid: {bound}).")
+            _check_relpath(rel, where)
+            relpaths.append(rel)
+            labels.append(label)
+    if not relpaths:
+        raise VlmcacheError(f"The split file '{path}' holds no images.")
+    return relpaths, np.asarray(labels, dtype=np.int64)
+
+
+def read_coco_json(path: Path, num_classes: int | None = None) -> tuple[list[str], np.ndarray]:
+    """The official iNaturalist `train2018.json` / `val2018.json` (COCO style: images + annotations)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        pairs = [(files[a["image_id"]], int(a["category_id"])) for a in data["annotations"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise VlmcacheError(f"'{path}' is not an iNaturalist-style JSON file (images + annotations): {e}") from None
+    for rel, label in pairs:
+        _check_relpath(rel, str(path))
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            raise VlmcacheError(f"{path}: the category_id {label} of '{rel}' is out of range.")
+    return [p for p, _ in pairs], np.asarray([lbl for _, lbl in pairs], dtype=np.int64)
+
+
+def _package_file(relpath: str) -> Path:
+    return Path(str(resources.files("vlmcache") / "data" / relpath))
+
+
+def read_classnames(path: str | os.PathLike) -> list[str]:
+    """One class name per line, line i naming class i."""
+    path = Path(path)
+    if not path.is_file():
+        raise VlmcacheError(f"The class-name file '{path}' does not exist.")
+    with _open_text(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise VlmcacheError(f"The class-name file '{path}' is empty.")
+    return names
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def split_stats(labels: np.ndarray, many: int = 100, few: int = 20) -> dict:
+    """Images, classes present, largest and smallest class, and the many (> many), medium, few (< few) counts."""
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]
+    return {
+        "images": int(len(labels)),
+        "classes": int(len(counts)),
+        "max_per_class": int(counts.max()),
+        "min_per_class": int(counts.min()),
+        "imbalance_ratio": round(float(counts.max() / counts.min()), 2),
+        "many": int((counts > many).sum()),
+        "medium": int(((counts >= few) & (counts <= many)).sum()),
+        "few": int((counts < few).sum()),
+    }
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _check_root(root: str | os.PathLike | None, name: str) -> Path | None:
+    if root is None:
+        return None
+    root = Path(root)
+    if not root.is_dir():
+        raise VlmcacheError(f"The image root '{root}' for {name} does not exist or is not a folder (--root).")
+    return root
+
+
+def _file_split(name: str, path: Path, root: Path | None, num_classes: int) -> Split:
+    if path.suffix == ".json":
+        relpaths, labels = read_coco_json(path, num_classes)
+    else:
+        relpaths, labels = read_split_file(path, num_classes)
+    return Split(name, FileSource(root or "", relpaths), labels, str(path), _sha256_file(path))
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A published long-tailed benchmark: split files by split name, and its class names."""
+
+    files: dict[str, tuple[str, ...]]  # split -> candidate file names under --root or shipped
+    classnames: Callable[[], list[str]]
+    num_classes: int
+
+
+def _imagenet_names() -> list[str]:
+    from open_clip import IMAGENET_CLASSNAMES  # the standard CLIP names, in ImageNet-LT's label order
+
+    return list(IMAGENET_CLASSNAMES)
+
+
+def _places_names() -> list[str]:
+    # `apartment_building-outdoor apartment_building-outdoor` -> "apartment building (outdoor)"
+    names = []
+    for line in read_classnames(_package_file("places_lt/classnames.txt")):
+        base, _, qualifier = line.split(maxsplit=1)[-1].replace("_", " ").partition("-")
+        names.append(f"{base} ({qualifier})" if qualifier else base)
+    return names
+
+
+def _inat_names() -> list[str]:
+    return [line.split("\t", 1)[1] for line in read_classnames(_package_file("inat18/classnames.txt"))]
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "imagenet_lt": Benchmark(
+        {
+            "train": ("ImageNet_LT_train.txt",),
+            "val": ("ImageNet_LT_val.txt",),
+            "test": ("ImageNet_LT_test.txt",),
+        },
+        _imagenet_names,
+        1000,
+    ),
+    "places_lt": Benchmark(
+        {"train": ("Places_LT_train.txt",), "val": ("Places_LT_val.txt",), "test": ("Places_LT_test.txt",)},
+        _places_names,
+        365,
+    ),
+    "inat18": Benchmark(
+        # The iNat 2018 validation set is the benchmark's test set.
+        {"train": ("iNaturalist18_train.txt", "train2018.json"), "val": ("iNaturalist18_val.txt", "val2018.json")},
+        _inat_names,
+        8142,
+    ),
+}
+
+
+def _benchmark(name: str, root, split_files: Mapping[str, str], **_) -> Dataset:
+    bench = BENCHMARKS[name]
+    root = _check_root(root, name)
+    for split in split_files:
+        if split not in bench.files:
+            raise unknown_choice(f"split of {name}", split, bench.files)
+    splits, notes = {}, []
+    for split, candidates in bench.files.items():
+        if split in split_files:
+            path = Path(split_files[split])
+        else:
+            found = [Path(root, c) for c in candidates if root and Path(root, c).is_file()]
+            shipped = [_package_file(f"{name}/{c}.gz") for c in candidates if _package_file(f"{name}/{c}.gz").is_file()]
+            path = (found or shipped or [None])[0]
+            if path is None:
+                where = f"under --root '{root}'" if root else "(no --root given)"
+                notes.append(
+                    f"The {split} split needs {' or '.join(candidates)} {where}, or --split-file {split}=PATH."
+                )
+                continue
+        splits[split] = _file_split(split, path, root, bench.num_classes)
+    return Dataset(name, bench.classnames(), splits, root, notes)
+
+
+def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float = 0.2, seed: int = 0, **_):
+    if root is None:
+        raise VlmcacheError("The imagefolder dataset needs --root: a folder with one sub-folder per class.")
+    if split_files:
+        raise VlmcacheError("The imagefolder dataset takes its splits from folders; --split-file is not used.")
+    root = _check_root(root, name)
+
+    def scan(base: Path) -> dict[str, list[str]]:
+        classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+        return {
+            c: sorted(
+                str(p.relative_to(root).as_posix())
+                for p in (base / c).rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            )
+            for c in classes
+        }
+
+    def make(split: str, files: dict[str, list[str]], classes: list[str], origin: str) -> Split:
+        unknown = sorted(set(files) - set(classes))
+        if unknown:
+            raise VlmcacheError(f"{origin}: class folders {unknown} do not exist in the train split.")
+        rel = [p for c in classes for p in files.get(c, [])]
+        labels = np.asarray([i for i, c in enumerate(classes) for _ in files.get(c, [])], dtype=np.int64)
+        digest = hashlib.sha256("\n".join(f"{p} {lbl}" for p, lbl in zip(rel, labels)).encode()).hexdigest()
+        return Split(split, FileSource(root, rel), labels, origin, digest)
+
+    eval_dirs = [d for d in ("val", "test") if (root / d).is_dir()]
+    notes = []
+    if (root / "train").is_dir() and eval_dirs:
+        train = scan(root / "train")
+        classes = sorted(train)
+        splits = {"train": make("train", train, classes, str(root / "train"))}
+        for d in eval_dirs:
+            splits[d] = make(d, scan(root / d), classes, str(root / d))
+    else:
+        if not 0 < holdout < 1:
+            raise VlmcacheError(f"--holdout must be between 0 and 1 (exclusive), got {holdout}.")
+        files = scan(root)
+        classes = sorted(files)
+        rng = np.random.default_rng(seed)
+        train_files, test_files = {}, {}
+        for c in classes:
+            order = rng.permutation(len(files[c]))
+            n_test = int(round(holdout * len(order))) if len(order) > 1 else 0
+            n_test = max(n_test, 1) if len(order) > 1 else 0
+            test_files[c] = sorted(files[c][i] for i in order[:n_test])
+            train_files[c] = sorted(files[c][i] for i in order[n_test:])
+        origin = f"{root} (stratified hold-out {holdout:.0%}, seed {seed})"
+        splits = {"train": make("train", train_files, classes, origin), "test": make("test", test_files, classes, origin)}
+        notes.append(
+            f"No train/ and val/ or test/ folders under '{root}': held out {holdout:.0%} of each class "
+            f"(seed {seed}) as the test split."
+        )
+    if not classes:
+        raise VlmcacheError(f"No class folders under '{root}'.")
+    if len(splits["train"]) == 0:
+        raise VlmcacheError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under '{root}'.")
+    return Dataset(name, [c.replace("_", " ") for c in classes], splits, root, notes)
+
+
+def _split(name: str, root, split_files: Mapping[str, str], classnames_file: str | None = None, **_):
+    if not split_files:
+        raise VlmcacheError("The split dataset needs at least one --split-file NAME=PATH (for example train=train.txt).")
+    root = _check_root(root, name)
+    classnames = read_classnames(classnames_file) if classnames_file else None
+    num = len(classnames) if classnames else None
+    splits = {s: _file_split(s, Path(p), root, num) for s, p in split_files.items()}
+    notes = []
+    if classnames is None:
+        num = int(max(int(s.labels.max()) for s in splits.values())) + 1
+        classnames = [f"class {i}" for i in range(num)]
+        notes.append("No --classnames file: classes are named 'class 0', 'class 1', ...; zero-shot texts mean nothing.")
+    return Dataset(name, classnames, splits, root, notes)
+
+
+DIGITS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGITS_IMBALANCE = 10  # largest / smallest training class
+DIGITS_MAX_PER_CLASS = 140
+DIGITS_TEST_PER_CLASS = 30
+
+
+def _digits_lt(name: str, root, split_files: Mapping[str, str], seed: int = 0, **_) -> Dataset:
+    """scikit-learn's bundled 8x8 digits, made long-tailed: class c keeps 140 * 10^(-c/9) training images."""
+    if root is not None or split_files:
+        raise VlmcacheError("digits_lt is built in; it takes no --root or --split-file.")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8), 0..16 -> 0..255
+    rng = np.random.default_rng(seed)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(digits.target == c))
+        n_train = int(DIGITS_MAX_PER_CLASS * DIGITS_IMBALANCE ** (-c / 9))
+        test_idx.extend(idx[:DIGITS_TEST_PER_CLASS])
+        train_idx.extend(idx[DIGITS_TEST_PER_CLASS : DIGITS_TEST_PER_CLASS + n_train])
+    splits = {}
+    for split, idx in (("train", np.asarray(train_idx)), ("test", np.asarray(test_idx))):
+        digest = hashlib.sha256(f"digits_lt-v1 seed={seed} ".encode() + idx.tobytes()).hexdigest()
+        source = ArraySource(images[idx], [f"digits[{i}]" for i in idx])
+        splits[split] = Split(split, source, digits.target[idx].astype(np.int64), f"sklearn digits, seed {seed}", digest)
+    note = (
+        f"digits_lt: scikit-learn's 8x8 digits, imbalance ratio {DIGITS_IMBALANCE} "
+        f"({DIGITS_MAX_PER_CLASS} to {int(DIGITS_MAX_PER_CLASS / DIGITS_IMBALANCE)} training images per class), "
+        f"{DIGITS_TEST_PER_CLASS} test images per class."
+    )
+    return Dataset(name, list(DIGITS_NAMES), splits, None, [note])
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    description: str
+    build: Callable[..., Dataset]
+    needs_root: bool
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "imagenet_lt": DatasetInfo("ImageNet-LT (Liu et al. 2019): 1,000 classes, 1,280 to 5 train images per class",
+                               _benchmark, True),
+    "places_lt": DatasetInfo("Places-LT (Liu et al. 2019): 365 classes, 4,980 to 5 train images per class",
+                             _benchmark, True),
+    "inat18": DatasetInfo("iNaturalist 2018: 8,142 species, 1,000 to 2 train images per class; val is the test set",
+                          _benchmark, True),
+    "imagefolder": DatasetInfo("your images, one folder per class under --root (train/ and val/ or test/ if present)",
+                               _imagefolder, True),
+    "split": DatasetInfo("your split files (--split-file NAME=PATH, lines 'relative/path label') under --root",
+                         _split, True),
+    "digits_lt": DatasetInfo("built in: scikit-learn digits made long-tailed (10 classes, ratio 10), for the demo",
+                             _digits_lt, False),
+}
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    split_files: Mapping[str, str] | None = None,
+    classnames_file: str | None = None,
+    holdout: float = 0.2,
+    seed: int = 0,
+) -> Dataset:
+    """Build a dataset by name. `root` may be None to inspect split definitions without images."""
+    if name not in DATASETS:
+        raise unknown_choice("dataset", name, DATASETS)
+    if classnames_file and name != "split":
+        raise VlmcacheError(f"--classnames is for the 'split' dataset; {name} has its own class names.")
+    return DATASETS[name].build(
+        name, root, dict(split_files or {}), classnames_file=classnames_file, holdout=holdout, seed=seed
+    )
+
+
+def parse_split_files(values: list[str] | None) -> dict[str, str]:
+    """`["train=a.txt", "test=b.txt"]` -> `{"train": "a.txt", "test": "b.txt"}`."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        split, sep, path = value.partition("=")
+        if not sep or not split or not path:
+            raise VlmcacheError(f"--split-file takes NAME=PATH (for example train=train.txt), got '{value}'.")
+        if split in out:
+            raise VlmcacheError(f"--split-file names the split '{split}' twice.")
+        out[split] = path
+    return out

@@ -1,0 +1,261 @@
+"""Frozen open_clip encoders: loading (tags, local files, random weights), preprocessing and the token tap."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transform import AugmentationCfg, image_transform
+
+from vlmcache.errors import VlmcacheError, unknown_choice
+
+TINY_MODEL = "vlmcache-tiny"
+RANDOM = ("none", "random")  # --pretrained values meaning "random weights"
+RANDOM_INIT_SEED = 0  # random weights are seeded so that a resumed extraction sees the same encoder
+PREPROCESS_KEYS = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+open_clip.add_model_config(Path(str(resources.files("vlmcache") / "model_configs")))
+
+
+def list_models() -> list[str]:
+    return open_clip.list_models()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tag_preprocess(model: str, tag: str) -> dict:
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    out = {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in keys if k in cfg}
+    out["quick_gelu"] = bool(cfg.get("quick_gelu", False))
+    return out
+
+
+def resolve_weights(model: str, pretrained: str | None, preprocess_from: str | None = None) -> dict:
+    """Decide where the weights come from and which pretrained config gives their preprocessing.
+
+    A local weights file carries no preprocessing, and open_clip then falls back to OpenAI's mean
+    and std and bicubic resizing, which is wrong for many checkpoints. So a file takes its
+    preprocessing (and QuickGELU, which also changes the numbers) from a pretrained tag: the one
+    named by `preprocess_from`, else the tag whose published sha256 matches the file, else the
+    one setting shared by all of the model's tags; if the tags disagree, the user must choose.
+    """
+    if model not in open_clip.list_models():
+        raise unknown_choice("model", model, open_clip.list_models())
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if preprocess_from is not None and preprocess_from not in tags:
+        raise unknown_choice(f"pretrained tag for --preprocess-from of {model}", preprocess_from, tags or ["(none)"])
+
+    if pretrained is None or pretrained.lower() in RANDOM:
+        cfg = _tag_preprocess(model, preprocess_from) if preprocess_from else {"quick_gelu": False}
+        return {"pretrained": "random", "init_seed": RANDOM_INIT_SEED, "tag_cfg": cfg, "file": None}
+    if pretrained in tags:
+        if preprocess_from not in (None, pretrained):
+            raise VlmcacheError("--preprocess-from is for local weights files; a pretrained tag brings its own.")
+        return {"pretrained": pretrained, "tag_cfg": _tag_preprocess(model, pretrained), "file": None}
+    if not Path(pretrained).is_file():
+        choices = ", ".join(tags) if tags else "(this model has no published tags)"
+        raise VlmcacheError(
+            f"--pretrained '{pretrained}' is neither a pretrained tag of {model} nor an existing file. "
+            f"Tags: {choices}; or 'none' for random weights."
+        )
+    digest = sha256_file(pretrained)
+    if preprocess_from is None:
+        matching = [t for t in tags if digest in (open_clip.get_pretrained_url(model, t) or "")]
+        settings = {repr(_tag_preprocess(model, t)): t for t in tags}
+        if matching:
+            preprocess_from = matching[0]
+        elif len(settings) == 1:
+            preprocess_from = tags[0]
+        elif len(settings) > 1:
+            raise VlmcacheError(
+                f"The weights file '{pretrained}' does not say how its images were preprocessed, and the "
+                f"pretrained tags of {model} differ in that (mean, std, interpolation, resize, QuickGELU). "
+                f"Name the tag it was trained as with --preprocess-from; one of: {', '.join(tags)}."
+            )
+    cfg = _tag_preprocess(model, preprocess_from) if preprocess_from else {"quick_gelu": False}
+    return {"pretrained": "file", "weights_sha256": digest, "preprocess_from": preprocess_from,
+            "tag_cfg": cfg, "file": str(pretrained)}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise VlmcacheError(f"--device '{device}' is not a torch device (auto, cpu, cuda, cuda:1, ...).") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VlmcacheError(f"--device {device} was asked for, but torch sees no CUDA device.")
+    return dev
+
+
+def pick_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise unknown_choice("precision", precision, PRECISIONS)
+    if device.type != "cuda":
+        if precision in ("fp16", "bf16"):
+            raise VlmcacheError(f"--precision {precision} needs a GPU; on {device.type} vlmcache computes in fp32.")
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+@dataclass
+class Encoder:
+    """A frozen open_clip model with its inference transform and the fingerprint of what it computes."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    preprocess: object  # PIL image -> (3, H, W) tensor
+    preprocess_cfg: dict
+    device: torch.device
+    precision: str
+    fingerprint: dict
+    label: str  # where the weights came from, for the cache key: a tag, "random" or "file-<stem>"
+
+    @property
+    def key(self) -> str:
+        """Readable name plus a short hash of the fingerprint, e.g. `ViT-B-16__openai__3f9a2c1e`."""
+        digest = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.name}__{self.label}__{digest}"
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @property
+    def supports_tokens(self) -> bool:
+        visual = self.model.visual
+        return hasattr(visual, "transformer") and hasattr(visual, "ln_post") and hasattr(visual, "class_embedding")
+
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor, tokens: bool = False):
+        """Pooled projected embeddings (B, D) float32, and the final block's tokens (B, T, W) if asked."""
+        images = images.to(self.device, non_blocking=True)
+        tapped = []
+        handle = None
+        if tokens:
+            if not self.supports_tokens:
+                raise VlmcacheError(
+                    f"--tokens needs a ViT image tower; {self.name} has {type(self.model.visual).__name__}."
+                )
+            # The tap is the transformer's output, before ln_post: the seed paper's decoder input.
+            handle = self.model.visual.transformer.register_forward_hook(lambda m, i, o: tapped.append(o))
+        try:
+            with self.autocast():
+                pooled = self.model.encode_image(images)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return pooled.float(), (tapped[0].float() if tokens else None)
+
+    @torch.inference_mode()
+    def encode_classnames(self, classnames: list[str], templates: list[str], batch_prompts: int = 1024):
+        """Class-text embeddings (C, D), float32, unit norm: open_clip's own zero-shot classifier builder."""
+        from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+        with self.autocast():
+            weights = build_zero_shot_classifier(
+                self.model, self.tokenizer, classnames, templates,
+                num_classes_per_batch=max(1, batch_prompts // len(templates)), device=self.device,
+            )
+        return weights.T.float()  # (D, C) -> (C, D)
+
+    def train_transform(self, scale: tuple[float, float] = (0.08, 1.0)):
+        """Random resized crop and horizontal flip, at the model's size, mean, std and interpolation."""
+        cfg = self.preprocess_cfg
+        return image_transform(
+            cfg["size"], is_train=True, mean=cfg["mean"], std=cfg["std"],
+            interpolation=cfg["interpolation"], aug_cfg=AugmentationCfg(scale=scale),
+        )
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def load_encoder(
+    model: str,
+    pretrained: str | None = "openai",
+    device: str = "auto",
+    precision: str = "auto",
+    preprocess_from: str | None = None,
+    cache_dir: str | None = None,
+) -> Encoder:
+    """Build a frozen open_clip model whose preprocessing matches its weights."""
+    weights = resolve_weights(model, pretrained, preprocess_from)
+    dev = pick_device(device)
+    prec = pick_precision(precision, dev)
+    tag_cfg = dict(weights["tag_cfg"])
+    quick_gelu = tag_cfg.pop("quick_gelu")
+    source = {"random": None, "file": weights["file"]}.get(weights["pretrained"], weights["pretrained"])
+    try:
+        # open_clip logs "initialized randomly" on the root logger; we state it in our own summary.
+        with torch.random.fork_rng(devices=[]), _quiet_root_logger():
+            torch.manual_seed(RANDOM_INIT_SEED)
+            net, _, preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=source, device="cpu", force_quick_gelu=quick_gelu, cache_dir=cache_dir,
+                image_mean=tag_cfg.get("mean"), image_std=tag_cfg.get("std"),
+                image_interpolation=tag_cfg.get("interpolation"), image_resize_mode=tag_cfg.get("resize_mode"),
+            )
+    except RuntimeError as e:
+        if "download" in str(e).lower():
+            raise VlmcacheError(
+                f"Could not download the {model} '{pretrained}' weights ({e}). Without internet, pass a local "
+                f"weights file: --pretrained PATH (with --preprocess-from TAG if asked)."
+            ) from None
+        if weights["file"] and ("state_dict" in str(e) or "size mismatch" in str(e) or "key" in str(e).lower()):
+            raise VlmcacheError(f"The weights file '{weights['file']}' does not fit {model}: {e}") from None
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        if weights["file"]:
+            raise VlmcacheError(f"Could not load the weights file '{weights['file']}': {e}") from None
+        raise
+    net = net.to(dev).eval().requires_grad_(False)
+    pcfg = open_clip.get_model_preprocess_cfg(net)
+    preprocess_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pcfg.items() if k in PREPROCESS_KEYS}
+    fingerprint = {
+        "model": model,
+        "pretrained": weights["pretrained"],
+        "weights_sha256": weights.get("weights_sha256"),  # the file's content, not its path
+        "preprocess_from": weights.get("preprocess_from"),
+        "init_seed": weights.get("init_seed"),
+        "quick_gelu": quick_gelu,
+        "preprocess": preprocess_cfg,
+        "precision": prec,
+        "open_clip": open_clip.__version__,
+        "torch": torch.__version__,
+    }
+    label = weights["pretrained"]
+    if label == "file":
+        label = "file-" + re.sub(r"[^A-Za-z0-9.-]+", "-", Path(weights["file"]).stem)[:40]
+    tokenizer = open_clip.get_tokenizer(model)
+    return Encoder(model, net, tokenizer, preprocess, preprocess_cfg, dev, prec, fingerprint, label)

@@ -1,0 +1,405 @@
+"""Stage 1: run the frozen encoders once over a dataset and write the HDF5 cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from vlmcache import cache
+from vlmcache.datasets import Dataset, Split, load_dataset
+from vlmcache.encoders import Encoder, list_models, load_encoder
+from vlmcache.errors import VlmcacheError, unknown_choice
+from vlmcache.images import BadImage, FileSource
+from vlmcache.templates import DEFAULT_TEMPLATE_SETS, TEMPLATE_SETS, get_templates
+
+TOKEN_TAP = "visual.transformer output, before ln_post (includes the class token)"
+VIEW_SCALE = (0.08, 1.0)
+
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+@dataclass
+class ExtractConfig:
+    """Everything `vlmcache extract` needs; validated once in `validate`."""
+
+    dataset: str
+    root: str | None = None
+    split_files: dict[str, str] = field(default_factory=dict)
+    classnames_file: str | None = None
+    splits: list[str] | None = None  # None: every split the dataset defines
+    model: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    preprocess_from: str | None = None
+    cache_dir: str = "cache"
+    shard_size: int = 1024
+    batch_size: int = 64
+    workers: int = field(default_factory=default_workers)
+    tokens: bool = False
+    views: int = 0
+    view_seed: int = 0
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATE_SETS))
+    device: str = "auto"
+    precision: str = "auto"
+    overwrite: bool = False
+    holdout: float = 0.2
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("shard_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.workers < 0:
+            raise VlmcacheError(f"--workers must be 0 or more, got {self.workers}.")
+        if self.views < 0:
+            raise VlmcacheError(f"--views must be 0 or more, got {self.views}.")
+        if not self.templates:
+            raise VlmcacheError(f"--templates needs at least one template set: {', '.join(TEMPLATE_SETS)}.")
+        for t in self.templates:
+            get_templates(t)
+        if self.model not in list_models():
+            raise unknown_choice("model", self.model, list_models())
+
+
+# --------------------------------------------------------------------------- the image rows
+
+
+class ImageRows(torch.utils.data.Dataset):
+    """Rows of a split as tensors; an undecodable image comes back as its reason instead."""
+
+    def __init__(self, source, rows: np.ndarray, transform, views: int = 0, view_transform=None, view_seed: int = 0):
+        self.source, self.rows, self.transform = source, rows, transform
+        self.views, self.view_transform, self.view_seed = views, view_transform, view_seed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        try:
+            img = self.source.load(row)
+        except BadImage as e:
+            return row, None, None, str(e)
+        views = None
+        if self.views:
+            out = []
+            for k in range(self.views):
+                # Each view has its own seed, so a resumed or re-sharded run draws the same crops.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(int(np.random.SeedSequence([self.view_seed, row, k]).generate_state(1)[0]))
+                    out.append(self.view_transform(img))
+            views = torch.stack(out)
+        return row, self.transform(img), views, None
+
+
+def collate(items):
+    good = [it for it in items if it[3] is None]
+    return {
+        "rows": torch.tensor([it[0] for it in good], dtype=torch.int64),
+        "images": torch.stack([it[1] for it in good]) if good else None,
+        "views": torch.stack([it[2] for it in good]) if good and good[0][2] is not None else None,
+        "bad": [(it[0], it[3]) for it in items if it[3] is not None],
+    }
+
+
+# --------------------------------------------------------------------------- one shard's buffer
+
+
+class ShardBuffer:
+    def __init__(self, index: int, start: int, stop: int):
+        self.index, self.start, self.stop = index, start, stop
+        self.parts: dict[str, list[np.ndarray]] = {"rows": [], "pooled": [], "tokens": [], "views": []}
+        self.skipped: list[dict] = []
+        self.seen = 0
+
+    @property
+    def full(self) -> bool:
+        return self.seen == self.stop - self.start
+
+
+def _check_finite(name: str, arr: np.ndarray, rows: np.ndarray, split: Split) -> None:
+    bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+    if bad.any():
+        row = int(rows[np.argmax(bad)])
+        raise VlmcacheError(
+            f"The {name} embedding of row {row} ('{split.source.describe(row)}') is not finite in float16 "
+            f"(NaN or overflow); nothing was written for its shard."
+        )
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _check_images_reachable(dataset: Dataset, splits: list[str]) -> None:
+    for s in splits:
+        source = dataset.splits[s].source
+        if isinstance(source, FileSource):
+            if dataset.root is None:
+                raise VlmcacheError(f"{dataset.name} reads image files; pass --root, the folder its split paths start from.")
+            missing = source.first_missing()
+            if missing:
+                raise VlmcacheError(
+                    f"None of the sampled images of the {s} split exist under --root '{dataset.root}' "
+                    f"(for example '{missing}'). Is --root the folder the split file's paths start from?"
+                )
+
+
+def _split_fingerprint(encoder: Encoder, dataset: Dataset, split: Split, cfg: ExtractConfig) -> dict:
+    views = cfg.views if split.name == "train" else 0
+    return {
+        "encoder": encoder.fingerprint,
+        "dataset": dataset.name,
+        "split": split.name,
+        "split_sha256": split.sha256,
+        "n_rows": len(split),
+        "num_classes": dataset.num_classes,
+        "shard_size": cfg.shard_size,
+        "dtype": "float16",
+        "tokens": cfg.tokens,
+        "token_tap": TOKEN_TAP if cfg.tokens else None,
+        "views": views,
+        "view_seed": cfg.view_seed if views else None,
+        "view_scale": list(VIEW_SCALE) if views else None,
+    }
+
+
+def _prepare_split_dir(split_dir: Path, fingerprint: dict, overwrite: bool, log) -> dict | None:
+    """The manifest to resume from, or None to start fresh. Refuses a mismatched fingerprint."""
+    manifest = cache.read_manifest(split_dir) if split_dir.is_dir() else None
+    if manifest is not None and overwrite:
+        shutil.rmtree(split_dir)
+        manifest = None
+    if manifest is not None and manifest["fingerprint"] != fingerprint:
+        raise VlmcacheError(
+            f"The cache at '{split_dir}' was made with other settings, so resuming would mix them: "
+            f"{cache.describe_diff(manifest['fingerprint'], fingerprint)}. "
+            f"Pass --overwrite to start this split again, or --cache-dir for a separate cache."
+        )
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for p in cache.remove_stale_tmp(split_dir):
+        log(f"removed a leftover temporary file: {p.name}")
+    if manifest is None:
+        return None
+    kept = []
+    for entry in manifest["shards"]:
+        path = split_dir / entry["file"]
+        if path.is_file() and path.stat().st_size == entry["bytes"]:
+            kept.append(entry)
+        else:
+            log(f"shard {entry['file']} is missing or has the wrong size; it will be extracted again")
+    manifest["shards"] = kept
+    return manifest
+
+
+def _fault_after_shards() -> int | None:
+    """Test hook: VLMCACHE_FAULT=kill_after_shards:N makes the process SIGKILL itself after N shards."""
+    spec = os.environ.get("VLMCACHE_FAULT", "")
+    if spec.startswith("kill_after_shards:"):
+        return int(spec.split(":", 1)[1])
+    return None
+
+
+def extract_split(
+    encoder: Encoder, dataset: Dataset, split: Split, cfg: ExtractConfig, split_dir: Path, progress=None, log=print
+) -> dict:
+    """Extract one split into `split_dir`, resuming from its manifest. Returns the split's summary."""
+    fingerprint = _split_fingerprint(encoder, dataset, split, cfg)
+    manifest = _prepare_split_dir(split_dir, fingerprint, cfg.overwrite, log)
+    n, size = len(split), cfg.shard_size
+    n_shards = (n + size - 1) // size
+    if manifest is None:
+        manifest = {"format": cache.FORMAT, "fingerprint": fingerprint, "origin": split.origin, "n_rows": n,
+                    "n_shards": n_shards, "complete": False, "dims": _probe_dims(encoder, cfg.tokens), "shards": []}
+    done = {e["index"] for e in manifest["shards"]}
+    todo = [i for i in range(n_shards) if i not in done]
+    t0 = time.perf_counter()
+    resumed_rows = sum(e["stop"] - e["start"] for e in manifest["shards"])
+    if progress is not None:
+        progress.start(split.name, total=n, completed=resumed_rows)
+
+    if todo:
+        rows = np.concatenate([np.arange(i * size, min((i + 1) * size, n)) for i in todo])
+        views = fingerprint["views"]
+        data = ImageRows(split.source, rows, encoder.preprocess, views,
+                         encoder.train_transform(VIEW_SCALE) if views else None, cfg.view_seed)
+        loader = DataLoader(
+            data, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate,
+            pin_memory=encoder.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if cfg.workers else None,
+        )
+        buffers: dict[int, ShardBuffer] = {}
+        kill_after = _fault_after_shards()
+        published = 0
+        for batch in loader:
+            pooled = tokens = view_emb = None
+            if batch["images"] is not None:
+                pooled, tokens = encoder.encode_images(batch["images"], tokens=cfg.tokens)
+                pooled = pooled.cpu().numpy().astype(np.float16)
+                tokens = tokens.cpu().numpy().astype(np.float16) if tokens is not None else None
+                if batch["views"] is not None:
+                    b, k = batch["views"].shape[:2]
+                    flat, _ = encoder.encode_images(batch["views"].flatten(0, 1))  # (B*K, 3, H, W)
+                    view_emb = flat.cpu().numpy().astype(np.float16).reshape(b, k, -1)  # (B, K, D)
+            good_rows = batch["rows"].numpy()
+            for row, reason in batch["bad"]:
+                buf = _buffer(buffers, row // size, size, n)
+                buf.skipped.append({"row": int(row), "path": split.source.describe(row), "reason": reason})
+                buf.seen += 1
+            for shard in np.unique(good_rows // size):
+                sel = good_rows // size == shard
+                buf = _buffer(buffers, int(shard), size, n)
+                buf.parts["rows"].append(good_rows[sel])
+                buf.parts["pooled"].append(pooled[sel])
+                if tokens is not None:
+                    buf.parts["tokens"].append(tokens[sel])
+                if view_emb is not None:
+                    buf.parts["views"].append(view_emb[sel])
+                buf.seen += int(sel.sum())
+            for index in sorted(i for i, b in buffers.items() if b.full):
+                _write(buffers.pop(index), split, split_dir, manifest, cfg)
+                published += 1
+                if kill_after is not None and published >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if progress is not None:
+                progress.advance(len(good_rows) + len(batch["bad"]))
+        if buffers:  # cannot happen unless the loader lost rows; never publish a partial shard
+            raise RuntimeError(f"rows missing from shards {sorted(buffers)} of {split_dir}")
+
+    manifest["complete"] = len(manifest["shards"]) == n_shards
+    cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+    seconds = time.perf_counter() - t0
+    new_rows = n - resumed_rows
+    return {
+        "split": split.name,
+        "rows": sum(e["rows"] for e in manifest["shards"]),
+        "skipped": sum(len(e["skipped"]) for e in manifest["shards"]),
+        "shards": n_shards,
+        "resumed_shards": n_shards - len(todo),
+        "bytes": sum(e["bytes"] for e in manifest["shards"]),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(new_rows / seconds, 1) if todo and seconds > 0 else None,
+        "path": str(split_dir),
+    }
+
+
+def _probe_dims(encoder: Encoder, tokens: bool) -> dict:
+    """Output shapes from one blank image, so that a shard of only skipped rows still has typed datasets."""
+    size = encoder.preprocess_cfg["size"]
+    h, w = (size, size) if isinstance(size, int) else size
+    pooled, tok = encoder.encode_images(torch.zeros(1, 3, h, w), tokens=tokens)
+    return {"pooled": pooled.shape[1], "tokens": list(tok.shape[1:]) if tok is not None else None}
+
+
+def _buffer(buffers: dict, index: int, size: int, n: int) -> ShardBuffer:
+    if index not in buffers:
+        buffers[index] = ShardBuffer(index, index * size, min((index + 1) * size, n))
+    return buffers[index]
+
+
+def _write(buf: ShardBuffer, split: Split, split_dir: Path, manifest: dict, cfg: ExtractConfig):
+    dims = manifest["dims"]
+    rows = np.concatenate(buf.parts["rows"]) if buf.parts["rows"] else np.zeros(0, np.int64)
+    order = np.argsort(rows, kind="stable")
+    arrays = {
+        "rows": rows[order],
+        "labels": split.labels[rows[order]],
+        "pooled": _cat(buf.parts["pooled"], (0, dims["pooled"]))[order],
+    }
+    if cfg.tokens:
+        arrays["tokens"] = _cat(buf.parts["tokens"], (0, *dims["tokens"]))[order]
+    if buf.parts["views"]:
+        arrays["views"] = _cat(buf.parts["views"], (0, cfg.views, dims["pooled"]))[order]
+    for name in ("pooled", "tokens", "views"):
+        if name in arrays:
+            _check_finite(name, arrays[name], arrays["rows"], split)
+    final = split_dir / cache.shard_name(buf.index)
+    entry = cache.write_shard(final, arrays, {"split": split.name, "start": buf.start, "stop": buf.stop})
+    entry.update(index=buf.index, start=buf.start, stop=buf.stop, rows=len(rows), skipped=buf.skipped)
+    manifest["shards"] = sorted(manifest["shards"] + [entry], key=lambda e: e["index"])
+    cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+
+
+def _cat(parts: list[np.ndarray], empty_shape: tuple) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(empty_shape, dtype=np.float16)
+
+
+def extract_text(encoder: Encoder, dataset: Dataset, template_sets: list[str], model_dir: Path) -> Path:
+    """Class-text embeddings for each template set, in `<model_dir>/text.h5` (kept sets are reused)."""
+    path = model_dir / cache.TEXT_FILE
+    fingerprint = {"encoder": encoder.fingerprint, "dataset": dataset.name}
+    sets = {}
+    if path.is_file():
+        old_fp, old_names, old_sets = cache.read_text(path)
+        if old_fp == fingerprint and old_names == dataset.classnames:
+            # keep sets whose templates are unchanged; a renamed or edited set is encoded again
+            sets = {k: v for k, v in old_sets.items() if k in TEMPLATE_SETS and v[0] == TEMPLATE_SETS[k]}
+    missing = [t for t in template_sets if t not in sets]
+    if not missing:
+        return path
+    for name in missing:
+        templates = get_templates(name)
+        emb = encoder.encode_classnames(dataset.classnames, templates).cpu().numpy()
+        sets[name] = (templates, emb)
+    cache.write_text(path, sets, dataset.classnames, fingerprint)
+    return path
+
+
+def run_extract(cfg: ExtractConfig, progress=None, log=print) -> dict:
+    """Extract every requested split and the class-text embeddings. Returns a summary dict."""
+    cfg.validate()
+    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed)
+    splits = cfg.splits or list(dataset.splits)
+    missing = [s for s in splits if s not in dataset.splits]
+    if missing:
+        hint = " ".join(dataset.notes) or f"{cfg.dataset} has the splits: {', '.join(dataset.splits)}."
+        raise VlmcacheError(f"Cannot extract the split(s) {', '.join(missing)} of {cfg.dataset}. {hint}")
+    _check_images_reachable(dataset, splits)
+    encoder = load_encoder(cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.preprocess_from)
+    if cfg.tokens and not encoder.supports_tokens:
+        raise VlmcacheError(
+            f"--tokens needs a ViT image tower (open_clip VisionTransformer); {cfg.model} has "
+            f"{type(encoder.model.visual).__name__}. Extract pooled features only, or pick a ViT model."
+        )
+    model_dir = Path(cfg.cache_dir) / dataset.name / encoder.key
+    _note_siblings(model_dir, encoder, log)
+    t0 = time.perf_counter()
+    results = [extract_split(encoder, dataset, dataset.splits[s], cfg, model_dir / s, progress, log) for s in splits]
+    text_path = extract_text(encoder, dataset, cfg.templates, model_dir)
+    return {
+        "dataset": dataset.name,
+        "key": encoder.key,
+        "cache": str(model_dir),
+        "model": cfg.model,
+        "pretrained": encoder.fingerprint["pretrained"],
+        "device": str(encoder.device),
+        "precision": encoder.precision,
+        "splits": results,
+        "text": {"path": str(text_path), "template_sets": cfg.templates},
+        "seconds": round(time.perf_counter() - t0, 3),
+        "notes": dataset.notes,
+        "config": asdict(cfg),
+    }
+
+
+def _note_siblings(model_dir: Path, encoder: Encoder, log) -> None:
+    """Say why a new key was made when a cache of the same model and weights exists with other settings."""
+    prefix = model_dir.name.rsplit("__", 1)[0] + "__"
+    if model_dir.exists() or not model_dir.parent.is_dir():
+        return
+    for other in sorted(model_dir.parent.glob(prefix + "*")):
+        for split_dir in sorted(p for p in other.iterdir() if p.is_dir()):
+            m = cache.read_manifest(split_dir)
+            if m:
+                log(f"note: {other.name} caches {encoder.name} with other settings "
+                    f"({cache.describe_diff(m['fingerprint']['encoder'], encoder.fingerprint)}); writing a new cache.")
+                break
+

@@ -1,0 +1,106 @@
+"""Image sources and decoding: every file becomes 3-channel RGB, or a skipped row with a reason."""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class BadImage(Exception):
+    """An image that cannot be used; the message is the reason stored in the manifest."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB, keeping what a viewer would show.
+
+    Transparent pixels are composited on white: dropping alpha exposes whatever colour the
+    encoder left under them (often black), which is not what the image looks like.
+    16- and 32-bit integer images are rescaled to 8 bit; `convert("RGB")` would clip them to white.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F":
+            top = max(float(arr.max(initial=1.0)), 1.0)
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def decode(fp) -> Image.Image:
+    """Open, fully decode, apply EXIF orientation and convert to RGB; raise BadImage with a reason."""
+    try:
+        with warnings.catch_warnings():
+            # A DecompressionBombWarning (2-4x the pixel limit) becomes an error: skip, don't allocate.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image (cannot identify the format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as e:
+        raise BadImage(f"cannot decode: {e}") from None
+
+
+class FileSource:
+    """Images stored as files under `root`, named by paths relative to it. Pickles cheaply for workers."""
+
+    def __init__(self, root: str | os.PathLike, relpaths: Sequence[str]):
+        self.root = str(root)
+        self.relpaths = list(relpaths)
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+    def describe(self, i: int) -> str:
+        return self.relpaths[i]
+
+    def load(self, i: int) -> Image.Image:
+        path = os.path.join(self.root, self.relpaths[i])
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise BadImage("empty file (0 bytes)")
+        return decode(path)
+
+    def first_missing(self, probe: int = 20) -> str | None:
+        """The first of up to `probe` evenly spread paths, if none of them exist (a wrong --root)."""
+        if not self.relpaths:
+            return None
+        picks = np.linspace(0, len(self.relpaths) - 1, num=min(probe, len(self.relpaths))).astype(int)
+        paths = [Path(self.root, self.relpaths[i]) for i in picks]
+        return None if any(p.exists() for p in paths) else str(paths[0])
+
+
+class ArraySource:
+    """Images held in memory as a uint8 array (N, H, W) or (N, H, W, 3), e.g. the built-in digits."""
+
+    def __init__(self, images: np.ndarray, names: Sequence[str]):
+        self.images = images
+        self.names = list(names)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def describe(self, i: int) -> str:
+        return self.names[i]
+
+    def load(self, i: int) -> Image.Image:
+        return to_rgb(Image.fromarray(self.images[i]))
