@@ -26,8 +26,13 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     rich_markup_mode="rich",
 )
-datasets_app = typer.Typer(help="List the datasets, or show one dataset's class-frequency statistics.")
-cache_app = typer.Typer(help="Inspect and verify the feature cache.", no_args_is_help=True)
+datasets_app = typer.Typer(
+    help="List the datasets, or show one dataset's class-frequency statistics. "
+    "Example: [bold]vlmcache datasets info places_lt[/]"
+)
+cache_app = typer.Typer(
+    help="Inspect and verify the feature cache. Example: [bold]vlmcache cache ls[/]", no_args_is_help=True
+)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(cache_app, name="cache")
 
@@ -184,7 +189,7 @@ def _print_extract_summary(summary: dict) -> None:
 
 @datasets_app.callback(invoke_without_command=True)
 def datasets(ctx: typer.Context):
-    """List the datasets. Example: [bold]vlmcache datasets info places_lt[/]"""
+    """List the datasets."""
     if ctx.invoked_subcommand is not None:
         return
     table = Table(title="datasets (--dataset NAME)")

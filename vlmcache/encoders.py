@@ -226,18 +226,16 @@ def load_encoder(
                 image_mean=tag_cfg.get("mean"), image_std=tag_cfg.get("std"),
                 image_interpolation=tag_cfg.get("interpolation"), image_resize_mode=tag_cfg.get("resize_mode"),
             )
-    except RuntimeError as e:
-        if "download" in str(e).lower():
+    except Exception as e:
+        if weights["file"]:  # whatever torch.load or load_state_dict says, it is about the user's file
+            raise VlmcacheError(
+                f"Could not load the weights file '{weights['file']}' into {model}: {type(e).__name__}: {e}"
+            ) from None
+        if isinstance(e, RuntimeError) and "download" in str(e).lower():
             raise VlmcacheError(
                 f"Could not download the {model} '{pretrained}' weights ({e}). Without internet, pass a local "
                 f"weights file: --pretrained PATH (with --preprocess-from TAG if asked)."
             ) from None
-        if weights["file"] and ("state_dict" in str(e) or "size mismatch" in str(e) or "key" in str(e).lower()):
-            raise VlmcacheError(f"The weights file '{weights['file']}' does not fit {model}: {e}") from None
-        raise
-    except (OSError, ValueError, EOFError) as e:
-        if weights["file"]:
-            raise VlmcacheError(f"Could not load the weights file '{weights['file']}': {e}") from None
         raise
     net = net.to(dev).eval().requires_grad_(False)
     pcfg = open_clip.get_model_preprocess_cfg(net)

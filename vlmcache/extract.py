@@ -127,6 +127,8 @@ class ShardBuffer:
 
 
 def _check_finite(name: str, arr: np.ndarray, rows: np.ndarray, split: Split) -> None:
+    if arr.size == 0:
+        return
     bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
     if bad.any():
         row = int(rows[np.argmax(bad)])

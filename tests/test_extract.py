@@ -1,0 +1,258 @@
+"""Stage 1 against in-memory references: what the cache holds equals a direct forward pass of the encoder."""
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from vlmcache import cache
+from vlmcache.encoders import load_encoder, resolve_weights
+from vlmcache.errors import VlmcacheError
+from vlmcache.extract import ExtractConfig, run_extract
+
+TINY = dict(model="vlmcache-tiny", pretrained="none", device="cpu", workers=0)
+
+
+def _extract(tmp_path, split_dataset, **kw):
+    root, files = split_dataset
+    cfg = ExtractConfig(dataset="split", root=str(root), split_files={s: str(p) for s, p in files.items()},
+                        classnames_file=str(root / "classnames.txt"), cache_dir=str(tmp_path / "cache"),
+                        **{**TINY, **kw})
+    return run_extract(cfg, log=lambda *a: None)
+
+
+def _reference(encoder, root, split_file):
+    """Pooled embeddings and final-block tokens computed here by hand, image by image."""
+    visual = encoder.model.visual
+    pooled, tokens = [], []
+    for line in split_file.read_text().split("\n"):
+        if not line:
+            continue
+        x = encoder.preprocess(Image.open(root / line.rsplit(" ", 1)[0]).convert("RGB"))[None]
+        with torch.no_grad():
+            pooled.append(encoder.model.encode_image(x)[0].numpy())
+            h = visual.conv1(x).flatten(2).transpose(1, 2)  # (1, grid*grid, W)
+            h = torch.cat([visual.class_embedding.expand(1, 1, -1), h], dim=1) + visual.positional_embedding
+            tokens.append(visual.transformer(visual.ln_pre(h))[0].numpy())  # before ln_post
+    return np.stack(pooled), np.stack(tokens)
+
+
+def test_cached_rows_equal_a_direct_forward_pass(tmp_path, split_dataset, tiny_encoder):
+    root, files = split_dataset
+    summary = _extract(tmp_path, split_dataset, tokens=True, shard_size=10, batch_size=7)
+    train = cache.SplitCache(f"{summary['cache']}/train")
+    assert len(train.shards) == 5 and len(train) == 47
+    ref_pooled, ref_tokens = _reference(tiny_encoder, root, files["train"])
+    np.testing.assert_allclose(train.pooled().astype(np.float32), ref_pooled, rtol=2e-3, atol=2e-3)
+    tokens = train.read_tokens(0, len(train))
+    assert tokens.dtype == np.float16 and tokens.shape == (47, 17, 64)
+    np.testing.assert_allclose(tokens.astype(np.float32), ref_tokens, rtol=2e-3, atol=2e-3)
+    assert train.rows().tolist() == list(range(47))
+    assert train.labels().tolist() == [0] * 30 + [1] * 12 + [2] * 5
+
+
+def test_sharded_reads_equal_one_concatenated_array(tmp_path, split_dataset):
+    summary = _extract(tmp_path, split_dataset, tokens=True, shard_size=8)
+    train = cache.SplitCache(f"{summary['cache']}/train")
+    whole = np.concatenate([h5["tokens"][()] for h5 in (cache.open_h5(s.path) for s in train.shards)])
+    assert whole.shape[0] == 47
+    for start, stop in [(0, 47), (0, 8), (7, 9), (5, 30), (40, 47), (46, 47), (12, 12)]:
+        np.testing.assert_array_equal(train.read_tokens(start, stop), whole[start:stop])
+    with pytest.raises(IndexError):
+        train.read_tokens(40, 48)
+
+
+def test_reader_pickles_without_open_files(tmp_path, split_dataset):
+    import pickle
+
+    summary = _extract(tmp_path, split_dataset, tokens=True, shard_size=16)
+    train = cache.SplitCache(f"{summary['cache']}/train")
+    before = train.read_tokens(10, 20)
+    clone = pickle.loads(pickle.dumps(train))
+    assert clone._files == {}
+    np.testing.assert_array_equal(clone.read_tokens(10, 20), before)
+
+
+def test_class_text_embeddings_match_open_clip(tmp_path, split_dataset, tiny_encoder):
+    summary = _extract(tmp_path, split_dataset)
+    fingerprint, names, sets = cache.read_text(tiny_encoder_path := __import__("pathlib").Path(summary["text"]["path"]))
+    assert tiny_encoder_path.name == "text.h5"
+    assert names == ["red thing", "green thing", "blue thing"] and set(sets) == {"openai", "photo"}
+    templates, emb = sets["photo"]
+    assert templates == ["a photo of a {}."]
+    tok = open_clip.get_tokenizer("vlmcache-tiny")
+    with torch.no_grad():
+        direct = tiny_encoder.model.encode_text(tok([f"a photo of a {n}." for n in names]), normalize=True)
+    np.testing.assert_allclose(emb, direct.numpy(), rtol=1e-5, atol=1e-5)
+    assert len(sets["openai"][0]) == 80 and np.allclose(np.linalg.norm(sets["openai"][1], axis=1), 1, atol=1e-5)
+    assert fingerprint["encoder"] == tiny_encoder.fingerprint
+
+
+def test_bad_images_become_skipped_rows(tmp_path):
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    good = lambda: Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8))  # noqa: E731
+    good().save(root / "img/ok.jpg")
+    good().convert("CMYK").save(root / "img/cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (20, 20), np.uint16)).save(root / "img/deep.png")
+    pal = good().convert("P")
+    pal.save(root / "img/pal.png", transparency=3)
+    full = (root / "img/ok.jpg").read_bytes()
+    (root / "img/trunc.jpg").write_bytes(full[: len(full) // 2])
+    (root / "img/zero.jpg").write_bytes(b"")
+    (root / "img/text.jpg").write_text("hello")
+    names = ["ok.jpg", "cmyk.jpg", "trunc.jpg", "deep.png", "zero.jpg", "pal.png", "text.jpg", "absent.jpg"]
+    (root / "train.txt").write_text("".join(f"img/{n} {i % 2}\n" for i, n in enumerate(names)))
+    cfg = ExtractConfig(dataset="split", root=str(root), split_files={"train": str(root / "train.txt")},
+                        cache_dir=str(tmp_path / "cache"), shard_size=3, **TINY)
+    summary = run_extract(cfg, log=lambda *a: None)
+    assert summary["splits"][0]["rows"] == 4 and summary["splits"][0]["skipped"] == 4
+    split_dir = f"{summary['cache']}/train"
+    manifest = cache.read_manifest(__import__("pathlib").Path(split_dir))
+    skipped = {x["path"]: x["reason"] for e in manifest["shards"] for x in e["skipped"]}
+    assert set(skipped) == {"img/trunc.jpg", "img/zero.jpg", "img/text.jpg", "img/absent.jpg"}
+    assert "empty file" in skipped["img/zero.jpg"] and "not an image" in skipped["img/text.jpg"]
+    assert "file not found" in skipped["img/absent.jpg"] and "cannot decode" in skipped["img/trunc.jpg"]
+    train = cache.SplitCache(split_dir)
+    assert train.rows().tolist() == [0, 1, 3, 5] and train.labels().tolist() == [0, 1, 1, 1]
+    assert np.isfinite(train.pooled().astype(np.float32)).all()
+
+
+def test_a_whole_shard_of_bad_images_is_still_a_typed_shard(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    Image.new("RGB", (9, 9)).save(root / "a.png")
+    (root / "b.jpg").write_bytes(b"")
+    (root / "train.txt").write_text("b.jpg 0\na.png 0\n")
+    cfg = ExtractConfig(dataset="split", root=str(root), split_files={"train": str(root / "train.txt")},
+                        cache_dir=str(tmp_path / "cache"), shard_size=1, tokens=True, **TINY)
+    summary = run_extract(cfg, log=lambda *a: None)
+    train = cache.SplitCache(f"{summary['cache']}/train")
+    assert train.pooled().shape == (1, 32) and train.read_tokens(0, 1).shape == (1, 17, 64)
+
+
+def test_views_are_seeded_augmentations_of_the_training_split(tmp_path, split_dataset):
+    a = _extract(tmp_path / "a", split_dataset, views=3, shard_size=20)
+    b = _extract(tmp_path / "b", split_dataset, views=3, shard_size=9, batch_size=5)
+    va = cache.SplitCache(f"{a['cache']}/train").load("views")
+    vb = cache.SplitCache(f"{b['cache']}/train").load("views")
+    assert va.shape == (47, 3, 32)
+    np.testing.assert_allclose(va.astype(np.float32), vb.astype(np.float32), atol=2e-3)  # same crops, any sharding
+    assert not np.allclose(va[:, 0], va[:, 1], atol=1e-2)  # the views differ from one another
+    pooled = cache.SplitCache(f"{a['cache']}/train").pooled()
+    assert not np.allclose(va[:, 0], pooled, atol=1e-2)
+    test = cache.SplitCache(f"{a['cache']}/test")
+    assert test.fingerprint["views"] == 0  # augmentations are for training only
+
+
+def test_a_changed_fingerprint_is_refused_naming_the_keys(tmp_path, split_dataset):
+    _extract(tmp_path, split_dataset, shard_size=10)
+    with pytest.raises(VlmcacheError) as e:
+        _extract(tmp_path, split_dataset, shard_size=10, tokens=True)
+    assert "tokens: False -> True" in str(e.value) and "--overwrite" in str(e.value)
+    with pytest.raises(VlmcacheError, match="shard_size: 10 -> 16"):
+        _extract(tmp_path, split_dataset, shard_size=16)
+    summary = _extract(tmp_path, split_dataset, shard_size=16, overwrite=True)
+    assert summary["splits"][0]["shards"] == 3 and summary["splits"][0]["resumed_shards"] == 0
+    again = _extract(tmp_path, split_dataset, shard_size=16)
+    assert again["splits"][0]["resumed_shards"] == 3
+
+
+def test_a_changed_split_file_is_refused(tmp_path, split_dataset):
+    root, files = split_dataset
+    _extract(tmp_path, split_dataset)
+    edited = tmp_path / "edited.txt"
+    edited.write_text("\n".join(files["train"].read_text().split("\n")[1:]))
+    cfg = ExtractConfig(dataset="split", root=str(root), split_files={"train": str(edited)},
+                        classnames_file=str(root / "classnames.txt"), cache_dir=str(tmp_path / "cache"), **TINY)
+    with pytest.raises(VlmcacheError, match="split_sha256"):
+        run_extract(cfg, log=lambda *a: None)
+
+
+def test_missing_root_and_wrong_root_are_refused(tmp_path, split_dataset):
+    root, files = split_dataset
+    cfg = ExtractConfig(dataset="split", split_files={"train": str(files["train"])}, cache_dir=str(tmp_path), **TINY)
+    with pytest.raises(VlmcacheError, match="pass --root"):
+        run_extract(cfg)
+    cfg.root = str(tmp_path)
+    with pytest.raises(VlmcacheError, match="None of the sampled images"):
+        run_extract(cfg)
+    assert not (tmp_path / "split").exists()  # nothing written for a refused run
+
+
+def test_tokens_need_a_vit(tmp_path, monkeypatch):
+    cfg = ExtractConfig(dataset="digits_lt", model="RN50", pretrained="none", tokens=True, cache_dir=str(tmp_path),
+                        device="cpu", workers=0)
+    with pytest.raises(VlmcacheError, match="--tokens needs a ViT image tower"):
+        run_extract(cfg)
+
+
+# --------------------------------------------------------------------------- weights and preprocessing
+
+
+@pytest.fixture
+def fake_tags(monkeypatch):
+    """Two published tags for vlmcache-tiny that preprocess differently (as ViT-B-16's tags do)."""
+    from open_clip import pretrained
+
+    tags = {
+        "squares": dict(url="", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear",
+                        resize_mode="squash"),
+        "openai_like": dict(url="", quick_gelu=True),
+    }
+    monkeypatch.setitem(pretrained._PRETRAINED, "vlmcache-tiny", tags)
+    return tags
+
+
+def test_a_local_weights_file_takes_its_preprocessing_from_the_named_tag(tmp_path, fake_tags):
+    net = open_clip.create_model("vlmcache-tiny")
+    torch.manual_seed(3)
+    for p in net.parameters():
+        p.data.normal_(0, 0.05)
+    path = tmp_path / "finetuned.pt"
+    torch.save(net.state_dict(), path)
+    with pytest.raises(VlmcacheError, match="--preprocess-from; one of: squares, openai_like"):
+        load_encoder("vlmcache-tiny", str(path), device="cpu")
+    enc = load_encoder("vlmcache-tiny", str(path), device="cpu", preprocess_from="squares")
+    assert enc.preprocess_cfg["mean"] == [0.5, 0.5, 0.5] and enc.preprocess_cfg["resize_mode"] == "squash"
+    assert "bilinear" in repr(enc.preprocess).lower() and "0.5" in repr(enc.preprocess)
+    assert enc.fingerprint["weights_sha256"] == cache.sha256_file(path) and enc.key.startswith("vlmcache-tiny__file-")
+    x = torch.randn(2, 3, 32, 32)
+    net.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(enc.encode_images(x)[0], net.encode_image(x), rtol=1e-5, atol=1e-6)
+    quick = load_encoder("vlmcache-tiny", str(path), device="cpu", preprocess_from="openai_like")
+    assert quick.fingerprint["quick_gelu"] and quick.key != enc.key
+
+
+def test_a_local_file_whose_sha_is_published_is_recognised(tmp_path, fake_tags, monkeypatch):
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"weights")
+    digest = cache.sha256_file(path)
+    fake_tags["squares"]["url"] = f"https://example.org/{digest}/tiny.pt"
+    resolved = resolve_weights("vlmcache-tiny", str(path))
+    assert resolved["preprocess_from"] == "squares" and resolved["tag_cfg"]["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_unknown_model_tag_and_broken_file_are_clear(tmp_path):
+    with pytest.raises(VlmcacheError, match="Did you mean 'ViT-B-16'"):
+        resolve_weights("ViT-B-61", "openai")
+    with pytest.raises(VlmcacheError, match="neither a pretrained tag of ViT-B-16 nor an existing file.*laion2b"):
+        resolve_weights("ViT-B-16", "laion5b")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(VlmcacheError, match="weights file"):
+        load_encoder("vlmcache-tiny", str(bad), device="cpu")
+
+
+def test_random_weights_are_seeded_so_resume_sees_the_same_encoder():
+    a = load_encoder("vlmcache-tiny", "none", device="cpu")
+    torch.manual_seed(123)  # the global seed must not matter
+    b = load_encoder("vlmcache-tiny", "none", device="cpu")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(a.encode_images(x)[0], b.encode_images(x)[0]) and a.key == b.key
+    assert json.dumps(a.fingerprint)  # serialisable for the manifest
