@@ -13,9 +13,24 @@ TINY = ["--model", "vlmcache-tiny", "--pretrained", "none", "--device", "cpu", "
 
 def _extract_args(split_dataset, cache_dir):
     root, files = split_dataset
-    return ["extract", "--dataset", "split", "--root", str(root), "--split-file", f"train={files['train']}",
-            "--split-file", f"test={files['test']}", "--classnames", str(root / "classnames.txt"),
-            "--cache-dir", str(cache_dir), "--shard-size", "16", *TINY]
+    return [
+        "extract",
+        "--dataset",
+        "split",
+        "--root",
+        str(root),
+        "--split-file",
+        f"train={files['train']}",
+        "--split-file",
+        f"test={files['test']}",
+        "--classnames",
+        str(root / "classnames.txt"),
+        "--cache-dir",
+        str(cache_dir),
+        "--shard-size",
+        "16",
+        *TINY,
+    ]
 
 
 def test_extract_json_then_cache_ls_info_verify(tmp_path, split_dataset):
@@ -78,13 +93,24 @@ def test_user_mistakes_get_one_clear_line(args, message):
 def test_malformed_split_line_names_file_and_line(tmp_path):
     bad = tmp_path / "train.txt"
     bad.write_text("a.jpg 0\nb.jpg zero\n")
-    result = runner.invoke(app, ["extract", "--dataset", "split", "--root", str(tmp_path),
-                                 "--split-file", f"train={bad}", *TINY])
+    result = runner.invoke(
+        app, ["extract", "--dataset", "split", "--root", str(tmp_path), "--split-file", f"train={bad}", *TINY]
+    )
     assert result.exit_code == 2 and f"{bad}, line 2: the label 'zero' is not an integer" in result.output
 
 
-@pytest.mark.parametrize("command", [["extract"], ["datasets", "info"], ["cache", "ls"], ["cache", "info"],
-                                     ["cache", "verify"], ["demo"], ["datasets"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["extract"],
+        ["datasets", "info"],
+        ["cache", "ls"],
+        ["cache", "info"],
+        ["cache", "verify"],
+        ["demo"],
+        ["datasets"],
+    ],
+)
 def test_every_command_has_help_with_an_example(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Example" in result.stdout

@@ -2,15 +2,22 @@ import json
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA, write_split_dataset
 from typer.testing import CliRunner
 
-from conftest import SHARED_DATA, write_split_dataset
 from vlmcache.cli import app
 from vlmcache.datasets import load_dataset, parse_split_files, read_split_file, split_stats
 from vlmcache.errors import VlmcacheError
 
-PLACES_TRAIN = {"images": 62500, "classes": 365, "max_per_class": 4980, "min_per_class": 5,
-                "many": 131, "medium": 163, "few": 71}
+PLACES_TRAIN = {
+    "images": 62500,
+    "classes": 365,
+    "max_per_class": 4980,
+    "min_per_class": 5,
+    "many": 131,
+    "medium": 163,
+    "few": 71,
+}
 
 
 def test_places_lt_statistics_from_the_real_split_file():
@@ -54,8 +61,10 @@ def test_split_file_override_and_inat_json(tmp_path):
     files = write_split_dataset(tmp_path, {"train": [3, 2]})
     ds = load_dataset("places_lt", tmp_path, {"train": str(files["train"])})
     assert len(ds.splits["train"]) == 5 and ds.splits["train"].origin == str(files["train"])
-    coco = {"images": [{"id": 7, "file_name": "a/x.jpg"}, {"id": 9, "file_name": "b/y.jpg"}],
-            "annotations": [{"image_id": 9, "category_id": 8141}, {"image_id": 7, "category_id": 0}]}
+    coco = {
+        "images": [{"id": 7, "file_name": "a/x.jpg"}, {"id": 9, "file_name": "b/y.jpg"}],
+        "annotations": [{"image_id": 9, "category_id": 8141}, {"image_id": 7, "category_id": 0}],
+    }
     (tmp_path / "train2018.json").write_text(json.dumps(coco))
     inat = load_dataset("inat18", tmp_path)
     assert inat.splits["train"].source.relpaths == ["b/y.jpg", "a/x.jpg"]

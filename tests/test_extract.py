@@ -18,9 +18,14 @@ TINY = dict(model="vlmcache-tiny", pretrained="none", device="cpu", workers=0)
 
 def _extract(tmp_path, split_dataset, **kw):
     root, files = split_dataset
-    cfg = ExtractConfig(dataset="split", root=str(root), split_files={s: str(p) for s, p in files.items()},
-                        classnames_file=str(root / "classnames.txt"), cache_dir=str(tmp_path / "cache"),
-                        **{**TINY, **kw})
+    cfg = ExtractConfig(
+        dataset="split",
+        root=str(root),
+        split_files={s: str(p) for s, p in files.items()},
+        classnames_file=str(root / "classnames.txt"),
+        cache_dir=str(tmp_path / "cache"),
+        **{**TINY, **kw},
+    )
     return run_extract(cfg, log=lambda *a: None)
 
 
@@ -107,8 +112,14 @@ def test_bad_images_become_skipped_rows(tmp_path):
     (root / "img/text.jpg").write_text("hello")
     names = ["ok.jpg", "cmyk.jpg", "trunc.jpg", "deep.png", "zero.jpg", "pal.png", "text.jpg", "absent.jpg"]
     (root / "train.txt").write_text("".join(f"img/{n} {i % 2}\n" for i, n in enumerate(names)))
-    cfg = ExtractConfig(dataset="split", root=str(root), split_files={"train": str(root / "train.txt")},
-                        cache_dir=str(tmp_path / "cache"), shard_size=3, **TINY)
+    cfg = ExtractConfig(
+        dataset="split",
+        root=str(root),
+        split_files={"train": str(root / "train.txt")},
+        cache_dir=str(tmp_path / "cache"),
+        shard_size=3,
+        **TINY,
+    )
     summary = run_extract(cfg, log=lambda *a: None)
     assert summary["splits"][0]["rows"] == 4 and summary["splits"][0]["skipped"] == 4
     split_dir = f"{summary['cache']}/train"
@@ -128,8 +139,15 @@ def test_a_whole_shard_of_bad_images_is_still_a_typed_shard(tmp_path):
     Image.new("RGB", (9, 9)).save(root / "a.png")
     (root / "b.jpg").write_bytes(b"")
     (root / "train.txt").write_text("b.jpg 0\na.png 0\n")
-    cfg = ExtractConfig(dataset="split", root=str(root), split_files={"train": str(root / "train.txt")},
-                        cache_dir=str(tmp_path / "cache"), shard_size=1, tokens=True, **TINY)
+    cfg = ExtractConfig(
+        dataset="split",
+        root=str(root),
+        split_files={"train": str(root / "train.txt")},
+        cache_dir=str(tmp_path / "cache"),
+        shard_size=1,
+        tokens=True,
+        **TINY,
+    )
     summary = run_extract(cfg, log=lambda *a: None)
     train = cache.SplitCache(f"{summary['cache']}/train")
     assert train.pooled().shape == (1, 32) and train.read_tokens(0, 1).shape == (1, 17, 64)
@@ -167,8 +185,14 @@ def test_a_changed_split_file_is_refused(tmp_path, split_dataset):
     _extract(tmp_path, split_dataset)
     edited = tmp_path / "edited.txt"
     edited.write_text("\n".join(files["train"].read_text().split("\n")[1:]))
-    cfg = ExtractConfig(dataset="split", root=str(root), split_files={"train": str(edited)},
-                        classnames_file=str(root / "classnames.txt"), cache_dir=str(tmp_path / "cache"), **TINY)
+    cfg = ExtractConfig(
+        dataset="split",
+        root=str(root),
+        split_files={"train": str(edited)},
+        classnames_file=str(root / "classnames.txt"),
+        cache_dir=str(tmp_path / "cache"),
+        **TINY,
+    )
     with pytest.raises(VlmcacheError, match="split_sha256"):
         run_extract(cfg, log=lambda *a: None)
 
@@ -185,8 +209,15 @@ def test_missing_root_and_wrong_root_are_refused(tmp_path, split_dataset):
 
 
 def test_tokens_need_a_vit(tmp_path, monkeypatch):
-    cfg = ExtractConfig(dataset="digits_lt", model="RN50", pretrained="none", tokens=True, cache_dir=str(tmp_path),
-                        device="cpu", workers=0)
+    cfg = ExtractConfig(
+        dataset="digits_lt",
+        model="RN50",
+        pretrained="none",
+        tokens=True,
+        cache_dir=str(tmp_path),
+        device="cpu",
+        workers=0,
+    )
     with pytest.raises(VlmcacheError, match="--tokens needs a ViT image tower"):
         run_extract(cfg)
 
@@ -200,8 +231,9 @@ def fake_tags(monkeypatch):
     from open_clip import pretrained
 
     tags = {
-        "squares": dict(url="", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear",
-                        resize_mode="squash"),
+        "squares": dict(
+            url="", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear", resize_mode="squash"
+        ),
         "openai_like": dict(url="", quick_gelu=True),
     }
     monkeypatch.setitem(pretrained._PRETRAINED, "vlmcache-tiny", tags)

@@ -129,7 +129,9 @@ def open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r", locking=False)
     except OSError as e:
-        raise VlmcacheError(f"The cache file '{path}' cannot be read as HDF5 ({e}); run `vlmcache cache verify`.") from None
+        raise VlmcacheError(
+            f"The cache file '{path}' cannot be read as HDF5 ({e}); run `vlmcache cache verify`."
+        ) from None
 
 
 # --------------------------------------------------------------------------- manifest
@@ -218,7 +220,9 @@ class SplitCache:
         if f is None:
             path = self.shards[i].path
             if not path.is_file():
-                raise VlmcacheError(f"The shard '{path}' listed in the manifest is missing; run `vlmcache cache verify`.")
+                raise VlmcacheError(
+                    f"The shard '{path}' listed in the manifest is missing; run `vlmcache cache verify`."
+                )
             f = self._files[i] = open_h5(path)
         return f
 
@@ -230,9 +234,6 @@ class SplitCache:
     @property
     def fingerprint(self) -> dict:
         return self.manifest["fingerprint"]
-
-    def has(self, name: str) -> bool:
-        return any(name in self._file(i) for i in range(len(self.shards)) if self.shards[i].rows) if self.n else False
 
     def load(self, name: str) -> np.ndarray:
         """One dataset of every shard, concatenated in row order (for pooled, labels, rows, views)."""
@@ -249,15 +250,16 @@ class SplitCache:
         return self.load("rows")
 
     def token_shape(self) -> tuple[int, int]:
-        for i, s in enumerate(self.shards):
-            if s.rows and "tokens" in self._file(i):
-                return tuple(self._file(i)["tokens"].shape[1:])
-        raise VlmcacheError(
-            f"The cache '{self.dir}' holds no tokens; extract again with --tokens (and --overwrite) for the decoder head."
-        )
+        if not self.fingerprint.get("tokens"):
+            raise VlmcacheError(
+                f"The cache '{self.dir}' holds no tokens; extract again with --tokens (and --overwrite) "
+                f"for the decoder head."
+            )
+        return tuple(self.manifest["dims"]["tokens"])
 
     def read_tokens(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of `tokens` as one (n, T, W) float16 array, read slice by slice across shards."""
+        shape = self.token_shape()
         if not 0 <= start <= stop <= self.n:
             raise IndexError(f"token rows [{start}, {stop}) outside [0, {self.n})")
         parts = []
@@ -270,7 +272,7 @@ class SplitCache:
             if hi > lo:
                 parts.append(self._file(i)["tokens"][lo:hi])
         if not parts:
-            return np.zeros((0, *self.token_shape()), dtype=np.float16)
+            return np.zeros((0, *shape), dtype=np.float16)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
@@ -341,8 +343,7 @@ def iter_caches(cache_dir: Path) -> Iterator[Path]:
     if not cache_dir.is_dir():
         return
     for ds in sorted(p for p in cache_dir.iterdir() if p.is_dir()):
-        for key in sorted(p for p in ds.iterdir() if p.is_dir() and KEY_RE.match(p.name)):
-            yield key
+        yield from sorted(p for p in ds.iterdir() if p.is_dir() and KEY_RE.match(p.name))
 
 
 def summarize(model_dir: Path) -> dict:

@@ -92,8 +92,14 @@ class RichProgress:
 
     def __init__(self, console: Console):
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(), console=console, speed_estimate_period=10,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _RateColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            speed_estimate_period=10,
         )
         self.task = None
 
@@ -131,31 +137,54 @@ def extract(
     views: int = typer.Option(0, "--views", help="Augmented views (random resized crop + flip) per training image."),
     view_seed: int = typer.Option(0, "--view-seed", help="Seed of the augmented views."),
     templates: str = typer.Option(
-        ",".join(DEFAULT_TEMPLATE_SETS), "--templates", help=f"Template sets, comma-separated: {', '.join(TEMPLATE_SETS)}."
+        ",".join(DEFAULT_TEMPLATE_SETS),
+        "--templates",
+        help=f"Template sets, comma-separated: {', '.join(TEMPLATE_SETS)}.",
     ),
     shard_size: int = typer.Option(1024, "--shard-size", help="Rows per HDF5 shard."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
     workers: int = typer.Option(default_workers(), "--workers", help="Image-loading processes (0: in the main one)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16, bf16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard a cache made with other settings and start again."),
-    holdout: float = typer.Option(0.2, "--holdout", help="imagefolder without train/ and val/: test fraction per class."),
+    precision: str = typer.Option(
+        "auto", "--precision", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16, bf16."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Discard a cache made with other settings and start again."
+    ),
+    holdout: float = typer.Option(
+        0.2, "--holdout", help="imagefolder without train/ and val/: test fraction per class."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of generated splits (imagefolder hold-out, digits_lt)."),
     as_json: bool = JSON,
 ):
     """Run the frozen encoders once over a dataset and cache image and class-text embeddings.
 
-    Example: [bold]vlmcache extract --dataset places_lt --root /data/places365 --model ViT-B-16 --pretrained openai --tokens[/]
+    Example: [bold]vlmcache extract -d places_lt --root /data/places365 -m ViT-B-16 -p openai --tokens[/]
 
     A killed run resumes where it stopped when given the same command again.
     """
     cfg = ExtractConfig(
-        dataset=dataset.value, root=str(root) if root else None, split_files=parse_split_files(split_file),
-        classnames_file=str(classnames) if classnames else None, splits=split or None, model=model,
-        pretrained=pretrained, preprocess_from=preprocess_from, cache_dir=str(cache_dir), shard_size=shard_size,
-        batch_size=batch_size, workers=workers, tokens=tokens, views=views, view_seed=view_seed,
-        templates=[t.strip() for t in templates.split(",") if t.strip()], device=device, precision=precision,
-        overwrite=overwrite, holdout=holdout, seed=seed,
+        dataset=dataset.value,
+        root=str(root) if root else None,
+        split_files=parse_split_files(split_file),
+        classnames_file=str(classnames) if classnames else None,
+        splits=split or None,
+        model=model,
+        pretrained=pretrained,
+        preprocess_from=preprocess_from,
+        cache_dir=str(cache_dir),
+        shard_size=shard_size,
+        batch_size=batch_size,
+        workers=workers,
+        tokens=tokens,
+        views=views,
+        view_seed=view_seed,
+        templates=[t.strip() for t in templates.split(",") if t.strip()],
+        device=device,
+        precision=precision,
+        overwrite=overwrite,
+        holdout=holdout,
+        seed=seed,
     )
     log = functools.partial(err.print, highlight=False)
     with RichProgress(err) as progress:
@@ -172,8 +201,14 @@ def _print_extract_summary(summary: dict) -> None:
         table.add_column(col, justify="left" if col == "split" else "right")
     for s in summary["splits"]:
         table.add_row(
-            s["split"], f"{s['rows']:,}", str(s["skipped"]), str(s["shards"]), str(s["resumed_shards"]),
-            _size(s["bytes"]), f"{s['seconds']:.1f} s", f"{s['images_per_s']:,.0f}" if s["images_per_s"] else "-",
+            s["split"],
+            f"{s['rows']:,}",
+            str(s["skipped"]),
+            str(s["shards"]),
+            str(s["resumed_shards"]),
+            _size(s["bytes"]),
+            f"{s['seconds']:.1f} s",
+            f"{s['images_per_s']:,.0f}" if s["images_per_s"] else "-",
         )
     out.print(table)
     for note in summary["notes"]:
@@ -181,7 +216,9 @@ def _print_extract_summary(summary: dict) -> None:
     if summary["pretrained"] == "random":
         out.print("note: random weights: the features exercise the pipeline, they do not carry CLIP's knowledge.")
     out.print(f"cache: {summary['cache']}", highlight=False)
-    out.print(f"class texts: {', '.join(summary['text']['template_sets'])} in {summary['text']['path']}", highlight=False)
+    out.print(
+        f"class texts: {', '.join(summary['text']['template_sets'])} in {summary['text']['path']}", highlight=False
+    )
 
 
 # --------------------------------------------------------------------------- datasets
@@ -231,8 +268,13 @@ def datasets_info(
     for col in ("split", "images", "classes", "max / min per class", "many / medium / few"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for s, st in rows.items():
-        table.add_row(s, f"{st['images']:,}", f"{st['classes']:,}", f"{st['max_per_class']:,} / {st['min_per_class']:,}",
-                      f"{st['many']} / {st['medium']} / {st['few']}")
+        table.add_row(
+            s,
+            f"{st['images']:,}",
+            f"{st['classes']:,}",
+            f"{st['max_per_class']:,} / {st['min_per_class']:,}",
+            f"{st['many']} / {st['medium']} / {st['few']}",
+        )
     out.print(table)
     for note in notes:
         out.print(f"note: {note}", highlight=False)
@@ -257,7 +299,8 @@ def cache_ls(cache_dir: Path = CACHE_DIR, as_json: bool = JSON):
         table.add_column(col, no_wrap=col == "key")
     for c in found:
         splits = ", ".join(
-            f"{s} {v.get('rows', 0):,}" + ("" if v.get("complete") else f" ({v.get('shards', 'broken')}, incomplete)")
+            f"{s} {v.get('rows', 0):,}"
+            + ("" if v.get("complete") else f" ({v.get('shards', 'broken')}, incomplete)")
             + (" +tokens" if v.get("tokens") else "")
             for s, v in c["splits"].items()
         )
@@ -294,8 +337,17 @@ def cache_info(
         if "error" in v:
             table.add_row(s, v["error"], "", "", "", "", "", "", "")
             continue
-        table.add_row(s, f"{v['rows']:,}", f"{v['n_rows']:,}", str(v["skipped"]), v["shards"],
-                      "yes" if v["complete"] else "NO", "yes" if v["tokens"] else "no", str(v["views"]), _size(v["bytes"]))
+        table.add_row(
+            s,
+            f"{v['rows']:,}",
+            f"{v['n_rows']:,}",
+            str(v["skipped"]),
+            v["shards"],
+            "yes" if v["complete"] else "NO",
+            "yes" if v["tokens"] else "no",
+            str(v["views"]),
+            _size(v["bytes"]),
+        )
     out.print(table)
     for s, items in skipped.items():
         for x in items[:20]:
@@ -329,8 +381,10 @@ def cache_verify(
     else:
         for p in problems:
             out.print(f"[red]BAD[/] {p}", highlight=False)
-        out.print(f"{checked} split(s) checked: " + ("all shards match their manifest." if not problems
-                                                     else f"{len(problems)} problem(s)."))
+        out.print(
+            f"{checked} split(s) checked: "
+            + ("all shards match their manifest." if not problems else f"{len(problems)} problem(s).")
+        )
     if problems:
         raise typer.Exit(1)
 
@@ -349,13 +403,23 @@ def demo(cache_dir: Path = CACHE_DIR, workers: int = typer.Option(0, "--workers"
         "[bold]vlmcache demo[/]: digits_lt (scikit-learn digits, long-tailed) with vlmcache-tiny.\n"
         "vlmcache-tiny has [bold]random weights[/]: its numbers show that the pipeline runs, not CLIP's accuracy.",
     )
-    cfg = ExtractConfig(dataset="digits_lt", model="vlmcache-tiny", pretrained="none", cache_dir=str(cache_dir),
-                        shard_size=256, tokens=True, workers=workers)
+    cfg = ExtractConfig(
+        dataset="digits_lt",
+        model="vlmcache-tiny",
+        pretrained="none",
+        cache_dir=str(cache_dir),
+        shard_size=256,
+        tokens=True,
+        workers=workers,
+    )
     with RichProgress(err) as progress:
         summary = run_extract(cfg, progress=progress, log=functools.partial(err.print, highlight=False))
     _print_extract_summary(summary)
-    out.print("Next: inspect it with `vlmcache cache info " + f"{summary['dataset']}/{summary['key']}"
-              f" --cache-dir {cache_dir}`. Training heads on the cache (stage 2) is not built yet.", highlight=False)
+    out.print(
+        "Next: inspect it with `vlmcache cache info " + f"{summary['dataset']}/{summary['key']}"
+        f" --cache-dir {cache_dir}`. Training heads on the cache (stage 2) is not built yet.",
+        highlight=False,
+    )
 
 
 def main() -> None:

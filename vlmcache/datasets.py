@@ -278,7 +278,9 @@ def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float
             raise VlmcacheError(f"{origin}: class folders {unknown} do not exist in the train split.")
         rel = [p for c in classes for p in files.get(c, [])]
         labels = np.asarray([i for i, c in enumerate(classes) for _ in files.get(c, [])], dtype=np.int64)
-        digest = hashlib.sha256("\n".join(f"{p} {lbl}" for p, lbl in zip(rel, labels)).encode()).hexdigest()
+        digest = hashlib.sha256(
+            "\n".join(f"{p} {lbl}" for p, lbl in zip(rel, labels, strict=True)).encode()
+        ).hexdigest()
         return Split(split, FileSource(root, rel), labels, origin, digest)
 
     eval_dirs = [d for d in ("val", "test") if (root / d).is_dir()]
@@ -303,7 +305,10 @@ def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float
             test_files[c] = sorted(files[c][i] for i in order[:n_test])
             train_files[c] = sorted(files[c][i] for i in order[n_test:])
         origin = f"{root} (stratified hold-out {holdout:.0%}, seed {seed})"
-        splits = {"train": make("train", train_files, classes, origin), "test": make("test", test_files, classes, origin)}
+        splits = {
+            "train": make("train", train_files, classes, origin),
+            "test": make("test", test_files, classes, origin),
+        }
         notes.append(
             f"No train/ and val/ or test/ folders under '{root}': held out {holdout:.0%} of each class "
             f"(seed {seed}) as the test split."
@@ -317,7 +322,9 @@ def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float
 
 def _split(name: str, root, split_files: Mapping[str, str], classnames_file: str | None = None, **_):
     if not split_files:
-        raise VlmcacheError("The split dataset needs at least one --split-file NAME=PATH (for example train=train.txt).")
+        raise VlmcacheError(
+            "The split dataset needs at least one --split-file NAME=PATH (for example train=train.txt)."
+        )
     root = _check_root(root, name)
     classnames = read_classnames(classnames_file) if classnames_file else None
     num = len(classnames) if classnames else None
@@ -355,7 +362,9 @@ def _digits_lt(name: str, root, split_files: Mapping[str, str], seed: int = 0, *
     for split, idx in (("train", np.asarray(train_idx)), ("test", np.asarray(test_idx))):
         digest = hashlib.sha256(f"digits_lt-v1 seed={seed} ".encode() + idx.tobytes()).hexdigest()
         source = ArraySource(images[idx], [f"digits[{i}]" for i in idx])
-        splits[split] = Split(split, source, digits.target[idx].astype(np.int64), f"sklearn digits, seed {seed}", digest)
+        splits[split] = Split(
+            split, source, digits.target[idx].astype(np.int64), f"sklearn digits, seed {seed}", digest
+        )
     note = (
         f"digits_lt: scikit-learn's 8x8 digits, imbalance ratio {DIGITS_IMBALANCE} "
         f"({DIGITS_MAX_PER_CLASS} to {int(DIGITS_MAX_PER_CLASS / DIGITS_IMBALANCE)} training images per class), "
@@ -372,18 +381,24 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "imagenet_lt": DatasetInfo("ImageNet-LT (Liu et al. 2019): 1,000 classes, 1,280 to 5 train images per class",
-                               _benchmark, True),
-    "places_lt": DatasetInfo("Places-LT (Liu et al. 2019): 365 classes, 4,980 to 5 train images per class",
-                             _benchmark, True),
-    "inat18": DatasetInfo("iNaturalist 2018: 8,142 species, 1,000 to 2 train images per class; val is the test set",
-                          _benchmark, True),
-    "imagefolder": DatasetInfo("your images, one folder per class under --root (train/ and val/ or test/ if present)",
-                               _imagefolder, True),
-    "split": DatasetInfo("your split files (--split-file NAME=PATH, lines 'relative/path label') under --root",
-                         _split, True),
-    "digits_lt": DatasetInfo("built in: scikit-learn digits made long-tailed (10 classes, ratio 10), for the demo",
-                             _digits_lt, False),
+    "imagenet_lt": DatasetInfo(
+        "ImageNet-LT (Liu et al. 2019): 1,000 classes, 1,280 to 5 train images per class", _benchmark, True
+    ),
+    "places_lt": DatasetInfo(
+        "Places-LT (Liu et al. 2019): 365 classes, 4,980 to 5 train images per class", _benchmark, True
+    ),
+    "inat18": DatasetInfo(
+        "iNaturalist 2018: 8,142 species, 1,000 to 2 train images per class; val is the test set", _benchmark, True
+    ),
+    "imagefolder": DatasetInfo(
+        "your images, one folder per class under --root (train/ and val/ or test/ if present)", _imagefolder, True
+    ),
+    "split": DatasetInfo(
+        "your split files (--split-file NAME=PATH, lines 'relative/path label') under --root", _split, True
+    ),
+    "digits_lt": DatasetInfo(
+        "built in: scikit-learn digits made long-tailed (10 classes, ratio 10), for the demo", _digits_lt, False
+    ),
 }
 
 

@@ -90,8 +90,13 @@ def resolve_weights(model: str, pretrained: str | None, preprocess_from: str | N
                 f"Name the tag it was trained as with --preprocess-from; one of: {', '.join(tags)}."
             )
     cfg = _tag_preprocess(model, preprocess_from) if preprocess_from else {"quick_gelu": False}
-    return {"pretrained": "file", "weights_sha256": digest, "preprocess_from": preprocess_from,
-            "tag_cfg": cfg, "file": str(pretrained)}
+    return {
+        "pretrained": "file",
+        "weights_sha256": digest,
+        "preprocess_from": preprocess_from,
+        "tag_cfg": cfg,
+        "file": str(pretrained),
+    }
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -177,8 +182,12 @@ class Encoder:
 
         with self.autocast():
             weights = build_zero_shot_classifier(
-                self.model, self.tokenizer, classnames, templates,
-                num_classes_per_batch=max(1, batch_prompts // len(templates)), device=self.device,
+                self.model,
+                self.tokenizer,
+                classnames,
+                templates,
+                num_classes_per_batch=max(1, batch_prompts // len(templates)),
+                device=self.device,
             )
         return weights.T.float()  # (D, C) -> (C, D)
 
@@ -186,8 +195,12 @@ class Encoder:
         """Random resized crop and horizontal flip, at the model's size, mean, std and interpolation."""
         cfg = self.preprocess_cfg
         return image_transform(
-            cfg["size"], is_train=True, mean=cfg["mean"], std=cfg["std"],
-            interpolation=cfg["interpolation"], aug_cfg=AugmentationCfg(scale=scale),
+            cfg["size"],
+            is_train=True,
+            mean=cfg["mean"],
+            std=cfg["std"],
+            interpolation=cfg["interpolation"],
+            aug_cfg=AugmentationCfg(scale=scale),
         )
 
 
@@ -222,9 +235,15 @@ def load_encoder(
         with torch.random.fork_rng(devices=[]), _quiet_root_logger():
             torch.manual_seed(RANDOM_INIT_SEED)
             net, _, preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=source, device="cpu", force_quick_gelu=quick_gelu, cache_dir=cache_dir,
-                image_mean=tag_cfg.get("mean"), image_std=tag_cfg.get("std"),
-                image_interpolation=tag_cfg.get("interpolation"), image_resize_mode=tag_cfg.get("resize_mode"),
+                model,
+                pretrained=source,
+                device="cpu",
+                force_quick_gelu=quick_gelu,
+                cache_dir=cache_dir,
+                image_mean=tag_cfg.get("mean"),
+                image_std=tag_cfg.get("std"),
+                image_interpolation=tag_cfg.get("interpolation"),
+                image_resize_mode=tag_cfg.get("resize_mode"),
             )
     except Exception as e:
         if weights["file"]:  # whatever torch.load or load_state_dict says, it is about the user's file

@@ -146,7 +146,9 @@ def _check_images_reachable(dataset: Dataset, splits: list[str]) -> None:
         source = dataset.splits[s].source
         if isinstance(source, FileSource):
             if dataset.root is None:
-                raise VlmcacheError(f"{dataset.name} reads image files; pass --root, the folder its split paths start from.")
+                raise VlmcacheError(
+                    f"{dataset.name} reads image files; pass --root, the folder its split paths start from."
+                )
             missing = source.first_missing()
             if missing:
                 raise VlmcacheError(
@@ -219,8 +221,16 @@ def extract_split(
     n, size = len(split), cfg.shard_size
     n_shards = (n + size - 1) // size
     if manifest is None:
-        manifest = {"format": cache.FORMAT, "fingerprint": fingerprint, "origin": split.origin, "n_rows": n,
-                    "n_shards": n_shards, "complete": False, "dims": _probe_dims(encoder, cfg.tokens), "shards": []}
+        manifest = {
+            "format": cache.FORMAT,
+            "fingerprint": fingerprint,
+            "origin": split.origin,
+            "n_rows": n,
+            "n_shards": n_shards,
+            "complete": False,
+            "dims": _probe_dims(encoder, cfg.tokens),
+            "shards": [],
+        }
     done = {e["index"] for e in manifest["shards"]}
     todo = [i for i in range(n_shards) if i not in done]
     t0 = time.perf_counter()
@@ -231,11 +241,21 @@ def extract_split(
     if todo:
         rows = np.concatenate([np.arange(i * size, min((i + 1) * size, n)) for i in todo])
         views = fingerprint["views"]
-        data = ImageRows(split.source, rows, encoder.preprocess, views,
-                         encoder.train_transform(VIEW_SCALE) if views else None, cfg.view_seed)
+        data = ImageRows(
+            split.source,
+            rows,
+            encoder.preprocess,
+            views,
+            encoder.train_transform(VIEW_SCALE) if views else None,
+            cfg.view_seed,
+        )
         loader = DataLoader(
-            data, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate,
-            pin_memory=encoder.device.type == "cuda", persistent_workers=False,
+            data,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.workers,
+            collate_fn=collate,
+            pin_memory=encoder.device.type == "cuda",
+            persistent_workers=False,
             prefetch_factor=4 if cfg.workers else None,
         )
         buffers: dict[int, ShardBuffer] = {}
@@ -401,7 +421,8 @@ def _note_siblings(model_dir: Path, encoder: Encoder, log) -> None:
         for split_dir in sorted(p for p in other.iterdir() if p.is_dir()):
             m = cache.read_manifest(split_dir)
             if m:
-                log(f"note: {other.name} caches {encoder.name} with other settings "
-                    f"({cache.describe_diff(m['fingerprint']['encoder'], encoder.fingerprint)}); writing a new cache.")
+                log(
+                    f"note: {other.name} caches {encoder.name} with other settings "
+                    f"({cache.describe_diff(m['fingerprint']['encoder'], encoder.fingerprint)}); writing a new cache."
+                )
                 break
-
