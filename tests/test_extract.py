@@ -1,6 +1,7 @@
 """Stage 1 against in-memory references: what the cache holds equals a direct forward pass of the encoder."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -83,8 +84,8 @@ def test_reader_pickles_without_open_files(tmp_path, split_dataset):
 
 def test_class_text_embeddings_match_open_clip(tmp_path, split_dataset, tiny_encoder):
     summary = _extract(tmp_path, split_dataset)
-    fingerprint, names, sets = cache.read_text(tiny_encoder_path := __import__("pathlib").Path(summary["text"]["path"]))
-    assert tiny_encoder_path.name == "text.h5"
+    text = cache.read_text(Path(summary["text"]["path"]))
+    names, sets = text.classnames, text.sets
     assert names == ["red thing", "green thing", "blue thing"] and set(sets) == {"openai", "photo"}
     templates, emb = sets["photo"]
     assert templates == ["a photo of a {}."]
@@ -93,7 +94,8 @@ def test_class_text_embeddings_match_open_clip(tmp_path, split_dataset, tiny_enc
         direct = tiny_encoder.model.encode_text(tok([f"a photo of a {n}." for n in names]), normalize=True)
     np.testing.assert_allclose(emb, direct.numpy(), rtol=1e-5, atol=1e-5)
     assert len(sets["openai"][0]) == 80 and np.allclose(np.linalg.norm(sets["openai"][1], axis=1), 1, atol=1e-5)
-    assert fingerprint["encoder"] == tiny_encoder.fingerprint
+    assert text.fingerprint["encoder"] == tiny_encoder.fingerprint
+    assert text.logit_scale == pytest.approx(float(tiny_encoder.model.logit_scale.exp()))
 
 
 def test_bad_images_become_skipped_rows(tmp_path):
@@ -123,7 +125,7 @@ def test_bad_images_become_skipped_rows(tmp_path):
     summary = run_extract(cfg, log=lambda *a: None)
     assert summary["splits"][0]["rows"] == 4 and summary["splits"][0]["skipped"] == 4
     split_dir = f"{summary['cache']}/train"
-    manifest = cache.read_manifest(__import__("pathlib").Path(split_dir))
+    manifest = cache.read_manifest(Path(split_dir))
     skipped = {x["path"]: x["reason"] for e in manifest["shards"] for x in e["skipped"]}
     assert set(skipped) == {"img/trunc.jpg", "img/zero.jpg", "img/text.jpg", "img/absent.jpg"}
     assert "empty file" in skipped["img/zero.jpg"] and "not an image" in skipped["img/text.jpg"]

@@ -301,14 +301,23 @@ def verify_split(split_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------- text embeddings
 
 
-def write_text(path: Path, sets: dict[str, tuple[list[str], np.ndarray]], classnames: list[str], fingerprint: dict):
+@dataclass
+class TextCache:
+    fingerprint: dict
+    classnames: list[str]
+    sets: dict[str, tuple[list[str], np.ndarray]]  # name -> (templates, (C, D) float32 unit-norm embeddings)
+    logit_scale: float  # the model's exp(logit_scale): zero-shot logits are logit_scale * cos(image, text)
+
+
+def write_text(path: Path, text: TextCache) -> None:
     """Write text.h5 atomically: one group per template set with its templates and (C, D) embeddings."""
     tmp = tmp_name(path)
     try:
         with h5py.File(tmp, "w") as f:
-            f.attrs["fingerprint"] = json.dumps(fingerprint)
-            f.create_dataset("classnames", data=np.array(classnames, dtype=h5py.string_dtype()))
-            for name, (templates, emb) in sets.items():
+            f.attrs["fingerprint"] = json.dumps(text.fingerprint)
+            f.attrs["logit_scale"] = text.logit_scale
+            f.create_dataset("classnames", data=np.array(text.classnames, dtype=h5py.string_dtype()))
+            for name, (templates, emb) in text.sets.items():
                 g = f.create_group(name)
                 g.create_dataset("embeddings", data=emb.astype(np.float32))
                 g.create_dataset("templates", data=np.array(templates, dtype=h5py.string_dtype()))
@@ -317,19 +326,20 @@ def write_text(path: Path, sets: dict[str, tuple[list[str], np.ndarray]], classn
         tmp.unlink(missing_ok=True)
 
 
-def read_text(path: Path) -> tuple[dict, list[str], dict[str, tuple[list[str], np.ndarray]]]:
-    """(fingerprint, classnames, {set name: (templates, (C, D) float32 embeddings)})."""
+def read_text(path: Path) -> TextCache:
     if not path.is_file():
         raise VlmcacheError(f"No class-text embeddings at '{path}'; run `vlmcache extract` first.")
+
+    def strings(ds) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else s for s in ds[()]]
+
     with open_h5(path) as f:
-        fingerprint = json.loads(f.attrs["fingerprint"])
-        classnames = [s.decode() if isinstance(s, bytes) else s for s in f["classnames"][()]]
         sets = {
-            name: ([t.decode() if isinstance(t, bytes) else t for t in g["templates"][()]], g["embeddings"][()])
-            for name, g in f.items()
-            if isinstance(g, h5py.Group)
+            name: (strings(g["templates"]), g["embeddings"][()]) for name, g in f.items() if isinstance(g, h5py.Group)
         }
-    return fingerprint, classnames, sets
+        return TextCache(
+            json.loads(f.attrs["fingerprint"]), strings(f["classnames"]), sets, float(f.attrs["logit_scale"])
+        )
 
 
 # --------------------------------------------------------------------------- listing

@@ -360,18 +360,18 @@ def extract_text(encoder: Encoder, dataset: Dataset, template_sets: list[str], m
     fingerprint = {"encoder": encoder.fingerprint, "dataset": dataset.name}
     sets = {}
     if path.is_file():
-        old_fp, old_names, old_sets = cache.read_text(path)
-        if old_fp == fingerprint and old_names == dataset.classnames:
+        old = cache.read_text(path)
+        if old.fingerprint == fingerprint and old.classnames == dataset.classnames:
             # keep sets whose templates are unchanged; a renamed or edited set is encoded again
-            sets = {k: v for k, v in old_sets.items() if k in TEMPLATE_SETS and v[0] == TEMPLATE_SETS[k]}
+            sets = {k: v for k, v in old.sets.items() if k in TEMPLATE_SETS and v[0] == TEMPLATE_SETS[k]}
     missing = [t for t in template_sets if t not in sets]
     if not missing:
         return path
     for name in missing:
         templates = get_templates(name)
-        emb = encoder.encode_classnames(dataset.classnames, templates).cpu().numpy()
-        sets[name] = (templates, emb)
-    cache.write_text(path, sets, dataset.classnames, fingerprint)
+        sets[name] = (templates, encoder.encode_classnames(dataset.classnames, templates).cpu().numpy())
+    logit_scale = float(encoder.model.logit_scale.exp()) if hasattr(encoder.model, "logit_scale") else 100.0
+    cache.write_text(path, cache.TextCache(fingerprint, dataset.classnames, sets, logit_scale))
     return path
 
 
