@@ -334,6 +334,8 @@ def read_text(path: Path) -> TextCache:
         return [s.decode() if isinstance(s, bytes) else s for s in ds[()]]
 
     with open_h5(path) as f:
+        if "logit_scale" not in f.attrs or "fingerprint" not in f.attrs:
+            raise VlmcacheError(f"'{path}' was written by an older vlmcache; extract again to rewrite it.")
         sets = {
             name: (strings(g["templates"]), g["embeddings"][()]) for name, g in f.items() if isinstance(g, h5py.Group)
         }

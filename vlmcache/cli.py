@@ -16,9 +16,16 @@ from rich.text import Text
 
 from vlmcache import cache
 from vlmcache.datasets import DATASETS, load_dataset, parse_split_files, read_split_file, split_stats
-from vlmcache.errors import VlmcacheError
+from vlmcache.errors import VlmcacheError, parse_key_values
 from vlmcache.extract import ExtractConfig, default_workers, run_extract
+from vlmcache.heads import HEADS
+from vlmcache.knn import knn
+from vlmcache.losses import LOSSES
+from vlmcache.samplers import SAMPLERS
+from vlmcache.stage2 import STAGE2
 from vlmcache.templates import DEFAULT_TEMPLATE_SETS, TEMPLATE_SETS
+from vlmcache.train import TrainConfig, evaluate_run, train_head
+from vlmcache.zeroshot import zero_shot
 
 app = typer.Typer(
     help="Long-tailed classification with frozen CLIP encoders: extract features once, then train heads on the cache.",
@@ -218,6 +225,214 @@ def _print_extract_summary(summary: dict) -> None:
     out.print(f"cache: {summary['cache']}", highlight=False)
     out.print(
         f"class texts: {', '.join(summary['text']['template_sets'])} in {summary['text']['path']}", highlight=False
+    )
+
+
+# --------------------------------------------------------------------------- stage 2
+
+MODEL = typer.Option("ViT-B-16", "--model", "-m", help="open_clip model the cache was extracted with.")
+PRETRAINED = typer.Option(
+    "openai", "--pretrained", "-p", help="Weights the cache was extracted with (tag, file, none)."
+)
+CACHE_KEY = typer.Option(None, "--cache-key", help="Which cache, when several match the model and weights.")
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+EVAL_SPLIT = typer.Option(None, "--split", help="Split to evaluate on (default: test, else val).")
+
+
+def _metrics_table(title: str, metrics: dict) -> Table:
+    table = Table(title=title)
+    cols = ("overall", "many", "medium", "few", "top5", "mean_per_class")
+    for col in cols:
+        table.add_column(col.replace("_", " "), justify="right")
+    table.add_row(*("-" if metrics.get(c) is None else f"{100 * metrics[c]:.2f}" for c in cols))
+    return table
+
+
+@app.command("train-head")
+@user_errors
+def train_head_cmd(
+    dataset: DatasetName = typer.Option(
+        None, "--dataset", "-d", help="Dataset of the cache (see `vlmcache cache ls`)."
+    ),
+    root: Path = typer.Option(None, "--root", help="Accepted so an extract command line can be reused; unused here."),
+    model: str = MODEL,
+    pretrained: str = PRETRAINED,
+    cache_dir: Path = CACHE_DIR,
+    cache_key: str = CACHE_KEY,
+    head: str = typer.Option("linear", "--head", help=f"Head: {', '.join(HEADS)}."),
+    head_param: list[str] = typer.Option(None, "--head-param", help="Head setting KEY=VALUE, e.g. depth=2; repeat."),
+    text_init: str = typer.Option(None, "--text-init", help="Template set that initialises the cosine head."),
+    loss: str = typer.Option(None, "--loss", help=f"Loss: {', '.join(LOSSES)} (default ce)."),
+    loss_param: list[str] = typer.Option(None, "--loss-param", help="Loss parameter KEY=VALUE, e.g. gamma=1; repeat."),
+    sampler: str = typer.Option(None, "--sampler", help=f"Sampler: {', '.join(SAMPLERS)} (default instance)."),
+    stage2: str = typer.Option(None, "--stage2", help=f"Second stage on the run named by --from: {', '.join(STAGE2)}."),
+    from_run: Path = typer.Option(None, "--from", help="The first-stage run folder that --stage2 builds on."),
+    epochs: int = typer.Option(30, "--epochs", help="Passes over the training split."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (cosine decay)."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Samples per step."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="Weight decay."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd (momentum 0.9)."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same result on CPU."),
+    split: str = EVAL_SPLIT,
+    device: str = DEVICE,
+    runs_dir: Path = typer.Option("runs", "--runs-dir", help="Where run folders go."),
+    out_dir: Path = typer.Option(None, "--out", help="This run's folder (default: RUNS_DIR/<name>__<config hash>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Run again even if this run folder is finished."),
+    stream_tokens: bool = typer.Option(False, "--stream-tokens", help="Read tokens from disk even if they fit in RAM."),
+    tau_norm: float = typer.Option(None, "--tau-norm", help="Post-hoc tau-normalisation of a linear classifier."),
+    logit_adjust: float = typer.Option(
+        None, "--logit-adjust", help="Post-hoc logit adjustment: logits - tau log prior."
+    ),
+    as_json: bool = JSON,
+):
+    """Train a head (and optionally a second stage) on cached features; evaluate overall / many / medium / few.
+
+    Example: [bold]vlmcache train-head -d places_lt -m ViT-B-16 --head linear --loss focal --sampler sqrt[/]
+
+    Second stage: [bold]vlmcache train-head --stage2 crt --from runs/places_lt__linear-ce-instance__s0__1a2b3c4d[/]
+    """
+    cfg = TrainConfig(
+        dataset=dataset.value if dataset else None,
+        model=model,
+        pretrained=pretrained,
+        cache_dir=str(cache_dir),
+        cache_key=cache_key,
+        head=head,
+        head_params=parse_key_values(head_param, "--head-param"),
+        text_init=text_init,
+        loss=loss,
+        loss_params=parse_key_values(loss_param, "--loss-param"),
+        sampler=sampler,
+        stage2=stage2,
+        from_run=str(from_run) if from_run else None,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        optimizer=optimizer,
+        seed=seed,
+        eval_split=split,
+        device=device,
+        runs_dir=str(runs_dir),
+        out=str(out_dir) if out_dir else None,
+        overwrite=overwrite,
+        stream_tokens=stream_tokens,
+        tau_norm=tau_norm,
+        logit_adjust=logit_adjust,
+    )
+
+    def on_epoch(row: dict) -> None:
+        err.print(
+            f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f}  {row['samples_per_s']:>12,.0f} samples/s",
+            highlight=False,
+        )
+
+    result = train_head(cfg, on_epoch=on_epoch)
+    if as_json:
+        _print_json(result)
+        return
+    out.print(_metrics_table(f"{result['run']}", result["metrics"]))
+    cost = result["cost"]
+    out.print(
+        f"train {cost['train_seconds']:.2f} s, {cost['samples_per_s'] or 0:,.0f} samples/s on {cost['device']}, "
+        f"peak RSS {cost['peak_rss_mb']:,.0f} MB",
+        highlight=False,
+    )
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    run: Path = typer.Argument(..., help="A run folder written by `vlmcache train-head`."),
+    tau_norm: float = typer.Option(None, "--tau-norm", help="Post-hoc tau-normalisation of a linear classifier."),
+    logit_adjust: float = typer.Option(
+        None, "--logit-adjust", help="Post-hoc logit adjustment: logits - tau log prior."
+    ),
+    split: str = EVAL_SPLIT,
+    device: str = DEVICE,
+    as_json: bool = JSON,
+):
+    """Evaluate a saved run again, optionally with post-hoc corrections.
+
+    Example: [bold]vlmcache eval runs/places_lt__linear-ce-instance__s0__1a2b3c4d --logit-adjust 1.0[/]
+    """
+    result = evaluate_run(run, tau_norm, logit_adjust, split, device)
+    if as_json:
+        _print_json(result)
+        return
+    out.print(_metrics_table(f"{run} ({result['split']})", result["metrics"]))
+
+
+@app.command("zero-shot")
+@user_errors
+def zero_shot_cmd(
+    dataset: DatasetName = typer.Option(..., "--dataset", "-d", help="Dataset of the cache."),
+    model: str = MODEL,
+    pretrained: str = PRETRAINED,
+    cache_dir: Path = CACHE_DIR,
+    cache_key: str = CACHE_KEY,
+    templates: str = typer.Option("openai", "--templates", help="Template set of the class texts."),
+    split: str = EVAL_SPLIT,
+    device: str = DEVICE,
+    as_json: bool = JSON,
+):
+    """Zero-shot accuracy from the cached image and class-text embeddings.
+
+    Example: [bold]vlmcache zero-shot -d inat18 -m ViT-B-16 -p openai --templates openai[/]
+    """
+    result = zero_shot(str(cache_dir), dataset.value, model, pretrained, cache_key, templates, split, device)
+    result.pop("per_class")
+    if as_json:
+        _print_json(result)
+        return
+    out.print(
+        _metrics_table(f"zero-shot {dataset.value} ({result['split']}, templates {templates})", result["metrics"])
+    )
+
+
+@app.command("knn")
+@user_errors
+def knn_cmd(
+    dataset: DatasetName = typer.Option(..., "--dataset", "-d", help="Dataset of the cache."),
+    model: str = MODEL,
+    pretrained: str = PRETRAINED,
+    cache_dir: Path = CACHE_DIR,
+    cache_key: str = CACHE_KEY,
+    k: int = typer.Option(20, "--k", help="Neighbours per query."),
+    temperature: float = typer.Option(0.07, "--temperature", help="Votes are exp(cosine / temperature)."),
+    balanced: bool = typer.Option(False, "--balanced", help="Divide each class's votes by its training images."),
+    blend: Path = typer.Option(None, "--blend", help="A run whose softmax is blended with the kNN votes."),
+    blend_weight: float = typer.Option(0.5, "--blend-weight", help="Weight of the kNN votes in the blend."),
+    split: str = EVAL_SPLIT,
+    device: str = DEVICE,
+    as_json: bool = JSON,
+):
+    """k-nearest-neighbour classification over the cached training features (faiss, cosine).
+
+    Example: [bold]vlmcache knn -d places_lt -m ViT-B-16 --k 20 --balanced --blend runs/<run>[/]
+    """
+    result = knn(
+        str(cache_dir),
+        dataset.value,
+        model,
+        pretrained,
+        cache_key,
+        k,
+        temperature,
+        balanced,
+        str(blend) if blend else None,
+        blend_weight,
+        split,
+        device,
+    )
+    result.pop("per_class")
+    if as_json:
+        _print_json(result)
+        return
+    out.print(
+        _metrics_table(
+            f"kNN {dataset.value} (k={k}, T={temperature}{', balanced' if balanced else ''})", result["metrics"]
+        )
     )
 
 

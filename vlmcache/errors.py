@@ -16,3 +16,41 @@ def unknown_choice(what: str, given: str, choices: Iterable[str]) -> VlmcacheErr
     close = difflib.get_close_matches(given, choices, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return VlmcacheError(f"The {what} '{given}' is unknown.{hint} Choose one of: {', '.join(choices)}.")
+
+
+def checked_params(what: str, given: dict, defaults: dict) -> dict:
+    """`given` with every value converted to the type of its default; an unknown key or bad value is an error.
+
+    Values may be strings from the command line (`--loss-param gamma=1.5`), so "true"/"false" become bools.
+    """
+    out = {}
+    for key, value in given.items():
+        if key not in defaults:
+            choices = ", ".join(defaults) if defaults else "(none)"
+            raise VlmcacheError(f"The {what} has no parameter '{key}'; its parameters: {choices}.")
+        default = defaults[key]
+        if isinstance(value, str) and not isinstance(default, str) and default is not None:
+            try:
+                if isinstance(default, bool):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(value)
+                    value = value.lower() in ("true", "1", "yes")
+                else:
+                    value = type(default)(value)
+            except ValueError:
+                raise VlmcacheError(
+                    f"The {what} parameter {key}={value!r} is not a {type(default).__name__}."
+                ) from None
+        out[key] = value
+    return out
+
+
+def parse_key_values(values: list[str] | None, option: str) -> dict[str, str]:
+    """`["gamma=2", "beta=0.99"]` -> `{"gamma": "2", "beta": "0.99"}`."""
+    out = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise VlmcacheError(f"{option} takes KEY=VALUE (for example gamma=2), got '{item}'.")
+        out[key.strip()] = value.strip()
+    return out

@@ -354,13 +354,18 @@ def _cat(parts: list[np.ndarray], empty_shape: tuple) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(empty_shape, dtype=np.float16)
 
 
-def extract_text(encoder: Encoder, dataset: Dataset, template_sets: list[str], model_dir: Path) -> Path:
+def extract_text(encoder: Encoder, dataset: Dataset, template_sets: list[str], model_dir: Path, log=print) -> Path:
     """Class-text embeddings for each template set, in `<model_dir>/text.h5` (kept sets are reused)."""
     path = model_dir / cache.TEXT_FILE
     fingerprint = {"encoder": encoder.fingerprint, "dataset": dataset.name}
     sets = {}
+    old = None
     if path.is_file():
-        old = cache.read_text(path)
+        try:
+            old = cache.read_text(path)
+        except VlmcacheError as e:
+            log(f"{e} Rewriting it.")
+    if old is not None:
         if old.fingerprint == fingerprint and old.classnames == dataset.classnames:
             # keep sets whose templates are unchanged; a renamed or edited set is encoded again
             sets = {k: v for k, v in old.sets.items() if k in TEMPLATE_SETS and v[0] == TEMPLATE_SETS[k]}
@@ -395,7 +400,7 @@ def run_extract(cfg: ExtractConfig, progress=None, log=print) -> dict:
     _note_siblings(model_dir, encoder, log)
     t0 = time.perf_counter()
     results = [extract_split(encoder, dataset, dataset.splits[s], cfg, model_dir / s, progress, log) for s in splits]
-    text_path = extract_text(encoder, dataset, cfg.templates, model_dir)
+    text_path = extract_text(encoder, dataset, cfg.templates, model_dir, log)
     return {
         "dataset": dataset.name,
         "key": encoder.key,

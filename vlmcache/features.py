@@ -1,0 +1,188 @@
+"""Stage 2's view of the cache: find it, hold pooled features in device memory, stream tokens in blocks."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmcache import cache
+from vlmcache.encoders import RANDOM
+from vlmcache.errors import VlmcacheError
+
+
+def weights_label(pretrained: str | None) -> str:
+    """The middle part of a cache key for a --pretrained value (mirrors Encoder.key)."""
+    if pretrained is None or pretrained.lower() in RANDOM:
+        return "random"
+    if Path(pretrained).is_file():
+        return "file-" + re.sub(r"[^A-Za-z0-9.-]+", "-", Path(pretrained).stem)[:40]
+    return pretrained
+
+
+def find_cache(
+    cache_dir: str | os.PathLike, dataset: str, model: str, pretrained: str | None, key: str | None = None
+) -> Path:
+    """The `<dataset>/<key>` folder that `vlmcache extract` wrote for this dataset, model and weights."""
+    ds_dir = Path(cache_dir) / dataset
+    if key:
+        return cache.resolve_cache(Path(cache_dir), f"{dataset}/{key}" if "/" not in key else key)
+    prefix = f"{model}__{weights_label(pretrained)}__"
+    found = sorted(p for p in ds_dir.glob(prefix + "*") if p.is_dir()) if ds_dir.is_dir() else []
+    if not found:
+        raise VlmcacheError(
+            f"No cache of {dataset} for {model} ({pretrained}) under '{cache_dir}'. Make it with: "
+            f"vlmcache extract --dataset {dataset} --model {model} --pretrained {pretrained} --cache-dir {cache_dir}"
+        )
+    if len(found) > 1:
+        raise VlmcacheError(
+            f"Several caches of {dataset} for {model} ({pretrained}): {', '.join(p.name for p in found)}; "
+            f"choose one with --cache-key."
+        )
+    return found[0]
+
+
+def default_eval_split(model_dir: Path) -> str:
+    for name in ("test", "val"):
+        if (model_dir / name / cache.MANIFEST).is_file():
+            return name
+    raise VlmcacheError(f"The cache '{model_dir}' has no test or val split to evaluate on; extract one.")
+
+
+def open_split(model_dir: Path, split: str) -> cache.SplitCache:
+    if not (model_dir / split).is_dir():
+        have = ", ".join(sorted(p.name for p in model_dir.iterdir() if (p / cache.MANIFEST).is_file()))
+        raise VlmcacheError(f"The cache '{model_dir}' has no '{split}' split (it has: {have}).")
+    return cache.SplitCache(model_dir / split)
+
+
+@dataclass
+class Pooled:
+    """Pooled features (N, D) float32 and labels (N,) on the training device: minibatches are index lookups."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @classmethod
+    def load(cls, split: cache.SplitCache, device: torch.device) -> Pooled:
+        x = torch.from_numpy(split.pooled().astype(np.float32)).to(device)
+        return cls(x, torch.from_numpy(split.labels().astype(np.int64)).to(device))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, indices: torch.Tensor, batch_size: int, generator=None) -> Iterator[tuple]:
+        for i in range(0, len(indices), batch_size):
+            j = indices[i : i + batch_size]
+            yield self.x[j], self.y[j]
+
+    def chunks(self, size: int = 4096) -> Iterator[tuple]:
+        for i in range(0, len(self.y), size):
+            yield self.x[i : i + size], self.y[i : i + size]
+
+
+class Tokens:
+    """Token rows (N, T, W) float16. Held in memory when they fit, else read in contiguous blocks.
+
+    Streaming visits an epoch's sampled indices grouped by block: a window of `window_blocks` random blocks
+    is read (each block one contiguous HDF5 slice, in a background thread), the sampled rows that fall in
+    it are shuffled together and cut into minibatches. Every sampled index is used exactly once per epoch;
+    only the order is local to the window. Never row-by-row fancy indexing.
+    """
+
+    def __init__(
+        self,
+        split: cache.SplitCache,
+        device: torch.device,
+        in_memory: bool,
+        block_rows: int = 256,
+        window_blocks: int = 16,
+    ):
+        self.split, self.device = split, device
+        self.y = torch.from_numpy(split.labels().astype(np.int64)).to(device)
+        self.block_rows, self.window_blocks = block_rows, window_blocks
+        self.data = torch.from_numpy(split.read_tokens(0, len(split))).to(device) if in_memory else None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @staticmethod
+    def fits_in_memory(split: cache.SplitCache, fraction: float = 0.4) -> bool:
+        t, w = split.token_shape()
+        need = len(split) * t * w * 2
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return need <= fraction * total
+
+    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(arr).to(self.device, non_blocking=True)
+
+    def batches(self, indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[tuple]:
+        if self.data is not None:
+            for i in range(0, len(indices), batch_size):
+                j = indices[i : i + batch_size]
+                yield self.data[j], self.y[j]
+            return
+        # One numpy generator per epoch, drawn from the torch one, so the same seed gives the same order.
+        rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator, device=generator.device)))
+        idx = indices.cpu().numpy()
+        blocks = idx // self.block_rows
+        order = rng.permutation(np.unique(blocks))
+        windows = [order[i : i + self.window_blocks] for i in range(0, len(order), self.window_blocks)]
+        by_block = {int(b): idx[blocks == b] for b in order}
+        labels = self.y.cpu().numpy()
+        carry_x = np.zeros((0, *self.split.token_shape()), np.float16)
+        carry_y = np.zeros(0, np.int64)
+        for x_win, sel in self._prefetch(windows, by_block):
+            perm = rng.permutation(len(sel))
+            x_win = np.concatenate([carry_x, x_win[perm]])
+            y_win = np.concatenate([carry_y, labels[sel[perm]]])
+            full = len(y_win) // batch_size * batch_size
+            for i in range(0, full, batch_size):
+                yield self._to_device(x_win[i : i + batch_size]), self._to_device(y_win[i : i + batch_size])
+            carry_x, carry_y = x_win[full:], y_win[full:]
+        if len(carry_y):
+            yield self._to_device(carry_x), self._to_device(carry_y)
+
+    def _read_window(self, window: list[int], by_block: dict) -> tuple[np.ndarray, np.ndarray]:
+        parts, sels = [], []
+        for b in window:
+            sel = by_block[int(b)]
+            lo, hi = int(sel.min()), int(sel.max()) + 1  # one contiguous slice per block
+            parts.append(self.split.read_tokens(lo, hi)[sel - lo])
+            sels.append(sel)
+        return np.concatenate(parts), np.concatenate(sels)
+
+    def _prefetch(self, windows: list[list[int]], by_block: dict) -> Iterator[tuple]:
+        """Read the next window in a background thread while the current one trains."""
+        q: queue.Queue = queue.Queue(maxsize=2)
+        failure: list[BaseException] = []
+
+        def work():
+            try:
+                for w in windows:
+                    q.put(self._read_window(w, by_block))
+            except BaseException as e:  # handed to the consumer, never swallowed
+                failure.append(e)
+            finally:
+                q.put(None)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        while (item := q.get()) is not None:
+            yield item
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    def chunks(self, size: int = 1024) -> Iterator[tuple]:
+        for i in range(0, len(self.y), size):
+            j = min(i + size, len(self.y))
+            x = self.data[i:j] if self.data is not None else self._to_device(self.split.read_tokens(i, j))
+            yield x, self.y[i:j]

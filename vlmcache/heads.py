@@ -1,0 +1,178 @@
+"""Heads trained on cached features. Each is `classifier(features(x))`, so second stages can swap the classifier.
+
+- `linear`: a linear layer on the pooled embedding (L2-normalised by default, as CLIP compares them).
+- `cosine`: cosine similarity to class weights times a temperature; initialised from the cached class-text
+  embeddings and CLIP's logit scale it *is* the zero-shot classifier at step 0.
+- `decoder`: the seed paper's light transformer over the cached tokens (3 blocks, 4 heads, MLP ratio 0.5);
+  its class token goes into the classifier.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
+
+
+class CosineClassifier(nn.Module):
+    """logits = scale * cos(features, w_c); the scale is learnable unless fixed."""
+
+    def __init__(self, in_dim: int, num_classes: int, scale: float = 1 / 0.07, learn_scale: bool = True):
+        super().__init__()
+        self.init_scale = scale
+        self.weight = nn.Parameter(torch.empty(num_classes, in_dim))
+        log_scale = torch.tensor(math.log(scale))
+        if learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
+        self.log_scale.fill_(math.log(self.init_scale))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.log_scale.exp() * F.normalize(f, dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+    def weight_norms(self) -> torch.Tensor:
+        return torch.ones(self.weight.shape[0], device=self.weight.device)
+
+    @torch.no_grad()
+    def init_from_text(self, text_embeddings: torch.Tensor, logit_scale: float) -> None:
+        self.weight.copy_(text_embeddings)
+        self.log_scale.fill_(math.log(logit_scale))
+
+
+class LinearClassifier(nn.Linear):
+    def weight_norms(self) -> torch.Tensor:
+        return self.weight.norm(dim=1)
+
+
+def make_classifier(kind: str, in_dim: int, num_classes: int, **kw) -> nn.Module:
+    if kind == "linear":
+        return LinearClassifier(in_dim, num_classes)
+    if kind == "cosine":
+        return CosineClassifier(in_dim, num_classes, **kw)
+    raise unknown_choice("classifier", kind, ["linear", "cosine"])
+
+
+INPUT_NORMS = ("l2", "center_l2", "standardize", "none")
+
+
+class LinearHead(nn.Module):
+    """A linear classifier on the pooled embedding after an input normalisation:
+    `l2` (unit norm, as CLIP compares embeddings), `center_l2` (subtract the training mean, then unit norm),
+    `standardize` (per-dimension z-score with training statistics, as linear probes do), or `none`."""
+
+    input = "pooled"
+
+    def __init__(self, in_dim: int, num_classes: int, normalize: str = "l2"):
+        super().__init__()
+        if normalize not in INPUT_NORMS:
+            raise unknown_choice("input normalisation of the linear head", normalize, INPUT_NORMS)
+        self.normalize = normalize
+        self.register_buffer("shift", torch.zeros(in_dim))
+        self.register_buffer("scale", torch.ones(in_dim))
+        self.classifier = make_classifier("linear", in_dim, num_classes)
+
+    @torch.no_grad()
+    def fit_input(self, x: torch.Tensor) -> None:
+        """Training-split statistics for `center_l2` and `standardize` (a no-op for the others)."""
+        if self.normalize in ("center_l2", "standardize"):
+            self.shift.copy_(x.mean(0))
+        if self.normalize == "standardize":
+            self.scale.copy_(x.std(0).clamp(min=1e-6))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalize == "none":
+            return x
+        x = (x - self.shift) / self.scale
+        return x if self.normalize == "standardize" else F.normalize(x, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class CosineHead(nn.Module):
+    input = "pooled"
+
+    def __init__(self, in_dim: int, num_classes: int, scale: float = 1 / 0.07, learn_scale: bool = True):
+        super().__init__()
+        self.classifier = make_classifier("cosine", in_dim, num_classes, scale=scale, learn_scale=learn_scale)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x)
+
+
+class DecoderHead(nn.Module):
+    """Transformer blocks over the frozen tower's final tokens (B, T, W); the class token is classified."""
+
+    input = "tokens"
+
+    def __init__(
+        self,
+        width: int,
+        num_classes: int,
+        depth: int = 3,
+        heads: int = 4,
+        mlp_ratio: float = 0.5,
+        classifier: str = "linear",
+    ):
+        super().__init__()
+        if width % heads:
+            raise VlmcacheError(f"The decoder's heads ({heads}) must divide the token width ({width}).")
+        block = nn.TransformerEncoderLayer(
+            d_model=width,
+            nhead=heads,
+            dim_feedforward=max(1, int(width * mlp_ratio)),
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(block, num_layers=depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.classifier = make_classifier(classifier, width, num_classes)
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(tokens.float())[:, 0])  # (B, T, W) -> class token (B, W)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(tokens))
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    cls: type[nn.Module]
+    input: str  # "pooled" or "tokens"
+    description: str
+
+
+HEADS: dict[str, HeadInfo] = {
+    "linear": HeadInfo(LinearHead, "pooled", "linear layer on the (L2-normalised) pooled embedding"),
+    "cosine": HeadInfo(CosineHead, "pooled", "cosine classifier, optionally initialised from the class texts"),
+    "decoder": HeadInfo(DecoderHead, "tokens", "the seed's transformer decoder over the cached tokens"),
+}
+
+
+def head_params(name: str) -> dict[str, object]:
+    """A head's settings with their defaults, e.g. {'depth': 3, 'heads': 4, ...} for the decoder."""
+    if name not in HEADS:
+        raise unknown_choice("head", name, HEADS)
+    sig = inspect.signature(HEADS[name].cls.__init__)
+    return {k: p.default for k, p in list(sig.parameters.items())[3:]}  # after self, in_dim, num_classes
+
+
+def build_head(name: str, in_dim: int, num_classes: int, **params) -> nn.Module:
+    return HEADS[name].cls(in_dim, num_classes, **checked_params(f"{name} head", params, head_params(name)))

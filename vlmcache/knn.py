@@ -1,0 +1,129 @@
+"""k-nearest-neighbour classification over cached training features with faiss (cosine similarity).
+
+Each of the k neighbours votes exp(similarity / temperature) for its class; with `balanced`, a class's votes
+are divided by its number of training images. Votes become probabilities, which can be blended with a
+trained run's softmax: p = (1 - w) * p_head + w * p_knn.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlmcache import cache
+from vlmcache.encoders import pick_device
+from vlmcache.errors import VlmcacheError
+from vlmcache.features import Pooled, default_eval_split, find_cache, open_split
+from vlmcache.metrics import Evaluator
+
+
+def build_index(train: np.ndarray, use_gpu: bool | None = None):
+    """An exact inner-product index over unit-norm rows; on the GPU when faiss has one (the `gpu` extra)."""
+    index = faiss.IndexFlatIP(train.shape[1])
+    if use_gpu is None:
+        use_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if use_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(train)
+    return index
+
+
+def knn_probs(
+    sims: torch.Tensor,
+    ids: torch.Tensor,
+    train_labels: torch.Tensor,
+    num_classes: int,
+    temperature: float,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, k) similarities and neighbour ids -> (B, C) vote probabilities."""
+    votes = torch.exp(sims / temperature)
+    scores = torch.zeros(len(sims), num_classes, dtype=votes.dtype, device=votes.device)
+    scores.scatter_add_(1, train_labels[ids], votes)
+    if class_weights is not None:
+        scores = scores * class_weights
+    return scores / scores.sum(1, keepdim=True).clamp(min=1e-12)
+
+
+@torch.no_grad()
+def knn(
+    cache_dir: str,
+    dataset: str,
+    model: str,
+    pretrained: str | None,
+    cache_key: str | None = None,
+    k: int = 20,
+    temperature: float = 0.07,
+    balanced: bool = False,
+    blend_run: str | None = None,
+    blend_weight: float = 0.5,
+    split: str | None = None,
+    device: str = "auto",
+    chunk: int = 1024,
+    many: int = 100,
+    few: int = 20,
+) -> dict:
+    if k < 1:
+        raise VlmcacheError(f"--k must be at least 1, got {k}.")
+    if not temperature > 0:
+        raise VlmcacheError(f"--temperature must be positive, got {temperature}.")
+    if not 0 <= blend_weight <= 1:
+        raise VlmcacheError(f"--blend-weight must be in [0, 1], got {blend_weight}.")
+    dev = pick_device(device)
+    model_dir = find_cache(cache_dir, dataset, model, pretrained, cache_key)
+    text = cache.read_text(model_dir / cache.TEXT_FILE)
+    train_split = open_split(model_dir, "train")
+    num_classes = int(train_split.fingerprint["num_classes"])
+    train = F.normalize(torch.from_numpy(train_split.pooled().astype(np.float32)), dim=-1).numpy()
+    labels = torch.from_numpy(train_split.labels().astype(np.int64)).to(dev)
+    counts = np.bincount(train_split.labels(), minlength=num_classes)
+    if k > len(train):
+        raise VlmcacheError(f"--k {k} is more than the {len(train)} cached training images.")
+    index = build_index(np.ascontiguousarray(train))
+    class_weights = torch.from_numpy(1.0 / np.maximum(counts, 1)).float().to(dev) if balanced else None
+
+    split = split or default_eval_split(model_dir)
+    test = Pooled.load(open_split(model_dir, split), dev)
+    head_chunks = None
+    if blend_run is not None:
+        from vlmcache.train import _load_data, load_run
+
+        run_cfg, run_model, _ = load_run(blend_run, dev)
+        if run_cfg.dataset != dataset or (run_cfg.cache_key and run_cfg.cache_key != model_dir.name):
+            raise VlmcacheError(
+                f"The run '{blend_run}' was trained on {run_cfg.dataset}/{run_cfg.cache_key}, "
+                f"not on {dataset}/{model_dir.name}."
+            )
+        run_model.eval()
+        head_chunks = _load_data(open_split(model_dir, split), run_cfg.head, dev, run_cfg.stream_tokens).chunks(chunk)
+    evaluator = Evaluator(counts, text.classnames)
+    for x, y in test.chunks(chunk):
+        q = F.normalize(x, dim=-1).float().cpu().numpy()
+        sims, ids = index.search(np.ascontiguousarray(q), k)
+        probs = knn_probs(
+            torch.from_numpy(sims).to(dev),
+            torch.from_numpy(ids).to(dev),
+            labels,
+            num_classes,
+            temperature,
+            class_weights,
+        )
+        if head_chunks is not None:
+            hx, _ = next(head_chunks)
+            probs = (1 - blend_weight) * torch.softmax(run_model(hx).float(), dim=1) + blend_weight * probs
+        evaluator.update(torch.log(probs.clamp(min=1e-12)), y)
+    metrics, table = evaluator.compute(many, few)
+    return {
+        "dataset": dataset,
+        "cache": str(model_dir),
+        "split": split,
+        "k": k,
+        "temperature": temperature,
+        "balanced": balanced,
+        "blend_run": blend_run,
+        "blend_weight": blend_weight if blend_run else None,
+        "metrics": metrics,
+        "per_class": table,
+    }

@@ -1,0 +1,111 @@
+"""Decoupled second stages on a finished first-stage head, and post-hoc logit corrections.
+
+Each stage-2 module maps the frozen head's features (B, F) to logits and says which parameters it trains.
+Because the features are frozen, they are computed once for the whole training split and the second stage
+trains on them in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlmcache.errors import unknown_choice
+
+
+class CRT(nn.Module):
+    """Classifier re-training, Kang et al. 2020: a freshly initialised classifier on frozen features."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = copy.deepcopy(classifier).requires_grad_(True)
+        self.classifier.reset_parameters()
+
+    def forward(self, f):
+        return self.classifier(f)
+
+
+class LWS(nn.Module):
+    """Learnable weight scaling, Kang et al. 2020: logits of the frozen classifier times a per-class scale."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier.requires_grad_(False)
+        self.scale = nn.Parameter(torch.ones(classifier.weight.shape[0]))
+
+    def forward(self, f):
+        return self.scale * self.classifier(f)
+
+
+class DisAlign(nn.Module):
+    """Distribution alignment, Zhang et al. 2021: z + sigma(x) * (alpha * z + beta - z), with the confidence
+    sigma(x) = sigmoid(g(x)) learnt from the features, and per-class alpha (init 1) and beta (init 0)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier.requires_grad_(False)
+        num_classes, dim = classifier.weight.shape
+        self.alpha = nn.Parameter(torch.ones(num_classes))
+        self.beta = nn.Parameter(torch.zeros(num_classes))
+        self.confidence = nn.Linear(dim, 1)
+        nn.init.zeros_(self.confidence.weight)
+        nn.init.zeros_(self.confidence.bias)
+
+    def forward(self, f):
+        z = self.classifier(f)
+        s = torch.sigmoid(self.confidence(f))  # (B, 1)
+        return (1 - s) * z + s * (self.alpha * z + self.beta)
+
+
+class MaRC(nn.Module):
+    """Margin calibration, Wang et al. 2022: omega_c * z_c + beta_c * ||w_c||, per-class omega (init 1), beta (0)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier.requires_grad_(False)
+        num_classes = classifier.weight.shape[0]
+        self.omega = nn.Parameter(torch.ones(num_classes))
+        self.beta = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, f):
+        return self.omega * self.classifier(f) + self.beta * self.classifier.weight_norms()
+
+
+@dataclass(frozen=True)
+class Stage2Info:
+    cls: type[nn.Module]
+    sampler: str  # defaults when the user names none
+    loss: str
+    description: str
+
+
+STAGE2: dict[str, Stage2Info] = {
+    "crt": Stage2Info(CRT, "class_balanced", "ce", "re-train the classifier with class-balanced sampling"),
+    "lws": Stage2Info(LWS, "class_balanced", "ce", "learn a per-class logit scale"),
+    "disalign": Stage2Info(DisAlign, "instance", "grw", "confidence-gated per-class scale and bias"),
+    "marc": Stage2Info(MaRC, "instance", "grw", "per-class margin calibration"),
+}
+
+
+def build_stage2(name: str, classifier: nn.Module) -> nn.Module:
+    if name not in STAGE2:
+        raise unknown_choice("second stage", name, STAGE2)
+    return STAGE2[name].cls(classifier)
+
+
+def tau_normalized(classifier: nn.Module, tau: float) -> nn.Module:
+    """Kang et al. 2020: divide each class weight by its norm^tau (bias dropped); post-hoc, no training."""
+    out = copy.deepcopy(classifier)
+    with torch.no_grad():
+        out.weight.div_(out.weight.norm(dim=1, keepdim=True).clamp(min=1e-12) ** tau)
+        if getattr(out, "bias", None) is not None:
+            out.bias.zero_()
+    return out
+
+
+def logit_adjusted(logits: torch.Tensor, log_prior: torch.Tensor, tau: float) -> torch.Tensor:
+    """Post-hoc logit adjustment, Menon et al. 2021: logits - tau * log prior."""
+    return logits - tau * log_prior

@@ -1,0 +1,410 @@
+"""Stage 2: train a head (and optionally a decoupled second stage) on cached features, evaluate, save a run.
+
+A run folder holds `config.json` (the resolved config), `metrics.json` (metrics, cost, per-epoch history),
+`per_class.csv` and `head.pt` (weights plus what is needed to rebuild the head), so `vlmcache eval RUN`
+can evaluate it again, with or without post-hoc corrections.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlmcache import cache
+from vlmcache.encoders import pick_device
+from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
+from vlmcache.features import Pooled, Tokens, default_eval_split, find_cache, open_split
+from vlmcache.heads import HEADS, build_head, head_params
+from vlmcache.losses import LOSSES, build_loss, loss_params
+from vlmcache.metrics import Evaluator
+from vlmcache.samplers import SAMPLERS, build_sampler
+from vlmcache.stage2 import STAGE2, build_stage2, logit_adjusted, tau_normalized
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `vlmcache train-head` needs. `resolve()` validates it once and fills the defaults."""
+
+    dataset: str | None  # None only for a second stage, which takes it from its first-stage run
+    model: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    cache_dir: str = "cache"
+    cache_key: str | None = None
+    head: str = "linear"
+    head_params: dict = field(default_factory=dict)
+    text_init: str | None = None  # template set that initialises the cosine head
+    loss: str | None = None  # default: ce, or the second stage's own
+    loss_params: dict = field(default_factory=dict)
+    sampler: str | None = None  # default: instance, or the second stage's own
+    stage2: str | None = None
+    from_run: str | None = None  # the first-stage run a second stage builds on
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    seed: int = 0
+    train_split: str = "train"
+    eval_split: str | None = None  # default: test, else val
+    device: str = "auto"
+    runs_dir: str = "runs"
+    out: str | None = None
+    overwrite: bool = False
+    stream_tokens: bool = False
+    tau_norm: float | None = None
+    logit_adjust: float | None = None
+    many: int = 100
+    few: int = 20
+
+    def resolve(self) -> TrainConfig:
+        if self.head not in HEADS:
+            raise unknown_choice("head", self.head, HEADS)
+        if self.stage2 is not None:
+            if self.stage2 not in STAGE2:
+                raise unknown_choice("second stage", self.stage2, STAGE2)
+            if not self.from_run:
+                raise VlmcacheError(
+                    f"--stage2 {self.stage2} re-balances a trained head: name its first-stage run with --from RUN "
+                    f"(a folder that `vlmcache train-head` wrote)."
+                )
+            self.loss = self.loss or STAGE2[self.stage2].loss
+            self.sampler = self.sampler or STAGE2[self.stage2].sampler
+        elif self.from_run:
+            raise VlmcacheError("--from names a first-stage run for a second stage; add --stage2 (crt, lws, ...).")
+        elif not self.dataset:
+            raise VlmcacheError("--dataset is needed: the dataset whose cache to train on (see `vlmcache cache ls`).")
+        self.loss = self.loss or "ce"
+        self.sampler = self.sampler or "instance"
+        if self.loss not in LOSSES:
+            raise unknown_choice("loss", self.loss, LOSSES)
+        if self.sampler not in SAMPLERS:
+            raise unknown_choice("sampler", self.sampler, SAMPLERS)
+        if self.optimizer not in OPTIMIZERS:
+            raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
+        # unknown or mistyped parameters fail here, before any data is read
+        self.loss_params = checked_params(f"loss '{self.loss}'", self.loss_params, loss_params(self.loss))
+        build_loss(self.loss, [1, 1], **self.loss_params)
+        self.head_params = checked_params(f"{self.head} head", self.head_params, head_params(self.head))
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if not self.lr > 0:
+            raise VlmcacheError(f"--lr must be positive, got {self.lr}.")
+        if self.text_init and self.head != "cosine":
+            raise VlmcacheError("--text-init initialises the cosine head; use --head cosine.")
+        return self
+
+    def run_name(self) -> str:
+        parts = [self.head, self.loss, self.sampler] + ([self.stage2] if self.stage2 else [])
+        return f"{self.dataset}__{'-'.join(parts)}__s{self.seed}__{config_hash(self)}"
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """A short hash of the settings that change the result (not where outputs go)."""
+    skip = {"runs_dir", "out", "overwrite", "device"}
+    keep = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+# --------------------------------------------------------------------------- the model of a run
+
+
+class RunModel(nn.Module):
+    """A head, optionally followed by a second stage on its frozen features."""
+
+    def __init__(self, head: nn.Module, stage2: nn.Module | None = None):
+        super().__init__()
+        self.head, self.stage2 = head, stage2
+
+    def forward(self, x):
+        f = self.head.features(x)
+        return self.stage2(f) if self.stage2 is not None else self.head.classifier(f)
+
+
+def _peak_memory(device: torch.device) -> dict:
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def fit(
+    module: nn.Module,
+    data,
+    loss_fn: nn.Module,
+    sampler,
+    cfg: TrainConfig,
+    device: torch.device,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Minibatch training of the parameters of `module` that require grad; cosine learning-rate decay.
+
+    Per-step losses stay on the device and are checked once per epoch, so a non-finite loss stops the
+    run naming its epoch and step without a host sync on every step.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = _optimizer(cfg, params)
+    steps = math.ceil(len(data) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / (cfg.epochs * steps))))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        module.train()
+        t0 = time.perf_counter()
+        losses = []
+        seen = 0
+        for x, y in data.batches(sampler.epoch(gen), cfg.batch_size, gen):
+            loss = loss_fn(module(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.detach())
+            seen += len(y)
+        stacked = torch.stack(losses)
+        finite = torch.isfinite(stacked)
+        if not bool(finite.all()):
+            step = int((~finite).nonzero()[0]) + 1
+            raise VlmcacheError(
+                f"The loss became {stacked[step - 1].item()} at epoch {epoch}, step {step}; the run is stopped. "
+                f"Lower --lr (now {cfg.lr}) or check the loss parameters."
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        row = {
+            "epoch": epoch,
+            "loss": float(stacked.mean()),
+            "seconds": round(seconds, 4),
+            "samples_per_s": round(seen / seconds, 1),
+            "lr": sched.get_last_lr()[0],
+        }
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+    return history
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data,
+    train_counts: np.ndarray,
+    classnames: list[str] | None,
+    logit_adjust: float | None = None,
+    many: int = 100,
+    few: int = 20,
+):
+    """Metrics and the per-class table, logits reduced to top-5 chunk by chunk."""
+    model.eval()
+    evaluator = Evaluator(train_counts, classnames)
+    log_prior = None
+    if logit_adjust is not None:
+        counts = torch.as_tensor(train_counts, dtype=torch.float64).clamp(min=1)
+        log_prior = (counts / counts.sum()).log().float()
+    for x, y in data.chunks():
+        logits = model(x).float()
+        if log_prior is not None:
+            logits = logit_adjusted(logits, log_prior.to(logits.device), logit_adjust)
+        evaluator.update(logits, y)
+    return evaluator.compute(many, few)
+
+
+@torch.no_grad()
+def frozen_features(head: nn.Module, data) -> Pooled:
+    """The head's features of every row, in row order, for a second stage to train on in memory."""
+    head.eval()
+    xs, ys = [], []
+    for x, y in data.chunks():
+        xs.append(head.features(x).float())
+        ys.append(y)
+    return Pooled(torch.cat(xs), torch.cat(ys))
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _load_data(split: cache.SplitCache, head_name: str, device: torch.device, stream: bool):
+    if HEADS[head_name].input == "pooled":
+        return Pooled.load(split, device)
+    if not split.fingerprint.get("tokens"):
+        fp = split.fingerprint
+        raise VlmcacheError(
+            f"The {head_name} head reads token sequences, and the cache '{split.dir.parent}' holds pooled "
+            f"features only. Extract tokens: vlmcache extract --dataset {fp['dataset']} "
+            f"--model {fp['encoder']['model']} --tokens --overwrite ... (same --root and --pretrained)."
+        )
+    return Tokens(split, device, in_memory=not stream and Tokens.fits_in_memory(split))
+
+
+def _head_params(cfg: TrainConfig, data) -> tuple[int, dict]:
+    in_dim = data.x.shape[1] if isinstance(data, Pooled) else data.split.token_shape()[1]
+    return in_dim, dict(cfg.head_params)
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    run_dir = Path(cfg.out) if cfg.out else Path(cfg.runs_dir) / cfg.run_name()
+    if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
+        raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")
+    if run_dir.exists() and cfg.overwrite:
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
+def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, RunModel, dict]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "head.pt").is_file() or not (run_dir / "config.json").is_file():
+        raise VlmcacheError(f"'{run_dir}' is not a finished run (config.json and head.pt are missing).")
+    cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text())["config"])
+    saved = torch.load(run_dir / "head.pt", map_location=device, weights_only=True)
+    head = build_head(saved["head"], saved["in_dim"], saved["num_classes"], **saved["head_params"])
+    stage2 = build_stage2(saved["stage2"], head.classifier) if saved.get("stage2") else None
+    try:
+        head.load_state_dict(saved["head_state"])
+        if stage2 is not None:
+            stage2.load_state_dict(saved["stage2_state"])
+    except RuntimeError as e:
+        raise VlmcacheError(f"The weights in '{run_dir}/head.pt' do not fit this vlmcache's heads: {e}") from None
+    return cfg, RunModel(head, stage2).to(device), saved
+
+
+def train_head(
+    cfg: TrainConfig, log: Callable[[str], None] = print, on_epoch: Callable[[dict], None] | None = None
+) -> dict:
+    """Train, evaluate and save one run; returns the run's summary (metrics, cost, where it is)."""
+    cfg.resolve()
+    device = pick_device(cfg.device)
+    if cfg.stage2:
+        first_cfg, first, _ = load_run(cfg.from_run, device)
+        for key in ("dataset", "model", "pretrained", "head", "cache_key"):
+            setattr(cfg, key, getattr(first_cfg, key))
+        cfg.head_params, cfg.cache_dir = first_cfg.head_params, cfg.cache_dir or first_cfg.cache_dir
+    model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
+    cfg.cache_key = model_dir.name
+    eval_name = cfg.eval_split or default_eval_split(model_dir)
+    train_split, eval_split = open_split(model_dir, cfg.train_split), open_split(model_dir, eval_name)
+    num_classes = int(train_split.fingerprint["num_classes"])
+    text = cache.read_text(model_dir / cache.TEXT_FILE)
+    run_dir = _run_dir(cfg)
+
+    t_load = time.perf_counter()
+    train_data = _load_data(train_split, cfg.head, device, cfg.stream_tokens)
+    eval_data = _load_data(eval_split, cfg.head, device, cfg.stream_tokens)
+    counts = np.bincount(train_data.y.cpu().numpy(), minlength=num_classes)
+    load_seconds = time.perf_counter() - t_load
+
+    torch.manual_seed(cfg.seed)
+    if cfg.stage2:
+        head = first.head.requires_grad_(False)
+        stage2 = build_stage2(cfg.stage2, head.classifier).to(device)
+        model = RunModel(head, stage2)
+        fit_model, fit_data = stage2, frozen_features(head, train_data)
+        in_dim, head_params = _head_params(first_cfg, train_data)
+    else:
+        in_dim, head_params = _head_params(cfg, train_data)
+        head = build_head(cfg.head, in_dim, num_classes, **head_params).to(device)
+        if hasattr(head, "fit_input"):
+            head.fit_input(train_data.x)
+        if cfg.text_init:
+            if cfg.text_init not in text.sets:
+                raise unknown_choice("template set of --text-init", cfg.text_init, text.sets)
+            head.classifier.init_from_text(torch.from_numpy(text.sets[cfg.text_init][1]).to(device), text.logit_scale)
+        model = RunModel(head)
+        fit_model, fit_data = model, train_data
+    loss_fn = build_loss(cfg.loss, counts, **cfg.loss_params).to(device)
+    sampler = build_sampler(cfg.sampler, fit_data.y)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    history = fit(fit_model, fit_data, loss_fn, sampler, cfg, device, on_epoch) if cfg.epochs else []
+    train_seconds = time.perf_counter() - t0
+
+    if cfg.tau_norm is not None:
+        if cfg.stage2 or cfg.head == "cosine":
+            raise VlmcacheError("--tau-norm applies to a first-stage linear classifier (cosine weights are unit norm).")
+        model.head.classifier = tau_normalized(model.head.classifier, cfg.tau_norm)
+    metrics, table = evaluate(model, eval_data, counts, text.classnames, cfg.logit_adjust, cfg.many, cfg.few)
+    samples = sum(len(fit_data) for _ in history)
+    cost = {
+        "train_seconds": round(train_seconds, 3),
+        "load_seconds": round(load_seconds, 3),
+        "samples_per_s": round(samples / train_seconds, 1) if train_seconds > 0 else None,
+        "device": str(device),
+        **_peak_memory(device),
+    }
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = {
+        "head": cfg.head,
+        "in_dim": in_dim,
+        "num_classes": num_classes,
+        "head_params": head_params,
+        "head_state": model.head.state_dict(),
+        "stage2": cfg.stage2,
+        "stage2_state": model.stage2.state_dict() if model.stage2 is not None else None,
+    }
+    torch.save(saved, run_dir / "head.pt")
+    table.to_csv(run_dir / "per_class.csv", index=False)
+    config = {
+        "config": asdict(cfg),
+        "cache": str(model_dir),
+        "eval_split": eval_name,
+        "train_counts": counts.tolist(),
+        "argv": sys.argv,
+    }
+    (run_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    result = {"run": str(run_dir), "metrics": metrics, "cost": cost, "history": history}
+    cache.write_json_atomic(run_dir / "metrics.json", result)  # last: a run with metrics.json is complete
+    return result
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    tau_norm: float | None = None,
+    logit_adjust: float | None = None,
+    split: str | None = None,
+    device: str = "auto",
+) -> dict:
+    """Evaluate a saved run again, optionally with post-hoc tau-normalisation or logit adjustment."""
+    dev = pick_device(device)
+    cfg, model, _ = load_run(run_dir, dev)
+    model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    eval_name = split or config["eval_split"]
+    data = _load_data(open_split(model_dir, eval_name), cfg.head, dev, cfg.stream_tokens)
+    counts = np.asarray(config["train_counts"])
+    if tau_norm is not None:
+        if model.stage2 is not None or cfg.head == "cosine":
+            raise VlmcacheError("--tau-norm applies to a first-stage linear classifier (cosine weights are unit norm).")
+        model.head.classifier = tau_normalized(model.head.classifier, tau_norm)
+    text = cache.read_text(model_dir / cache.TEXT_FILE)
+    metrics, table = evaluate(model, data, counts, text.classnames, logit_adjust, cfg.many, cfg.few)
+    return {
+        "run": str(run_dir),
+        "split": eval_name,
+        "tau_norm": tau_norm,
+        "logit_adjust": logit_adjust,
+        "metrics": metrics,
+    }
