@@ -52,3 +52,72 @@ def tiny_encoder():
     from vlmcache.encoders import load_encoder
 
     return load_encoder("vlmcache-tiny", "none", device="cpu")
+
+
+def write_feature_cache(
+    cache_dir: Path,
+    dataset: str,
+    splits: dict,
+    num_classes: int,
+    shard_size: int = 64,
+    key: str = "synthetic__random__00000000",
+    text_dim: int | None = None,
+) -> Path:
+    """A cache in the real on-disk format from arrays: {split: (pooled (N, D), labels (N,), tokens or None)}."""
+    from vlmcache import cache
+
+    model_dir = cache_dir / dataset / key
+    for split, (pooled, labels, tokens) in splits.items():
+        split_dir = model_dir / split
+        split_dir.mkdir(parents=True)
+        n = len(labels)
+        fingerprint = {
+            "encoder": {"model": "synthetic"},
+            "dataset": dataset,
+            "split": split,
+            "n_rows": n,
+            "num_classes": num_classes,
+            "shard_size": shard_size,
+            "tokens": tokens is not None,
+        }
+        manifest = {
+            "format": cache.FORMAT,
+            "fingerprint": fingerprint,
+            "origin": "synthetic",
+            "n_rows": n,
+            "n_shards": (n + shard_size - 1) // shard_size,
+            "complete": True,
+            "dims": {"pooled": pooled.shape[1], "tokens": list(tokens.shape[1:]) if tokens is not None else None},
+            "shards": [],
+        }
+        for i, start in enumerate(range(0, n, shard_size)):
+            stop = min(start + shard_size, n)
+            arrays = {
+                "rows": np.arange(start, stop),
+                "labels": labels[start:stop],
+                "pooled": pooled[start:stop].astype(np.float16),
+            }
+            if tokens is not None:
+                arrays["tokens"] = tokens[start:stop].astype(np.float16)
+            entry = cache.write_shard(split_dir / cache.shard_name(i), arrays, {})
+            entry.update(index=i, start=start, stop=stop, rows=stop - start, skipped=[])
+            manifest["shards"].append(entry)
+        cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+    d = text_dim or next(iter(splits.values()))[0].shape[1]
+    emb = np.random.default_rng(0).normal(size=(num_classes, d))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    names = [f"class {i}" for i in range(num_classes)]
+    cache.write_text(
+        model_dir / cache.TEXT_FILE,
+        cache.TextCache({"encoder": {}}, names, {"photo": (["a photo of a {}."], emb)}, 100.0),
+    )
+    return model_dir
+
+
+def long_tailed_features(rng: np.random.Generator, counts: list[int], dim: int = 16, noise: float = 1.0):
+    """Gaussian class clusters around random unit means: pooled (N, D) and labels (N,)."""
+    means = rng.normal(size=(len(counts), dim))
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)]).astype(np.int64)
+    x = means[labels] * 2.0 + rng.normal(scale=noise, size=(len(labels), dim))
+    return x.astype(np.float32), labels

@@ -58,7 +58,7 @@ class FocalLoss(nn.Module):
         self.gamma = gamma
 
     def forward(self, logits, targets):
-        logpt = F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None])[:, 0]
+        logpt = F.log_softmax(logits, dim=1).gather(1, targets[:, None])[:, 0]
         return (-((1 - logpt.exp()) ** self.gamma) * logpt).mean()
 
 
