@@ -123,9 +123,11 @@ def test_datasets_listing_and_info():
     assert info["splits"]["train"]["classes"] == 10 and info["splits"]["test"]["images"] == 300
 
 
-def test_demo_runs_and_says_the_weights_are_random(tmp_path):
-    result = runner.invoke(app, ["demo", "--cache-dir", str(tmp_path)])
+def test_demo_runs_the_whole_loop_and_says_the_weights_are_random(tmp_path):
+    result = runner.invoke(app, ["demo", "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
-    assert "random weights" in result.stdout and "digits_lt" in result.stdout
-    ls = json.loads(runner.invoke(app, ["cache", "ls", "--cache-dir", str(tmp_path), "--json"]).stdout)
+    assert "random weights" in result.stdout and "balanced softmax" in result.stdout and "cRT" in result.stdout
+    ls = json.loads(runner.invoke(app, ["cache", "ls", "--cache-dir", str(tmp_path / "c"), "--json"]).stdout)
     assert ls["caches"][0]["splits"]["train"]["rows"] == 568 and ls["caches"][0]["splits"]["train"]["tokens"]
+    runs = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert len(runs) == 7 and any("decoder" in r for r in runs) and any("crt" in r for r in runs)

@@ -609,32 +609,45 @@ def cache_verify(
 
 @app.command()
 @user_errors
-def demo(cache_dir: Path = CACHE_DIR, workers: int = typer.Option(0, "--workers", help="Image-loading processes.")):
+def demo(
+    cache_dir: Path = CACHE_DIR,
+    runs_dir: Path = typer.Option("runs/demo", "--runs-dir", help="Where the demo's run folders go."),
+    workers: int = typer.Option(0, "--workers", help="Image-loading processes."),
+    as_json: bool = JSON,
+):
     """Run the whole loop on the built-in digits_lt data with the tiny random-weight model.
 
     Example: [bold]vlmcache demo[/]
     """
-    out.print(
+    from vlmcache.demo import run_demo
+
+    err.print(
         "[bold]vlmcache demo[/]: digits_lt (scikit-learn digits, long-tailed) with vlmcache-tiny.\n"
         "vlmcache-tiny has [bold]random weights[/]: its numbers show that the pipeline runs, not CLIP's accuracy.",
     )
-    cfg = ExtractConfig(
-        dataset="digits_lt",
-        model="vlmcache-tiny",
-        pretrained="none",
-        cache_dir=str(cache_dir),
-        shard_size=256,
-        tokens=True,
-        workers=workers,
-    )
     with RichProgress(err) as progress:
-        summary = run_extract(cfg, progress=progress, log=functools.partial(err.print, highlight=False))
-    _print_extract_summary(summary)
-    out.print(
-        "Next: inspect it with `vlmcache cache info " + f"{summary['dataset']}/{summary['key']}"
-        f" --cache-dir {cache_dir}`. Training heads on the cache (stage 2) is not built yet.",
-        highlight=False,
-    )
+        result = run_demo(
+            str(cache_dir), str(runs_dir), workers, progress, functools.partial(err.print, highlight=False)
+        )
+    if as_json:
+        _print_json(
+            {
+                "cache": result["extract"]["cache"],
+                "runs_dir": result["runs_dir"],
+                "results": [{"method": name, **m} for name, m in result["results"]],
+            }
+        )
+        return
+    _print_extract_summary(result["extract"])
+    table = Table(title="digits_lt test accuracy (%), vlmcache-tiny with random weights")
+    cols = ("overall", "many", "medium", "few")
+    table.add_column("method")
+    for col in cols:
+        table.add_column(col, justify="right")
+    for name, m in result["results"]:
+        table.add_row(name, *("-" if m[c] is None else f"{100 * m[c]:.1f}" for c in cols))
+    out.print(table)
+    out.print(f"runs: {result['runs_dir']}  (re-evaluate one with `vlmcache eval RUN`)", highlight=False)
 
 
 def main() -> None:
