@@ -266,7 +266,9 @@ def train_head_cmd(
     loss_param: list[str] = typer.Option(None, "--loss-param", help="Loss parameter KEY=VALUE, e.g. gamma=1; repeat."),
     sampler: str = typer.Option(None, "--sampler", help=f"Sampler: {', '.join(SAMPLERS)} (default instance)."),
     stage2: str = typer.Option(None, "--stage2", help=f"Second stage on the run named by --from: {', '.join(STAGE2)}."),
-    from_run: Path = typer.Option(None, "--from", help="The first-stage run folder that --stage2 builds on."),
+    from_run: Path = typer.Option(
+        None, "--from", help="The first-stage run folder that --stage2 builds on (its cache and head come with it)."
+    ),
     epochs: int = typer.Option(30, "--epochs", help="Passes over the training split."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (cosine decay)."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Samples per step."),

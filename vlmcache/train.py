@@ -116,7 +116,7 @@ class TrainConfig:
 
 def config_hash(cfg: TrainConfig) -> str:
     """A short hash of the settings that change the result (not where outputs go)."""
-    skip = {"runs_dir", "out", "overwrite", "device"}
+    skip = {"runs_dir", "out", "overwrite", "device", "cache_dir"}  # the cache is identified by cache_key
     keep = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -297,11 +297,11 @@ def train_head(
     device = pick_device(cfg.device)
     if cfg.stage2:
         first_cfg, first, _ = load_run(cfg.from_run, device)
-        for key in ("dataset", "model", "pretrained", "head", "cache_key"):
+        for key in ("dataset", "model", "pretrained", "head", "head_params", "cache_key", "cache_dir"):
             setattr(cfg, key, getattr(first_cfg, key))
-        cfg.head_params, cfg.cache_dir = first_cfg.head_params, cfg.cache_dir or first_cfg.cache_dir
     model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
     cfg.cache_key = model_dir.name
+    cfg.cache_dir = str(model_dir.parent.parent.resolve())  # so that `eval` and second stages find it anywhere
     eval_name = cfg.eval_split or default_eval_split(model_dir)
     train_split, eval_split = open_split(model_dir, cfg.train_split), open_split(model_dir, eval_name)
     num_classes = int(train_split.fingerprint["num_classes"])
