@@ -129,5 +129,6 @@ def test_demo_runs_the_whole_loop_and_says_the_weights_are_random(tmp_path):
     assert "random weights" in result.stdout and "balanced softmax" in result.stdout and "cRT" in result.stdout
     ls = json.loads(runner.invoke(app, ["cache", "ls", "--cache-dir", str(tmp_path / "c"), "--json"]).stdout)
     assert ls["caches"][0]["splits"]["train"]["rows"] == 568 and ls["caches"][0]["splits"]["train"]["tokens"]
-    runs = sorted(p.name for p in (tmp_path / "r").iterdir())
-    assert len(runs) == 7 and any("decoder" in r for r in runs) and any("crt" in r for r in runs)
+    runs = sorted(p.name for p in (tmp_path / "r").iterdir() if p.is_dir())
+    assert len(runs) == 33 and any("decoder" in r for r in runs) and any("crt" in r for r in runs)  # 11 x 3 seeds
+    assert (tmp_path / "r" / "report.md").is_file() and f"report: {tmp_path / 'r' / 'report.md'}" in result.stdout

@@ -43,8 +43,8 @@ cache_app = typer.Typer(
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(cache_app, name="cache")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)  # paths and commands stay on one line, for copying
+err = Console(stderr=True, soft_wrap=True)
 
 DatasetName = Enum("DatasetName", {k: k for k in DATASETS}, type=str)
 
@@ -438,6 +438,119 @@ def knn_cmd(
     )
 
 
+# --------------------------------------------------------------------------- ablation grids and reports
+
+
+class RunProgress:
+    """Runs done of total, with an ETA, on stderr."""
+
+    def __init__(self, console: Console):
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("runs ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+    def start(self, total: int) -> None:
+        self.task = self.bar.add_task("ablate", total=total)
+
+    def advance(self, method: str) -> None:
+        self.bar.update(self.task, advance=1, description=f"ablate: {method[:40]:<40}")
+
+
+@app.command()
+@user_errors
+def ablate(
+    pipeline: str = typer.Argument(..., help="A pipeline YAML file, or the name of a shipped one (demo, quick, ...)."),
+    out_dir: Path = typer.Option(None, "--out", help="Runs folder (default: the pipeline's runs_dir)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Cache root (default: the pipeline's cache_dir)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the pipeline and list its runs; train nothing."),
+    as_json: bool = JSON,
+):
+    """Run a grid of heads x losses x samplers x second stages x seeds (x models) and write one table.
+
+    Example: [bold]vlmcache ablate pipelines/paper_stage1.yaml --out runs/stage1[/]
+
+    A re-run skips finished runs; a failed run is recorded with its error and the grid goes on.
+    """
+    import dataclasses
+
+    from vlmcache.ablate import load_pipeline, plan, run_pipeline
+    from vlmcache.report import summarize
+
+    pipe = load_pipeline(pipeline)
+    if cache_dir:
+        pipe = dataclasses.replace(pipe, cache_dir=str(cache_dir))
+    runs = plan(pipe)
+    if dry_run:
+        listing = [{"dataset": r.dataset, "model": r.model, "seed": r.seed, "method": r.method} for r in runs]
+        if as_json:
+            _print_json({"pipeline": pipe.source, "runs": listing})
+            return
+        for r in listing:
+            out.print(
+                f"{r['dataset']}  {r['model']['model']} ({r['model'].get('pretrained')})  seed {r['seed']}  "
+                f"{r['method']}",
+                highlight=False,
+            )
+        out.print(f"{pipe.source}: valid, {len(runs)} runs.", highlight=False)
+        return
+    quiet = functools.partial(err.print, highlight=False)
+    with RunProgress(err) as progress:
+        table = run_pipeline(pipe, str(out_dir) if out_dir else None, progress, log=quiet)
+    runs_dir = Path(out_dir) if out_dir else Path(pipe.runs_dir)
+    summary = summarize(table)
+    counts = table["status"].value_counts().to_dict()
+    if as_json:
+        _print_json(
+            {
+                "runs_dir": str(runs_dir),
+                "results": str(runs_dir / "results.csv"),
+                "status": counts,
+                "summary": json.loads(summary.to_json(orient="records")),
+            }
+        )
+    else:
+        from vlmcache.report import paper_table
+
+        out.print(paper_table(summary), markup=False, highlight=False, soft_wrap=True)
+        out.print(f"{counts}. Table: {runs_dir / 'results.csv'}. Report: vlmcache report {runs_dir}", highlight=False)
+    if counts.get("failed"):  # the grid went on and wrote its table; the exit code still says a run failed
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def report(
+    runs_dir: Path = typer.Argument(..., help="A folder of runs (from `vlmcache ablate` or `train-head`)."),
+    as_json: bool = JSON,
+):
+    """Write report.md with the results tables and PNG plots (per-class accuracy against frequency, shot
+    groups per method, accuracy against training cost).
+
+    Example: [bold]vlmcache report runs/demo[/]
+    """
+    from vlmcache.report import write_report
+
+    result = write_report(runs_dir)
+    if as_json:
+        _print_json(result)
+        return
+    out.print(result["table"], markup=False, highlight=False, soft_wrap=True)
+    out.print(f"report: {result['report']}  plots: {', '.join(result['plots'].values())}", highlight=False)
+
+
 # --------------------------------------------------------------------------- datasets
 
 
@@ -613,11 +726,12 @@ def cache_verify(
 @user_errors
 def demo(
     cache_dir: Path = CACHE_DIR,
-    runs_dir: Path = typer.Option("runs/demo", "--runs-dir", help="Where the demo's run folders go."),
+    runs_dir: Path = typer.Option("runs/demo", "--runs-dir", help="Where the demo's run folders and report go."),
     workers: int = typer.Option(0, "--workers", help="Image-loading processes."),
     as_json: bool = JSON,
 ):
-    """Run the whole loop on the built-in digits_lt data with the tiny random-weight model.
+    """Run the whole loop on the built-in digits_lt data with the tiny random-weight model: extract, zero-shot,
+    the demo pipeline (every loss on a linear head, a decoder, a cRT stage) and its report.
 
     Example: [bold]vlmcache demo[/]
     """
@@ -627,29 +741,21 @@ def demo(
         "[bold]vlmcache demo[/]: digits_lt (scikit-learn digits, long-tailed) with vlmcache-tiny.\n"
         "vlmcache-tiny has [bold]random weights[/]: its numbers show that the pipeline runs, not CLIP's accuracy.",
     )
+    log = functools.partial(err.print, highlight=False)
     with RichProgress(err) as progress:
-        result = run_demo(
-            str(cache_dir), str(runs_dir), workers, progress, functools.partial(err.print, highlight=False)
-        )
+        extracted = run_demo.extract(str(cache_dir), workers, progress, log)
+    with RunProgress(err) as progress:
+        result = run_demo.evaluate(str(cache_dir), str(runs_dir), progress, log)
     if as_json:
-        _print_json(
-            {
-                "cache": result["extract"]["cache"],
-                "runs_dir": result["runs_dir"],
-                "results": [{"method": name, **m} for name, m in result["results"]],
-            }
-        )
+        _print_json({"cache": extracted["cache"], **{k: v for k, v in result.items() if k != "table"}})
         return
-    _print_extract_summary(result["extract"])
-    table = Table(title="digits_lt test accuracy (%), vlmcache-tiny with random weights")
-    cols = ("overall", "many", "medium", "few")
-    table.add_column("method")
-    for col in cols:
-        table.add_column(col, justify="right")
-    for name, m in result["results"]:
-        table.add_row(name, *("-" if m[c] is None else f"{100 * m[c]:.1f}" for c in cols))
-    out.print(table)
-    out.print(f"runs: {result['runs_dir']}  (re-evaluate one with `vlmcache eval RUN`)", highlight=False)
+    _print_extract_summary(extracted)
+    zs = result["zero_shot"]
+    out.print(f"zero-shot (openai templates): overall {100 * zs['overall']:.1f}, few {100 * zs['few']:.1f}")
+    out.print(result["table"], markup=False, highlight=False, soft_wrap=True)
+    out.print(
+        f"report: {result['report']}  (runs in {runs_dir}; re-evaluate one with `vlmcache eval RUN`)", highlight=False
+    )
 
 
 def main() -> None:

@@ -1,0 +1,361 @@
+"""Ablation pipelines: a YAML file names datasets, models and seeds and a list of methods; any list in a
+method expands into a grid. `run_pipeline` trains every run that is not finished yet and gathers one table.
+
+    datasets: [places_lt]
+    models: [{model: ViT-B-16, pretrained: openai}]
+    seeds: [0, 1, 2]
+    defaults: {epochs: 30, lr: 0.001}
+    methods:
+      - {name: softmax, head: decoder, loss: ce}
+      - {name: focal, head: decoder, loss: focal, loss_params: {gamma: [1, 2]}}   # a grid over gamma
+      - {name: cRT, stage2: crt, from: softmax}                                  # second stage on softmax
+
+Runs are named by a hash of their config (as `train-head` names them), so a re-run skips finished runs. A run
+that fails is recorded with its error and the grid goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import traceback
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from vlmcache.errors import VlmcacheError
+from vlmcache.features import find_cache
+from vlmcache.train import TrainConfig, train_head
+
+TOP_KEYS = {"name", "description", "cache_dir", "runs_dir", "datasets", "models", "seeds", "defaults", "methods"}
+MODEL_KEYS = {"model", "pretrained", "cache_key"}
+# what a method or `defaults` may set: TrainConfig fields, less those the pipeline decides
+PIPELINE_OWNED = {
+    "dataset",
+    "model",
+    "pretrained",
+    "cache_dir",
+    "cache_key",
+    "runs_dir",
+    "out",
+    "overwrite",
+    "seed",
+    "from_run",
+}
+METHOD_FIELDS = {f.name for f in fields(TrainConfig)} - PIPELINE_OWNED
+GRID_DICTS = ("loss_params", "head_params")  # their values may be lists too
+METRICS = ("overall", "many", "medium", "few", "top5", "mean_per_class")
+COSTS = ("train_seconds", "samples_per_s", "peak_rss_mb")
+
+
+def shipped_pipelines() -> dict[str, Path]:
+    folder = Path(str(resources.files("vlmcache") / "pipelines"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _check_keys(node, allowed: set[str], where: str, source: str) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        raise VlmcacheError(f"{source}, line {node.start_mark.line + 1}: {where} must be a mapping (key: value).")
+    for key_node, _ in node.value:
+        if key_node.value not in allowed:
+            raise VlmcacheError(
+                f"{source}, line {key_node.start_mark.line + 1}: unknown key '{key_node.value}' in {where}; "
+                f"valid keys: {', '.join(sorted(allowed))}."
+            )
+
+
+def _child(node, key: str):
+    for k, v in node.value:
+        if k.value == key:
+            return v
+    return None
+
+
+def _check_list_of_mappings(node, allowed: set[str], where: str, source: str) -> None:
+    if node is None:
+        return
+    if not isinstance(node, yaml.SequenceNode):
+        raise VlmcacheError(f"{source}, line {node.start_mark.line + 1}: {where} must be a list.")
+    for item in node.value:
+        _check_keys(item, allowed, where, source)
+
+
+@dataclass
+class Method:
+    name: str
+    settings: dict  # TrainConfig fields, values possibly lists (grid axes)
+    from_method: str | None = None
+
+
+@dataclass
+class Pipeline:
+    source: str
+    name: str
+    datasets: list[str]
+    models: list[dict]
+    seeds: list[int]
+    defaults: dict
+    methods: list[Method]
+    cache_dir: str = "cache"
+    runs_dir: str = "runs"
+    description: str = ""
+
+
+def _check_model(entry: dict, where: str) -> None:
+    """The model is an open_clip model, and its weights a tag of it, 'none', or a file (which may be elsewhere)."""
+    import open_clip
+
+    from vlmcache.encoders import RANDOM
+    from vlmcache.errors import unknown_choice
+
+    model, pretrained = str(entry["model"]), entry.get("pretrained")
+    if model not in open_clip.list_models():
+        raise VlmcacheError(f"{where}: {unknown_choice('model', model, open_clip.list_models())}")
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    looks_like_file = isinstance(pretrained, str) and ("/" in pretrained or "." in pretrained)
+    if (
+        pretrained is not None
+        and str(pretrained).lower() not in RANDOM
+        and pretrained not in tags
+        and not looks_like_file
+    ):
+        raise VlmcacheError(f"{where}: '{pretrained}' is not a pretrained tag of {model}; tags: {', '.join(tags)}.")
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """Parse and validate a pipeline file (or the name of a shipped one, e.g. `demo`)."""
+    path = Path(path)
+    if not path.is_file() and str(path) in shipped_pipelines():
+        path = shipped_pipelines()[str(path)]
+    if not path.is_file():
+        raise VlmcacheError(f"The pipeline '{path}' does not exist; shipped: {', '.join(shipped_pipelines())}.")
+    text = path.read_text(encoding="utf-8")
+    source = str(path)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # safe: plain data only, never Python objects
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark else ""
+        raise VlmcacheError(f"{source}{line}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+    if root is None:
+        raise VlmcacheError(f"{source}: the pipeline is empty.")
+    _check_keys(root, TOP_KEYS, "the pipeline", source)
+    _check_list_of_mappings(_child(root, "models"), MODEL_KEYS, "models", source)
+    if _child(root, "defaults") is not None:
+        _check_keys(_child(root, "defaults"), METHOD_FIELDS, "defaults", source)
+    methods_node = _child(root, "methods")
+    if methods_node is None or not isinstance(methods_node, yaml.SequenceNode) or not methods_node.value:
+        raise VlmcacheError(f"{source}: 'methods' must list at least one method.")
+    _check_list_of_mappings(methods_node, METHOD_FIELDS | {"name", "from"}, "a method", source)
+
+    methods, names = [], set()
+    for node, item in zip(methods_node.value, data["methods"], strict=True):
+        line = node.start_mark.line + 1
+        if not item.get("name"):
+            raise VlmcacheError(f"{source}, line {line}: every method needs a name.")
+        if item["name"] in names:
+            raise VlmcacheError(f"{source}, line {line}: the method name '{item['name']}' is used twice.")
+        names.add(item["name"])
+        settings = {k: v for k, v in item.items() if k not in ("name", "from")}
+        frm = item.get("from")
+        if frm is not None and frm not in names:
+            raise VlmcacheError(f"{source}, line {line}: 'from: {frm}' names no method above it.")
+        if (frm is None) != ("stage2" not in settings and "stage2" not in data.get("defaults", {})):
+            raise VlmcacheError(f"{source}, line {line}: a method has 'stage2' and 'from' together, or neither.")
+        methods.append(Method(str(item["name"]), settings, frm))
+
+    datasets = data.get("datasets")
+    if not datasets or not isinstance(datasets, list):
+        raise VlmcacheError(f"{source}: 'datasets' must list at least one dataset.")
+    models = data.get("models") or []
+    if not models:
+        raise VlmcacheError(f"{source}: 'models' must list at least one {{model, pretrained}}.")
+    for node, m in zip(_child(root, "models").value, models, strict=True):
+        where = f"{source}, line {node.start_mark.line + 1}"
+        if "model" not in m:
+            raise VlmcacheError(f"{where}: every entry of 'models' needs 'model' (and usually 'pretrained').")
+        _check_model(m, where)
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
+        raise VlmcacheError(f"{source}: 'seeds' must be a list of integers, got {seeds!r}.")
+    pipe = Pipeline(
+        source,
+        str(data.get("name", path.stem)),
+        [str(d) for d in datasets],
+        models,
+        seeds,
+        dict(data.get("defaults") or {}),
+        methods,
+        str(data.get("cache_dir", "cache")),
+        str(data.get("runs_dir", f"runs/{path.stem}")),
+        str(data.get("description", "")),
+    )
+    for run in plan(pipe):  # every expanded config must resolve: names, parameters, values
+        try:
+            run.config(stage2_from="(first stage)" if run.from_method else None).resolve()
+        except VlmcacheError as e:
+            raise VlmcacheError(f"{source}: method '{run.method}': {e}") from None
+    return pipe
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _expand(settings: dict) -> list[tuple[dict, dict]]:
+    """A method's settings -> [(concrete settings, {axis: value})], one per grid point."""
+    axes: dict[tuple, list] = {}
+    for k, v in settings.items():
+        if k in GRID_DICTS and isinstance(v, dict):
+            for pk, pv in v.items():
+                if isinstance(pv, list):
+                    axes[(k, pk)] = pv
+        elif isinstance(v, list):
+            axes[(k,)] = v
+    out = []
+    for values in itertools.product(*axes.values()) if axes else [()]:
+        concrete = {k: (dict(v) if isinstance(v, dict) else v) for k, v in settings.items()}
+        label = {}
+        for axis, value in zip(axes, values, strict=True):
+            if len(axis) == 1:
+                concrete[axis[0]] = value
+            else:
+                concrete[axis[0]][axis[1]] = value
+            label[".".join(axis)] = value
+        out.append((concrete, label))
+    return out
+
+
+@dataclass
+class PlannedRun:
+    dataset: str
+    model: dict
+    seed: int
+    method: str  # the method's name plus its grid point, e.g. "focal[loss_params.gamma=1]"
+    settings: dict
+    from_method: str | None
+    pipeline: Pipeline = field(repr=False)
+
+    def config(self, stage2_from: str | None = None) -> TrainConfig:
+        kw = {**self.pipeline.defaults, **self.settings}
+        return TrainConfig(
+            dataset=self.dataset,
+            model=self.model["model"],
+            pretrained=self.model.get("pretrained"),
+            cache_key=self.model.get("cache_key"),
+            cache_dir=self.pipeline.cache_dir,
+            runs_dir=self.pipeline.runs_dir,
+            seed=self.seed,
+            from_run=stage2_from,
+            **kw,
+        )
+
+
+def plan(pipe: Pipeline) -> list[PlannedRun]:
+    """Every run of the pipeline, first stages before the second stages that build on them."""
+    runs = []
+    for dataset, model, seed in itertools.product(pipe.datasets, pipe.models, pipe.seeds):
+        for method in pipe.methods:
+            for settings, label in _expand(method.settings):
+                name = method.name + (f"[{','.join(f'{k}={v}' for k, v in label.items())}]" if label else "")
+                runs.append(PlannedRun(dataset, model, seed, name, settings, method.from_method, pipe))
+    return sorted(runs, key=lambda r: r.from_method is not None)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _row(
+    run: PlannedRun, cfg: TrainConfig | None, status: str, result: dict | None, error: str | None, run_dir: str | None
+) -> dict:
+    row = {
+        "dataset": run.dataset,
+        "model": run.model["model"],
+        "pretrained": run.model.get("pretrained"),
+        "method": run.method,
+        "seed": run.seed,
+        "status": status,
+        "error": error,
+        "run": run_dir,
+    }
+    if cfg is not None:
+        for f in fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.name in GRID_DICTS:
+                for k, v in value.items():
+                    row[f"{f.name}.{k}"] = v
+            elif f.name not in ("dataset", "model", "pretrained", "seed", "runs_dir", "out", "overwrite"):
+                row[f.name] = value
+    for m in METRICS:
+        row[m] = (result or {}).get("metrics", {}).get(m)
+    for c in COSTS:
+        row[c] = (result or {}).get("cost", {}).get(c)
+    return row
+
+
+def run_pipeline(pipe: Pipeline, runs_dir: str | None = None, progress=None, log=print) -> pd.DataFrame:
+    """Train every unfinished run, record failures, and write results.csv (and .parquet with pyarrow)."""
+    import json
+
+    if runs_dir:
+        pipe = replace(pipe, runs_dir=runs_dir)
+    runs = plan(pipe)
+    out = Path(pipe.runs_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done: dict[tuple, str | None] = {}  # (dataset, model, seed, method) -> run dir of a finished first stage
+    rows = []
+    if progress is not None:
+        progress.start(len(runs))
+    for run in runs:
+        key = (run.dataset, json.dumps(run.model, sort_keys=True), run.seed)
+        cfg, result, error, status, run_dir = None, None, None, "failed", None
+        try:
+            stage2_from = None
+            if run.from_method is not None:
+                firsts = [
+                    m
+                    for (d, mo, s, m), r in done.items()
+                    if (d, mo, s) == key and (m == run.from_method or m.startswith(run.from_method + "["))
+                ]
+                if len(firsts) != 1:
+                    raise VlmcacheError(
+                        f"'from: {run.from_method}' needs exactly one finished first-stage run; found {len(firsts)}."
+                    )
+                stage2_from = done[(*key, firsts[0])]
+                if stage2_from is None:
+                    raise VlmcacheError(f"its first stage '{firsts[0]}' failed.")
+            cfg = run.config(stage2_from).resolve()
+            model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
+            cfg.cache_key = model_dir.name
+            cfg.cache_dir = str(model_dir.parent.parent.resolve())
+            run_dir = str(Path(pipe.runs_dir) / cfg.run_name())
+            metrics_file = Path(run_dir) / "metrics.json"
+            if metrics_file.is_file():
+                result, status = json.loads(metrics_file.read_text()), "resumed"
+            else:
+                result, status = train_head(replace(cfg, out=run_dir), log=log), "done"
+        except VlmcacheError as e:
+            error = str(e)
+        except Exception as e:  # a bug or a crash in one run must not stop the grid; its traceback is kept
+            error = f"{type(e).__name__}: {e}"
+            if run_dir:
+                Path(run_dir).mkdir(parents=True, exist_ok=True)
+                (Path(run_dir) / "error.txt").write_text(traceback.format_exc())
+        if error:
+            log(f"run failed: {run.dataset} / {run.model['model']} / {run.method} / seed {run.seed}: {error}")
+        done[(*key, run.method)] = run_dir if status != "failed" else None
+        rows.append(_row(run, cfg, status, result, error, run_dir))
+        if progress is not None:
+            progress.advance(run.method)
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "results.csv", index=False)
+    try:
+        table.astype({c: str for c in table.columns if table[c].dtype == object}).to_parquet(out / "results.parquet")
+    except ImportError:
+        pass  # Parquet needs pyarrow (or fastparquet); the CSV has everything
+    return table

@@ -1,0 +1,241 @@
+"""Tables and plots from a folder of runs: mean and std over seeds, the seed paper's table layout, and PNGs.
+
+`write_report(runs_dir)` reads `results.csv` (written by `vlmcache ablate`) or, without one, every run folder's
+config.json and metrics.json, and writes `summary.csv`, `report.md` and the plots next to them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+
+matplotlib.use("Agg")  # headless: files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+from vlmcache.errors import VlmcacheError  # noqa: E402
+
+METRICS = ("overall", "many", "medium", "few", "top5", "mean_per_class")
+COSTS = ("train_seconds", "samples_per_s", "peak_rss_mb")
+GROUPS = ["dataset", "model", "pretrained", "method"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
+
+
+def _style(i: int) -> dict:
+    """A distinct colour and marker for the i-th method (20 colours x 10 markers)."""
+    return {"color": plt.cm.tab20(i % 20 / 20 + 0.025), "marker": MARKERS[i % len(MARKERS)]}
+
+
+def _legend_outside(ax) -> None:
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+
+
+def collect_runs(runs_dir: Path) -> pd.DataFrame:
+    """One row per finished run folder under `runs_dir`, for runs made by `train-head` rather than `ablate`."""
+    rows = []
+    for metrics_file in sorted(runs_dir.rglob("metrics.json")):
+        run = metrics_file.parent
+        if not (run / "config.json").is_file():
+            continue
+        cfg = json.loads((run / "config.json").read_text())["config"]
+        result = json.loads(metrics_file.read_text())
+        parts = [cfg["head"], cfg["loss"], cfg["sampler"]] + ([cfg["stage2"]] if cfg.get("stage2") else [])
+        row = {
+            "dataset": cfg["dataset"],
+            "model": cfg["model"],
+            "pretrained": cfg["pretrained"],
+            "method": " + ".join(parts),
+            "seed": cfg["seed"],
+            "status": "done",
+            "run": str(run),
+        }
+        row.update({m: result["metrics"].get(m) for m in METRICS})
+        row.update({c: result["cost"].get(c) for c in COSTS})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def load_results(runs_dir: Path) -> pd.DataFrame:
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise VlmcacheError(f"The runs folder '{runs_dir}' does not exist.")
+    csv = runs_dir / "results.csv"
+    table = pd.read_csv(csv) if csv.is_file() else collect_runs(runs_dir)
+    if table.empty:
+        raise VlmcacheError(f"No finished runs under '{runs_dir}' (no results.csv and no run folders).")
+    return table
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of every metric and cost, per dataset, model and method."""
+    ok = table[table["status"] != "failed"]
+    if ok.empty:
+        return pd.DataFrame(columns=GROUPS)
+    cols = [c for c in (*METRICS, *COSTS) if c in ok.columns]
+    grouped = ok.groupby(GROUPS, sort=False, dropna=False)
+    summary = grouped[cols].agg(["mean", "std"])
+    summary.columns = [f"{c}_{s}" for c, s in summary.columns]
+    summary["seeds"] = grouped.size()
+    return summary.reset_index()
+
+
+def _cell(mean, std) -> str:
+    if pd.isna(mean):
+        return "-"
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if not pd.isna(std) and std > 0 else "")
+
+
+def paper_table(summary: pd.DataFrame) -> str:
+    """Markdown laid out as the seed paper's tables: a row per method, many / medium / few / overall per dataset."""
+    if summary.empty:
+        return "(no finished runs)\n"
+    summary = summary.assign(
+        row=summary["method"]
+        + np.where(summary.groupby("method")["model"].transform("nunique") > 1, " (" + summary["model"] + ")", "")
+    )
+    datasets = list(dict.fromkeys(summary["dataset"]))
+    header = (
+        "| method | " + " | ".join(f"{d} {c}" for d in datasets for c in ("many", "medium", "few", "overall")) + " |"
+    )
+    lines = [header, "|" + " --- |" * (1 + 4 * len(datasets))]
+    for row_name in dict.fromkeys(summary["row"]):
+        cells = []
+        for d in datasets:
+            hit = summary[(summary["row"] == row_name) & (summary["dataset"] == d)]
+            for c in ("many", "medium", "few", "overall"):
+                cells.append(_cell(hit[f"{c}_mean"].iloc[0], hit[f"{c}_std"].iloc[0]) if len(hit) else "-")
+        lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_per_class(table: pd.DataFrame, path: Path, bins: int = 12) -> bool:
+    """Per-class accuracy against training images per class (log x), binned, a line per method."""
+    ok = table[(table["status"] != "failed") & table["run"].notna()]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    drawn = False
+    for i, (method, runs) in enumerate(ok.groupby("method", sort=False)):
+        frames = [pd.read_csv(Path(r) / "per_class.csv") for r in runs["run"] if (Path(r) / "per_class.csv").is_file()]
+        if not frames:
+            continue
+        pc = pd.concat(frames).dropna(subset=["accuracy"])
+        pc = pc[pc["train_count"] > 0]
+        edges = np.unique(np.geomspace(pc["train_count"].min(), pc["train_count"].max() + 1, bins + 1))
+        pc = pc.assign(bin=pd.cut(pc["train_count"], edges, include_lowest=True, right=False))
+        binned = pc.groupby("bin", observed=True).agg(x=("train_count", "median"), acc=("accuracy", "mean"))
+        ax.plot(binned["x"], 100 * binned["acc"], label=method, **_style(i))
+        drawn = True
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class (log scale)")
+    ax.set_ylabel("test accuracy of the class (%)")
+    ax.set_title("Per-class accuracy against training frequency")
+    ax.grid(alpha=0.3)
+    if drawn:
+        _legend_outside(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
+def plot_shot_bars(summary: pd.DataFrame, path: Path) -> None:
+    """Many / medium / few / overall accuracy, a group of bars per method (first dataset and model)."""
+    first = summary[(summary["dataset"] == summary["dataset"].iloc[0]) & (summary["model"] == summary["model"].iloc[0])]
+    groups = ["many", "medium", "few", "overall"]
+    x = np.arange(len(first))
+    width = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(first) + 2), 4.5))
+    for i, g in enumerate(groups):
+        ax.bar(
+            x + i * width,
+            100 * first[f"{g}_mean"].astype(float),
+            width,
+            yerr=100 * first[f"{g}_std"].fillna(0).astype(float),
+            label=g,
+            capsize=2,
+        )
+    ax.set_xticks(x + width * (len(groups) - 1) / 2, first["method"], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{first['dataset'].iloc[0]}, {first['model'].iloc[0]}: accuracy by shot group")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_cost(summary: pd.DataFrame, path: Path) -> None:
+    """Overall accuracy against training time, a point per method."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    several = summary["dataset"].nunique() > 1 or summary["model"].nunique() > 1
+    for i, row in enumerate(summary.itertuples()):
+        label = f"{row.method} ({row.dataset}, {row.model})" if several else row.method
+        ax.scatter(row.train_seconds_mean, 100 * row.overall_mean, label=label, s=40, **_style(i))
+    _legend_outside(ax)
+    ax.set_xscale("log")
+    ax.set_xlabel("training time (s, log scale)")
+    ax.set_ylabel("overall accuracy (%)")
+    ax.set_title("Accuracy against training cost")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(runs_dir: str | Path) -> dict:
+    """summary.csv, report.md and three PNGs in `runs_dir`; returns their paths and the Markdown table."""
+    runs_dir = Path(runs_dir)
+    table = load_results(runs_dir)
+    summary = summarize(table)
+    summary.to_csv(runs_dir / "summary.csv", index=False)
+    markdown = paper_table(summary)
+    plots = {}
+    if not summary.empty:
+        plots = {
+            "per_class": runs_dir / "per_class_vs_frequency.png",
+            "shots": runs_dir / "shot_groups.png",
+            "cost": runs_dir / "accuracy_vs_cost.png",
+        }
+        if not plot_per_class(table, plots["per_class"]):
+            plots.pop("per_class")
+        plot_shot_bars(summary, plots["shots"])
+        plot_cost(summary, plots["cost"])
+    failed = table[table["status"] == "failed"]
+    lines = [
+        f"# Results: {runs_dir.name}",
+        "",
+        f"{len(table) - len(failed)} runs finished, {len(failed)} failed. Accuracy in %, mean ± std over "
+        f"seeds; many / medium / few: more than 100, 20 to 100, fewer than 20 training images.",
+        "",
+        markdown,
+    ]
+    detail = summary[[c for c in summary.columns if c.endswith("_mean") or c in (*GROUPS, "seeds")]]
+    lines += ["## Every metric and cost (means over seeds)", "", detail.to_markdown(index=False, floatfmt=".4g"), ""]
+    for name, title in (
+        ("shots", "Accuracy by shot group"),
+        ("per_class", "Per-class accuracy against training frequency"),
+        ("cost", "Accuracy against training cost"),
+    ):
+        if name in plots:
+            lines += [f"## {title}", "", f"![{title}]({plots[name].name})", ""]
+    if len(failed):
+        lines += (
+            ["## Failed runs", ""]
+            + [f"- {r.method} (seed {r.seed}, {r.dataset}): {r.error}" for r in failed.itertuples()]
+            + [""]
+        )
+    report = runs_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return {
+        "report": str(report),
+        "summary": str(runs_dir / "summary.csv"),
+        "table": markdown,
+        "plots": {k: str(v) for k, v in plots.items()},
+        "runs": len(table),
+        "failed": len(failed),
+    }
