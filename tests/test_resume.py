@@ -70,7 +70,7 @@ def test_sigkill_after_first_shard_then_resume_equals_uninterrupted(tmp_path, sp
     assert full.returncode == 0, full.stderr
     reference_dir = Path(json.loads(full.stdout)["splits"][0]["path"])
 
-    killed = _run(_cmd(root, files, tmp_path / "resumed"), VLMCACHE_FAULT="kill_after_shards:1")
+    killed = _run(_cmd(root, files, tmp_path / "resumed"), VLMCACHE_FAULT="shard_published:1")
     assert killed.returncode == -signal.SIGKILL
     split_dir = tmp_path / "resumed" / reference_dir.relative_to(tmp_path / "full")
     manifest = cache.read_manifest(split_dir)
@@ -113,7 +113,7 @@ def test_external_sigkill_at_any_moment_then_resume(tmp_path, split_dataset):
 
 def test_a_changed_fingerprint_is_refused_in_a_new_process(tmp_path, split_dataset):
     root, files = split_dataset
-    killed = _run(_cmd(root, files, tmp_path), VLMCACHE_FAULT="kill_after_shards:1")
+    killed = _run(_cmd(root, files, tmp_path), VLMCACHE_FAULT="shard_published:1")
     assert killed.returncode == -signal.SIGKILL
     cmd = [c for c in _cmd(root, files, tmp_path) if c != "--tokens"]
     refused = _run(cmd)

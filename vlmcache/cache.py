@@ -21,6 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from vlmcache import faults
 from vlmcache.errors import VlmcacheError
 
 MANIFEST = "manifest.json"
@@ -71,6 +72,8 @@ def write_json_atomic(path: Path, obj) -> None:
             json.dump(obj, f, indent=1, sort_keys=False)
             f.write("\n")
         publish(tmp, path)
+    except OSError as e:
+        raise VlmcacheError(f"Could not write '{path}': {e}. Is the disk full? The previous version is kept.") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -105,23 +108,39 @@ def shard_name(index: int) -> str:
 
 
 def write_shard(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> dict:
-    """Write one shard to a temporary name, flush, fsync, rename. Returns its manifest entry fields."""
+    """Write one shard to a temporary name, fsync, rename. Returns its manifest entry fields.
+
+    The HDF5 file is built in memory (the core driver) and written with plain file I/O: a full disk is
+    then an ordinary OSError, never a failure inside HDF5's own close, which can take the process down.
+    Every dataset is chunked with HDF5's fletcher32 checksum, so a corrupted chunk fails when it is read
+    instead of passing silently into training.
+    """
+    with h5py.File(final.name, "w", driver="core", backing_store=False) as f:
+        for name, arr in arrays.items():
+            # Tokens are read in contiguous row slices; one row per chunk keeps any slice cheap.
+            chunks = (1, *arr.shape[1:]) if name == "tokens" else True
+            f.create_dataset(name, data=arr, chunks=chunks if len(arr) else None, fletcher32=len(arr) > 0)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.flush()
+        image = f.id.get_file_image()
     tmp = tmp_name(final)
     try:
-        with h5py.File(tmp, "w") as f:
-            for name, arr in arrays.items():
-                # Tokens are read in contiguous row slices; one row per chunk keeps any slice cheap.
-                chunks = (1, *arr.shape[1:]) if name == "tokens" and len(arr) else None
-                f.create_dataset(name, data=arr, chunks=chunks)
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            f.flush()
-        digest = sha256_file(tmp)
-        size = tmp.stat().st_size
-        publish(tmp, final)
+        with open(tmp, "wb") as out:
+            out.write(image)
+            out.flush()
+            os.fsync(out.fileno())
+        faults.hit("shard_written")
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except OSError as e:
+        raise VlmcacheError(
+            f"Could not write the shard '{final}': {e}. Is the disk full? Nothing was published and the "
+            f"temporary file is removed; free space and run the same command again to resume."
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
-    return {"file": final.name, "bytes": size, "sha256": digest}
+    return {"file": final.name, "bytes": len(image), "sha256": hashlib.sha256(image).hexdigest()}
 
 
 def open_h5(path: Path) -> h5py.File:
@@ -235,9 +254,18 @@ class SplitCache:
     def fingerprint(self) -> dict:
         return self.manifest["fingerprint"]
 
+    def _read(self, i: int, name: str, rows: slice = slice(None)) -> np.ndarray:
+        try:
+            return self._file(i)[name][rows]
+        except (OSError, KeyError) as e:  # fletcher32 mismatch, truncated file, missing dataset
+            raise VlmcacheError(
+                f"The shard '{self.shards[i].path}' cannot be read ({e}); it is damaged. Run "
+                f"`vlmcache cache verify --repair {self.dir.parent}` to extract it again."
+            ) from None
+
     def load(self, name: str) -> np.ndarray:
         """One dataset of every shard, concatenated in row order (for pooled, labels, rows, views)."""
-        parts = [self._file(i)[name][()] for i in range(len(self.shards))]
+        parts = [self._read(i, name) for i in range(len(self.shards))]
         return np.concatenate(parts) if parts else np.zeros((0,))
 
     def pooled(self) -> np.ndarray:
@@ -270,10 +298,24 @@ class SplitCache:
                 break
             lo, hi = max(start, s.start) - s.start, min(stop, s.start + s.rows) - s.start
             if hi > lo:
-                parts.append(self._file(i)["tokens"][lo:hi])
+                parts.append(self._read(i, "tokens", slice(lo, hi)))
         if not parts:
             return np.zeros((0, *shape), dtype=np.float16)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def damaged_shards(split_dir: Path, manifest: dict) -> dict[str, str]:
+    """{shard file: what is wrong} for every listed shard that is missing, resized or re-hashed differently."""
+    out = {}
+    for entry in manifest["shards"]:
+        path = split_dir / entry["file"]
+        if not path.is_file():
+            out[entry["file"]] = "missing"
+        elif path.stat().st_size != entry["bytes"]:
+            out[entry["file"]] = f"{path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+        elif sha256_file(path) != entry["sha256"]:
+            out[entry["file"]] = "sha256 differs from the manifest (the file changed after it was written)"
+    return out
 
 
 def verify_split(split_dir: Path) -> list[str]:
@@ -281,18 +323,7 @@ def verify_split(split_dir: Path) -> list[str]:
     manifest = read_manifest(split_dir)
     if manifest is None:
         return [f"{split_dir}: no {MANIFEST}"]
-    problems = []
-    for entry in manifest["shards"]:
-        path = split_dir / entry["file"]
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            problems.append(f"{path}: {size} bytes, the manifest says {entry['bytes']}")
-            continue
-        if sha256_file(path) != entry["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest (the file changed after it was written)")
+    problems = [f"{split_dir / name}: {why}" for name, why in damaged_shards(split_dir, manifest).items()]
     if not manifest.get("complete"):
         problems.append(f"{split_dir}: incomplete, {len(manifest['shards'])} of {manifest['n_shards']} shards")
     return problems
@@ -355,7 +386,12 @@ def iter_caches(cache_dir: Path) -> Iterator[Path]:
     if not cache_dir.is_dir():
         return
     for ds in sorted(p for p in cache_dir.iterdir() if p.is_dir()):
-        yield from sorted(p for p in ds.iterdir() if p.is_dir() and KEY_RE.match(p.name))
+        yield from sorted(p for p in ds.iterdir() if p.is_dir() and KEY_RE.match(p.name) and _is_cache(p))
+
+
+def _is_cache(model_dir: Path) -> bool:
+    """A key folder holds class texts or a split manifest (run folders, say, have names of the same shape)."""
+    return (model_dir / TEXT_FILE).is_file() or any(model_dir.glob(f"*/{MANIFEST}"))
 
 
 def summarize(model_dir: Path) -> dict:

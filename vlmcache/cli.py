@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -158,6 +159,10 @@ def extract(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Discard a cache made with other settings and start again."
     ),
+    verify: bool = typer.Option(
+        False, "--verify", help="On resume, re-hash finished shards instead of trusting sizes."
+    ),
+    nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) to extract with; launches torchrun for you."),
     holdout: float = typer.Option(
         0.2, "--holdout", help="imagefolder without train/ and val/: test fraction per class."
     ),
@@ -168,8 +173,13 @@ def extract(
 
     Example: [bold]vlmcache extract -d places_lt --root /data/places365 -m ViT-B-16 -p openai --tokens[/]
 
-    A killed run resumes where it stopped when given the same command again.
+    A killed run resumes where it stopped when given the same command again. Many GPUs:
+    [bold]vlmcache extract ... --nproc 4[/] or [bold]torchrun --nproc_per_node 4 -m vlmcache extract ...[/]
     """
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_launch_torchrun(nproc))
+    if nproc < 1:
+        raise VlmcacheError(f"--nproc must be at least 1, got {nproc}.")
     cfg = ExtractConfig(
         dataset=dataset.value,
         root=str(root) if root else None,
@@ -190,16 +200,46 @@ def extract(
         device=device,
         precision=precision,
         overwrite=overwrite,
+        verify=verify,
         holdout=holdout,
         seed=seed,
     )
     log = functools.partial(err.print, highlight=False)
     with RichProgress(err) as progress:
         summary = run_extract(cfg, progress=progress, log=log)
+    if summary["rank"] != 0:  # under torchrun, rank 0 speaks for all
+        return
     if as_json:
         _print_json(summary)
         return
     _print_extract_summary(summary)
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """Run this same extract command under torchrun with `nproc` processes; returns its exit code."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[2:]:  # drop --nproc N / --nproc=N; torchrun's own variables tell each rank its place
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "vlmcache",
+        "extract",
+        *args,
+    ]
+    err.print(f"launching: {' '.join(cmd)}", highlight=False)
+    return subprocess.call(cmd)
 
 
 def _print_extract_summary(summary: dict) -> None:
@@ -691,24 +731,32 @@ def cache_info(
 def cache_verify(
     ref: str = typer.Argument(None, help="A cache (path, DATASET/KEY or key prefix); default: every cache."),
     cache_dir: Path = CACHE_DIR,
+    repair: bool = typer.Option(
+        False, "--repair", help="Extract the damaged or missing shards again (needs --root's images)."
+    ),
     as_json: bool = JSON,
 ):
     """Re-hash every shard against its manifest; exit 1 and name the shards that differ.
 
-    Example: [bold]vlmcache cache verify places_lt/ViT-B-16__openai__3f9a2c1e[/]
+    Example: [bold]vlmcache cache verify places_lt/ViT-B-16__openai__3f9a2c1e --repair[/]
     """
+    from vlmcache.extract import repair_split
+
     targets = [cache.resolve_cache(cache_dir, ref)] if ref else list(cache.iter_caches(cache_dir))
-    problems, checked = [], 0
+    problems, checked, repaired = [], 0, []
     for model_dir in targets:
         for split_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-            try:
-                problems += cache.verify_split(split_dir)
-            except VlmcacheError as e:
-                problems.append(str(e))
+            found = cache.verify_split(split_dir)
+            if found and repair:
+                repaired += [str(split_dir / name) for name in repair_split(split_dir, log=err.print)]
+                found = cache.verify_split(split_dir)
+            problems += found
             checked += 1
     if as_json:
-        _print_json({"checked_splits": checked, "problems": problems, "ok": not problems})
+        _print_json({"checked_splits": checked, "problems": problems, "repaired": repaired, "ok": not problems})
     else:
+        for path in repaired:
+            out.print(f"repaired {path}", highlight=False)
         for p in problems:
             out.print(f"[red]BAD[/] {p}", highlight=False)
         out.print(

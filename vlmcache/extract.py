@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlmcache import cache
+from vlmcache import cache, distributed, faults
 from vlmcache.datasets import Dataset, Split, load_dataset
 from vlmcache.encoders import Encoder, list_models, load_encoder
 from vlmcache.errors import VlmcacheError, unknown_choice
@@ -51,6 +51,7 @@ class ExtractConfig:
     device: str = "auto"
     precision: str = "auto"
     overwrite: bool = False
+    verify: bool = False  # on resume, also re-hash the finished shards
     holdout: float = 0.2
     seed: int = 0
 
@@ -176,10 +177,13 @@ def _split_fingerprint(encoder: Encoder, dataset: Dataset, split: Split, cfg: Ex
     }
 
 
-def _prepare_split_dir(split_dir: Path, fingerprint: dict, overwrite: bool, log) -> dict | None:
-    """The manifest to resume from, or None to start fresh. Refuses a mismatched fingerprint."""
+def _prepare_split_dir(split_dir: Path, fingerprint: dict, cfg: ExtractConfig, log) -> dict | None:
+    """The manifest to resume from, or None to start fresh. Refuses a mismatched fingerprint.
+
+    What is done is decided from the manifest and the files' sizes; `cfg.verify` also re-hashes them.
+    """
     manifest = cache.read_manifest(split_dir) if split_dir.is_dir() else None
-    if manifest is not None and overwrite:
+    if manifest is not None and cfg.overwrite:
         shutil.rmtree(split_dir)
         manifest = None
     if manifest is not None and manifest["fingerprint"] != fingerprint:
@@ -196,50 +200,95 @@ def _prepare_split_dir(split_dir: Path, fingerprint: dict, overwrite: bool, log)
     kept = []
     for entry in manifest["shards"]:
         path = split_dir / entry["file"]
-        if path.is_file() and path.stat().st_size == entry["bytes"]:
-            kept.append(entry)
-        else:
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
             log(f"shard {entry['file']} is missing or has the wrong size; it will be extracted again")
+        elif cfg.verify and cache.sha256_file(path) != entry["sha256"]:
+            log(f"shard {entry['file']} differs from its sha256; it will be extracted again")
+        else:
+            kept.append(entry)
     manifest["shards"] = kept
     return manifest
 
 
-def _fault_after_shards() -> int | None:
-    """Test hook: VLMCACHE_FAULT=kill_after_shards:N makes the process SIGKILL itself after N shards."""
-    spec = os.environ.get("VLMCACHE_FAULT", "")
-    if spec.startswith("kill_after_shards:"):
-        return int(spec.split(":", 1)[1])
-    return None
+class Publisher:
+    """Lists finished shards in the manifest. Under torchrun every rank hands its k-th shard to rank 0 in
+    round k, and rank 0 alone writes the manifest, so it is never written by two processes."""
+
+    def __init__(self, split_dir: Path, manifest: dict):
+        self.split_dir, self.manifest = split_dir, manifest
+        self.rank, self.world = distributed.rank_world()
+        self.rounds = 0
+
+    def publish(self, entry: dict | None) -> None:
+        entries = distributed.gather(entry)
+        if self.rank == 0:
+            new = [e for e in entries if e is not None]
+            if new:
+                self.manifest["shards"] = sorted(self.manifest["shards"] + new, key=lambda e: e["index"])
+                cache.write_json_atomic(self.split_dir / cache.MANIFEST, self.manifest)
+        self.rounds += 1
+        if entry is not None:
+            faults.hit("shard_published")
+
+    def finish(self, rounds: int) -> None:
+        """Ranks with fewer shards than the busiest one still take part in its last rounds."""
+        while self.rounds < rounds:
+            self.publish(None)
+
+
+def _shard_rows(shards: list[int], size: int, n: int) -> int:
+    return sum(min((i + 1) * size, n) - i * size for i in shards)
 
 
 def extract_split(
     encoder: Encoder, dataset: Dataset, split: Split, cfg: ExtractConfig, split_dir: Path, progress=None, log=print
 ) -> dict:
-    """Extract one split into `split_dir`, resuming from its manifest. Returns the split's summary."""
+    """Extract one split into `split_dir`, resuming from its manifest. Returns the split's summary.
+
+    Under torchrun, rank r takes every world-th unfinished shard (global row ranges), so every row is
+    extracted exactly once whatever the world size, and a resume may use another one.
+    """
+    rank, world = distributed.rank_world()
     fingerprint = _split_fingerprint(encoder, dataset, split, cfg)
-    manifest = _prepare_split_dir(split_dir, fingerprint, cfg.overwrite, log)
     n, size = len(split), cfg.shard_size
     n_shards = (n + size - 1) // size
-    if manifest is None:
-        manifest = {
-            "format": cache.FORMAT,
-            "fingerprint": fingerprint,
-            "origin": split.origin,
-            "n_rows": n,
-            "n_shards": n_shards,
-            "complete": False,
-            "dims": _probe_dims(encoder, cfg.tokens),
-            "shards": [],
-        }
+    state = None
+    if rank == 0:  # one process prepares the folder; every rank gets the manifest, or the error
+        try:
+            manifest = _prepare_split_dir(split_dir, fingerprint, cfg, log)
+            if manifest is None:
+                manifest = {
+                    "format": cache.FORMAT,
+                    "fingerprint": fingerprint,
+                    "origin": split.origin,
+                    "n_rows": n,
+                    "n_shards": n_shards,
+                    "complete": False,
+                    "dims": _probe_dims(encoder, cfg.tokens),
+                    "shards": [],
+                }
+            # how to make this split again: `cache verify --repair` re-extracts damaged shards with it
+            manifest["extract_config"] = {**asdict(cfg), "splits": [split.name], "overwrite": False}
+            state = ("ok", manifest)
+        except VlmcacheError as e:
+            state = ("error", str(e))
+    state = distributed.broadcast(state)
+    if state[0] == "error":
+        raise VlmcacheError(state[1])
+    manifest = state[1]
     done = {e["index"] for e in manifest["shards"]}
     todo = [i for i in range(n_shards) if i not in done]
+    mine = todo[rank::world]
     t0 = time.perf_counter()
-    resumed_rows = sum(e["stop"] - e["start"] for e in manifest["shards"])
-    if progress is not None:
-        progress.start(split.name, total=n, completed=resumed_rows)
+    publisher = Publisher(split_dir, manifest)
+    if progress is not None and rank == 0:
+        if world == 1:
+            progress.start(split.name, total=n, completed=n - _shard_rows(todo, size, n))
+        else:
+            progress.start(f"{split.name} (rank 0 of {world})", total=_shard_rows(mine, size, n))
 
-    if todo:
-        rows = np.concatenate([np.arange(i * size, min((i + 1) * size, n)) for i in todo])
+    if mine:
+        rows = np.concatenate([np.arange(i * size, min((i + 1) * size, n)) for i in mine])
         views = fingerprint["views"]
         data = ImageRows(
             split.source,
@@ -255,12 +304,9 @@ def extract_split(
             num_workers=cfg.workers,
             collate_fn=collate,
             pin_memory=encoder.device.type == "cuda",
-            persistent_workers=False,
             prefetch_factor=4 if cfg.workers else None,
         )
         buffers: dict[int, ShardBuffer] = {}
-        kill_after = _fault_after_shards()
-        published = 0
         for batch in loader:
             pooled = tokens = view_emb = None
             if batch["images"] is not None:
@@ -287,19 +333,19 @@ def extract_split(
                     buf.parts["views"].append(view_emb[sel])
                 buf.seen += int(sel.sum())
             for index in sorted(i for i, b in buffers.items() if b.full):
-                _write(buffers.pop(index), split, split_dir, manifest, cfg)
-                published += 1
-                if kill_after is not None and published >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            if progress is not None:
+                publisher.publish(_write(buffers.pop(index), split, split_dir, manifest["dims"], cfg))
+            if progress is not None and rank == 0:
                 progress.advance(len(good_rows) + len(batch["bad"]))
         if buffers:  # cannot happen unless the loader lost rows; never publish a partial shard
             raise RuntimeError(f"rows missing from shards {sorted(buffers)} of {split_dir}")
+    publisher.finish(-(-len(todo) // world))
 
-    manifest["complete"] = len(manifest["shards"]) == n_shards
-    cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+    if rank == 0:
+        manifest["complete"] = len(manifest["shards"]) == n_shards
+        cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+    distributed.barrier()
+    manifest = cache.read_manifest(split_dir)
     seconds = time.perf_counter() - t0
-    new_rows = n - resumed_rows
     return {
         "split": split.name,
         "rows": sum(e["rows"] for e in manifest["shards"]),
@@ -308,7 +354,7 @@ def extract_split(
         "resumed_shards": n_shards - len(todo),
         "bytes": sum(e["bytes"] for e in manifest["shards"]),
         "seconds": round(seconds, 3),
-        "images_per_s": round(new_rows / seconds, 1) if todo and seconds > 0 else None,
+        "images_per_s": round(_shard_rows(todo, size, n) / seconds, 1) if todo and seconds > 0 else None,
         "path": str(split_dir),
     }
 
@@ -327,8 +373,8 @@ def _buffer(buffers: dict, index: int, size: int, n: int) -> ShardBuffer:
     return buffers[index]
 
 
-def _write(buf: ShardBuffer, split: Split, split_dir: Path, manifest: dict, cfg: ExtractConfig):
-    dims = manifest["dims"]
+def _write(buf: ShardBuffer, split: Split, split_dir: Path, dims: dict, cfg: ExtractConfig) -> dict:
+    """Write one full shard (atomically) and return its manifest entry."""
     rows = np.concatenate(buf.parts["rows"]) if buf.parts["rows"] else np.zeros(0, np.int64)
     order = np.argsort(rows, kind="stable")
     arrays = {
@@ -346,8 +392,7 @@ def _write(buf: ShardBuffer, split: Split, split_dir: Path, manifest: dict, cfg:
     final = split_dir / cache.shard_name(buf.index)
     entry = cache.write_shard(final, arrays, {"split": split.name, "start": buf.start, "stop": buf.stop})
     entry.update(index=buf.index, start=buf.start, stop=buf.stop, rows=len(rows), skipped=buf.skipped)
-    manifest["shards"] = sorted(manifest["shards"] + [entry], key=lambda e: e["index"])
-    cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+    return entry
 
 
 def _cat(parts: list[np.ndarray], empty_shape: tuple) -> np.ndarray:
@@ -390,17 +435,23 @@ def run_extract(cfg: ExtractConfig, progress=None, log=print) -> dict:
         hint = " ".join(dataset.notes) or f"{cfg.dataset} has the splits: {', '.join(dataset.splits)}."
         raise VlmcacheError(f"Cannot extract the split(s) {', '.join(missing)} of {cfg.dataset}. {hint}")
     _check_images_reachable(dataset, splits)
-    encoder = load_encoder(cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.preprocess_from)
+    distributed.init_from_env()
+    rank, world = distributed.rank_world()
+    device = distributed.local_device(cfg.device)
+    encoder = load_encoder(cfg.model, cfg.pretrained, device, cfg.precision, cfg.preprocess_from)
     if cfg.tokens and not encoder.supports_tokens:
         raise VlmcacheError(
             f"--tokens needs a ViT image tower (open_clip VisionTransformer); {cfg.model} has "
             f"{type(encoder.model.visual).__name__}. Extract pooled features only, or pick a ViT model."
         )
     model_dir = Path(cfg.cache_dir) / dataset.name / encoder.key
-    _note_siblings(model_dir, encoder, log)
+    if rank == 0:
+        _note_siblings(model_dir, encoder, log)
     t0 = time.perf_counter()
     results = [extract_split(encoder, dataset, dataset.splits[s], cfg, model_dir / s, progress, log) for s in splits]
-    text_path = extract_text(encoder, dataset, cfg.templates, model_dir, log)
+    text_path = extract_text(encoder, dataset, cfg.templates, model_dir, log) if rank == 0 else None
+    peak = distributed.gather(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    distributed.barrier()
     return {
         "dataset": dataset.name,
         "key": encoder.key,
@@ -409,12 +460,36 @@ def run_extract(cfg: ExtractConfig, progress=None, log=print) -> dict:
         "pretrained": encoder.fingerprint["pretrained"],
         "device": str(encoder.device),
         "precision": encoder.precision,
+        "processes": world,
+        "rank": rank,
+        "peak_rss_mb": peak,  # per process, rank 0 first (on rank 0 only under torchrun)
         "splits": results,
-        "text": {"path": str(text_path), "template_sets": cfg.templates},
+        "text": {"path": str(text_path or model_dir / cache.TEXT_FILE), "template_sets": cfg.templates},
         "seconds": round(time.perf_counter() - t0, 3),
         "notes": dataset.notes,
         "config": asdict(cfg),
     }
+
+
+def repair_split(split_dir: Path, log=print) -> list[str]:
+    """Drop damaged shards from the manifest and extract just those again, with the split's own settings."""
+    manifest = cache.read_manifest(split_dir)
+    if manifest is None:
+        raise VlmcacheError(f"No manifest in '{split_dir}'; nothing to repair.")
+    damaged = cache.damaged_shards(split_dir, manifest)
+    if not damaged and manifest.get("complete"):
+        return []
+    if "extract_config" not in manifest:
+        raise VlmcacheError(f"'{split_dir}' does not record how it was extracted; re-extract it with --overwrite.")
+    for name in damaged:
+        (split_dir / name).unlink(missing_ok=True)
+        log(f"repairing {split_dir / name}: {damaged[name]}")
+    manifest["shards"] = [e for e in manifest["shards"] if e["file"] not in damaged]
+    manifest["complete"] = False
+    cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+    cfg = ExtractConfig(**manifest["extract_config"])
+    run_extract(cfg, log=log)
+    return sorted(damaged)
 
 
 def _note_siblings(model_dir: Path, encoder: Encoder, log) -> None:

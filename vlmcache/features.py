@@ -186,3 +186,20 @@ class Tokens:
             j = min(i + size, len(self.y))
             x = self.data[i:j] if self.data is not None else self._to_device(self.split.read_tokens(i, j))
             yield x, self.y[i:j]
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Contiguous blocks of token rows for a DataLoader with workers (spawn or fork): item b is rows
+    [b * block_rows, (b + 1) * block_rows) as (tokens (n, T, W) float16, labels (n,)). Each worker opens
+    the HDF5 files itself; the dataset pickles without open handles."""
+
+    def __init__(self, split: cache.SplitCache, block_rows: int = 256):
+        self.split, self.block_rows = split, block_rows
+        self.labels = split.labels()
+
+    def __len__(self) -> int:
+        return -(-len(self.split) // self.block_rows)
+
+    def __getitem__(self, b: int):
+        lo, hi = b * self.block_rows, min((b + 1) * self.block_rows, len(self.split))
+        return torch.from_numpy(self.split.read_tokens(lo, hi)), torch.from_numpy(self.labels[lo:hi])

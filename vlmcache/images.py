@@ -67,6 +67,7 @@ class FileSource:
     def __init__(self, root: str | os.PathLike, relpaths: Sequence[str]):
         self.root = str(root)
         self.relpaths = list(relpaths)
+        self._real_root = None
 
     def __len__(self) -> int:
         return len(self.relpaths)
@@ -76,6 +77,12 @@ class FileSource:
 
     def load(self, i: int) -> Image.Image:
         path = os.path.join(self.root, self.relpaths[i])
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.root)
+        # split files cannot name paths outside --root (checked when read); symlinks must not lead out either
+        real = os.path.realpath(path)
+        if not real.startswith(self._real_root + os.sep):
+            raise BadImage(f"refused: the path leads outside --root (to {real})")
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise BadImage("empty file (0 bytes)")
         return decode(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import resource
 import shutil
 import sys
@@ -277,7 +278,10 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
     if not (run_dir / "head.pt").is_file() or not (run_dir / "config.json").is_file():
         raise VlmcacheError(f"'{run_dir}' is not a finished run (config.json and head.pt are missing).")
     cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text())["config"])
-    saved = torch.load(run_dir / "head.pt", map_location=device, weights_only=True)
+    try:  # weights_only: a run folder from elsewhere cannot run code when it is loaded
+        saved = torch.load(run_dir / "head.pt", map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise VlmcacheError(f"'{run_dir}/head.pt' is not a vlmcache head (refused to load it: {e}).") from None
     head = build_head(saved["head"], saved["in_dim"], saved["num_classes"], **saved["head_params"])
     stage2 = build_stage2(saved["stage2"], head.classifier) if saved.get("stage2") else None
     try:

@@ -1,0 +1,455 @@
+"""The fault suite: kills, full disks, damaged shards, hostile inputs and many processes, each with the outcome
+a trusted tool promises. A subprocess wherever a process must die."""
+
+import json
+import os
+import pickle
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import long_tailed_features, write_feature_cache
+
+from vlmcache import cache
+from vlmcache.errors import VlmcacheError
+from vlmcache.extract import ExtractConfig, run_extract
+from vlmcache.features import TokenBlocks
+from vlmcache.train import TrainConfig, load_run, train_head
+
+TINY = ["--model", "vlmcache-tiny", "--pretrained", "none", "--device", "cpu", "--workers", "0", "--json"]
+
+
+def _extract_cmd(root: Path, files: dict, cache_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vlmcache",
+        "extract",
+        "--dataset",
+        "split",
+        "--root",
+        str(root),
+        "--split-file",
+        f"train={files['train']}",
+        "--cache-dir",
+        str(cache_dir),
+        "--shard-size",
+        "9",
+        "--tokens",
+        *TINY,
+        *extra,
+    ]
+
+
+def _run(cmd, preexec=None, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=300, preexec_fn=preexec
+    )
+
+
+def _split_dir(stdout: str) -> Path:
+    return Path(json.loads(stdout)["splits"][0]["path"])
+
+
+def _same(a: Path, b: Path) -> None:
+    ca, cb = cache.SplitCache(a), cache.SplitCache(b)
+    np.testing.assert_array_equal(ca.rows(), cb.rows())
+    np.testing.assert_allclose(ca.pooled().astype(np.float32), cb.pooled().astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(
+        ca.read_tokens(0, len(ca)).astype(np.float32), cb.read_tokens(0, len(cb)).astype(np.float32), atol=2e-3
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(split_dataset, tmp_path_factory):
+    """An uninterrupted single-process extraction (47 rows, shards of 9: the count is not a multiple of 2)."""
+    root, files = split_dataset
+    out = _run(_extract_cmd(root, files, tmp_path_factory.mktemp("ref")))
+    assert out.returncode == 0, out.stderr
+    return _split_dir(out.stdout)
+
+
+def _twin(reference: Path, cache_dir: Path) -> Path:
+    return cache_dir / reference.relative_to(reference.parents[2])
+
+
+# --------------------------------------------------------------------------- many processes
+
+
+def test_torchrun_two_processes_then_resume_with_one(split_dataset, reference, tmp_path):
+    root, files = split_dataset
+    killed = _run(_extract_cmd(root, files, tmp_path, "--nproc", "2"), VLMCACHE_FAULT="shard_published:2")
+    assert killed.returncode != 0  # every rank killed itself after its second shard; torchrun reports it
+    split_dir = _twin(reference, tmp_path)
+    manifest = cache.read_manifest(split_dir)
+    assert 1 <= len(manifest["shards"]) < 6 and not manifest["complete"]
+    assert {p.name for p in split_dir.glob("shard-*.h5")} == {e["file"] for e in manifest["shards"]}
+
+    resumed = _run(_extract_cmd(root, files, tmp_path))  # a different world size
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["splits"][0]["resumed_shards"] == len(manifest["shards"])
+    _same(split_dir, reference)
+
+
+def test_torchrun_two_processes_write_every_row_once(split_dataset, reference, tmp_path):
+    root, files = split_dataset
+    out = _run(_extract_cmd(root, files, tmp_path, "--nproc", "2"))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)  # only rank 0 prints
+    assert summary["processes"] == 2 and len(summary["peak_rss_mb"]) == 2
+    split_dir = _twin(reference, tmp_path)
+    rows = cache.SplitCache(split_dir).rows()
+    assert sorted(rows.tolist()) == list(range(47)) and len(set(rows.tolist())) == 47
+    _same(split_dir, reference)
+
+
+# --------------------------------------------------------------------------- kills and full disks
+
+
+def test_sigkill_mid_shard_leaves_nothing_visible(split_dataset, reference, tmp_path):
+    root, files = split_dataset
+    killed = _run(_extract_cmd(root, files, tmp_path), VLMCACHE_FAULT="shard_written:3")
+    assert killed.returncode == -signal.SIGKILL
+    split_dir = _twin(reference, tmp_path)
+    manifest = cache.read_manifest(split_dir)
+    assert [e["file"] for e in manifest["shards"]] == ["shard-00000.h5", "shard-00001.h5"]
+    assert not (split_dir / "shard-00002.h5").exists() and list(split_dir.glob("shard-00002.h5.tmp-*"))
+    resumed = _run(_extract_cmd(root, files, tmp_path))
+    assert resumed.returncode == 0 and not list(split_dir.glob("*.tmp-*"))
+    _same(split_dir, reference)
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_disk_full_is_a_clear_error_and_resume_completes(split_dataset, reference, tmp_path):
+    root, files = split_dataset
+    _run(_extract_cmd(root, files, tmp_path), VLMCACHE_FAULT="shard_published:2")
+    split_dir = _twin(reference, tmp_path)
+    before = (split_dir / cache.MANIFEST).read_bytes()
+    shard_bytes = (split_dir / "shard-00000.h5").stat().st_size
+    full = _run(_extract_cmd(root, files, tmp_path), preexec=_limit_file_size(shard_bytes // 2))
+    assert full.returncode == 2, full.stderr
+    assert "Is the disk full?" in full.stderr and "Traceback" not in full.stderr
+    assert (split_dir / cache.MANIFEST).read_bytes() == before  # untouched
+    assert not list(split_dir.glob("*.tmp-*"))  # the temporary file is removed
+    resumed = _run(_extract_cmd(root, files, tmp_path))
+    assert resumed.returncode == 0, resumed.stderr
+    _same(split_dir, reference)
+
+
+# --------------------------------------------------------------------------- damaged shards
+
+
+def _flip_pooled_byte(shard: Path) -> None:
+    with h5py.File(shard, "r") as f:
+        offset = f["pooled"].id.get_chunk_info(0).byte_offset
+    data = bytearray(shard.read_bytes())
+    data[offset + 5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def test_flipped_byte_verify_names_it_training_refuses_repair_fixes_only_it(split_dataset, reference, tmp_path):
+    root, files = split_dataset
+    cfg = ExtractConfig(
+        dataset="split",
+        root=str(root),
+        split_files={"train": str(files["train"])},
+        cache_dir=str(tmp_path),
+        shard_size=9,
+        tokens=True,
+        model="vlmcache-tiny",
+        pretrained="none",
+        device="cpu",
+        workers=0,
+    )
+    summary = run_extract(cfg, log=lambda *a: None)
+    split_dir = Path(summary["splits"][0]["path"])
+    _flip_pooled_byte(split_dir / "shard-00002.h5")
+    problems = cache.verify_split(split_dir)
+    assert len(problems) == 1 and "shard-00002.h5" in problems[0] and "sha256 differs" in problems[0]
+
+    with pytest.raises(VlmcacheError, match=r"shard-00002.h5' cannot be read .* --repair"):
+        cache.SplitCache(split_dir).pooled()  # fletcher32 catches it on read
+    with pytest.raises(VlmcacheError, match="shard-00002.h5"):
+        train_head(
+            TrainConfig(
+                dataset="split",
+                model="vlmcache-tiny",
+                pretrained="none",
+                cache_dir=str(tmp_path),
+                eval_split="train",
+                runs_dir=str(tmp_path / "runs"),
+                device="cpu",
+                epochs=1,
+            )
+        )
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in split_dir.glob("shard-*.h5")}
+    out = _run(
+        [sys.executable, "-m", "vlmcache", "cache", "verify", "--repair", "--cache-dir", str(tmp_path), "--json"]
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["repaired"] == [str(split_dir / "shard-00002.h5")]
+    after = {p.name: p.stat().st_mtime_ns for p in split_dir.glob("shard-*.h5")}
+    assert [n for n in mtimes if after[n] != mtimes[n]] == ["shard-00002.h5"]
+    assert cache.verify_split(split_dir) == []
+    _same(split_dir, reference)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not_hdf5"])
+def test_broken_shard_files_are_detected_without_hanging(split_dataset, reference, tmp_path, damage):
+    root, files = split_dataset
+    assert _run(_extract_cmd(root, files, tmp_path)).returncode == 0
+    split_dir = _twin(reference, tmp_path)
+    shard = split_dir / "shard-00001.h5"
+    content = {
+        "truncated": shard.read_bytes()[: shard.stat().st_size // 2],
+        "empty": b"",
+        "not_hdf5": b"this is not an HDF5 file" * 100,
+    }[damage]
+    shard.write_bytes(content)
+    t0 = time.time()
+    verify = _run([sys.executable, "-m", "vlmcache", "cache", "verify", "--cache-dir", str(tmp_path)])
+    assert verify.returncode == 1 and "shard-00001.h5" in verify.stdout
+    with pytest.raises(VlmcacheError, match="shard-00001.h5"):
+        cache.SplitCache(split_dir).pooled()
+    assert time.time() - t0 < 60
+    resumed = _run(_extract_cmd(root, files, tmp_path))  # the size no longer matches: extracted again
+    assert resumed.returncode == 0 and "shard-00001.h5 is missing or has the wrong size" in resumed.stderr
+    _same(split_dir, reference)
+
+
+def test_resume_trusts_sizes_unless_asked_to_verify(split_dataset, tmp_path, monkeypatch):
+    root, files = split_dataset
+    base = dict(
+        dataset="split",
+        root=str(root),
+        split_files={"train": str(files["train"])},
+        cache_dir=str(tmp_path),
+        shard_size=9,
+        model="vlmcache-tiny",
+        pretrained="none",
+        device="cpu",
+        workers=0,
+    )
+    split_dir = Path(run_extract(ExtractConfig(**base), log=lambda *a: None)["splits"][0]["path"])
+    _flip_pooled_byte(split_dir / "shard-00000.h5")
+    hashed = []
+    real = cache.sha256_file
+    monkeypatch.setattr(cache, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    again = run_extract(ExtractConfig(**base), log=lambda *a: None)
+    assert again["splits"][0]["resumed_shards"] == 6 and hashed == []  # nothing re-hashed, nothing redone
+    checked = run_extract(ExtractConfig(**base, verify=True), log=lambda *a: None)
+    assert checked["splits"][0]["resumed_shards"] == 5 and cache.verify_split(split_dir) == []
+
+
+# --------------------------------------------------------------------------- hostile and broken inputs
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_skipped_with_bounded_memory(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "bomb.png").write_bytes(_png_header_only(60_000, 60_000))  # 3.6 G pixels, 10.8 GB as RGB
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "img" / "ok.png")
+    (tmp_path / "train.txt").write_text("img/bomb.png 0\nimg/ok.png 1\n")
+    out = _run(
+        [
+            sys.executable,
+            "-m",
+            "vlmcache",
+            "extract",
+            "--dataset",
+            "split",
+            "--root",
+            str(tmp_path),
+            "--split-file",
+            f"train={tmp_path / 'train.txt'}",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            *TINY,
+        ]
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["splits"][0]["rows"] == 1 and summary["splits"][0]["skipped"] == 1
+    assert max(summary["peak_rss_mb"]) < 2000
+    manifest = cache.read_manifest(Path(summary["splits"][0]["path"]))
+    assert "decompression bomb" in manifest["shards"][0]["skipped"][0]["reason"]
+
+
+def test_non_finite_embeddings_are_rejected_at_write_naming_the_row(split_dataset, tmp_path, monkeypatch):
+    from vlmcache.encoders import Encoder
+
+    real = Encoder.encode_images
+
+    def overflowing(self, images, tokens=False):
+        pooled, tok = real(self, images, tokens)
+        pooled = pooled.clone()
+        if len(pooled) > 3:
+            pooled[3, 0] = 1e6  # beyond float16's range: inf in the cache
+        return pooled, tok
+
+    monkeypatch.setattr(Encoder, "encode_images", overflowing)
+    root, files = split_dataset
+    cfg = ExtractConfig(
+        dataset="split",
+        root=str(root),
+        split_files={"train": str(files["train"])},
+        cache_dir=str(tmp_path),
+        shard_size=9,
+        batch_size=9,
+        model="vlmcache-tiny",
+        pretrained="none",
+        device="cpu",
+        workers=0,
+    )
+    with pytest.raises(VlmcacheError, match=r"row 3 \('images/train/c0/003.png'\) is not finite"):
+        run_extract(cfg, log=lambda *a: None)
+    split_dir = next(tmp_path.rglob("train"))
+    manifest = cache.read_manifest(split_dir)  # none yet: the first shard was the one refused
+    assert not list(split_dir.glob("shard-*")) and (manifest is None or manifest["shards"] == [])
+
+
+def test_symlinks_out_of_the_root_are_refused(tmp_path):
+    from PIL import Image
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "secret.png")
+    root = tmp_path / "root"
+    (root / "img").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "img" / "ok.png")
+    (root / "img" / "link.png").symlink_to(outside / "secret.png")
+    os.symlink(outside, root / "dirlink")
+    (root / "train.txt").write_text("img/ok.png 0\nimg/link.png 0\ndirlink/secret.png 1\n")
+    cfg = ExtractConfig(
+        dataset="split",
+        root=str(root),
+        split_files={"train": str(root / "train.txt")},
+        cache_dir=str(tmp_path / "c"),
+        model="vlmcache-tiny",
+        pretrained="none",
+        device="cpu",
+        workers=0,
+    )
+    summary = run_extract(cfg, log=lambda *a: None)
+    manifest = cache.read_manifest(Path(summary["splits"][0]["path"]))
+    reasons = {x["path"]: x["reason"] for e in manifest["shards"] for x in e["skipped"]}
+    assert set(reasons) == {"img/link.png", "dirlink/secret.png"}
+    assert all("outside --root" in r for r in reasons.values()) and summary["splits"][0]["rows"] == 1
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": {"dataset": "x"}}))
+    with open(run / "head.pt", "wb") as f:
+        pickle.dump({"head": _Payload()}, f)
+    os.chdir(tmp_path)
+    with pytest.raises(VlmcacheError, match="not a vlmcache head"):
+        load_run(run, torch.device("cpu"))
+    assert not (tmp_path / "PWNED").exists()
+
+
+# --------------------------------------------------------------------------- readers
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokens")
+    x, y = long_tailed_features(np.random.default_rng(0), [300, 80, 20])
+    tokens = np.random.default_rng(1).normal(size=(len(y), 5, 16)).astype(np.float16)
+    write_feature_cache(
+        d,
+        "synth",
+        {"train": (x, y, tokens), "test": (x, y, tokens)},
+        3,
+        shard_size=70,
+        key="vlmcache-tiny__random__00000000",
+    )
+    return d
+
+
+@pytest.mark.parametrize("context", ["spawn", "fork"])
+def test_dataloader_workers_read_the_token_store(token_cache, context):
+    split = cache.SplitCache(token_cache / "synth" / "vlmcache-tiny__random__00000000" / "train")
+    split.read_tokens(0, 10)  # the parent has files open; the workers must not inherit handles
+    blocks = TokenBlocks(split, block_rows=64)
+    loader = torch.utils.data.DataLoader(blocks, batch_size=None, num_workers=2, multiprocessing_context=context)
+    got = [(x, y) for x, y in loader]
+    np.testing.assert_array_equal(torch.cat([x for x, _ in got]).numpy(), split.read_tokens(0, len(split)))
+    np.testing.assert_array_equal(torch.cat([y for _, y in got]).numpy(), split.labels())
+
+
+def test_concurrent_readers_and_cache_ls(token_cache, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmcache",
+        "train-head",
+        "-d",
+        "split",
+        "-m",
+        "vlmcache-tiny",
+        "-p",
+        "none",
+        "--cache-dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--epochs",
+        "2",
+        "--json",
+    ]
+    import shutil
+
+    shutil.copytree(token_cache / "synth", tmp_path / "split")
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--seed", str(s), "--runs-dir", str(tmp_path / f"r{s}")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for s in range(3)
+    ]
+    shard = next((tmp_path / "split").rglob("shard-00000.h5"))
+    reader = cache.SplitCache(shard.parent)
+    reader.pooled()  # this process holds the shards open for reading while the others train
+    # a writer in another process (HDF5 locking on) can still open them: no reader holds a file lock
+    writer = _run([sys.executable, "-c", f"import h5py; h5py.File({str(shard)!r}, 'r+').close()"])
+    assert writer.returncode == 0, writer.stderr
+    ls = _run([sys.executable, "-m", "vlmcache", "cache", "ls", "--cache-dir", str(tmp_path), "--json"])
+    assert ls.returncode == 0 and json.loads(ls.stdout)["caches"][0]["splits"]["train"]["complete"]
+    for p in procs:
+        out, errs = p.communicate(timeout=300)
+        assert p.returncode == 0, errs
+        assert 0 <= json.loads(out)["metrics"]["overall"] <= 1
