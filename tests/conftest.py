@@ -121,3 +121,59 @@ def long_tailed_features(rng: np.random.Generator, counts: list[int], dim: int =
     labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)]).astype(np.int64)
     x = means[labels] * 2.0 + rng.normal(scale=noise, size=(len(labels), dim))
     return x.astype(np.float32), labels
+
+
+def extract_cmd(root: Path, files: dict, cache_dir: Path, *extra: str) -> list[str]:
+    """`vlmcache extract` of the split_dataset's train split with the tiny model, as a subprocess command line."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "vlmcache",
+        "extract",
+        "--dataset",
+        "split",
+        "--root",
+        str(root),
+        "--split-file",
+        f"train={files['train']}",
+        "--model",
+        "vlmcache-tiny",
+        "--pretrained",
+        "none",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(cache_dir),
+        "--tokens",
+        "--json",
+        *extra,
+    ]
+
+
+def run(cmd: list[str], preexec=None, **env):
+    """Run a command with extra environment variables; its output captured as text."""
+    import os
+    import subprocess
+
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=300, preexec_fn=preexec
+    )
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Two extractions of one split hold the same rows, labels, pooled and tokens (float16 tolerance: a resumed
+    run batches rows differently, which may move the last bit)."""
+    from vlmcache import cache
+
+    ca, cb = cache.SplitCache(a), cache.SplitCache(b)
+    np.testing.assert_array_equal(ca.rows(), cb.rows())
+    np.testing.assert_array_equal(ca.labels(), cb.labels())
+    np.testing.assert_allclose(ca.pooled().astype(np.float32), cb.pooled().astype(np.float32), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(
+        ca.read_tokens(0, len(ca)).astype(np.float32),
+        cb.read_tokens(0, len(cb)).astype(np.float32),
+        atol=2e-3,
+        rtol=2e-3,
+    )

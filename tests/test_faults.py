@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import long_tailed_features, write_feature_cache
+from conftest import assert_same_cache, extract_cmd, long_tailed_features, run, write_feature_cache
 
 from vlmcache import cache
 from vlmcache.errors import VlmcacheError
@@ -25,55 +25,20 @@ from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.features import TokenBlocks
 from vlmcache.train import TrainConfig, load_run, train_head
 
-TINY = ["--model", "vlmcache-tiny", "--pretrained", "none", "--device", "cpu", "--workers", "0", "--json"]
-
 
 def _extract_cmd(root: Path, files: dict, cache_dir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "vlmcache",
-        "extract",
-        "--dataset",
-        "split",
-        "--root",
-        str(root),
-        "--split-file",
-        f"train={files['train']}",
-        "--cache-dir",
-        str(cache_dir),
-        "--shard-size",
-        "9",
-        "--tokens",
-        *TINY,
-        *extra,
-    ]
-
-
-def _run(cmd, preexec=None, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=300, preexec_fn=preexec
-    )
+    return extract_cmd(root, files, cache_dir, "--shard-size", "9", "--workers", "0", *extra)
 
 
 def _split_dir(stdout: str) -> Path:
     return Path(json.loads(stdout)["splits"][0]["path"])
 
 
-def _same(a: Path, b: Path) -> None:
-    ca, cb = cache.SplitCache(a), cache.SplitCache(b)
-    np.testing.assert_array_equal(ca.rows(), cb.rows())
-    np.testing.assert_allclose(ca.pooled().astype(np.float32), cb.pooled().astype(np.float32), atol=2e-3)
-    np.testing.assert_allclose(
-        ca.read_tokens(0, len(ca)).astype(np.float32), cb.read_tokens(0, len(cb)).astype(np.float32), atol=2e-3
-    )
-
-
 @pytest.fixture(scope="module")
 def reference(split_dataset, tmp_path_factory):
     """An uninterrupted single-process extraction (47 rows, shards of 9: the count is not a multiple of 2)."""
     root, files = split_dataset
-    out = _run(_extract_cmd(root, files, tmp_path_factory.mktemp("ref")))
+    out = run(_extract_cmd(root, files, tmp_path_factory.mktemp("ref")))
     assert out.returncode == 0, out.stderr
     return _split_dir(out.stdout)
 
@@ -87,29 +52,29 @@ def _twin(reference: Path, cache_dir: Path) -> Path:
 
 def test_torchrun_two_processes_then_resume_with_one(split_dataset, reference, tmp_path):
     root, files = split_dataset
-    killed = _run(_extract_cmd(root, files, tmp_path, "--nproc", "2"), VLMCACHE_FAULT="shard_published:2")
+    killed = run(_extract_cmd(root, files, tmp_path, "--nproc", "2"), VLMCACHE_FAULT="shard_published:2")
     assert killed.returncode != 0  # every rank killed itself after its second shard; torchrun reports it
     split_dir = _twin(reference, tmp_path)
     manifest = cache.read_manifest(split_dir)
     assert 1 <= len(manifest["shards"]) < 6 and not manifest["complete"]
     assert {p.name for p in split_dir.glob("shard-*.h5")} == {e["file"] for e in manifest["shards"]}
 
-    resumed = _run(_extract_cmd(root, files, tmp_path))  # a different world size
+    resumed = run(_extract_cmd(root, files, tmp_path))  # a different world size
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["splits"][0]["resumed_shards"] == len(manifest["shards"])
-    _same(split_dir, reference)
+    assert_same_cache(split_dir, reference)
 
 
 def test_torchrun_two_processes_write_every_row_once(split_dataset, reference, tmp_path):
     root, files = split_dataset
-    out = _run(_extract_cmd(root, files, tmp_path, "--nproc", "2"))
+    out = run(_extract_cmd(root, files, tmp_path, "--nproc", "2"))
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)  # only rank 0 prints
     assert summary["processes"] == 2 and len(summary["peak_rss_mb"]) == 2
     split_dir = _twin(reference, tmp_path)
     rows = cache.SplitCache(split_dir).rows()
     assert sorted(rows.tolist()) == list(range(47)) and len(set(rows.tolist())) == 47
-    _same(split_dir, reference)
+    assert_same_cache(split_dir, reference)
 
 
 # --------------------------------------------------------------------------- kills and full disks
@@ -117,15 +82,15 @@ def test_torchrun_two_processes_write_every_row_once(split_dataset, reference, t
 
 def test_sigkill_mid_shard_leaves_nothing_visible(split_dataset, reference, tmp_path):
     root, files = split_dataset
-    killed = _run(_extract_cmd(root, files, tmp_path), VLMCACHE_FAULT="shard_written:3")
+    killed = run(_extract_cmd(root, files, tmp_path), VLMCACHE_FAULT="shard_written:3")
     assert killed.returncode == -signal.SIGKILL
     split_dir = _twin(reference, tmp_path)
     manifest = cache.read_manifest(split_dir)
     assert [e["file"] for e in manifest["shards"]] == ["shard-00000.h5", "shard-00001.h5"]
     assert not (split_dir / "shard-00002.h5").exists() and list(split_dir.glob("shard-00002.h5.tmp-*"))
-    resumed = _run(_extract_cmd(root, files, tmp_path))
+    resumed = run(_extract_cmd(root, files, tmp_path))
     assert resumed.returncode == 0 and not list(split_dir.glob("*.tmp-*"))
-    _same(split_dir, reference)
+    assert_same_cache(split_dir, reference)
 
 
 def _limit_file_size(limit: int):
@@ -138,18 +103,18 @@ def _limit_file_size(limit: int):
 
 def test_disk_full_is_a_clear_error_and_resume_completes(split_dataset, reference, tmp_path):
     root, files = split_dataset
-    _run(_extract_cmd(root, files, tmp_path), VLMCACHE_FAULT="shard_published:2")
+    run(_extract_cmd(root, files, tmp_path), VLMCACHE_FAULT="shard_published:2")
     split_dir = _twin(reference, tmp_path)
     before = (split_dir / cache.MANIFEST).read_bytes()
     shard_bytes = (split_dir / "shard-00000.h5").stat().st_size
-    full = _run(_extract_cmd(root, files, tmp_path), preexec=_limit_file_size(shard_bytes // 2))
+    full = run(_extract_cmd(root, files, tmp_path), preexec=_limit_file_size(shard_bytes // 2))
     assert full.returncode == 2, full.stderr
     assert "Is the disk full?" in full.stderr and "Traceback" not in full.stderr
     assert (split_dir / cache.MANIFEST).read_bytes() == before  # untouched
     assert not list(split_dir.glob("*.tmp-*"))  # the temporary file is removed
-    resumed = _run(_extract_cmd(root, files, tmp_path))
+    resumed = run(_extract_cmd(root, files, tmp_path))
     assert resumed.returncode == 0, resumed.stderr
-    _same(split_dir, reference)
+    assert_same_cache(split_dir, reference)
 
 
 # --------------------------------------------------------------------------- damaged shards
@@ -200,21 +165,19 @@ def test_flipped_byte_verify_names_it_training_refuses_repair_fixes_only_it(spli
         )
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in split_dir.glob("shard-*.h5")}
-    out = _run(
-        [sys.executable, "-m", "vlmcache", "cache", "verify", "--repair", "--cache-dir", str(tmp_path), "--json"]
-    )
+    out = run([sys.executable, "-m", "vlmcache", "cache", "verify", "--repair", "--cache-dir", str(tmp_path), "--json"])
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["repaired"] == [str(split_dir / "shard-00002.h5")]
     after = {p.name: p.stat().st_mtime_ns for p in split_dir.glob("shard-*.h5")}
     assert [n for n in mtimes if after[n] != mtimes[n]] == ["shard-00002.h5"]
     assert cache.verify_split(split_dir) == []
-    _same(split_dir, reference)
+    assert_same_cache(split_dir, reference)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not_hdf5"])
 def test_broken_shard_files_are_detected_without_hanging(split_dataset, reference, tmp_path, damage):
     root, files = split_dataset
-    assert _run(_extract_cmd(root, files, tmp_path)).returncode == 0
+    assert run(_extract_cmd(root, files, tmp_path)).returncode == 0
     split_dir = _twin(reference, tmp_path)
     shard = split_dir / "shard-00001.h5"
     content = {
@@ -224,14 +187,14 @@ def test_broken_shard_files_are_detected_without_hanging(split_dataset, referenc
     }[damage]
     shard.write_bytes(content)
     t0 = time.time()
-    verify = _run([sys.executable, "-m", "vlmcache", "cache", "verify", "--cache-dir", str(tmp_path)])
+    verify = run([sys.executable, "-m", "vlmcache", "cache", "verify", "--cache-dir", str(tmp_path)])
     assert verify.returncode == 1 and "shard-00001.h5" in verify.stdout
     with pytest.raises(VlmcacheError, match="shard-00001.h5"):
         cache.SplitCache(split_dir).pooled()
     assert time.time() - t0 < 60
-    resumed = _run(_extract_cmd(root, files, tmp_path))  # the size no longer matches: extracted again
+    resumed = run(_extract_cmd(root, files, tmp_path))  # the size no longer matches: extracted again
     assert resumed.returncode == 0 and "shard-00001.h5 is missing or has the wrong size" in resumed.stderr
-    _same(split_dir, reference)
+    assert_same_cache(split_dir, reference)
 
 
 def test_resume_trusts_sizes_unless_asked_to_verify(split_dataset, tmp_path, monkeypatch):
@@ -276,7 +239,7 @@ def test_decompression_bomb_is_skipped_with_bounded_memory(tmp_path):
 
     Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "img" / "ok.png")
     (tmp_path / "train.txt").write_text("img/bomb.png 0\nimg/ok.png 1\n")
-    out = _run(
+    out = run(
         [
             sys.executable,
             "-m",
@@ -290,7 +253,15 @@ def test_decompression_bomb_is_skipped_with_bounded_memory(tmp_path):
             f"train={tmp_path / 'train.txt'}",
             "--cache-dir",
             str(tmp_path / "c"),
-            *TINY,
+            "--model",
+            "vlmcache-tiny",
+            "--pretrained",
+            "none",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--json",
         ]
     )
     assert out.returncode == 0, out.stderr
@@ -368,15 +339,15 @@ class _Payload:
         return (os.system, ("touch PWNED",))
 
 
-def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"config": {"dataset": "x"}}))
-    with open(run / "head.pt", "wb") as f:
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"config": {"dataset": "x"}}))
+    with open(run_dir / "head.pt", "wb") as f:
         pickle.dump({"head": _Payload()}, f)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # where the payload would write
     with pytest.raises(VlmcacheError, match="not a vlmcache head"):
-        load_run(run, torch.device("cpu"))
+        load_run(run_dir, torch.device("cpu"))
     assert not (tmp_path / "PWNED").exists()
 
 
@@ -445,9 +416,9 @@ def test_concurrent_readers_and_cache_ls(token_cache, tmp_path):
     reader = cache.SplitCache(shard.parent)
     reader.pooled()  # this process holds the shards open for reading while the others train
     # a writer in another process (HDF5 locking on) can still open them: no reader holds a file lock
-    writer = _run([sys.executable, "-c", f"import h5py; h5py.File({str(shard)!r}, 'r+').close()"])
+    writer = run([sys.executable, "-c", f"import h5py; h5py.File({str(shard)!r}, 'r+').close()"])
     assert writer.returncode == 0, writer.stderr
-    ls = _run([sys.executable, "-m", "vlmcache", "cache", "ls", "--cache-dir", str(tmp_path), "--json"])
+    ls = run([sys.executable, "-m", "vlmcache", "cache", "ls", "--cache-dir", str(tmp_path), "--json"])
     assert ls.returncode == 0 and json.loads(ls.stdout)["caches"][0]["splits"]["train"]["complete"]
     for p in procs:
         out, errs = p.communicate(timeout=300)
