@@ -767,6 +767,32 @@ def cache_verify(
         raise typer.Exit(1)
 
 
+# --------------------------------------------------------------------------- benchmarks
+
+
+@app.command()
+@user_errors
+def bench(
+    scale: str = typer.Option("default", "--scale", help="smoke (seconds), default (minutes on a CPU), full."),
+    out_file: Path = typer.Option("BENCHMARKS.md", "--out", help="Where the Markdown report goes."),
+    device: str = DEVICE,
+    as_json: bool = JSON,
+):
+    """Speed, memory and cache size, each figure as a ratio to its limit measured in the same run.
+
+    Example: [bold]vlmcache bench --scale default --out BENCHMARKS.md[/]
+    """
+    from vlmcache.bench import run_bench, to_markdown
+
+    results = run_bench(scale, device, log=functools.partial(err.print, highlight=False))
+    Path(out_file).write_text(to_markdown(results))
+    if as_json:
+        _print_json({**results, "markdown": str(out_file)})
+        return
+    out.print(to_markdown(results), markup=False, highlight=False)
+    out.print(f"written: {out_file}", highlight=False)
+
+
 # --------------------------------------------------------------------------- demo
 
 

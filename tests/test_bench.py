@@ -1,0 +1,26 @@
+"""One smoke run of the benchmark command at toy sizes, so that it cannot rot. Benchmarks assert no times."""
+
+import json
+
+from typer.testing import CliRunner
+
+from vlmcache.cli import app
+
+
+def test_bench_smoke_writes_every_section(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    result = CliRunner().invoke(app, ["bench", "--scale", "smoke", "--out", str(out), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert {e["tokens"] for e in body["extraction"]} == {False, True}
+    for row in body["extraction"] + body["loop"]:
+        assert row["ratio"] > 0
+    assert body["token_read"]["ratio"] > 0 and body["cached_vs_streaming"][0]["limit_speedup"] >= 1
+    assert all(body["memory"][k]["peak_rss_mb"] > 0 for k in ("train_head_linear_1_epoch", "zero_shot", "knn_k20"))
+    assert {"none", "gzip-4"} <= set(body["cache_size"]["codecs"])
+    text = out.read_text()
+    for heading in ("## Machine", "## 1. Extraction", "## 2. Stage-2 loop", "## 3. Cached against streaming",
+                    "## 4. Memory", "## 5. Cache size", "## 6. GPU"):
+        assert heading in text
+    bad = CliRunner().invoke(app, ["bench", "--scale", "huge", "--out", str(out)])
+    assert bad.exit_code == 2 and "Choose one of: smoke, default, full" in bad.output

@@ -1,0 +1,643 @@
+"""`vlmcache bench`: speed, memory and cache size, each figure next to its limit, both measured in one run.
+
+- extraction: `extract` images/s over the bare encoder's images/s on the same batches (JPEG files, default
+  loader workers); the loader alone says which of the two bounds it.
+- stage-2 loop: `fit` samples/s over the same head's bare forward and backward on in-memory tensors; token
+  streaming from HDF5 over a plain sequential read of the same file.
+- cached against streaming: the limit (tower time + head time) / head time from the measured parts, next to
+  the measured `train-head --stream` time once that exists.
+- memory: peak RSS of train-head, zero-shot and kNN on a synthetic cache, each in a fresh process.
+- cache size: bytes per image of pooled and tokens in float16, raw, gzip and blosc (hdf5plugin), and read speed.
+
+Benchmarks are not tests: nothing here asserts a time. `--scale smoke` runs everything at toy sizes in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vlmcache.errors import unknown_choice
+
+
+@dataclass(frozen=True)
+class Scale:
+    extract_models: tuple  # (model, images)
+    loop_rows: int
+    decoder_rows: int
+    token_shape: tuple  # (T, W) of the decoder and token benchmarks
+    token_rows: int
+    epoch_rows: int  # one epoch of the linear head at this size (ImageNet-LT: 115,846)
+    memory: tuple  # (rows, dim, classes, test rows) of the synthetic cache for the memory figures
+    size_rows: int
+
+
+SCALES = {
+    "smoke": Scale((("vlmcache-tiny", 64),), 2000, 64, (17, 64), 512, 5000, (5000, 64, 100, 500), 256),
+    "default": Scale(
+        (("vlmcache-tiny", 2000), ("ViT-B-16", 128)),
+        20_000,
+        512,
+        (50, 768),
+        4096,
+        115_846,
+        (115_846, 512, 1000, 20_000),
+        2048,
+    ),
+    "full": Scale(
+        (("vlmcache-tiny", 2000), ("ViT-B-16", 256), ("ViT-L-14", 64)),
+        20_000,
+        512,
+        (50, 768),
+        8192,
+        115_846,
+        (437_513, 768, 8142, 24_426),
+        4096,
+    ),
+}
+
+
+def machine() -> dict:
+    import faiss
+    import open_clip
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(ram, 1),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+    }
+
+
+# --------------------------------------------------------------------------- 1. extraction
+
+
+def write_jpegs(root: Path, n: int, classes: int = 10, size=(500, 375), seed: int = 0) -> Path:
+    """n photo-sized JPEGs (smooth colour fields plus noise, so they compress and decode like photos)."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]] / max(size)
+    lines = []
+    for i in range(n):
+        a, b, c = rng.uniform(0, 6, 3)
+        base = np.stack([np.sin(a * xx + b * yy + k * c) for k in range(3)], -1) * 100 + 128
+        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "img" / f"{i:06d}.jpg", quality=90)
+        lines.append(f"img/{i:06d}.jpg {i % classes}")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    return root / "train.txt"
+
+
+def bench_extraction(
+    model: str, images: int, device: str = "auto", precision: str = "auto", batch_size: int = 64, tokens: bool = False
+) -> dict:
+    from torch.utils.data import DataLoader
+
+    from vlmcache.datasets import read_split_file
+    from vlmcache.encoders import load_encoder
+    from vlmcache.extract import ExtractConfig, ImageRows, collate, default_workers, run_extract
+    from vlmcache.images import FileSource
+
+    workers = default_workers()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        split_file = write_jpegs(root, images)
+        cfg = ExtractConfig(
+            dataset="split",
+            root=str(root),
+            split_files={"train": str(split_file)},
+            model=model,
+            pretrained="none",
+            cache_dir=str(root / "cache"),
+            batch_size=batch_size,
+            workers=workers,
+            tokens=tokens,
+            device=device,
+            precision=precision,
+            templates=["photo"],
+        )
+        summary = run_extract(cfg, log=lambda *a: None)
+        split = summary["splits"][0]
+        per_image = split["bytes"] / split["rows"]
+        encoder = load_encoder(model, "none", device, precision)
+        relpaths, _ = read_split_file(split_file)
+        x = torch.stack([encoder.preprocess(Image.open(root / p).convert("RGB")) for p in relpaths])
+        batches = list(torch.split(x, batch_size))
+        encoder.encode_images(batches[0], tokens=tokens)  # warm-up
+        _sync(encoder.device)
+        t0 = time.perf_counter()
+        for b in batches:
+            pooled, tok = encoder.encode_images(b, tokens=tokens)
+            pooled.cpu()
+            if tok is not None:
+                tok.cpu()
+        encoder_rate = len(x) / (time.perf_counter() - t0)
+        loader = DataLoader(
+            ImageRows(FileSource(root, relpaths), np.arange(len(relpaths)), encoder.preprocess),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=collate,
+            prefetch_factor=4 if workers else None,
+        )
+        t0 = time.perf_counter()
+        n = sum(len(b["rows"]) for b in loader)
+        loader_rate = n / (time.perf_counter() - t0)
+    rate = split["images_per_s"]
+    return {
+        "model": model,
+        "pretrained": "none (random)",
+        "device": summary["device"],
+        "precision": summary["precision"],
+        "images": images,
+        "batch_size": batch_size,
+        "workers": workers,
+        "tokens": tokens,
+        "extract_images_per_s": rate,
+        "encoder_images_per_s": round(encoder_rate, 1),
+        "ratio": round(rate / encoder_rate, 3),
+        "goal": 0.9,
+        "loader_images_per_s": round(loader_rate, 1),
+        "bound_by": "encoder" if encoder_rate < loader_rate else "image decoding (the loader)",
+        "cache_bytes_per_image": round(per_image, 1),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- 2. the stage-2 loop
+
+
+def _bare(head, x, y, batch_size: int, epochs: int) -> float:
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for i in range(0, len(y), batch_size):
+            loss = F.cross_entropy(head(x[i : i + batch_size]), y[i : i + batch_size])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    _sync(x.device)
+    return epochs * len(y) / (time.perf_counter() - t0)
+
+
+def _looped(head, data, batch_size: int, epochs: int, num_classes: int) -> float:
+    from vlmcache.losses import build_loss
+    from vlmcache.samplers import build_sampler
+    from vlmcache.train import TrainConfig, fit
+
+    cfg = TrainConfig(dataset="bench", epochs=epochs, batch_size=batch_size, lr=1e-3).resolve()
+    loss = build_loss("ce", torch.bincount(data.y, minlength=num_classes).cpu().numpy()).to(data.y.device)
+    t0 = time.perf_counter()
+    fit(head, data, loss, build_sampler("instance", data.y), cfg, data.y.device)
+    return epochs * len(data) / (time.perf_counter() - t0)
+
+
+def bench_loop(name: str, make_head, data, x, batch_size: int, epochs: int, classes: int, repeats: int = 2) -> dict:
+    """Interleaved runs, best of each side, so both see the same machine state."""
+    loop, bare = [], []
+    for _ in range(repeats):
+        torch.manual_seed(0)
+        bare.append(_bare(make_head(), x, data.y, batch_size, epochs))
+        loop.append(_looped(make_head(), data, batch_size, epochs, classes))
+    goal = 0.9 if name == "linear" else 0.8
+    return {
+        "head": name,
+        "rows": len(data),
+        "batch_size": batch_size,
+        "loop_samples_per_s": round(max(loop), 1),
+        "bare_samples_per_s": round(max(bare), 1),
+        "ratio": round(max(loop) / max(bare), 3),
+        "goal": goal,
+    }
+
+
+def bench_token_read(rows: int, shape: tuple, folder: Path, block_rows: int = 256) -> dict:
+    """Streaming an epoch's tokens in shuffled blocks against one plain sequential pass over the same file."""
+    from vlmcache import cache
+    from vlmcache.features import Tokens
+    from vlmcache.samplers import build_sampler
+
+    split_dir = _synthetic_tokens(folder, rows, shape)
+    split = cache.SplitCache(split_dir)
+    t0 = time.perf_counter()
+    for i in range(0, rows, 4096):
+        split.read_tokens(i, min(i + 4096, rows))
+    sequential = rows / (time.perf_counter() - t0)
+    stream = Tokens(split, torch.device("cpu"), in_memory=False, block_rows=block_rows)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    n = sum(len(y) for _, y in stream.batches(build_sampler("instance", stream.y).epoch(gen), 256, gen))
+    streamed = n / (time.perf_counter() - t0)
+    mb = shape[0] * shape[1] * 2 / 2**20
+    return {
+        "rows": rows,
+        "token_shape": list(shape),
+        "block_rows": block_rows,
+        "stream_rows_per_s": round(streamed, 1),
+        "sequential_rows_per_s": round(sequential, 1),
+        "stream_mb_per_s": round(streamed * mb, 1),
+        "sequential_mb_per_s": round(sequential * mb, 1),
+        "ratio": round(streamed / sequential, 3),
+        "note": "warm page cache: the file was just written",
+    }
+
+
+def _synthetic_tokens(folder: Path, rows: int, shape: tuple, shard_size: int = 1024) -> Path:
+    from vlmcache import cache
+
+    split_dir = folder / "synth" / "bench__random__00000000" / "train"
+    split_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    manifest = {
+        "format": cache.FORMAT,
+        "fingerprint": {"tokens": True, "num_classes": 10},
+        "n_rows": rows,
+        "n_shards": -(-rows // shard_size),
+        "complete": True,
+        "dims": {"pooled": shape[1], "tokens": list(shape)},
+        "shards": [],
+    }
+    for i, lo in enumerate(range(0, rows, shard_size)):
+        hi = min(lo + shard_size, rows)
+        arrays = {
+            "rows": np.arange(lo, hi),
+            "labels": np.arange(lo, hi) % 10,
+            "pooled": rng.normal(size=(hi - lo, shape[1])).astype(np.float16),
+            "tokens": rng.normal(size=(hi - lo, *shape)).astype(np.float16),
+        }
+        entry = cache.write_shard(split_dir / cache.shard_name(i), arrays, {})
+        entry.update(index=i, start=lo, stop=hi, rows=hi - lo, skipped=[])
+        manifest["shards"].append(entry)
+    cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+    return split_dir
+
+
+# --------------------------------------------------------------------------- 4. memory
+
+
+_MEASURE = """
+import json, resource, sys
+from vlmcache.cli import app
+try:
+    app(sys.argv[1:], standalone_mode=False)
+finally:
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), file=sys.stderr)
+"""
+
+
+def _peak_rss(argv: list[str]) -> tuple[float, float]:
+    """(peak RSS in MB, seconds) of one vlmcache command in a fresh process."""
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", _MEASURE, *argv], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {res.stderr[-2000:]}")
+    return json.loads(res.stderr.strip().splitlines()[-1])["peak_rss_mb"], seconds
+
+
+def bench_memory(rows: int, dim: int, classes: int, test_rows: int, folder: Path) -> dict:
+    """Peak RSS of train-head (one epoch, linear), zero-shot and kNN on an iNat-sized synthetic pooled cache."""
+    from vlmcache import cache
+
+    rng = np.random.default_rng(0)
+    counts = np.maximum(2, (1000 * np.exp(-np.linspace(0, 6.2, classes)))).astype(int)  # a long tail, 1000 to 2
+    labels = np.repeat(np.arange(classes), counts)
+    labels = np.resize(labels, rows) if len(labels) < rows else labels[:rows]
+    model_dir = folder / "split" / "vlmcache-tiny__random__00000000"
+    for split, n, lab in (("train", rows, labels), ("test", test_rows, rng.integers(0, classes, test_rows))):
+        split_dir = model_dir / split
+        split_dir.mkdir(parents=True)
+        manifest = {
+            "format": cache.FORMAT,
+            "fingerprint": {"num_classes": classes, "tokens": False, "dataset": "split", "encoder": {"model": "bench"}},
+            "n_rows": n,
+            "n_shards": 0,
+            "complete": True,
+            "dims": {"pooled": dim, "tokens": None},
+            "shards": [],
+        }
+        for i, lo in enumerate(range(0, n, 65536)):
+            hi = min(lo + 65536, n)
+            arrays = {
+                "rows": np.arange(lo, hi),
+                "labels": lab[lo:hi],
+                "pooled": rng.normal(size=(hi - lo, dim)).astype(np.float16),
+            }
+            entry = cache.write_shard(split_dir / cache.shard_name(i), arrays, {})
+            entry.update(index=i, start=lo, stop=hi, rows=hi - lo, skipped=[])
+            manifest["shards"].append(entry)
+        manifest["n_shards"] = len(manifest["shards"])
+        cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+    text = rng.normal(size=(classes, dim))
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    cache.write_text(
+        model_dir / cache.TEXT_FILE,
+        cache.TextCache({}, [f"c{i}" for i in range(classes)], {"photo": (["{}"], text)}, 100.0),
+    )
+    common = ["-d", "split", "-m", "vlmcache-tiny", "-p", "none", "--cache-dir", str(folder), "--json"]
+    out = {
+        "rows": rows,
+        "dim": dim,
+        "classes": classes,
+        "test_rows": test_rows,
+        "pooled_mb_float32": round(rows * dim * 4 / 2**20, 1),
+    }
+    for name, argv in (
+        ("train_head_linear_1_epoch", ["train-head", *common, "--epochs", "1", "--runs-dir", str(folder / "runs")]),
+        ("zero_shot", ["zero-shot", *common, "--templates", "photo"]),
+        ("knn_k20", ["knn", *common, "--k", "20"]),
+    ):
+        rss, seconds = _peak_rss(argv)
+        out[name] = {"peak_rss_mb": round(rss, 1), "seconds": round(seconds, 1)}
+    return out
+
+
+# --------------------------------------------------------------------------- 5. cache size
+
+
+def bench_cache_size(rows: int, dim: int, token_shape: tuple, folder: Path) -> dict:
+    """Bytes per image and sequential read speed of pooled and tokens, raw and compressed."""
+    codecs = {"none": {}, "gzip-4": {"compression": "gzip", "compression_opts": 4}}
+    try:
+        import hdf5plugin
+
+        codecs["blosc-lz4"] = dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
+        codecs["blosc-zstd"] = dict(hdf5plugin.Blosc(cname="zstd", clevel=3, shuffle=hdf5plugin.Blosc.SHUFFLE))
+    except ImportError:
+        pass
+    rng = np.random.default_rng(0)
+    # CLIP-like values: float16 embeddings of modest range (random normals compress like real features do: poorly)
+    arrays = {
+        "pooled": (rng.normal(size=(rows, dim)) * 0.5).astype(np.float16),
+        "tokens": (rng.normal(size=(rows, *token_shape)) * 0.5).astype(np.float16),
+    }
+    out = {"rows": rows, "pooled_dim": dim, "token_shape": list(token_shape), "codecs": {}}
+    for codec, kw in codecs.items():
+        row = {}
+        for name, arr in arrays.items():
+            path = folder / f"{codec}-{name}.h5"
+            chunks = (1, *arr.shape[1:]) if name == "tokens" else (min(4096, rows), dim)
+            t0 = time.perf_counter()
+            with h5py.File(path, "w") as f:
+                f.create_dataset(name, data=arr, chunks=chunks, **kw)
+            write_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with h5py.File(path, "r") as f:
+                f[name][()]
+            read_s = time.perf_counter() - t0
+            row[name] = {
+                "bytes_per_image": round(path.stat().st_size / rows, 1),
+                "read_mb_per_s": round(arr.nbytes / 2**20 / read_s, 1),
+                "write_mb_per_s": round(arr.nbytes / 2**20 / write_s, 1),
+            }
+        out["codecs"][codec] = row
+    return out
+
+
+# --------------------------------------------------------------------------- the suite
+
+
+def run_bench(scale: str = "default", device: str = "auto", log=print) -> dict:
+    if scale not in SCALES:
+        raise unknown_choice("scale", scale, SCALES)
+    s = SCALES[scale]
+    from vlmcache.features import Pooled
+    from vlmcache.heads import build_head
+
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
+    results = {"scale": scale, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    log("extraction ...")
+    results["extraction"] = [bench_extraction(m, n, device=str(dev)) for m, n in s.extract_models]
+    results["extraction"].append(
+        bench_extraction(s.extract_models[-1][0], max(16, s.extract_models[-1][1] // 2), device=str(dev), tokens=True)
+    )
+    log("stage-2 loop ...")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(s.loop_rows, 512, generator=g).to(dev)
+    y = torch.randint(0, 1000, (s.loop_rows,), generator=g).to(dev)
+    linear = bench_loop("linear", lambda: build_head("linear", 512, 1000).to(dev), Pooled(x, y), x, 256, 2, 1000)
+    t, w = s.token_shape
+    xt = torch.randn(s.decoder_rows, t, w, generator=g).to(dev)
+    yt = torch.randint(0, 1000, (s.decoder_rows,), generator=g).to(dev)
+    # tokens held in memory are gathered by index exactly as pooled rows are
+    decoder = bench_loop("decoder", lambda: build_head("decoder", w, 1000).to(dev), Pooled(xt, yt), xt, 64, 1, 1000)
+    decoder["token_shape"] = [t, w]
+    results["loop"] = [linear, decoder]
+    xe = torch.randn(s.epoch_rows, 512, generator=g).to(dev)
+    ye = torch.randint(0, 1000, (s.epoch_rows,), generator=g).to(dev)
+    t0 = time.perf_counter()
+    _looped(build_head("linear", 512, 1000).to(dev), Pooled(xe, ye), 256, 1, 1000)
+    results["epoch"] = {
+        "rows": s.epoch_rows,
+        "dim": 512,
+        "classes": 1000,
+        "head": "linear",
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        log("token reads ...")
+        results["token_read"] = bench_token_read(s.token_rows, s.token_shape, Path(tmp) / "tokens")
+        log("memory ...")
+        results["memory"] = bench_memory(*s.memory, Path(tmp) / "memory")
+        log("cache size ...")
+        (Path(tmp) / "size").mkdir()
+        results["cache_size"] = bench_cache_size(s.size_rows, 512, s.token_shape, Path(tmp) / "size")
+    # 3. cached against streaming: the limit from the measured parts (tower and head, per image)
+    tower = [e for e in results["extraction"] if not e["tokens"]][-1]  # the largest model measured
+    results["cached_vs_streaming"] = []
+    for loop in results["loop"]:
+        head_s, tower_s = 1 / loop["bare_samples_per_s"], 1 / tower["encoder_images_per_s"]
+        results["cached_vs_streaming"].append(
+            {
+                "head": loop["head"],
+                "tower": tower["model"],
+                "limit_speedup": round((tower_s + head_s) / head_s, 1),
+                "measured_speedup": None,
+                "missing": "train-head --stream is not built yet (issue 5)",
+            }
+        )
+    return results
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def to_markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [
+        "# vlmcache benchmarks",
+        "",
+        f"Measured by `vlmcache bench --scale {r['scale']}` on {r['date']}. Each figure stands next to its "
+        "limit, both measured in the same run. Random weights everywhere (speed does not depend on them).",
+        "",
+        "## Machine",
+        "",
+        f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, torch threads {m['torch_threads']}, "
+        f"GPU: {m['gpu'] or 'none'}. Python {m['python']}, torch {m['torch']}, open_clip {m['open_clip']}, "
+        f"h5py {m['h5py']} (HDF5 {m['hdf5']}), faiss {m['faiss']}, numpy {m['numpy']}.",
+        "",
+        "## 1. Extraction against the bare encoder (goal: ratio at least 0.9)",
+        "",
+        _row(
+            [
+                "model",
+                "device",
+                "precision",
+                "tokens",
+                "extract img/s",
+                "encoder img/s",
+                "ratio",
+                "loader img/s",
+                "bound by",
+                "cache B/img",
+            ]
+        ),
+        _row(["---"] * 10),
+    ]
+    for e in r["extraction"]:
+        lines.append(
+            _row(
+                [
+                    e["model"],
+                    e["device"],
+                    e["precision"],
+                    e["tokens"],
+                    e["extract_images_per_s"],
+                    e["encoder_images_per_s"],
+                    e["ratio"],
+                    e["loader_images_per_s"],
+                    e["bound_by"],
+                    e["cache_bytes_per_image"],
+                ]
+            )
+        )
+    lines += [
+        "",
+        "The loader is the same DataLoader without the encoder: where it is slower than the encoder, JPEG "
+        "decoding and resizing bound extraction, and the ratio to the encoder says little.",
+        "",
+        "## 2. Stage-2 loop against the bare forward and backward (goals: 0.9 pooled, 0.8 tokens)",
+        "",
+        _row(["head", "rows", "batch", "loop samples/s", "bare samples/s", "ratio", "goal"]),
+        _row(["---"] * 7),
+    ]
+    for lp in r["loop"]:
+        lines.append(
+            _row(
+                [
+                    lp["head"] + (f" (tokens {lp['token_shape']})" if "token_shape" in lp else ""),
+                    lp["rows"],
+                    lp["batch_size"],
+                    lp["loop_samples_per_s"],
+                    lp["bare_samples_per_s"],
+                    lp["ratio"],
+                    lp["goal"],
+                ]
+            )
+        )
+    e = r["epoch"]
+    t = r["token_read"]
+    lines += [
+        "",
+        f"One epoch of the linear head on an ImageNet-LT-sized pooled set ({e['rows']:,} x {e['dim']}, "
+        f"{e['classes']:,} classes): {e['seconds']} s.",
+        "",
+        f"Token streaming ({t['rows']:,} rows of {t['token_shape']}, blocks of {t['block_rows']}, shuffled "
+        f"windows): {t['stream_mb_per_s']} MB/s against a plain sequential read's {t['sequential_mb_per_s']} "
+        f"MB/s, ratio {t['ratio']} ({t['note']}).",
+        "",
+        "## 3. Cached against streaming",
+        "",
+        _row(["head", "tower", "limit: (tower + head) / head", "measured"]),
+        _row(["---"] * 4),
+    ]
+    for c in r["cached_vs_streaming"]:
+        lines.append(
+            _row([c["head"], c["tower"], f"{c['limit_speedup']}x", c["measured_speedup"] or f"not yet: {c['missing']}"])
+        )
+    mem = r["memory"]
+    lines += [
+        "",
+        f"## 4. Memory (synthetic pooled cache: {mem['rows']:,} x {mem['dim']}, {mem['classes']:,} classes, "
+        f"{mem['test_rows']:,} test rows; {mem['pooled_mb_float32']} MB as float32)",
+        "",
+        _row(["command", "peak RSS (MB)", "seconds"]),
+        _row(["---"] * 3),
+    ]
+    for name in ("train_head_linear_1_epoch", "zero_shot", "knn_k20"):
+        lines.append(_row([name.replace("_", " "), mem[name]["peak_rss_mb"], mem[name]["seconds"]]))
+    cs = r["cache_size"]
+    lines += [
+        "",
+        f"## 5. Cache size and read speed ({cs['rows']:,} rows; pooled {cs['pooled_dim']}, tokens "
+        f"{cs['token_shape']}, float16)",
+        "",
+        _row(["codec", "pooled B/img", "pooled read MB/s", "tokens B/img", "tokens read MB/s", "tokens write MB/s"]),
+        _row(["---"] * 6),
+    ]
+    for codec, row in cs["codecs"].items():
+        lines.append(
+            _row(
+                [
+                    codec,
+                    row["pooled"]["bytes_per_image"],
+                    row["pooled"]["read_mb_per_s"],
+                    row["tokens"]["bytes_per_image"],
+                    row["tokens"]["read_mb_per_s"],
+                    row["tokens"]["write_mb_per_s"],
+                ]
+            )
+        )
+    lines += [
+        "",
+        "Float16 embeddings carry little redundancy: compression saves little and costs read speed, so "
+        "the cache stores them raw.",
+        "",
+        "## 6. GPU",
+        "",
+    ]
+    if m["gpu"]:
+        lines.append("The extraction rows above ran on the GPU.")
+    else:
+        lines.append(
+            "Not measured: no GPU on this machine. Open rows: ViT-B-16 and ViT-L-14 extraction at fp16 and "
+            "bf16 with CPU JPEG decoding (and torchvision.io.decode_jpeg on the device), each against the "
+            "encoder-only ceiling. `vlmcache bench` fills them on a GPU machine."
+        )
+    return "\n".join(lines) + "\n"
