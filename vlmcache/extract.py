@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ from vlmcache.datasets import Dataset, Split, load_dataset
 from vlmcache.encoders import Encoder, list_models, load_encoder
 from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.images import BadImage, FileSource
+from vlmcache.memory import peak_rss_mb
 from vlmcache.templates import DEFAULT_TEMPLATE_SETS, TEMPLATE_SETS, get_templates
 
 TOKEN_TAP = "visual.transformer output, before ln_post (includes the class token)"
@@ -450,7 +450,7 @@ def run_extract(cfg: ExtractConfig, progress=None, log=print) -> dict:
     t0 = time.perf_counter()
     results = [extract_split(encoder, dataset, dataset.splits[s], cfg, model_dir / s, progress, log) for s in splits]
     text_path = extract_text(encoder, dataset, cfg.templates, model_dir, log) if rank == 0 else None
-    peak = distributed.gather(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    peak = distributed.gather(peak_rss_mb())
     distributed.barrier()
     return {
         "dataset": dataset.name,

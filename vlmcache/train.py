@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import pickle
-import resource
 import shutil
 import sys
 import time
@@ -29,6 +28,7 @@ from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.features import Pooled, Tokens, default_eval_split, find_cache, open_split
 from vlmcache.heads import HEADS, build_head, head_params
 from vlmcache.losses import LOSSES, build_loss, loss_params
+from vlmcache.memory import peak_rss_mb
 from vlmcache.metrics import Evaluator
 from vlmcache.samplers import SAMPLERS, build_sampler
 from vlmcache.stage2 import STAGE2, build_stage2, logit_adjusted, tau_normalized
@@ -138,7 +138,7 @@ class RunModel(nn.Module):
 
 
 def _peak_memory(device: torch.device) -> dict:
-    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out = {"peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out

@@ -1,0 +1,21 @@
+"""Peak memory of this process."""
+
+from __future__ import annotations
+
+import resource
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB.
+
+    Linux's VmHWM belongs to the process's own address space. getrusage's ru_maxrss does not: it survives
+    fork and execve, so a fresh child started by a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # kB on Linux and BSD
