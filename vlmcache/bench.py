@@ -146,22 +146,30 @@ def bench_extraction(
             precision=precision,
             templates=["photo"],
         )
-        summary = run_extract(cfg, log=lambda *a: None)
-        split = summary["splits"][0]
-        per_image = split["bytes"] / split["rows"]
         encoder = load_encoder(model, "none", device, precision)
         relpaths, _ = read_split_file(split_file)
         x = torch.stack([encoder.preprocess(Image.open(root / p).convert("RGB")) for p in relpaths])
         batches = list(torch.split(x, batch_size))
-        encoder.encode_images(batches[0], tokens=tokens)  # warm-up
-        _sync(encoder.device)
-        t0 = time.perf_counter()
-        for b in batches:
-            pooled, tok = encoder.encode_images(b, tokens=tokens)
-            pooled.cpu()
-            if tok is not None:
-                tok.cpu()
-        encoder_rate = len(x) / (time.perf_counter() - t0)
+
+        def bare_encoder() -> float:
+            encoder.encode_images(batches[0], tokens=tokens)  # warm-up
+            _sync(encoder.device)
+            t0 = time.perf_counter()
+            for b in batches:
+                pooled, tok = encoder.encode_images(b, tokens=tokens)
+                pooled.cpu()
+                if tok is not None:
+                    tok.cpu()
+            return len(x) / (time.perf_counter() - t0)
+
+        # the ceiling is the best of two passes, one on each side of the extraction: identical passes on a
+        # shared machine can differ by a fifth
+        before = bare_encoder()
+        summary = run_extract(cfg, log=lambda *a: None)
+        split = summary["splits"][0]
+        per_image = split["bytes"] / split["rows"]
+        passes = [before, bare_encoder()]
+        encoder_rate = max(passes)
         loader = DataLoader(
             ImageRows(FileSource(root, relpaths), np.arange(len(relpaths)), encoder.preprocess),
             batch_size=batch_size,
@@ -183,6 +191,7 @@ def bench_extraction(
         "workers": workers,
         "tokens": tokens,
         "extract_images_per_s": rate,
+        "encoder_passes_images_per_s": [round(p, 1) for p in passes],
         "encoder_images_per_s": round(encoder_rate, 1),
         "ratio": round(rate / encoder_rate, 3),
         "goal": 0.9,

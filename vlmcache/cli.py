@@ -809,7 +809,7 @@ def demo(
 
     Example: [bold]vlmcache demo[/]
     """
-    from vlmcache.demo import run_demo
+    from vlmcache import demo as demo_loop
 
     err.print(
         "[bold]vlmcache demo[/]: digits_lt (scikit-learn digits, long-tailed) with vlmcache-tiny.\n"
@@ -817,9 +817,9 @@ def demo(
     )
     log = functools.partial(err.print, highlight=False)
     with RichProgress(err) as progress:
-        extracted = run_demo.extract(str(cache_dir), workers, progress, log)
+        extracted = demo_loop.extract(str(cache_dir), workers, progress, log)
     with RunProgress(err) as progress:
-        result = run_demo.evaluate(str(cache_dir), str(runs_dir), progress, log)
+        result = demo_loop.evaluate(str(cache_dir), str(runs_dir), progress, log)
     if as_json:
         _print_json({"cache": extracted["cache"], **{k: v for k, v in result.items() if k != "table"}})
         return

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from vlmcache.ablate import load_pipeline, run_pipeline
 from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.report import write_report
@@ -25,6 +23,3 @@ def evaluate(cache_dir: str, runs_dir: str, progress=None, log=print) -> dict:
     run_pipeline(pipe, runs_dir, progress, log)
     written = write_report(runs_dir)
     return {"zero_shot": zs, "table": written["table"], "report": written["report"], "runs_dir": runs_dir}
-
-
-run_demo = SimpleNamespace(extract=extract, evaluate=evaluate)

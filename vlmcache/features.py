@@ -16,6 +16,7 @@ import torch
 from vlmcache import cache
 from vlmcache.encoders import RANDOM
 from vlmcache.errors import VlmcacheError
+from vlmcache.heads import HEADS
 
 
 def weights_label(pretrained: str | None) -> str:
@@ -186,6 +187,20 @@ class Tokens:
             j = min(i + size, len(self.y))
             x = self.data[i:j] if self.data is not None else self._to_device(self.split.read_tokens(i, j))
             yield x, self.y[i:j]
+
+
+def load_inputs(split: cache.SplitCache, head_name: str, device: torch.device, stream: bool):
+    """What a head reads from a split: pooled features in device memory, or the token store."""
+    if HEADS[head_name].input == "pooled":
+        return Pooled.load(split, device)
+    if not split.fingerprint.get("tokens"):
+        fp = split.fingerprint
+        raise VlmcacheError(
+            f"The {head_name} head reads token sequences, and the cache '{split.dir.parent}' holds pooled "
+            f"features only. Extract tokens: vlmcache extract --dataset {fp['dataset']} "
+            f"--model {fp['encoder']['model']} --tokens --overwrite ... (same --root and --pretrained)."
+        )
+    return Tokens(split, device, in_memory=not stream and Tokens.fits_in_memory(split))
 
 
 class TokenBlocks(torch.utils.data.Dataset):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from vlmcache import cache
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError
-from vlmcache.features import Pooled, default_eval_split, find_cache, open_split
+from vlmcache.features import Pooled, default_eval_split, find_cache, load_inputs, open_split
 from vlmcache.metrics import Evaluator
 
 
@@ -88,7 +88,7 @@ def knn(
     test = Pooled.load(open_split(model_dir, split), dev)
     head_chunks = None
     if blend_run is not None:
-        from vlmcache.train import _load_data, load_run
+        from vlmcache.train import load_run
 
         run_cfg, run_model, _ = load_run(blend_run, dev)
         if run_cfg.dataset != dataset or (run_cfg.cache_key and run_cfg.cache_key != model_dir.name):
@@ -97,7 +97,7 @@ def knn(
                 f"not on {dataset}/{model_dir.name}."
             )
         run_model.eval()
-        head_chunks = _load_data(open_split(model_dir, split), run_cfg.head, dev, run_cfg.stream_tokens).chunks(chunk)
+        head_chunks = load_inputs(open_split(model_dir, split), run_cfg.head, dev, run_cfg.stream_tokens).chunks(chunk)
     evaluator = Evaluator(counts, text.classnames)
     for x, y in test.chunks(chunk):
         q = F.normalize(x, dim=-1).float().cpu().numpy()

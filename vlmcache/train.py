@@ -25,7 +25,7 @@ from torch import nn
 from vlmcache import cache
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
-from vlmcache.features import Pooled, Tokens, default_eval_split, find_cache, open_split
+from vlmcache.features import Pooled, default_eval_split, find_cache, load_inputs, open_split
 from vlmcache.heads import HEADS, build_head, head_params
 from vlmcache.losses import LOSSES, build_loss, loss_params
 from vlmcache.memory import peak_rss_mb
@@ -169,21 +169,24 @@ def fit(
     steps = math.ceil(len(data) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / (cfg.epochs * steps))))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    # Written in place: a new small tensor kept alive per step would sit above each step's freed activations
+    # and pin glibc's heap, which then grows by a logits buffer per step (15 GB in an iNat-sized epoch).
+    step_losses = torch.empty(steps + 1, device=device)
     history = []
     for epoch in range(1, cfg.epochs + 1):
         module.train()
         t0 = time.perf_counter()
-        losses = []
-        seen = 0
+        k = seen = 0
         for x, y in data.batches(sampler.epoch(gen), cfg.batch_size, gen):
             loss = loss_fn(module(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(loss.detach())
+            step_losses[k] = loss.detach()
+            k += 1
             seen += len(y)
-        stacked = torch.stack(losses)
+        stacked = step_losses[:k]
         finite = torch.isfinite(stacked)
         if not bool(finite.all()):
             step = int((~finite).nonzero()[0]) + 1
@@ -246,19 +249,6 @@ def frozen_features(head: nn.Module, data) -> Pooled:
 # --------------------------------------------------------------------------- the job
 
 
-def _load_data(split: cache.SplitCache, head_name: str, device: torch.device, stream: bool):
-    if HEADS[head_name].input == "pooled":
-        return Pooled.load(split, device)
-    if not split.fingerprint.get("tokens"):
-        fp = split.fingerprint
-        raise VlmcacheError(
-            f"The {head_name} head reads token sequences, and the cache '{split.dir.parent}' holds pooled "
-            f"features only. Extract tokens: vlmcache extract --dataset {fp['dataset']} "
-            f"--model {fp['encoder']['model']} --tokens --overwrite ... (same --root and --pretrained)."
-        )
-    return Tokens(split, device, in_memory=not stream and Tokens.fits_in_memory(split))
-
-
 def _head_params(cfg: TrainConfig, data) -> tuple[int, dict]:
     in_dim = data.x.shape[1] if isinstance(data, Pooled) else data.split.token_shape()[1]
     return in_dim, dict(cfg.head_params)
@@ -313,8 +303,8 @@ def train_head(
     run_dir = _run_dir(cfg)
 
     t_load = time.perf_counter()
-    train_data = _load_data(train_split, cfg.head, device, cfg.stream_tokens)
-    eval_data = _load_data(eval_split, cfg.head, device, cfg.stream_tokens)
+    train_data = load_inputs(train_split, cfg.head, device, cfg.stream_tokens)
+    eval_data = load_inputs(eval_split, cfg.head, device, cfg.stream_tokens)
     counts = np.bincount(train_data.y.cpu().numpy(), minlength=num_classes)
     load_seconds = time.perf_counter() - t_load
 
@@ -397,7 +387,7 @@ def evaluate_run(
     model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
     config = json.loads((Path(run_dir) / "config.json").read_text())
     eval_name = split or config["eval_split"]
-    data = _load_data(open_split(model_dir, eval_name), cfg.head, dev, cfg.stream_tokens)
+    data = load_inputs(open_split(model_dir, eval_name), cfg.head, dev, cfg.stream_tokens)
     counts = np.asarray(config["train_counts"])
     if tau_norm is not None:
         if model.stage2 is not None or cfg.head == "cosine":
