@@ -68,41 +68,14 @@ def write_feature_cache(
 
     model_dir = cache_dir / dataset / key
     for split, (pooled, labels, tokens) in splits.items():
-        split_dir = model_dir / split
-        split_dir.mkdir(parents=True)
-        n = len(labels)
         fingerprint = {
             "encoder": {"model": "synthetic"},
             "dataset": dataset,
             "split": split,
-            "n_rows": n,
             "num_classes": num_classes,
             "shard_size": shard_size,
-            "tokens": tokens is not None,
         }
-        manifest = {
-            "format": cache.FORMAT,
-            "fingerprint": fingerprint,
-            "origin": "synthetic",
-            "n_rows": n,
-            "n_shards": (n + shard_size - 1) // shard_size,
-            "complete": True,
-            "dims": {"pooled": pooled.shape[1], "tokens": list(tokens.shape[1:]) if tokens is not None else None},
-            "shards": [],
-        }
-        for i, start in enumerate(range(0, n, shard_size)):
-            stop = min(start + shard_size, n)
-            arrays = {
-                "rows": np.arange(start, stop),
-                "labels": labels[start:stop],
-                "pooled": pooled[start:stop].astype(np.float16),
-            }
-            if tokens is not None:
-                arrays["tokens"] = tokens[start:stop].astype(np.float16)
-            entry = cache.write_shard(split_dir / cache.shard_name(i), arrays, {})
-            entry.update(index=i, start=start, stop=stop, rows=stop - start, skipped=[])
-            manifest["shards"].append(entry)
-        cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+        cache.write_arrays(model_dir / split, pooled, labels, fingerprint, tokens, shard_size, "synthetic")
     d = text_dim or next(iter(splits.values()))[0].shape[1]
     emb = np.random.default_rng(0).normal(size=(num_classes, d))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)

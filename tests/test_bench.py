@@ -19,8 +19,15 @@ def test_bench_smoke_writes_every_section(tmp_path):
     assert all(body["memory"][k]["peak_rss_mb"] > 0 for k in ("train_head_linear_1_epoch", "zero_shot", "knn_k20"))
     assert {"none", "gzip-4"} <= set(body["cache_size"]["codecs"])
     text = out.read_text()
-    for heading in ("## Machine", "## 1. Extraction", "## 2. Stage-2 loop", "## 3. Cached against streaming",
-                    "## 4. Memory", "## 5. Cache size", "## 6. GPU"):
+    for heading in (
+        "## Machine",
+        "## 1. Extraction",
+        "## 2. Stage-2 loop",
+        "## 3. Cached against streaming",
+        "## 4. Memory",
+        "## 5. Cache size",
+        "## 6. GPU",
+    ):
         assert heading in text
     bad = CliRunner().invoke(app, ["bench", "--scale", "huge", "--out", str(out)])
     assert bad.exit_code == 2 and "Choose one of: smoke, default, full" in bad.output

@@ -290,3 +290,17 @@ def test_random_weights_are_seeded_so_resume_sees_the_same_encoder():
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(a.encode_images(x)[0], b.encode_images(x)[0]) and a.key == b.key
     assert json.dumps(a.fingerprint)  # serialisable for the manifest
+
+
+def test_write_arrays_reads_back_equal_across_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    pooled = rng.normal(size=(23, 8)).astype(np.float16)
+    tokens = rng.normal(size=(23, 3, 4)).astype(np.float16)
+    labels = rng.integers(0, 5, 23)
+    split_dir = cache.write_arrays(tmp_path / "s", pooled, labels, {"num_classes": 5}, tokens, shard_size=7)
+    split = cache.SplitCache(split_dir)
+    assert len(split.shards) == 4 and split.fingerprint["tokens"]
+    np.testing.assert_array_equal(split.pooled(), pooled)
+    np.testing.assert_array_equal(split.labels(), labels)
+    np.testing.assert_array_equal(split.read_tokens(5, 16), tokens[5:16])
+    assert cache.verify_split(split_dir) == []

@@ -287,31 +287,15 @@ def bench_token_read(rows: int, shape: tuple, folder: Path, block_rows: int = 25
 def _synthetic_tokens(folder: Path, rows: int, shape: tuple, shard_size: int = 1024) -> Path:
     from vlmcache import cache
 
-    split_dir = folder / "synth" / "bench__random__00000000" / "train"
-    split_dir.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    manifest = {
-        "format": cache.FORMAT,
-        "fingerprint": {"tokens": True, "num_classes": 10},
-        "n_rows": rows,
-        "n_shards": -(-rows // shard_size),
-        "complete": True,
-        "dims": {"pooled": shape[1], "tokens": list(shape)},
-        "shards": [],
-    }
-    for i, lo in enumerate(range(0, rows, shard_size)):
-        hi = min(lo + shard_size, rows)
-        arrays = {
-            "rows": np.arange(lo, hi),
-            "labels": np.arange(lo, hi) % 10,
-            "pooled": rng.normal(size=(hi - lo, shape[1])).astype(np.float16),
-            "tokens": rng.normal(size=(hi - lo, *shape)).astype(np.float16),
-        }
-        entry = cache.write_shard(split_dir / cache.shard_name(i), arrays, {})
-        entry.update(index=i, start=lo, stop=hi, rows=hi - lo, skipped=[])
-        manifest["shards"].append(entry)
-    cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
-    return split_dir
+    return cache.write_arrays(
+        folder / "synth" / "bench__random__00000000" / "train",
+        rng.normal(size=(rows, shape[1])).astype(np.float16),
+        np.arange(rows) % 10,
+        {"num_classes": 10},
+        rng.normal(size=(rows, *shape)).astype(np.float16),
+        shard_size,
+    )
 
 
 # --------------------------------------------------------------------------- 4. memory
@@ -348,29 +332,9 @@ def bench_memory(rows: int, dim: int, classes: int, test_rows: int, folder: Path
     labels = np.resize(labels, rows) if len(labels) < rows else labels[:rows]
     model_dir = folder / "split" / "vlmcache-tiny__random__00000000"
     for split, n, lab in (("train", rows, labels), ("test", test_rows, rng.integers(0, classes, test_rows))):
-        split_dir = model_dir / split
-        split_dir.mkdir(parents=True)
-        manifest = {
-            "format": cache.FORMAT,
-            "fingerprint": {"num_classes": classes, "tokens": False, "dataset": "split", "encoder": {"model": "bench"}},
-            "n_rows": n,
-            "n_shards": 0,
-            "complete": True,
-            "dims": {"pooled": dim, "tokens": None},
-            "shards": [],
-        }
-        for i, lo in enumerate(range(0, n, 65536)):
-            hi = min(lo + 65536, n)
-            arrays = {
-                "rows": np.arange(lo, hi),
-                "labels": lab[lo:hi],
-                "pooled": rng.normal(size=(hi - lo, dim)).astype(np.float16),
-            }
-            entry = cache.write_shard(split_dir / cache.shard_name(i), arrays, {})
-            entry.update(index=i, start=lo, stop=hi, rows=hi - lo, skipped=[])
-            manifest["shards"].append(entry)
-        manifest["n_shards"] = len(manifest["shards"])
-        cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+        fingerprint = {"num_classes": classes, "dataset": "split", "encoder": {"model": "bench"}}
+        pooled = rng.normal(size=(n, dim)).astype(np.float16)
+        cache.write_arrays(model_dir / split, pooled, lab, fingerprint, shard_size=65536)
     text = rng.normal(size=(classes, dim))
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     cache.write_text(

@@ -143,6 +143,41 @@ def write_shard(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> dict
     return {"file": final.name, "bytes": len(image), "sha256": hashlib.sha256(image).hexdigest()}
 
 
+def write_arrays(
+    split_dir: Path,
+    pooled: np.ndarray,
+    labels: np.ndarray,
+    fingerprint: dict,
+    tokens: np.ndarray | None = None,
+    shard_size: int = 1024,
+    origin: str = "arrays",
+) -> Path:
+    """A complete split written from in-memory arrays, in the same format extraction writes (synthetic
+    caches for tests and benchmarks). `fingerprint` must hold at least num_classes."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    n = len(labels)
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": {**fingerprint, "tokens": tokens is not None},
+        "origin": origin,
+        "n_rows": n,
+        "n_shards": -(-n // shard_size),
+        "complete": True,
+        "dims": {"pooled": pooled.shape[1], "tokens": list(tokens.shape[1:]) if tokens is not None else None},
+        "shards": [],
+    }
+    for i, lo in enumerate(range(0, n, shard_size)):
+        hi = min(lo + shard_size, n)
+        arrays = {"rows": np.arange(lo, hi), "labels": labels[lo:hi], "pooled": pooled[lo:hi].astype(np.float16)}
+        if tokens is not None:
+            arrays["tokens"] = tokens[lo:hi].astype(np.float16)
+        entry = write_shard(split_dir / shard_name(i), arrays, {})
+        entry.update(index=i, start=lo, stop=hi, rows=hi - lo, skipped=[])
+        manifest["shards"].append(entry)
+    write_json_atomic(split_dir / MANIFEST, manifest)
+    return split_dir
+
+
 def open_h5(path: Path) -> h5py.File:
     """Read-only, without HDF5 file locking: readers never block each other or a writer's rename."""
     try:
