@@ -54,6 +54,25 @@ def tiny_encoder():
     return load_encoder("vlmcache-tiny", "none", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """digits_lt extracted with the tiny random model, with tokens."""
+    from vlmcache.extract import ExtractConfig, run_extract
+
+    d = tmp_path_factory.mktemp("digits")
+    cfg = ExtractConfig(
+        dataset="digits_lt",
+        model="vlmcache-tiny",
+        pretrained="none",
+        device="cpu",
+        workers=0,
+        cache_dir=str(d),
+        tokens=True,
+    )
+    run_extract(cfg, log=lambda *a: None)
+    return d
+
+
 def write_feature_cache(
     cache_dir: Path,
     dataset: str,

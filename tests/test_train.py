@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 from vlmcache import cache
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
-from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.features import Tokens
 from vlmcache.heads import CosineHead
 from vlmcache.knn import knn
@@ -22,23 +21,6 @@ from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head
 from vlmcache.zeroshot import zero_shot
 
 TAIL = [400, 200, 100, 50, 25, 12, 6, 3]
-
-
-@pytest.fixture(scope="module")
-def digits_cache(tmp_path_factory):
-    """digits_lt extracted with the tiny random model, with tokens."""
-    d = tmp_path_factory.mktemp("digits")
-    cfg = ExtractConfig(
-        dataset="digits_lt",
-        model="vlmcache-tiny",
-        pretrained="none",
-        device="cpu",
-        workers=0,
-        cache_dir=str(d),
-        tokens=True,
-    )
-    run_extract(cfg, log=lambda *a: None)
-    return d
 
 
 @pytest.fixture(scope="module")

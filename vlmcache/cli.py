@@ -321,6 +321,13 @@ def train_head_cmd(
     out_dir: Path = typer.Option(None, "--out", help="This run's folder (default: RUNS_DIR/<name>__<config hash>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Run again even if this run folder is finished."),
     stream_tokens: bool = typer.Option(False, "--stream-tokens", help="Read tokens from disk even if they fit in RAM."),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="Baseline: encode the cached rows' images again with the frozen tower on every step, as the seed's "
+        "code does (same metrics as the cache for the same seed, slower by the tower's time).",
+    ),
+    workers: int = typer.Option(None, "--workers", help="Image loader processes for --stream (default min(8, CPUs))."),
     tau_norm: float = typer.Option(None, "--tau-norm", help="Post-hoc tau-normalisation of a linear classifier."),
     logit_adjust: float = typer.Option(
         None, "--logit-adjust", help="Post-hoc logit adjustment: logits - tau log prior."
@@ -359,6 +366,8 @@ def train_head_cmd(
         out=str(out_dir) if out_dir else None,
         overwrite=overwrite,
         stream_tokens=stream_tokens,
+        stream=stream,
+        workers=workers,
         tau_norm=tau_norm,
         logit_adjust=logit_adjust,
     )

@@ -264,7 +264,7 @@ def extract_split(
                     "n_rows": n,
                     "n_shards": n_shards,
                     "complete": False,
-                    "dims": _probe_dims(encoder, cfg.tokens),
+                    "dims": probe_dims(encoder, cfg.tokens),
                     "shards": [],
                 }
             # how to make this split again: `cache verify --repair` re-extracts damaged shards with it
@@ -359,7 +359,7 @@ def extract_split(
     }
 
 
-def _probe_dims(encoder: Encoder, tokens: bool) -> dict:
+def probe_dims(encoder: Encoder, tokens: bool) -> dict:
     """Output shapes from one blank image, so that a shard of only skipped rows still has typed datasets."""
     size = encoder.preprocess_cfg["size"]
     h, w = (size, size) if isinstance(size, int) else size

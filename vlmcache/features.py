@@ -79,6 +79,10 @@ class Pooled:
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def dim(self) -> int:
+        return self.x.shape[1]
+
     def batches(self, indices: torch.Tensor, batch_size: int, generator=None) -> Iterator[tuple]:
         for i in range(0, len(indices), batch_size):
             j = indices[i : i + batch_size]
@@ -113,6 +117,10 @@ class Tokens:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @property
+    def dim(self) -> int:
+        return self.split.token_shape()[1]
 
     @staticmethod
     def fits_in_memory(split: cache.SplitCache, fraction: float = 0.4) -> bool:

@@ -83,6 +83,10 @@ class LinearHead(nn.Module):
         self.register_buffer("scale", torch.ones(in_dim))
         self.classifier = make_classifier("linear", in_dim, num_classes)
 
+    @property
+    def needs_input_stats(self) -> bool:
+        return self.normalize in ("center_l2", "standardize")
+
     @torch.no_grad()
     def fit_input(self, x: torch.Tensor) -> None:
         """Training-split statistics for `center_l2` and `standardize` (a no-op for the others)."""

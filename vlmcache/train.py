@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmcache import cache
+from vlmcache import cache, streaming
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.features import Pooled, default_eval_split, find_cache, load_inputs, open_split
@@ -67,6 +67,8 @@ class TrainConfig:
     out: str | None = None
     overwrite: bool = False
     stream_tokens: bool = False
+    stream: bool = False  # encode the images again on every step (the seed's way), not read the cache
+    workers: int | None = None  # image loader processes when streaming (default: min(8, CPUs))
     tau_norm: float | None = None
     logit_adjust: float | None = None
     many: int = 100
@@ -117,7 +119,7 @@ class TrainConfig:
 
 def config_hash(cfg: TrainConfig) -> str:
     """A short hash of the settings that change the result (not where outputs go)."""
-    skip = {"runs_dir", "out", "overwrite", "device", "cache_dir"}  # the cache is identified by cache_key
+    skip = {"runs_dir", "out", "overwrite", "device", "cache_dir", "workers"}  # the cache is identified by cache_key
     keep = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -249,9 +251,12 @@ def frozen_features(head: nn.Module, data) -> Pooled:
 # --------------------------------------------------------------------------- the job
 
 
-def _head_params(cfg: TrainConfig, data) -> tuple[int, dict]:
-    in_dim = data.x.shape[1] if isinstance(data, Pooled) else data.split.token_shape()[1]
-    return in_dim, dict(cfg.head_params)
+def _inputs(cfg: TrainConfig, head: str, splits: list[cache.SplitCache], device: torch.device) -> list:
+    """What the head reads from each split: cached features, or (--stream) the images encoded on every pass."""
+    if not cfg.stream:
+        return [load_inputs(s, head, device, cfg.stream_tokens) for s in splits]
+    encoder = streaming.encoder_of(splits[0], str(device))
+    return [streaming.StreamedImages(s, encoder, HEADS[head].input == "tokens", cfg.workers) for s in splits]
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
@@ -303,8 +308,7 @@ def train_head(
     run_dir = _run_dir(cfg)
 
     t_load = time.perf_counter()
-    train_data = load_inputs(train_split, cfg.head, device, cfg.stream_tokens)
-    eval_data = load_inputs(eval_split, cfg.head, device, cfg.stream_tokens)
+    train_data, eval_data = _inputs(cfg, cfg.head, [train_split, eval_split], device)
     counts = np.bincount(train_data.y.cpu().numpy(), minlength=num_classes)
     load_seconds = time.perf_counter() - t_load
 
@@ -314,12 +318,13 @@ def train_head(
         stage2 = build_stage2(cfg.stage2, head.classifier).to(device)
         model = RunModel(head, stage2)
         fit_model, fit_data = stage2, frozen_features(head, train_data)
-        in_dim, head_params = _head_params(first_cfg, train_data)
+        in_dim, head_params = train_data.dim, dict(first_cfg.head_params)
     else:
-        in_dim, head_params = _head_params(cfg, train_data)
+        in_dim, head_params = train_data.dim, dict(cfg.head_params)
         head = build_head(cfg.head, in_dim, num_classes, **head_params).to(device)
-        if hasattr(head, "fit_input"):
-            head.fit_input(train_data.x)
+        if getattr(head, "needs_input_stats", False):
+            x = train_data.x if isinstance(train_data, Pooled) else torch.cat([x for x, _ in train_data.chunks()])
+            head.fit_input(x)
         if cfg.text_init:
             if cfg.text_init not in text.sets:
                 raise unknown_choice("template set of --text-init", cfg.text_init, text.sets)
@@ -387,7 +392,7 @@ def evaluate_run(
     model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
     config = json.loads((Path(run_dir) / "config.json").read_text())
     eval_name = split or config["eval_split"]
-    data = load_inputs(open_split(model_dir, eval_name), cfg.head, dev, cfg.stream_tokens)
+    (data,) = _inputs(cfg, cfg.head, [open_split(model_dir, eval_name)], dev)
     counts = np.asarray(config["train_counts"])
     if tau_norm is not None:
         if model.stage2 is not None or cfg.head == "cosine":

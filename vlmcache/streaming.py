@@ -1,0 +1,99 @@
+"""The streaming baseline: the images behind a cached split, encoded again by the frozen tower on every batch.
+
+This is what the seed paper's code does on every training step, and what `train-head --stream` measures the
+cache against. It reads the very rows the cache holds (same order, same skipped images), with the extraction's
+inference transform and no augmentation, and rounds the tower's outputs to float16 as the cache stores them,
+so that for the same seed it trains on the same numbers and gives the same metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from vlmcache import cache
+from vlmcache.datasets import load_dataset
+from vlmcache.encoders import Encoder, load_encoder
+from vlmcache.errors import VlmcacheError
+from vlmcache.extract import ImageRows, collate, default_workers, probe_dims
+
+
+def encoder_of(split: cache.SplitCache, device: str) -> Encoder:
+    """The frozen encoder that wrote `split`, loaded again; refused if it would compute something else."""
+    manifest = cache.read_manifest(split.dir)
+    made = (manifest or {}).get("extract_config")
+    if not made:
+        raise VlmcacheError(f"'{split.dir}' does not record how it was extracted, so its images cannot be streamed.")
+    want = split.fingerprint["encoder"]
+    if want["precision"] != "fp32" and not torch.cuda.is_available():
+        raise VlmcacheError(
+            f"'{split.dir}' was extracted in {want['precision']} on a GPU; streaming it needs a GPU as well."
+        )
+    encoder = load_encoder(made["model"], made["pretrained"], device, want["precision"], made["preprocess_from"])
+    if encoder.fingerprint != want:
+        raise VlmcacheError(
+            f"The encoder loaded now differs from the one that wrote '{split.dir}' "
+            f"({cache.describe_diff(want, encoder.fingerprint)}); streaming would not reproduce the cache."
+        )
+    return encoder
+
+
+class StreamedImages:
+    """A cached split's rows as images, encoded on demand; `batches` and `chunks` as `features.Pooled` has them.
+
+    Yields pooled embeddings (float32 holding float16 values) or token sequences (float16), as the cache does.
+    """
+
+    def __init__(self, split: cache.SplitCache, encoder: Encoder, tokens: bool, workers: int | None = None):
+        made = cache.read_manifest(split.dir)["extract_config"]
+        dataset = load_dataset(
+            made["dataset"], made["root"], made["split_files"], made["classnames_file"], made["holdout"], made["seed"]
+        )
+        name = split.fingerprint["split"]
+        if dataset.splits[name].sha256 != split.fingerprint["split_sha256"]:
+            raise VlmcacheError(f"The {name} split file changed since '{split.dir}' was extracted; extract it again.")
+        self.source = dataset.splits[name].source
+        self.encoder, self.tokens = encoder, tokens
+        self.workers = default_workers() if workers is None else workers
+        self.rows = split.rows()
+        self.y = torch.from_numpy(split.labels().astype(np.int64)).to(encoder.device)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def dim(self) -> int:
+        pooled, tokens = probe_dims(self.encoder, self.tokens).values()
+        return tokens[1] if self.tokens else pooled
+
+    def _encode(self, order: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+        data = ImageRows(self.source, self.rows[order], self.encoder.preprocess)
+        loader = DataLoader(
+            data,
+            batch_size=batch_size,
+            num_workers=self.workers,
+            collate_fn=collate,
+            pin_memory=self.encoder.device.type == "cuda",
+            prefetch_factor=4 if self.workers else None,
+        )
+        for batch in loader:
+            if batch["bad"]:
+                row, reason = batch["bad"][0]
+                raise VlmcacheError(
+                    f"'{self.source.describe(row)}' (row {row}) was read at extraction but not now: {reason}."
+                )
+            pooled, tokens = self.encoder.encode_images(batch["images"], tokens=self.tokens)
+            # float16, as the cache stores them; a clone leaves inference mode so autograd may use it
+            yield tokens.half().clone() if self.tokens else pooled.half().float().clone()
+
+    def batches(self, indices: torch.Tensor, batch_size: int, generator=None) -> Iterator[tuple]:
+        idx = indices.cpu().numpy()
+        for i, x in zip(range(0, len(idx), batch_size), self._encode(idx, batch_size), strict=True):
+            yield x, self.y[indices[i : i + batch_size]]
+
+    def chunks(self, size: int = 256) -> Iterator[tuple]:
+        for i, x in zip(range(0, len(self.y), size), self._encode(np.arange(len(self.y)), size), strict=True):
+            yield x, self.y[i : i + size]
