@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlmcache.errors import unknown_choice
+from vlmcache.memory import peak_rss_mb
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,71 @@ def _peak_rss(argv: list[str]) -> tuple[float, float]:
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {res.stderr[-2000:]}")
     return json.loads(res.stderr.strip().splitlines()[-1])["peak_rss_mb"], seconds
+
+
+def prompt_step(model: str, classes: int, chunk: int, n_ctx: int = 16, batch: int = 256, device: str = "cpu") -> dict:
+    """Memory and time of one CoOp training step (forward and backward over every class prompt), in this
+    process: run it in a fresh one (`prompt_step_memory`). The peak is counted from just before the step."""
+    from vlmcache.encoders import load_encoder
+    from vlmcache.memory import current_rss_mb, reset_peak
+    from vlmcache.prompts import CoOpHead
+
+    enc = load_encoder(model, "none", device)
+    dim = enc.model.text_projection.shape[1]
+    names = [f"genus{i} species{i}" for i in range(classes)]  # about as many tokens as iNat's Latin names
+    head = CoOpHead(dim, classes, n_ctx=n_ctx, class_chunk=chunk).to(enc.device)
+    head.bind_text(enc.model, enc.tokenizer, names, 100.0)
+    del enc.model.visual
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, dim, generator=gen).to(enc.device)
+    y = torch.randint(classes, (batch,), generator=gen).to(enc.device)
+    dev = enc.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev) / 2**20
+    else:
+        base = current_rss_mb()
+        reset_peak()
+    t0 = time.perf_counter()
+    F.cross_entropy(head(x), y).backward()
+    _sync(dev)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else peak_rss_mb()
+    return {
+        "model": model,
+        "classes": classes,
+        "class_chunk": chunk,
+        "prompt_tokens": head.tokens.shape[1],
+        "memory": "GPU allocated" if dev.type == "cuda" else "RSS",
+        "base_mb": round(base, 1),
+        "step_mb": round(peak - base, 1),
+        "step_seconds": round(seconds, 2),
+    }
+
+
+_PROMPT_STEP = """
+import json, sys
+from vlmcache.bench import prompt_step
+print(json.dumps(prompt_step(**json.loads(sys.argv[1]))))
+"""
+
+
+def prompt_step_memory(limit_mb: float | None = None, **kw) -> dict:
+    """`prompt_step` in a fresh process; with `limit_mb` (address space) a step that needs more fails cleanly."""
+    pre = None
+    if limit_mb:
+        import resource
+
+        def pre():
+            resource.setrlimit(resource.RLIMIT_AS, (int(limit_mb * 2**20),) * 2)
+
+    res = subprocess.run(
+        [sys.executable, "-c", _PROMPT_STEP, json.dumps(kw)], capture_output=True, text=True, preexec_fn=pre
+    )
+    if res.returncode:
+        return {**kw, "failed": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def bench_memory(rows: int, dim: int, classes: int, test_rows: int, folder: Path) -> dict:

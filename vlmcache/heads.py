@@ -5,6 +5,7 @@
   embeddings and CLIP's logit scale it *is* the zero-shot classifier at step 0.
 - `decoder`: the seed paper's light transformer over the cached tokens (3 blocks, 4 heads, MLP ratio 0.5);
   its class token goes into the classifier.
+- `coop`: prompt tuning (vlmcache/prompts.py); the classifier is the frozen text tower over learned prompts.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
+from vlmcache.prompts import CoOpHead
 
 
 class CosineClassifier(nn.Module):
@@ -167,6 +169,7 @@ HEADS: dict[str, HeadInfo] = {
     "linear": HeadInfo(LinearHead, "pooled", "linear layer on the (L2-normalised) pooled embedding"),
     "cosine": HeadInfo(CosineHead, "pooled", "cosine classifier, optionally initialised from the class texts"),
     "decoder": HeadInfo(DecoderHead, "tokens", "the seed's transformer decoder over the cached tokens"),
+    "coop": HeadInfo(CoOpHead, "pooled", "CoOp prompt tuning: learned prompt context through the frozen text tower"),
 }
 
 

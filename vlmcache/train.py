@@ -87,6 +87,8 @@ class TrainConfig:
                 )
             self.loss = self.loss or STAGE2[self.stage2].loss
             self.sampler = self.sampler or STAGE2[self.stage2].sampler
+            if self.head == "coop":
+                raise VlmcacheError("Second stages re-balance linear, cosine and decoder heads, not coop prompts.")
         elif self.from_run:
             raise VlmcacheError("--from names a first-stage run for a second stage; add --stage2 (crt, lws, ...).")
         elif not self.dataset:
@@ -259,6 +261,12 @@ def _inputs(cfg: TrainConfig, head: str, splits: list[cache.SplitCache], device:
     return [streaming.StreamedImages(s, encoder, HEADS[head].input == "tokens", cfg.workers) for s in splits]
 
 
+def _bind_text(head: nn.Module, split: cache.SplitCache, text: cache.TextCache, device: torch.device) -> None:
+    """Give a prompt-tuning head the frozen text tower of the encoder that wrote the cache."""
+    encoder = streaming.encoder_of(split, str(device))
+    head.bind_text(encoder.model, encoder.tokenizer, text.classnames, text.logit_scale)
+
+
 def _run_dir(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.out) if cfg.out else Path(cfg.runs_dir) / cfg.run_name()
     if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
@@ -277,7 +285,10 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
         saved = torch.load(run_dir / "head.pt", map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise VlmcacheError(f"'{run_dir}/head.pt' is not a vlmcache head (refused to load it: {e}).") from None
-    head = build_head(saved["head"], saved["in_dim"], saved["num_classes"], **saved["head_params"])
+    head = build_head(saved["head"], saved["in_dim"], saved["num_classes"], **saved["head_params"]).to(device)
+    if hasattr(head, "bind_text"):
+        model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
+        _bind_text(head, open_split(model_dir, cfg.train_split), cache.read_text(model_dir / cache.TEXT_FILE), device)
     stage2 = build_stage2(saved["stage2"], head.classifier) if saved.get("stage2") else None
     try:
         head.load_state_dict(saved["head_state"])
@@ -322,6 +333,8 @@ def train_head(
     else:
         in_dim, head_params = train_data.dim, dict(cfg.head_params)
         head = build_head(cfg.head, in_dim, num_classes, **head_params).to(device)
+        if hasattr(head, "bind_text"):
+            _bind_text(head, train_split, text, device)
         if getattr(head, "needs_input_stats", False):
             x = train_data.x if isinstance(train_data, Pooled) else torch.cat([x for x, _ in train_data.chunks()])
             head.fit_input(x)
