@@ -15,10 +15,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from vlmcache import cache
+from vlmcache import cache, distributed
 from vlmcache.datasets import DATASETS, load_dataset, parse_split_files, read_split_file, split_stats
 from vlmcache.errors import VlmcacheError, parse_key_values
 from vlmcache.extract import ExtractConfig, default_workers, run_extract
+from vlmcache.finetune import TUNE, FinetuneConfig
+from vlmcache.finetune import finetune as run_finetune
 from vlmcache.heads import HEADS
 from vlmcache.knn import knn
 from vlmcache.losses import LOSSES
@@ -177,7 +179,7 @@ def extract(
     [bold]vlmcache extract ... --nproc 4[/] or [bold]torchrun --nproc_per_node 4 -m vlmcache extract ...[/]
     """
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        raise typer.Exit(_launch_torchrun(nproc))
+        raise typer.Exit(_launch_torchrun("extract", nproc))
     if nproc < 1:
         raise VlmcacheError(f"--nproc must be at least 1, got {nproc}.")
     cfg = ExtractConfig(
@@ -215,8 +217,8 @@ def extract(
     _print_extract_summary(summary)
 
 
-def _launch_torchrun(nproc: int) -> int:
-    """Run this same extract command under torchrun with `nproc` processes; returns its exit code."""
+def _launch_torchrun(command: str, nproc: int) -> int:
+    """Run this same command under torchrun with `nproc` processes; returns its exit code."""
     import subprocess
 
     args, skip = [], False
@@ -235,7 +237,7 @@ def _launch_torchrun(nproc: int) -> int:
         f"--nproc_per_node={nproc}",
         "-m",
         "vlmcache",
-        "extract",
+        command,
         *args,
     ]
     err.print(f"launching: {' '.join(cmd)}", highlight=False)
@@ -389,6 +391,126 @@ def train_head_cmd(
         f"peak RSS {cost['peak_rss_mb']:,.0f} MB",
         highlight=False,
     )
+
+
+@app.command()
+@user_errors
+def finetune(
+    dataset: DatasetName = typer.Option(..., "--dataset", "-d", help="Dataset name (see `vlmcache datasets`)."),
+    root: Path = ROOT,
+    split_file: list[str] = SPLIT_FILES,
+    classnames: Path = CLASSNAMES,
+    model: str = typer.Option("ViT-B-16", "--model", "-m", help="open_clip model name."),
+    pretrained: str = typer.Option(
+        "openai", "--pretrained", "-p", help="open_clip pretrained tag, a local weights file, or 'none' (random)."
+    ),
+    preprocess_from: str = typer.Option(
+        None, "--preprocess-from", help="For a local weights file: the pretrained tag whose preprocessing it uses."
+    ),
+    tune: str = typer.Option(
+        "all", "--tune", help="What of the image tower trains: " + "; ".join(f"{k}: {v}" for k, v in TUNE.items())
+    ),
+    last_k: int = typer.Option(1, "--last-k", help="Blocks that train with --tune last."),
+    head: str = typer.Option("linear", "--head", help="Head on the pooled embedding: linear or cosine."),
+    head_param: list[str] = typer.Option(None, "--head-param", help="Head setting KEY=VALUE; repeat."),
+    text_init: str = typer.Option(None, "--text-init", help="Template set that initialises the cosine head."),
+    loss: str = typer.Option("ce", "--loss", help=f"Loss: {', '.join(LOSSES)}."),
+    loss_param: list[str] = typer.Option(None, "--loss-param", help="Loss parameter KEY=VALUE; repeat."),
+    sampler: str = typer.Option("instance", "--sampler", help=f"Sampler: {', '.join(SAMPLERS)}."),
+    epochs: int = typer.Option(10, "--epochs", help="Passes over the training split."),
+    lr: float = typer.Option(1e-5, "--lr", help="Peak learning rate of the tower (cosine decay)."),
+    head_lr: float = typer.Option(1e-3, "--head-lr", help="Peak learning rate of the head."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per step and process."),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay."),
+    crop_min: float = typer.Option(0.08, "--crop-min", help="Smallest area fraction of the random resized crop."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the head, the sampler and the augmentation."),
+    split: str = EVAL_SPLIT,
+    device: str = DEVICE,
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 or fp16 autocast on GPU, fp32 on CPU)."),
+    grad_checkpointing: bool = typer.Option(
+        False, "--grad-checkpointing", help="Recompute the tower's activations in backward: less memory, more time."
+    ),
+    workers: int = typer.Option(default_workers(), "--workers", help="Image-loading processes per process."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs), DistributedDataParallel; launches torchrun."),
+    runs_dir: Path = typer.Option("runs", "--runs-dir", help="Where run folders go."),
+    out_dir: Path = typer.Option(None, "--out", help="This run's folder (default: RUNS_DIR/<name>__<config hash>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start again even if the run has a checkpoint."),
+    reextract: bool = typer.Option(
+        False, "--reextract", help="Afterwards, extract a new cache with the tuned tower (a new cache key)."
+    ),
+    reextract_tokens: bool = typer.Option(False, "--reextract-tokens", help="With --reextract: cache tokens too."),
+    cache_dir: Path = CACHE_DIR,
+    holdout: float = typer.Option(0.2, "--holdout", help="imagefolder without val/: test fraction per class."),
+    as_json: bool = JSON,
+):
+    """Fine-tune the image tower and a head on augmented images: the one stage that streams images again.
+
+    Example: [bold]vlmcache finetune -d places_lt --root /data/places365 -m ViT-B-16 --tune last --last-k 2
+    --loss balanced_softmax --epochs 10 --reextract[/]
+
+    A checkpoint is written after every epoch; the same command again resumes after the last one.
+    Many GPUs: [bold]--nproc 4[/] or [bold]torchrun --nproc_per_node 4 -m vlmcache finetune ...[/]
+    """
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_launch_torchrun("finetune", nproc))
+    cfg = FinetuneConfig(
+        dataset=dataset.value,
+        root=str(root) if root else None,
+        split_files=parse_split_files(split_file),
+        classnames_file=str(classnames) if classnames else None,
+        holdout=holdout,
+        model=model,
+        pretrained=pretrained,
+        preprocess_from=preprocess_from,
+        tune=tune,
+        last_k=last_k,
+        head=head,
+        head_params=parse_key_values(head_param, "--head-param"),
+        text_init=text_init,
+        loss=loss,
+        loss_params=parse_key_values(loss_param, "--loss-param"),
+        sampler=sampler,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        head_lr=head_lr,
+        weight_decay=weight_decay,
+        crop_scale=(crop_min, 1.0),
+        seed=seed,
+        eval_split=split,
+        device=device,
+        precision=precision,
+        grad_checkpointing=grad_checkpointing,
+        workers=workers,
+        runs_dir=str(runs_dir),
+        out=str(out_dir) if out_dir else None,
+        overwrite=overwrite,
+        reextract=reextract,
+        reextract_tokens=reextract_tokens,
+        cache_dir=str(cache_dir),
+    )
+
+    def on_epoch(row: dict) -> None:
+        err.print(
+            f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f}  {row['samples_per_s']:>10,.1f} img/s",
+            highlight=False,
+        )
+
+    result = run_finetune(cfg, log=functools.partial(err.print, highlight=False), on_epoch=on_epoch)
+    if distributed.rank_world()[0] != 0:
+        return
+    if as_json:
+        _print_json(result)
+        return
+    out.print(_metrics_table(result["run"], result["metrics"]))
+    cost = result["cost"]
+    out.print(
+        f"train {cost['train_seconds']:.1f} s, {cost['samples_per_s'] or 0:,.1f} img/s on {cost['device']} "
+        f"({cost['precision']}); tuned weights: {result['weights']}",
+        highlight=False,
+    )
+    if "cache" in result:
+        out.print(f"new cache: {result['cache']['path']}", highlight=False)
 
 
 @app.command("eval")

@@ -40,9 +40,12 @@ def collect_runs(runs_dir: Path) -> pd.DataFrame:
         run = metrics_file.parent
         if not (run / "config.json").is_file():
             continue
-        cfg = json.loads((run / "config.json").read_text())["config"]
+        saved = json.loads((run / "config.json").read_text())
+        cfg = saved["config"]
         result = json.loads(metrics_file.read_text())
         parts = [cfg["head"], cfg["loss"], cfg["sampler"]] + ([cfg["stage2"]] if cfg.get("stage2") else [])
+        if saved.get("kind") == "finetune":
+            parts.insert(0, f"finetune-{cfg['tune']}")
         row = {
             "dataset": cfg["dataset"],
             "model": cfg["model"],

@@ -280,7 +280,13 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
     run_dir = Path(run_dir)
     if not (run_dir / "head.pt").is_file() or not (run_dir / "config.json").is_file():
         raise VlmcacheError(f"'{run_dir}' is not a finished run (config.json and head.pt are missing).")
-    cfg = TrainConfig(**json.loads((run_dir / "config.json").read_text())["config"])
+    meta = json.loads((run_dir / "config.json").read_text())
+    if meta.get("kind") == "finetune":
+        raise VlmcacheError(
+            f"'{run_dir}' is a fine-tuning run: its metrics are in metrics.json. To train heads on its features, "
+            f"extract with its weights: vlmcache extract --pretrained {meta['weights']} ... (or finetune --reextract)."
+        )
+    cfg = TrainConfig(**meta["config"])
     try:  # weights_only: a run folder from elsewhere cannot run code when it is loaded
         saved = torch.load(run_dir / "head.pt", map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:

@@ -1,0 +1,165 @@
+"""Fine-tuning with the tiny tower: what trains, kill and resume, re-extraction, DistributedDataParallel."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import run
+from typer.testing import CliRunner
+
+from vlmcache import cache
+from vlmcache.cli import app
+from vlmcache.encoders import load_encoder
+from vlmcache.errors import VlmcacheError
+from vlmcache.finetune import FinetuneConfig, finetune
+from vlmcache.train import TrainConfig, evaluate_run, train_head
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(
+        dataset="digits_lt",
+        model="vlmcache-tiny",
+        pretrained="none",
+        epochs=1,
+        batch_size=64,
+        lr=1e-3,
+        head_lr=1e-2,
+        workers=0,
+        device="cpu",
+        runs_dir=str(tmp_path / "runs"),
+        cache_dir=str(tmp_path / "cache"),
+    )
+    return FinetuneConfig(**{**base, **kw})
+
+
+def _tuned(result) -> dict:
+    return torch.load(result["weights"], weights_only=True)
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {k for k, v in after.items() if not torch.equal(v, before[k])}
+
+
+@pytest.mark.parametrize("tune", ["all", "last", "norms"])
+def test_only_the_chosen_parameters_change(tmp_path, tune):
+    before = load_encoder("vlmcache-tiny", "none", "cpu").model.state_dict()
+    result = finetune(_cfg(tmp_path, tune=tune))
+    changed = _changed(before, _tuned(result))
+    visual = {k for k in before if k.startswith("visual.")}
+    if tune == "all":
+        assert changed == visual
+    elif tune == "last":  # the last of two blocks, the final norm and the projection
+        assert changed == {
+            k for k in visual if k.startswith(("visual.transformer.resblocks.1.", "visual.ln_post."))
+        } | {"visual.proj"}
+    else:
+        assert changed == {k for k in visual if k.endswith("bias") or ".ln_" in k}
+        assert "visual.transformer.resblocks.0.attn.in_proj_bias" in changed
+    assert changed <= visual  # the text tower never trains
+    head = torch.load(f"{result['run']}/head.pt", weights_only=True)
+    assert head["head"] == "linear" and head["num_classes"] == 10
+
+
+def test_fine_tuning_lowers_the_loss(tmp_path):
+    result = finetune(_cfg(tmp_path, epochs=4, crop_scale=(0.5, 1.0)))
+    losses = [h["loss"] for h in result["history"]]
+    assert losses[-1] < 0.95 * losses[0], losses
+    assert result["cost"]["tuned_tower_params"] > 0 and set(result["metrics"]) >= {"overall", "many", "few"}
+    # a finished run is not run again by accident
+    with pytest.raises(VlmcacheError, match="exists already"):
+        finetune(_cfg(tmp_path, epochs=4, crop_scale=(0.5, 1.0)))
+
+
+def _cli(tmp_path, *extra):
+    return [
+        sys.executable, "-m", "vlmcache", "finetune", "-d", "digits_lt", "-m", "vlmcache-tiny", "-p", "none",
+        "--epochs", "3", "--lr", "1e-3", "--head-lr", "1e-2", "--device", "cpu", "--json",
+        "--cache-dir", str(tmp_path / "cache"), *extra,
+    ]  # fmt: skip
+
+
+def test_a_killed_fine_tune_resumes_from_its_last_checkpoint_and_equals_an_uninterrupted_one(tmp_path):
+    ref = run(_cli(tmp_path, "--out", str(tmp_path / "ref"), "--workers", "0"))
+    assert ref.returncode == 0, ref.stderr
+    killed = run(_cli(tmp_path, "--out", str(tmp_path / "run"), "--workers", "0"), VLMCACHE_FAULT="epoch_saved:2")
+    assert killed.returncode == -9
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    resumed = run(_cli(tmp_path, "--out", str(tmp_path / "run"), "--workers", "2"))  # loader workers do not matter
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and "after epoch 2" in resumed.stderr
+    a, b = json.loads(ref.stdout), json.loads(resumed.stdout)
+    assert a["metrics"] == b["metrics"]
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    wa, wb = _tuned(a), _tuned(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # spent once the run is finished
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
+    killed = run(_cli(tmp_path, "--out", str(tmp_path / "run"), "--workers", "0"), VLMCACHE_FAULT="epoch_saved:1")
+    assert killed.returncode == -9
+    other = run(_cli(tmp_path, "--out", str(tmp_path / "run"), "--workers", "0", "--loss", "focal"))
+    assert other.returncode == 2 and "checkpoint of other settings" in other.stderr
+
+
+def test_reextraction_writes_a_new_cache_that_stage_2_trains_on(tmp_path, digits_cache):
+    result = finetune(_cfg(tmp_path, reextract=True))
+    base = next((digits_cache / "digits_lt").iterdir())
+    new = tmp_path / "cache" / "digits_lt" / result["cache"]["key"]
+    assert new.is_dir() and new.name != base.name
+    assert new.name.startswith("vlmcache-tiny__file-vlmcache-tiny-ft-")
+    fp_new = cache.SplitCache(new / "train").fingerprint["encoder"]
+    fp_base = cache.SplitCache(base / "train").fingerprint["encoder"]
+    assert fp_new["weights_sha256"] and fp_new["weights_sha256"] != fp_base.get("weights_sha256")
+    pooled_new, pooled_base = cache.SplitCache(new / "train").pooled(), cache.SplitCache(base / "train").pooled()
+    assert pooled_new.shape == pooled_base.shape and not np.array_equal(pooled_new, pooled_base)
+    head = train_head(
+        TrainConfig(
+            dataset="digits_lt",
+            model="vlmcache-tiny",
+            cache_dir=str(tmp_path / "cache"),
+            cache_key=new.name,
+            runs_dir=str(tmp_path / "runs"),
+            device="cpu",
+            epochs=2,
+        )
+    )
+    assert 0 <= head["metrics"]["overall"] <= 1
+    with pytest.raises(VlmcacheError, match="is a fine-tuning run"):
+        evaluate_run(result["run"])
+
+
+def test_two_processes_under_torchrun_equal_one_with_twice_the_batch(tmp_path):
+    one = run(_cli(tmp_path, "--out", str(tmp_path / "one"), "--workers", "0", "--epochs", "2", "-b", "64"))
+    two = run(
+        _cli(tmp_path, "--out", str(tmp_path / "two"), "--workers", "0", "--epochs", "2", "-b", "32", "--nproc", "2")
+    )
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    w0 = load_encoder("vlmcache-tiny", "none", "cpu").model.state_dict()
+    wa = torch.load(next((tmp_path / "one").glob("*-ft-*.pt")), weights_only=True)
+    wb = torch.load(next((tmp_path / "two").glob("*-ft-*.pt")), weights_only=True)
+    # the same samples, crops and mean gradient per step: the updates agree up to float summation order
+    # (Adam's normalisation magnifies that on near-zero gradients, so compare whole updates, not elements)
+    da = torch.cat([(wa[k] - w0[k]).flatten() for k in wa if k.startswith("visual.")])
+    db = torch.cat([(wb[k] - w0[k]).flatten() for k in wa if k.startswith("visual.")])
+    assert float((da - db).norm() / da.norm()) < 1e-3
+
+
+def test_bad_settings_are_named(tmp_path):
+    for kw, match in [
+        (dict(tune="first"), "Choose one of: all, last, norms"),
+        (dict(tune="last", last_k=5), "the tower has 2 blocks"),
+        (dict(head="decoder"), "Choose one of: linear, cosine"),
+        (dict(text_init="photo"), "use --head cosine"),
+        (dict(crop_scale=(0.9, 0.5)), "--crop-scale"),
+    ]:
+        with pytest.raises(VlmcacheError, match=match):
+            finetune(_cfg(tmp_path, **kw))
+    res = CliRunner().invoke(
+        app, ["finetune", "-d", "digits_lt", "-m", "vlmcache-tiny", "-p", "none", "--loss", "focall"]
+    )
+    assert res.exit_code == 2 and "did you mean 'focal'" in res.output.lower()

@@ -1,0 +1,460 @@
+"""Full fine-tuning: the one stage that streams raw images after extraction.
+
+The image tower (all of it, its last k blocks, or its norms and biases) and a head on its pooled embedding
+train together on augmented images (random resized crop and flip at the model's own preprocessing), with any
+loss and sampler of stage 2. A checkpoint is written after every epoch, and a run started again with the same
+settings goes on from its last one. Every random choice is seeded by (seed, epoch, position in the epoch), so a
+resumed run equals an uninterrupted one. Under torchrun the model is wrapped in DistributedDataParallel and
+each process takes every world-th sample of the epoch's order.
+
+The run folder has train-head's format (config.json, metrics.json, per_class.csv, head.pt) plus the tuned
+open_clip weights, `<model>-ft-<hash>.pt`, which `vlmcache extract --pretrained FILE` reads; `--reextract`
+does that at the end, so stage 2 can go on from a new cache (a new fingerprint: the file's sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pickle
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vlmcache import cache, distributed, faults
+from vlmcache.datasets import Split, load_dataset
+from vlmcache.encoders import Encoder, load_encoder, pick_precision
+from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
+from vlmcache.extract import ExtractConfig, collate, default_workers, probe_dims, run_extract
+from vlmcache.heads import build_head, head_params
+from vlmcache.losses import LOSSES, build_loss, loss_params
+from vlmcache.memory import peak_rss_mb
+from vlmcache.metrics import Evaluator
+from vlmcache.samplers import SAMPLERS, build_sampler
+from vlmcache.templates import get_templates
+
+TUNE = {
+    "all": "every parameter of the image tower",
+    "last": "the last --last-k transformer blocks, the final norm and the projection",
+    "norms": "norm layers' weights and every bias (BitFit-style)",
+}
+HEADS = ("linear", "cosine")  # on the tower's pooled embedding
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `vlmcache finetune` needs; `resolve()` validates it once."""
+
+    dataset: str
+    root: str | None = None
+    split_files: dict[str, str] = field(default_factory=dict)
+    classnames_file: str | None = None
+    holdout: float = 0.2
+    model: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    preprocess_from: str | None = None
+    tune: str = "all"
+    last_k: int = 1
+    head: str = "linear"
+    head_params: dict = field(default_factory=dict)
+    text_init: str | None = None  # template set whose class-text embeddings initialise a cosine head
+    loss: str = "ce"
+    loss_params: dict = field(default_factory=dict)
+    sampler: str = "instance"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-5  # the tower's
+    head_lr: float = 1e-3
+    weight_decay: float = 0.1
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    seed: int = 0
+    train_split: str = "train"
+    eval_split: str | None = None  # default: test, else val
+    device: str = "auto"
+    precision: str = "auto"  # bf16 autocast on GPUs that have it, else fp16 with loss scaling; fp32 on CPU
+    grad_checkpointing: bool = False
+    workers: int = field(default_factory=default_workers)
+    runs_dir: str = "runs"
+    out: str | None = None
+    overwrite: bool = False
+    reextract: bool = False
+    reextract_tokens: bool = False
+    cache_dir: str = "cache"
+    many: int = 100
+    few: int = 20
+
+    def resolve(self) -> FinetuneConfig:
+        if self.tune not in TUNE:
+            raise unknown_choice("--tune choice", self.tune, TUNE)
+        if self.head not in HEADS:
+            raise unknown_choice("fine-tuning head", self.head, HEADS)
+        if self.loss not in LOSSES:
+            raise unknown_choice("loss", self.loss, LOSSES)
+        if self.sampler not in SAMPLERS:
+            raise unknown_choice("sampler", self.sampler, SAMPLERS)
+        self.loss_params = checked_params(f"loss '{self.loss}'", self.loss_params, loss_params(self.loss))
+        build_loss(self.loss, [1, 1], **self.loss_params)
+        self.head_params = checked_params(f"{self.head} head", self.head_params, head_params(self.head))
+        for name in ("epochs", "batch_size", "last_k"):
+            if getattr(self, name) < 1:
+                raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if not (self.lr > 0 and self.head_lr > 0):
+            raise VlmcacheError(f"--lr and --head-lr must be positive, got {self.lr} and {self.head_lr}.")
+        if self.text_init:
+            if self.head != "cosine":
+                raise VlmcacheError("--text-init initialises the cosine head; use --head cosine.")
+            get_templates(self.text_init)
+        self.crop_scale = tuple(self.crop_scale)
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise VlmcacheError(f"--crop-scale must be 0 < min <= max <= 1, got {self.crop_scale}.")
+        return self
+
+    def hash(self) -> str:
+        """A short hash of the settings that change the result (not where outputs go, not the loader)."""
+        skip = {"runs_dir", "out", "overwrite", "device", "workers", "reextract", "reextract_tokens", "cache_dir"}
+        keep = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+    def run_name(self) -> str:
+        return f"{self.dataset}__ft-{self.tune}-{self.head}-{self.loss}-{self.sampler}__s{self.seed}__{self.hash()}"
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class TunedModel(nn.Module):
+    """The open_clip image tower followed by a head on its pooled, projected embedding."""
+
+    def __init__(self, visual: nn.Module, head: nn.Module):
+        super().__init__()
+        self.visual, self.head = visual, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.visual(images))
+
+
+def select_trainable(visual: nn.Module, tune: str, last_k: int = 1) -> list[str]:
+    """Set requires_grad on the image tower's parameters to train; returns their names."""
+    visual.requires_grad_(False)
+    if tune == "all":
+        chosen = [n for n, _ in visual.named_parameters()]
+    elif tune == "norms":
+        norms = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
+        chosen = [
+            f"{m}.{n}" if m else n
+            for m, mod in visual.named_modules()
+            if isinstance(mod, norms)
+            for n, _ in mod.named_parameters(recurse=False)
+        ]
+        chosen += [n for n, _ in visual.named_parameters() if n.endswith("bias") and n not in chosen]
+    else:
+        blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        if blocks is None:
+            raise VlmcacheError(
+                f"--tune last needs a ViT image tower; {type(visual).__name__} has no transformer blocks. "
+                f"Use --tune all or --tune norms."
+            )
+        if last_k > len(blocks):
+            raise VlmcacheError(f"--last-k {last_k}: the tower has {len(blocks)} blocks.")
+        first = len(blocks) - last_k
+        keep = tuple(f"transformer.resblocks.{i}." for i in range(first, len(blocks))) + ("ln_post.", "proj")
+        chosen = [n for n, _ in visual.named_parameters() if n.startswith(keep)]
+    params = dict(visual.named_parameters())
+    for n in chosen:
+        params[n].requires_grad_(True)
+    return chosen
+
+
+# --------------------------------------------------------------------------- the data
+
+
+class AugmentedRows(torch.utils.data.Dataset):
+    """One epoch's samples in order; sample k's crop and flip are seeded by (seed, epoch, k)."""
+
+    def __init__(self, split: Split, rows: np.ndarray, positions: np.ndarray, transform, seed: int, epoch: int):
+        self.source, self.labels, self.rows, self.positions = split.source, split.labels, rows, positions
+        self.transform, self.seed, self.epoch = transform, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        try:
+            img = self.source.load(row)
+        except Exception as e:  # BadImage and its kin: a skipped sample, counted in the run's summary
+            return row, None, None, str(e)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(
+                int(np.random.SeedSequence([self.seed, self.epoch, int(self.positions[i])]).generate_state(1)[0])
+            )
+            return row, self.transform(img), None, None
+
+
+def _loader(data, batch_size: int, workers: int, pin: bool) -> DataLoader:
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = cache.tmp_name(path)
+    torch.save(obj, tmp)
+    cache.publish(tmp, path)
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> dict:
+    try:  # weights_only: a checkpoint from elsewhere cannot run code when it is loaded
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise VlmcacheError(f"'{path}' is not a vlmcache fine-tuning checkpoint (refused to load it: {e}).") from None
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def _evaluate(model: TunedModel, split: Split, encoder: Encoder, counts: np.ndarray, classnames, cfg, precision):
+    model.eval()
+    evaluator = Evaluator(counts, classnames)
+    rows = np.arange(len(split))
+    data = AugmentedRows(split, rows, rows, encoder.preprocess, cfg.seed, 0)
+    skipped = 0
+    for batch in _loader(data, cfg.batch_size * 2, cfg.workers, encoder.device.type == "cuda"):
+        skipped += len(batch["bad"])
+        if batch["images"] is None:
+            continue
+        with _autocast(encoder.device, precision):
+            logits = model(batch["images"].to(encoder.device, non_blocking=True))
+        evaluator.update(logits.float(), torch.from_numpy(split.labels[batch["rows"].numpy()]).to(encoder.device))
+    metrics, table = evaluator.compute(cfg.many, cfg.few)
+    return metrics, table, skipped
+
+
+def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=None) -> dict:
+    """Fine-tune, evaluate and save one run (resuming from its checkpoint); returns the run's summary."""
+    cfg.resolve()
+    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed)
+    train_split = dataset.split(cfg.train_split)
+    eval_name = cfg.eval_split or next((s for s in ("test", "val") if s in dataset.splits), None)
+    if eval_name is None:
+        raise VlmcacheError(f"{cfg.dataset} has no test or val split to evaluate on; name one with --split.")
+    eval_split = dataset.split(eval_name)
+    distributed.init_from_env()
+    rank, world = distributed.rank_world()
+    encoder = load_encoder(cfg.model, cfg.pretrained, distributed.local_device(cfg.device), "fp32", cfg.preprocess_from)
+    device = encoder.device
+    precision = pick_precision(cfg.precision, device)
+
+    run_dir = Path(cfg.out) if cfg.out else Path(cfg.runs_dir) / cfg.run_name()
+    if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
+        raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")
+    state = None
+    if (run_dir / CHECKPOINT).is_file():
+        state = _load_checkpoint(run_dir / CHECKPOINT, device)
+        if cfg.overwrite:
+            state = None
+        elif state.get("config_hash") != cfg.hash():
+            raise VlmcacheError(
+                f"'{run_dir}' holds a checkpoint of other settings; pass --overwrite to start again, or --out."
+            )
+    distributed.barrier()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    # the model: the tower's chosen parameters and a head, seeded
+    counts = np.bincount(train_split.labels, minlength=dataset.num_classes)
+    visual = encoder.model.visual
+    trainable = select_trainable(visual, cfg.tune, cfg.last_k)
+    if cfg.grad_checkpointing and hasattr(visual, "set_grad_checkpointing"):
+        visual.set_grad_checkpointing(True)
+    embed_dim = probe_dims(encoder, tokens=False)["pooled"]
+    torch.manual_seed(cfg.seed)
+    head = build_head(cfg.head, embed_dim, dataset.num_classes, **cfg.head_params)
+    if cfg.text_init:
+        text = encoder.encode_classnames(dataset.classnames, get_templates(cfg.text_init))
+        head.classifier.init_from_text(text.cpu(), float(encoder.model.logit_scale.exp()))
+    model = TunedModel(visual, head).to(device)
+    ddp = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
+    tower_params = [p for p in visual.parameters() if p.requires_grad]
+    n_tuned = sum(p.numel() for p in tower_params)
+    if rank == 0:
+        log(f"tuning {len(trainable)} tensors ({n_tuned:,} parameters) of the image tower ({cfg.tune}) and the head")
+    opt = torch.optim.AdamW(
+        [{"params": tower_params, "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}],
+        weight_decay=cfg.weight_decay,
+    )
+    per_rank = len(train_split) // world
+    steps = math.ceil(per_rank / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / (cfg.epochs * steps))))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_fn = build_loss(cfg.loss, counts, **cfg.loss_params).to(device)
+    sampler = build_sampler(cfg.sampler, torch.from_numpy(train_split.labels.astype(np.int64)))
+    transform = encoder.train_transform(cfg.crop_scale)
+    history, start, train_seconds = [], 1, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, start, train_seconds = state["history"], state["epoch"] + 1, state["train_seconds"]
+        log(f"resuming {run_dir} after epoch {state['epoch']}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    for epoch in range(start, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))
+        order = sampler.epoch(gen).numpy()[: per_rank * world]
+        mine = np.arange(rank, len(order), world)
+        data = AugmentedRows(train_split, order[mine], mine, transform, cfg.seed, epoch)
+        losses, seen, skipped = [], 0, 0
+        for batch in _loader(data, cfg.batch_size, cfg.workers, device.type == "cuda"):
+            skipped += len(batch["bad"])
+            if batch["images"] is None:
+                continue
+            x = batch["images"].to(device, non_blocking=True)
+            y = torch.from_numpy(train_split.labels[batch["rows"].numpy()]).to(device)
+            with _autocast(device, precision):
+                loss = loss_fn(ddp(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            losses.append(loss.detach())
+            seen += len(y)
+        mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+        if not math.isfinite(mean_loss):
+            raise VlmcacheError(f"The loss became {mean_loss} in epoch {epoch}; lower --lr (now {cfg.lr}).")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        row = {
+            "epoch": epoch,
+            "loss": mean_loss,
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(world * seen / seconds, 1),
+            "skipped": skipped,
+            "lr": sched.get_last_lr()[0],
+        }
+        history.append(row)
+        if rank == 0:
+            _save_atomic(
+                {
+                    "config_hash": cfg.hash(),
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "history": history,
+                    "train_seconds": train_seconds,
+                },
+                run_dir / CHECKPOINT,
+            )
+            faults.hit("epoch_saved")
+        distributed.barrier()
+        if on_epoch and rank == 0:
+            on_epoch(row)
+
+    result = None
+    if rank == 0:
+        cost = {"train_seconds": round(train_seconds, 3), "tuned_tower_params": n_tuned, "precision": precision}
+        result = _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, cost, log)
+    distributed.barrier()
+    return distributed.broadcast(result)
+
+
+def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, cost, log) -> dict:
+    metrics, table, skipped = _evaluate(model, eval_split, encoder, counts, dataset.classnames, cfg, cost["precision"])
+    device = encoder.device
+    # the tuned weights as an open_clip checkpoint: `vlmcache extract --pretrained FILE` reads it
+    weights = run_dir / f"{cfg.model}-ft-{cfg.hash()}.pt"
+    _save_atomic(encoder.model.state_dict(), weights)
+    saved = {
+        "head": cfg.head,
+        "in_dim": model.head.classifier.weight.shape[1],
+        "num_classes": dataset.num_classes,
+        "head_params": cfg.head_params,
+        "head_state": model.head.state_dict(),
+        "stage2": None,
+        "stage2_state": None,
+    }
+    torch.save(saved, run_dir / "head.pt")
+    table.to_csv(run_dir / "per_class.csv", index=False)
+    config = {
+        "config": asdict(cfg),
+        "kind": "finetune",
+        "weights": str(weights),
+        "eval_split": eval_split.name,
+        "train_counts": counts.tolist(),
+        "argv": sys.argv,
+    }
+    (run_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    samples = sum(h["samples_per_s"] * h["seconds"] for h in history)
+    cost.update(
+        samples_per_s=round(samples / cost["train_seconds"], 1) if cost["train_seconds"] > 0 else None,
+        device=str(device),
+        eval_skipped_images=skipped,
+        peak_rss_mb=peak_rss_mb(),
+    )
+    if device.type == "cuda":
+        cost["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    result = {"run": str(run_dir), "metrics": metrics, "cost": cost, "history": history, "weights": str(weights)}
+    if cfg.reextract:
+        result["cache"] = reextract(cfg, weights, log)
+    cache.write_json_atomic(run_dir / "metrics.json", result)  # last: a run with metrics.json is complete
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the final weights are in the run; the checkpoint is spent
+    return result
+
+
+def reextract(cfg: FinetuneConfig, weights: Path, log=print) -> dict:
+    """A new cache of every split from the tuned tower (a new key: its fingerprint holds the file's sha256)."""
+    base = cfg.pretrained if cfg.pretrained and not Path(cfg.pretrained).is_file() else cfg.preprocess_from
+    ecfg = ExtractConfig(
+        dataset=cfg.dataset,
+        root=cfg.root,
+        split_files=cfg.split_files,
+        classnames_file=cfg.classnames_file,
+        holdout=cfg.holdout,
+        seed=cfg.seed,
+        model=cfg.model,
+        pretrained=str(weights),
+        preprocess_from=None if base in (None, "none", "random") else base,
+        cache_dir=cfg.cache_dir,
+        workers=cfg.workers,
+        tokens=cfg.reextract_tokens,
+        device=cfg.device,
+    )
+    summary = run_extract(ecfg, log=log)
+    return {"path": summary["cache"], "key": summary["key"]}
