@@ -14,7 +14,7 @@ from vlmcache.cli import app
 from vlmcache.encoders import load_encoder
 from vlmcache.errors import VlmcacheError
 from vlmcache.finetune import FinetuneConfig, finetune
-from vlmcache.train import TrainConfig, evaluate_run, train_head
+from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head
 
 
 def _cfg(tmp_path, **kw):
@@ -128,8 +128,11 @@ def test_reextraction_writes_a_new_cache_that_stage_2_trains_on(tmp_path, digits
         )
     )
     assert 0 <= head["metrics"]["overall"] <= 1
+    again = evaluate_run(result["run"])  # `vlmcache eval` of a fine-tuning run rebuilds its tuned tower
+    assert again["metrics"] == result["metrics"]
+    assert evaluate_run(result["run"], logit_adjust=1.0)["metrics"] != result["metrics"]
     with pytest.raises(VlmcacheError, match="is a fine-tuning run"):
-        evaluate_run(result["run"])
+        load_run(result["run"], torch.device("cpu"))
 
 
 def test_two_processes_under_torchrun_equal_one_with_twice_the_batch(tmp_path):

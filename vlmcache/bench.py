@@ -4,8 +4,9 @@
   loader workers); the loader alone says which of the two bounds it.
 - stage-2 loop: `fit` samples/s over the same head's bare forward and backward on in-memory tensors; token
   streaming from HDF5 over a plain sequential read of the same file.
-- cached against streaming: the limit (tower time + head time) / head time from the measured parts, next to
-  the measured `train-head --stream` time once that exists.
+- cached against streaming: one epoch of `train-head` against `train-head --stream`, next to the limit
+  (tower time + head time) / head time from the tower's bare passes and the cached epoch.
+- prompt tuning: peak memory of a CoOp step over 1,000 to 8,142 class prompts, chunked and all at once.
 - memory: peak RSS of train-head, zero-shot and kNN on a synthetic cache, each in a fresh process.
 - cache size: bytes per image of pooled and tokens in float16, raw, gzip and blosc (hdf5plugin), and read speed.
 
@@ -44,10 +45,23 @@ class Scale:
     epoch_rows: int  # one epoch of the linear head at this size (ImageNet-LT: 115,846)
     memory: tuple  # (rows, dim, classes, test rows) of the synthetic cache for the memory figures
     size_rows: int
+    stream: tuple  # (model, images) of cached against --stream
+    prompts: tuple  # (model, class counts, chunk, class counts all at once, address-space limit MB)
 
 
 SCALES = {
-    "smoke": Scale((("vlmcache-tiny", 64),), 2000, 64, (17, 64), 512, 5000, (5000, 64, 100, 500), 256),
+    "smoke": Scale(
+        (("vlmcache-tiny", 64),),
+        2000,
+        64,
+        (17, 64),
+        512,
+        5000,
+        (5000, 64, 100, 500),
+        256,
+        ("vlmcache-tiny", 64),
+        ("vlmcache-tiny", (100, 400, 800), 50, (20, 40, 100), 8000),
+    ),
     "default": Scale(
         (("vlmcache-tiny", 2000), ("ViT-B-16", 128)),
         20_000,
@@ -57,6 +71,8 @@ SCALES = {
         115_846,
         (115_846, 512, 1000, 20_000),
         2048,
+        ("ViT-B-16", 128),
+        ("ViT-B-16", (1000, 4000, 8142), 256, (50, 200, 1000), 16_000),
     ),
     "full": Scale(
         (("vlmcache-tiny", 2000), ("ViT-B-16", 256), ("ViT-L-14", 64)),
@@ -67,6 +83,8 @@ SCALES = {
         115_846,
         (437_513, 768, 8142, 24_426),
         4096,
+        ("ViT-B-16", 256),
+        ("ViT-B-16", (1000, 4000, 8142), 256, (50, 200, 1000), 16_000),
     ),
 }
 
@@ -103,7 +121,7 @@ def machine() -> dict:
 # --------------------------------------------------------------------------- 1. extraction
 
 
-def write_jpegs(root: Path, n: int, classes: int = 10, size=(500, 375), seed: int = 0) -> Path:
+def write_jpegs(root: Path, n: int, classes: int = 10, size=(500, 375), seed: int = 0, name: str = "train") -> Path:
     """n photo-sized JPEGs (smooth colour fields plus noise, so they compress and decode like photos)."""
     rng = np.random.default_rng(seed)
     (root / "img").mkdir(parents=True, exist_ok=True)
@@ -113,10 +131,10 @@ def write_jpegs(root: Path, n: int, classes: int = 10, size=(500, 375), seed: in
         a, b, c = rng.uniform(0, 6, 3)
         base = np.stack([np.sin(a * xx + b * yy + k * c) for k in range(3)], -1) * 100 + 128
         img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(root / "img" / f"{i:06d}.jpg", quality=90)
-        lines.append(f"img/{i:06d}.jpg {i % classes}")
-    (root / "train.txt").write_text("\n".join(lines) + "\n")
-    return root / "train.txt"
+        Image.fromarray(img).save(root / "img" / f"{name}{i:06d}.jpg", quality=90)
+        lines.append(f"img/{name}{i:06d}.jpg {i % classes}")
+    (root / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    return root / f"{name}.txt"
 
 
 def bench_extraction(
@@ -199,6 +217,90 @@ def bench_extraction(
         "loader_images_per_s": round(loader_rate, 1),
         "bound_by": "encoder" if encoder_rate < loader_rate else "image decoding (the loader)",
         "cache_bytes_per_image": round(per_image, 1),
+    }
+
+
+def bench_streaming(model: str, images: int, device: str = "auto") -> list[dict]:
+    """One epoch of `train-head` from the cache against `train-head --stream` (the tower on every step) on the
+    same JPEGs, for the linear and the decoder head. The limit of the speed-up is (tower + head) / head, with the
+    tower's time from its bare forward passes over the same images and the head's from the cached epoch."""
+    from vlmcache.encoders import load_encoder
+    from vlmcache.extract import ExtractConfig, default_workers, run_extract
+    from vlmcache.train import TrainConfig, train_head
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        split_file = write_jpegs(root, images)
+        test_file = write_jpegs(root, max(8, images // 8), seed=1, name="test")
+        common = dict(dataset="split", model=model, pretrained="none", cache_dir=str(root / "cache"), device=device)
+        run_extract(
+            ExtractConfig(
+                **common,
+                root=str(root),
+                split_files={"train": str(split_file), "test": str(test_file)},
+                tokens=True,
+                templates=["photo"],
+                workers=default_workers(),
+            ),
+            log=lambda *a: None,
+        )
+        encoder = load_encoder(model, "none", device)
+        size = encoder.preprocess_cfg["size"]
+        x = torch.randn(64, 3, *((size, size) if isinstance(size, int) else size))
+        encoder.encode_images(x[:8])  # warm-up
+        _sync(encoder.device)
+        t0 = time.perf_counter()
+        for _ in range(max(1, images // 64)):
+            encoder.encode_images(x)[0].cpu()
+        tower_per_image = (time.perf_counter() - t0) / (max(1, images // 64) * 64)
+        del encoder
+        for head, batch in (("linear", 256), ("decoder", 64)):
+            epochs = {}
+            for stream in (False, True):
+                cfg = TrainConfig(
+                    **common,
+                    head=head,
+                    epochs=1,
+                    batch_size=batch,
+                    stream=stream,
+                    runs_dir=str(root / "runs"),
+                    eval_split="test",
+                )
+                epochs[stream] = train_head(cfg, log=lambda *a: None)["history"][0]["seconds"]
+            head_s = epochs[False]
+            limit = (tower_per_image * images + head_s) / head_s
+            out.append(
+                {
+                    "head": head,
+                    "tower": model,
+                    "images": images,
+                    "cached_epoch_s": round(head_s, 3),
+                    "stream_epoch_s": round(epochs[True], 3),
+                    "tower_epoch_s": round(tower_per_image * images, 3),
+                    "measured_speedup": round(epochs[True] / head_s, 1),
+                    "limit_speedup": round(limit, 1),
+                    "ratio": round(epochs[True] / head_s / limit, 3),
+                }
+            )
+    return out
+
+
+def bench_prompts(model: str, classes: tuple, chunk: int, unchunked: tuple, limit_mb: float) -> dict:
+    """Peak memory of one CoOp step over every class prompt, chunked at each class count; all at once at small
+    class counts (the slope per class), and at the smallest large count under an address-space limit."""
+    chunked = [prompt_step_memory(model=model, classes=c, chunk=chunk) for c in classes]
+    whole = [prompt_step_memory(model=model, classes=c, chunk=0) for c in unchunked]
+    per_class = (whole[-1]["step_mb"] - whole[0]["step_mb"]) / (unchunked[-1] - unchunked[0])
+    attempt = prompt_step_memory(limit_mb=limit_mb, model=model, classes=classes[1], chunk=0)
+    return {
+        "model": model,
+        "class_chunk": chunk,
+        "chunked": chunked,
+        "unchunked": whole,
+        "unchunked_mb_per_class": round(per_class, 2),
+        "unchunked_estimate_mb": {c: round(whole[0]["step_mb"] + per_class * (c - unchunked[0])) for c in classes},
+        "unchunked_attempt": {**attempt, "limit_mb": limit_mb},
     }
 
 
@@ -517,20 +619,11 @@ def run_bench(scale: str = "default", device: str = "auto", log=print) -> dict:
         log("cache size ...")
         (Path(tmp) / "size").mkdir()
         results["cache_size"] = bench_cache_size(s.size_rows, 512, s.token_shape, Path(tmp) / "size")
-    # 3. cached against streaming: the limit from the measured parts (tower and head, per image)
-    tower = [e for e in results["extraction"] if not e["tokens"]][-1]  # the largest model measured
-    results["cached_vs_streaming"] = []
-    for loop in results["loop"]:
-        head_s, tower_s = 1 / loop["bare_samples_per_s"], 1 / tower["encoder_images_per_s"]
-        results["cached_vs_streaming"].append(
-            {
-                "head": loop["head"],
-                "tower": tower["model"],
-                "limit_speedup": round((tower_s + head_s) / head_s, 1),
-                "measured_speedup": None,
-                "missing": "train-head --stream is not built yet (issue 5)",
-            }
-        )
+    log("cached against streaming ...")
+    results["cached_vs_streaming"] = bench_streaming(*s.stream, device=str(dev))
+    log("prompt tuning memory ...")
+    model, classes, chunk, whole, limit = s.prompts
+    results["prompts"] = bench_prompts(model, classes, chunk, whole, limit)
     return results
 
 
@@ -625,13 +718,51 @@ def to_markdown(r: dict) -> str:
         "",
         "## 3. Cached against streaming",
         "",
-        _row(["head", "tower", "limit: (tower + head) / head", "measured"]),
-        _row(["---"] * 4),
+        "One epoch of `train-head` from the cache against `train-head --stream` (the frozen tower on every step, "
+        "as the seed's code does) on the same JPEGs and the same seed. Limit: (tower + head) / head, the tower's "
+        "time from its bare forward passes over as many images, the head's from the cached epoch.",
+        "",
+        _row(["head", "tower", "images", "cached epoch s", "stream epoch s", "speed-up", "limit", "ratio"]),
+        _row(["---"] * 8),
     ]
     for c in r["cached_vs_streaming"]:
         lines.append(
-            _row([c["head"], c["tower"], f"{c['limit_speedup']}x", c["measured_speedup"] or f"not yet: {c['missing']}"])
+            _row(
+                [
+                    c["head"],
+                    c["tower"],
+                    c["images"],
+                    c["cached_epoch_s"],
+                    c["stream_epoch_s"],
+                    f"{c['measured_speedup']}x",
+                    f"{c['limit_speedup']}x",
+                    c["ratio"],
+                ]
+            )
         )
+    p = r["prompts"]
+    a = p["unchunked_attempt"]
+    lines += [
+        "",
+        f"## 3b. Prompt tuning memory ({p['model']} text tower, one CoOp step over every class prompt)",
+        "",
+        f"Extra peak memory of one training step (forward and backward, batch 256), in a fresh process; chunks of "
+        f"{p['class_chunk']} classes under gradient checkpointing against all classes at once.",
+        "",
+        _row(["classes", "prompt tokens", "chunked MB", "chunked step s", "all at once MB"]),
+        _row(["---"] * 5),
+    ]
+    measured = {w["classes"]: w["step_mb"] for w in p["unchunked"]}
+    for c in p["chunked"]:
+        at_once = measured.get(c["classes"]) or f"~{p['unchunked_estimate_mb'][c['classes']]:,} (estimate)"
+        lines.append(_row([c["classes"], c["prompt_tokens"], c["step_mb"], c["step_seconds"], at_once]))
+    lines += [
+        "",
+        f"All at once, measured at {', '.join(str(w['classes']) for w in p['unchunked'])} classes: "
+        f"{', '.join(str(w['step_mb']) for w in p['unchunked'])} MB, {p['unchunked_mb_per_class']} MB per class; "
+        f"the estimates above extend that line. {a['classes']:,} classes at once under a {a['limit_mb']:,.0f} MB "
+        f"address-space limit: " + (f"failed ({a['failed']})." if "failed" in a else f"{a['step_mb']} MB."),
+    ]
     mem = r["memory"]
     lines += [
         "",

@@ -516,7 +516,7 @@ def finetune(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    run: Path = typer.Argument(..., help="A run folder written by `vlmcache train-head`."),
+    run: Path = typer.Argument(..., help="A run folder written by `vlmcache train-head` or `vlmcache finetune`."),
     tau_norm: float = typer.Option(None, "--tau-norm", help="Post-hoc tau-normalisation of a linear classifier."),
     logit_adjust: float = typer.Option(
         None, "--logit-adjust", help="Post-hoc logit adjustment: logits - tau log prior."

@@ -39,6 +39,7 @@ from vlmcache.losses import LOSSES, build_loss, loss_params
 from vlmcache.memory import peak_rss_mb
 from vlmcache.metrics import Evaluator
 from vlmcache.samplers import SAMPLERS, build_sampler
+from vlmcache.stage2 import logit_adjusted, tau_normalized
 from vlmcache.templates import get_templates
 
 TUNE = {
@@ -237,9 +238,13 @@ def _autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def _evaluate(model: TunedModel, split: Split, encoder: Encoder, counts: np.ndarray, classnames, cfg, precision):
+def _evaluate(model, split: Split, encoder: Encoder, counts, classnames, cfg, precision, logit_adjust=None):
     model.eval()
     evaluator = Evaluator(counts, classnames)
+    log_prior = None
+    if logit_adjust is not None:
+        c = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
+        log_prior = (c / c.sum()).log().float().to(encoder.device)
     rows = np.arange(len(split))
     data = AugmentedRows(split, rows, rows, encoder.preprocess, cfg.seed, 0)
     skipped = 0
@@ -248,8 +253,10 @@ def _evaluate(model: TunedModel, split: Split, encoder: Encoder, counts: np.ndar
         if batch["images"] is None:
             continue
         with _autocast(encoder.device, precision):
-            logits = model(batch["images"].to(encoder.device, non_blocking=True))
-        evaluator.update(logits.float(), torch.from_numpy(split.labels[batch["rows"].numpy()]).to(encoder.device))
+            logits = model(batch["images"].to(encoder.device, non_blocking=True)).float()
+        if log_prior is not None:
+            logits = logit_adjusted(logits, log_prior, logit_adjust)
+        evaluator.update(logits, torch.from_numpy(split.labels[batch["rows"].numpy()]).to(encoder.device))
     metrics, table = evaluator.compute(cfg.many, cfg.few)
     return metrics, table, skipped
 
@@ -438,9 +445,51 @@ def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, 
     return result
 
 
+def _preprocess_tag(cfg: FinetuneConfig) -> str | None:
+    """The pretrained tag whose preprocessing (and QuickGELU) the tuned weights file must be loaded with."""
+    base = cfg.pretrained if cfg.pretrained and not Path(cfg.pretrained).is_file() else cfg.preprocess_from
+    return None if base in (None, "none", "random") else base
+
+
+def evaluate_finetuned(
+    run_dir: str | Path,
+    tau_norm: float | None = None,
+    logit_adjust: float | None = None,
+    split: str | None = None,
+    device: str = "auto",
+) -> dict:
+    """Evaluate a finished fine-tuning run again (its tuned tower and head), as `vlmcache eval RUN` does."""
+    run_dir = Path(run_dir)
+    meta = json.loads((run_dir / "config.json").read_text())
+    cfg = FinetuneConfig(**meta["config"])
+    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed)
+    eval_split = dataset.split(split or meta["eval_split"])
+    encoder = load_encoder(cfg.model, meta["weights"], device, "fp32", _preprocess_tag(cfg))
+    try:
+        saved = torch.load(run_dir / "head.pt", map_location=encoder.device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise VlmcacheError(f"'{run_dir}/head.pt' is not a vlmcache head (refused to load it: {e}).") from None
+    head = build_head(saved["head"], saved["in_dim"], saved["num_classes"], **saved["head_params"])
+    head.load_state_dict(saved["head_state"])
+    if tau_norm is not None:
+        if cfg.head != "linear":
+            raise VlmcacheError("--tau-norm applies to a linear classifier (cosine weights are unit norm).")
+        head.classifier = tau_normalized(head.classifier, tau_norm)
+    model = TunedModel(encoder.model.visual, head).to(encoder.device)
+    counts = np.asarray(meta["train_counts"])
+    precision = pick_precision(cfg.precision, encoder.device)
+    metrics, _, _ = _evaluate(model, eval_split, encoder, counts, dataset.classnames, cfg, precision, logit_adjust)
+    return {
+        "run": str(run_dir),
+        "split": eval_split.name,
+        "tau_norm": tau_norm,
+        "logit_adjust": logit_adjust,
+        "metrics": metrics,
+    }
+
+
 def reextract(cfg: FinetuneConfig, weights: Path, log=print) -> dict:
     """A new cache of every split from the tuned tower (a new key: its fingerprint holds the file's sha256)."""
-    base = cfg.pretrained if cfg.pretrained and not Path(cfg.pretrained).is_file() else cfg.preprocess_from
     ecfg = ExtractConfig(
         dataset=cfg.dataset,
         root=cfg.root,
@@ -450,7 +499,7 @@ def reextract(cfg: FinetuneConfig, weights: Path, log=print) -> dict:
         seed=cfg.seed,
         model=cfg.model,
         pretrained=str(weights),
-        preprocess_from=None if base in (None, "none", "random") else base,
+        preprocess_from=_preprocess_tag(cfg),
         cache_dir=cfg.cache_dir,
         workers=cfg.workers,
         tokens=cfg.reextract_tokens,

@@ -283,8 +283,8 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
     meta = json.loads((run_dir / "config.json").read_text())
     if meta.get("kind") == "finetune":
         raise VlmcacheError(
-            f"'{run_dir}' is a fine-tuning run: its metrics are in metrics.json. To train heads on its features, "
-            f"extract with its weights: vlmcache extract --pretrained {meta['weights']} ... (or finetune --reextract)."
+            f"'{run_dir}' is a fine-tuning run; its head needs its tuned tower (vlmcache eval handles both). To "
+            f"train heads on its features: vlmcache extract --pretrained {meta['weights']} (or finetune --reextract)."
         )
     cfg = TrainConfig(**meta["config"])
     try:  # weights_only: a run folder from elsewhere cannot run code when it is loaded
@@ -406,6 +406,11 @@ def evaluate_run(
     device: str = "auto",
 ) -> dict:
     """Evaluate a saved run again, optionally with post-hoc tau-normalisation or logit adjustment."""
+    meta_file = Path(run_dir) / "config.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text()).get("kind") == "finetune":
+        from vlmcache.finetune import evaluate_finetuned
+
+        return evaluate_finetuned(run_dir, tau_norm, logit_adjust, split, device)
     dev = pick_device(device)
     cfg, model, _ = load_run(run_dir, dev)
     model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
