@@ -72,6 +72,15 @@ def test_fine_tuning_lowers_the_loss(tmp_path):
         finetune(_cfg(tmp_path, epochs=4, crop_scale=(0.5, 1.0)))
 
 
+def test_gradient_checkpointing_changes_memory_not_the_result(tmp_path):
+    plain = finetune(_cfg(tmp_path, out=str(tmp_path / "plain")))
+    ckpt = finetune(_cfg(tmp_path, out=str(tmp_path / "ckpt"), grad_checkpointing=True))
+    assert ckpt["metrics"] == plain["metrics"]
+    wa, wb = _tuned(plain), _tuned(ckpt)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
 def _cli(tmp_path, *extra):
     return [
         sys.executable, "-m", "vlmcache", "finetune", "-d", "digits_lt", "-m", "vlmcache-tiny", "-p", "none",

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import pickle
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -33,8 +34,9 @@ from vlmcache import cache, distributed, faults
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
-from vlmcache.extract import ExtractConfig, collate, default_workers, probe_dims, run_extract
+from vlmcache.extract import ExtractConfig, ImageRows, collate, default_workers, probe_dims, run_extract
 from vlmcache.heads import build_head, head_params
+from vlmcache.images import BadImage
 from vlmcache.losses import LOSSES, build_loss, loss_params
 from vlmcache.memory import peak_rss_mb
 from vlmcache.metrics import Evaluator
@@ -192,7 +194,7 @@ class AugmentedRows(torch.utils.data.Dataset):
         row = int(self.rows[i])
         try:
             img = self.source.load(row)
-        except Exception as e:  # BadImage and its kin: a skipped sample, counted in the run's summary
+        except BadImage as e:  # a skipped sample, counted per epoch in the run's history
             return row, None, None, str(e)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(
@@ -245,8 +247,7 @@ def _evaluate(model, split: Split, encoder: Encoder, counts, classnames, cfg, pr
     if logit_adjust is not None:
         c = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
         log_prior = (c / c.sum()).log().float().to(encoder.device)
-    rows = np.arange(len(split))
-    data = AugmentedRows(split, rows, rows, encoder.preprocess, cfg.seed, 0)
+    data = ImageRows(split.source, np.arange(len(split)), encoder.preprocess)
     skipped = 0
     for batch in _loader(data, cfg.batch_size * 2, cfg.workers, encoder.device.type == "cuda"):
         skipped += len(batch["bad"])
@@ -280,11 +281,12 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
         raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")
     state = None
-    if (run_dir / CHECKPOINT).is_file():
+    if cfg.overwrite:
+        if rank == 0 and run_dir.exists():
+            shutil.rmtree(run_dir)
+    elif (run_dir / CHECKPOINT).is_file():
         state = _load_checkpoint(run_dir / CHECKPOINT, device)
-        if cfg.overwrite:
-            state = None
-        elif state.get("config_hash") != cfg.hash():
+        if state.get("config_hash") != cfg.hash():
             raise VlmcacheError(
                 f"'{run_dir}' holds a checkpoint of other settings; pass --overwrite to start again, or --out."
             )

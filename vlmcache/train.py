@@ -264,6 +264,7 @@ def _inputs(cfg: TrainConfig, head: str, splits: list[cache.SplitCache], device:
 def _bind_text(head: nn.Module, split: cache.SplitCache, text: cache.TextCache, device: torch.device) -> None:
     """Give a prompt-tuning head the frozen text tower of the encoder that wrote the cache."""
     encoder = streaming.encoder_of(split, str(device))
+    encoder.model.visual = nn.Identity()  # the image side is cached; free the tower's memory
     head.bind_text(encoder.model, encoder.tokenizer, text.classnames, text.logit_scale)
 
 
