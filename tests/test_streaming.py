@@ -1,6 +1,7 @@
 """`train-head --stream`: the frozen tower on every step gives what the cache gives, for the same seed."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from typer.testing import CliRunner
 
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
+from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.train import TrainConfig, evaluate_run, train_head
 
 
@@ -49,6 +51,31 @@ def test_streaming_with_loader_workers_and_input_statistics(digits_cache, tmp_pa
     cached = train_head(_cfg(digits_cache, tmp_path, **kw))
     streamed = train_head(_cfg(digits_cache, tmp_path, stream=True, **{**kw, "workers": 2}))
     assert streamed["metrics"] == pytest.approx(cached["metrics"], abs=1e-12)
+
+
+def test_streaming_finds_moved_images_with_root(split_dataset, tmp_path):
+    src, files = split_dataset
+    shutil.copytree(src / "images", tmp_path / "a" / "images")
+    run_extract(
+        ExtractConfig(
+            dataset="split",
+            root=str(tmp_path / "a"),
+            split_files={"train": str(files["train"]), "test": str(files["test"])},
+            classnames_file=str(src / "classnames.txt"),
+            model="vlmcache-tiny",
+            pretrained="none",
+            device="cpu",
+            workers=0,
+            cache_dir=str(tmp_path / "cache"),
+        ),
+        log=lambda *a: None,
+    )
+    (tmp_path / "a").rename(tmp_path / "b")
+    kw = dict(dataset="split", epochs=2)
+    with pytest.raises(VlmcacheError, match=r"image root .*/a. for split does not exist.*--root"):
+        train_head(_cfg(tmp_path / "cache", tmp_path, stream=True, **kw))
+    streamed = train_head(_cfg(tmp_path / "cache", tmp_path, stream=True, root=str(tmp_path / "b"), **kw))
+    assert streamed["metrics"] == train_head(_cfg(tmp_path / "cache", tmp_path, **kw))["metrics"]
 
 
 def test_streaming_refuses_a_cache_whose_encoder_cannot_be_rebuilt(digits_cache, tmp_path):

@@ -46,6 +46,7 @@ class Scale:
     memory: tuple  # (rows, dim, classes, test rows) of the synthetic cache for the memory figures
     size_rows: int
     stream: tuple  # (model, images) of cached against --stream
+    finetune: tuple  # (model, images, batch size)
     prompts: tuple  # (model, class counts, chunk, class counts all at once, address-space limit MB)
 
 
@@ -60,6 +61,7 @@ SCALES = {
         (5000, 64, 100, 500),
         256,
         ("vlmcache-tiny", 64),
+        ("vlmcache-tiny", 64, 32),
         ("vlmcache-tiny", (100, 400, 800), 50, (20, 40, 100), 8000),
     ),
     "default": Scale(
@@ -72,6 +74,7 @@ SCALES = {
         (115_846, 512, 1000, 20_000),
         2048,
         ("ViT-B-16", 128),
+        ("ViT-B-16", 64, 32),
         ("ViT-B-16", (1000, 4000, 8142), 256, (50, 200, 1000), 16_000),
     ),
     "full": Scale(
@@ -84,6 +87,7 @@ SCALES = {
         (437_513, 768, 8142, 24_426),
         4096,
         ("ViT-B-16", 256),
+        ("ViT-B-16", 128, 32),
         ("ViT-B-16", (1000, 4000, 8142), 256, (50, 200, 1000), 16_000),
     ),
 }
@@ -284,6 +288,67 @@ def bench_streaming(model: str, images: int, device: str = "auto") -> list[dict]
                 }
             )
     return out
+
+
+def bench_finetune(model: str, images: int, batch_size: int, device: str = "auto") -> dict:
+    """One `finetune` epoch (JPEGs decoded and augmented by the loader; the checkpoint written after it is not
+    counted) against the bare forward, backward and AdamW step of the same tower and head on as many images
+    already in memory; the augmenting loader alone says whether decoding could bound it."""
+    from vlmcache.datasets import load_dataset
+    from vlmcache.encoders import load_encoder
+    from vlmcache.extract import default_workers, probe_dims
+    from vlmcache.finetune import AugmentedRows, FinetuneConfig, TunedModel, _loader, finetune
+    from vlmcache.heads import build_head
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        split_files = {"train": str(write_jpegs(root, images)), "test": str(write_jpegs(root, 8, seed=1, name="test"))}
+        encoder = load_encoder(model, "none", device)
+        head = build_head("linear", probe_dims(encoder, False)["pooled"], 10)
+        net = TunedModel(encoder.model.visual.requires_grad_(True), head).to(encoder.device).train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+        size = encoder.preprocess_cfg["size"]
+        x = torch.randn(batch_size, 3, *((size, size) if isinstance(size, int) else size)).to(encoder.device)
+        y = torch.randint(10, (batch_size,)).to(encoder.device)
+        steps = -(-images // batch_size)
+
+        def bare() -> float:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = F.cross_entropy(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            _sync(encoder.device)
+            return steps * batch_size / (time.perf_counter() - t0)
+
+        before = bare()
+        cfg = FinetuneConfig(
+            dataset="split", root=str(root), split_files=split_files, model=model, pretrained="none", epochs=1,
+            batch_size=batch_size, device=device, runs_dir=str(root / "runs"),
+        )  # fmt: skip
+        result = finetune(cfg, log=lambda *a: None)
+        passes = [before, bare()]
+        split = load_dataset("split", str(root), split_files, None).split("train")
+        rows = np.arange(len(split))
+        data = AugmentedRows(split, rows, rows, encoder.train_transform(), 0, 1)
+        t0 = time.perf_counter()
+        n = sum(len(b["rows"]) for b in _loader(data, batch_size, default_workers(), False))
+        loader = n / (time.perf_counter() - t0)
+    rate = result["history"][0]["samples_per_s"]
+    return {
+        "model": model,
+        "device": result["cost"]["device"],
+        "precision": result["cost"]["precision"],
+        "images": images,
+        "batch_size": batch_size,
+        "finetune_images_per_s": rate,
+        "bare_passes_images_per_s": [round(p, 2) for p in passes],
+        "bare_images_per_s": round(max(passes), 2),
+        "ratio": round(rate / max(passes), 3),
+        "loader_images_per_s": round(loader, 1),
+        "tuned_params": result["cost"]["tuned_tower_params"],
+    }
 
 
 def bench_prompts(model: str, classes: tuple, chunk: int, unchunked: tuple, limit_mb: float) -> dict:
@@ -621,6 +686,8 @@ def run_bench(scale: str = "default", device: str = "auto", log=print) -> dict:
         results["cache_size"] = bench_cache_size(s.size_rows, 512, s.token_shape, Path(tmp) / "size")
     log("cached against streaming ...")
     results["cached_vs_streaming"] = bench_streaming(*s.stream, device=str(dev))
+    log("fine-tuning ...")
+    results["finetune"] = bench_finetune(*s.finetune, device=str(dev))
     log("prompt tuning memory ...")
     model, classes, chunk, whole, limit = s.prompts
     results["prompts"] = bench_prompts(model, classes, chunk, whole, limit)
@@ -774,6 +841,30 @@ def to_markdown(r: dict) -> str:
         f"the estimates above extend that line. {a['classes']:,} classes at once under a {a['limit_mb']:,.0f} MB "
         f"address-space limit: " + (f"failed ({a['failed']})." if "failed" in a else f"{a['step_mb']} MB."),
     ]
+    ft = r.get("finetune")
+    if ft:
+        lines += [
+            "",
+            "## 3c. Fine-tuning against the bare forward and backward",
+            "",
+            f"One `finetune` epoch ({ft['images']} JPEGs, random resized crop and flip in {ft['batch_size']}-image "
+            f"batches, the whole tower and a linear head: {ft['tuned_params']:,} tower parameters) against the same "
+            f"model's bare forward, backward and AdamW step on tensors in memory (best of two passes).",
+            "",
+            _row(["model", "device", "precision", "finetune img/s", "bare img/s", "ratio", "loader img/s"]),
+            _row(["---"] * 7),
+            _row(
+                [
+                    ft["model"],
+                    ft["device"],
+                    ft["precision"],
+                    ft["finetune_images_per_s"],
+                    ft["bare_images_per_s"],
+                    ft["ratio"],
+                    ft["loader_images_per_s"],
+                ]
+            ),
+        ]
     mem = r["memory"]
     lines += [
         "",

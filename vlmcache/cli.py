@@ -296,7 +296,9 @@ def train_head_cmd(
     dataset: DatasetName = typer.Option(
         None, "--dataset", "-d", help="Dataset of the cache (see `vlmcache cache ls`)."
     ),
-    root: Path = typer.Option(None, "--root", help="Accepted so an extract command line can be reused; unused here."),
+    root: Path = typer.Option(
+        None, "--root", help="With --stream: the image folder, if it moved since extraction (else unused)."
+    ),
     model: str = MODEL,
     pretrained: str = PRETRAINED,
     cache_dir: Path = CACHE_DIR,
@@ -344,6 +346,7 @@ def train_head_cmd(
     """
     cfg = TrainConfig(
         dataset=dataset.value if dataset else None,
+        root=str(root) if root else None,
         model=model,
         pretrained=pretrained,
         cache_dir=str(cache_dir),

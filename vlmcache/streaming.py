@@ -47,11 +47,12 @@ class StreamedImages:
     Yields pooled embeddings (float32 holding float16 values) or token sequences (float16), as the cache does.
     """
 
-    def __init__(self, split: cache.SplitCache, encoder: Encoder, tokens: bool, workers: int | None = None):
+    def __init__(self, split: cache.SplitCache, encoder: Encoder, tokens: bool, workers: int | None = None, root=None):
         made = cache.read_manifest(split.dir)["extract_config"]
         dataset = load_dataset(
-            made["dataset"], made["root"], made["split_files"], made["classnames_file"], made["holdout"], made["seed"]
-        )
+            made["dataset"], root or made["root"], made["split_files"], made["classnames_file"], made["holdout"],
+            made["seed"],
+        )  # fmt: skip
         name = split.fingerprint["split"]
         if dataset.splits[name].sha256 != split.fingerprint["split_sha256"]:
             raise VlmcacheError(f"The {name} split file changed since '{split.dir}' was extracted; extract it again.")
@@ -83,7 +84,8 @@ class StreamedImages:
             if batch["bad"]:
                 row, reason = batch["bad"][0]
                 raise VlmcacheError(
-                    f"'{self.source.describe(row)}' (row {row}) was read at extraction but not now: {reason}."
+                    f"'{self.source.describe(row)}' (row {row}) was read at extraction but not now: {reason}. "
+                    f"If the images moved, name their folder with --root."
                 )
             pooled, tokens = self.encoder.encode_images(batch["images"], tokens=self.tokens)
             # float16, as the cache stores them; a clone leaves inference mode so autograd may use it

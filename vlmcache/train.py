@@ -69,6 +69,7 @@ class TrainConfig:
     stream_tokens: bool = False
     stream: bool = False  # encode the images again on every step (the seed's way), not read the cache
     workers: int | None = None  # image loader processes when streaming (default: min(8, CPUs))
+    root: str | None = None  # where the images are when streaming, if not where extraction found them
     tau_norm: float | None = None
     logit_adjust: float | None = None
     many: int = 100
@@ -121,7 +122,15 @@ class TrainConfig:
 
 def config_hash(cfg: TrainConfig) -> str:
     """A short hash of the settings that change the result (not where outputs go)."""
-    skip = {"runs_dir", "out", "overwrite", "device", "cache_dir", "workers"}  # the cache is identified by cache_key
+    skip = {
+        "runs_dir",
+        "out",
+        "overwrite",
+        "device",
+        "cache_dir",
+        "workers",
+        "root",
+    }  # the cache is identified by cache_key
     keep = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -258,7 +267,8 @@ def _inputs(cfg: TrainConfig, head: str, splits: list[cache.SplitCache], device:
     if not cfg.stream:
         return [load_inputs(s, head, device, cfg.stream_tokens) for s in splits]
     encoder = streaming.encoder_of(splits[0], str(device))
-    return [streaming.StreamedImages(s, encoder, HEADS[head].input == "tokens", cfg.workers) for s in splits]
+    tokens = HEADS[head].input == "tokens"
+    return [streaming.StreamedImages(s, encoder, tokens, cfg.workers, cfg.root) for s in splits]
 
 
 def _bind_text(head: nn.Module, split: cache.SplitCache, text: cache.TextCache, device: torch.device) -> None:
