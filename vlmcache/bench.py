@@ -849,7 +849,8 @@ def to_markdown(r: dict) -> str:
             "",
             f"The second of two `finetune` epochs ({ft['images']} JPEGs, random resized crop and flip in "
             f"{ft['batch_size']}-image batches, the whole tower and a linear head: {ft['tuned_params']:,} tower "
-            f"parameters) against the same model's bare forward, backward and AdamW step on tensors in memory (best of two passes).",
+            f"parameters) against the same model's bare forward, backward and AdamW step on tensors in memory "
+            f"(best of two passes).",
             "",
             _row(["model", "device", "precision", "finetune img/s", "bare img/s", "ratio", "loader img/s"]),
             _row(["---"] * 7),
