@@ -175,3 +175,16 @@ def test_bad_settings_are_named(tmp_path):
         app, ["finetune", "-d", "digits_lt", "-m", "vlmcache-tiny", "-p", "none", "--loss", "focall"]
     )
     assert res.exit_code == 2 and "did you mean 'focal'" in res.output.lower()
+
+
+def test_a_cosine_head_starts_as_the_zero_shot_classifier(tmp_path):
+    from vlmcache.datasets import load_dataset
+    from vlmcache.templates import get_templates
+
+    result = finetune(_cfg(tmp_path, head="cosine", text_init="photo", lr=1e-12, head_lr=1e-12))
+    head = torch.load(f"{result['run']}/head.pt", weights_only=True)["head_state"]
+    encoder = load_encoder("vlmcache-tiny", "none", "cpu")
+    classnames = load_dataset("digits_lt", None, {}, None).classnames
+    text = encoder.encode_classnames(classnames, get_templates("photo"))
+    torch.testing.assert_close(head["classifier.weight"], text, rtol=0, atol=1e-6)
+    assert float(head["classifier.log_scale"].exp()) == pytest.approx(float(encoder.model.logit_scale.exp()))

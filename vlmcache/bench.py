@@ -917,6 +917,8 @@ def to_markdown(r: dict) -> str:
         lines.append(
             "Not measured: no GPU on this machine. Open rows: ViT-B-16 and ViT-L-14 extraction at fp16 and "
             "bf16 with CPU JPEG decoding (and torchvision.io.decode_jpeg on the device), each against the "
-            "encoder-only ceiling. `vlmcache bench` fills them on a GPU machine."
+            "encoder-only ceiling; `finetune` under bf16 autocast, with and without gradient checkpointing, against "
+            "the bare step; cached against `--stream` and prompt-tuning memory (allocated GPU memory) on the GPU. "
+            "`vlmcache bench` fills them on a GPU machine."
         )
     return "\n".join(lines) + "\n"
