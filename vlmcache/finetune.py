@@ -399,12 +399,19 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     result = None
     if rank == 0:
         cost = {"train_seconds": round(train_seconds, 3), "tuned_tower_params": n_tuned, "precision": precision}
-        result = _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, cost, log)
+        result = _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, cost)
+    result = distributed.broadcast(result)
+    if cfg.reextract:  # every process takes part, as in a multi-process `vlmcache extract`
+        result["cache"] = reextract(cfg, Path(result["weights"]), log)
+    if rank == 0:
+        cache.write_json_atomic(run_dir / "metrics.json", result)  # last: a run with metrics.json is complete
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the final weights are in the run; the checkpoint is spent
     distributed.barrier()
-    return distributed.broadcast(result)
+    return result
 
 
-def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, cost, log) -> dict:
+def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, cost) -> dict:
+    """Evaluate and write the run's files but metrics.json (rank 0 only)."""
     metrics, table, skipped = _evaluate(model, eval_split, encoder, counts, dataset.classnames, cfg, cost["precision"])
     device = encoder.device
     # the tuned weights as an open_clip checkpoint: `vlmcache extract --pretrained FILE` reads it
@@ -439,12 +446,7 @@ def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, 
     )
     if device.type == "cuda":
         cost["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    result = {"run": str(run_dir), "metrics": metrics, "cost": cost, "history": history, "weights": str(weights)}
-    if cfg.reextract:
-        result["cache"] = reextract(cfg, weights, log)
-    cache.write_json_atomic(run_dir / "metrics.json", result)  # last: a run with metrics.json is complete
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the final weights are in the run; the checkpoint is spent
-    return result
+    return {"run": str(run_dir), "metrics": metrics, "cost": cost, "history": history, "weights": str(weights)}
 
 
 def _preprocess_tag(cfg: FinetuneConfig) -> str | None:
