@@ -33,16 +33,17 @@ from torch.utils.data import DataLoader
 from vlmcache import cache, distributed, faults
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
-from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
+from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.extract import ExtractConfig, ImageRows, collate, default_workers, probe_dims, run_extract
-from vlmcache.heads import build_head, head_params
+from vlmcache.heads import build_head
 from vlmcache.images import BadImage
-from vlmcache.losses import LOSSES, build_loss, loss_params
+from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb
 from vlmcache.metrics import Evaluator
-from vlmcache.samplers import SAMPLERS, build_sampler
+from vlmcache.samplers import build_sampler
 from vlmcache.stage2 import logit_adjusted, tau_normalized
 from vlmcache.templates import get_templates
+from vlmcache.train import check_training_choices
 
 TUNE = {
     "all": "every parameter of the image tower",
@@ -100,16 +101,7 @@ class FinetuneConfig:
             raise unknown_choice("--tune choice", self.tune, TUNE)
         if self.head not in HEADS:
             raise unknown_choice("fine-tuning head", self.head, HEADS)
-        if self.loss not in LOSSES:
-            raise unknown_choice("loss", self.loss, LOSSES)
-        if self.sampler not in SAMPLERS:
-            raise unknown_choice("sampler", self.sampler, SAMPLERS)
-        self.loss_params = checked_params(f"loss '{self.loss}'", self.loss_params, loss_params(self.loss))
-        build_loss(self.loss, [1, 1], **self.loss_params)
-        self.head_params = checked_params(f"{self.head} head", self.head_params, head_params(self.head))
-        for name in ("epochs", "batch_size", "last_k"):
-            if getattr(self, name) < 1:
-                raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        check_training_choices(self, ("epochs", "batch_size", "last_k"))
         if not (self.lr > 0 and self.head_lr > 0):
             raise VlmcacheError(f"--lr and --head-lr must be positive, got {self.lr} and {self.head_lr}.")
         if self.text_init:

@@ -96,19 +96,9 @@ class TrainConfig:
             raise VlmcacheError("--dataset is needed: the dataset whose cache to train on (see `vlmcache cache ls`).")
         self.loss = self.loss or "ce"
         self.sampler = self.sampler or "instance"
-        if self.loss not in LOSSES:
-            raise unknown_choice("loss", self.loss, LOSSES)
-        if self.sampler not in SAMPLERS:
-            raise unknown_choice("sampler", self.sampler, SAMPLERS)
         if self.optimizer not in OPTIMIZERS:
             raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
-        # unknown or mistyped parameters fail here, before any data is read
-        self.loss_params = checked_params(f"loss '{self.loss}'", self.loss_params, loss_params(self.loss))
-        build_loss(self.loss, [1, 1], **self.loss_params)
-        self.head_params = checked_params(f"{self.head} head", self.head_params, head_params(self.head))
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        check_training_choices(self, ("epochs", "batch_size"))
         if not self.lr > 0:
             raise VlmcacheError(f"--lr must be positive, got {self.lr}.")
         if self.text_init and self.head != "cosine":
@@ -118,6 +108,21 @@ class TrainConfig:
     def run_name(self) -> str:
         parts = [self.head, self.loss, self.sampler] + ([self.stage2] if self.stage2 else [])
         return f"{self.dataset}__{'-'.join(parts)}__s{self.seed}__{config_hash(self)}"
+
+
+def check_training_choices(cfg, counts: tuple[str, ...]) -> None:
+    """Loss, sampler and head by name, their parameters typed (in place), and counts of at least 1: shared by
+    the configs of train-head and finetune, so that a mistake fails before any data is read."""
+    if cfg.loss not in LOSSES:
+        raise unknown_choice("loss", cfg.loss, LOSSES)
+    if cfg.sampler not in SAMPLERS:
+        raise unknown_choice("sampler", cfg.sampler, SAMPLERS)
+    cfg.loss_params = checked_params(f"loss '{cfg.loss}'", cfg.loss_params, loss_params(cfg.loss))
+    build_loss(cfg.loss, [1, 1], **cfg.loss_params)
+    cfg.head_params = checked_params(f"{cfg.head} head", cfg.head_params, head_params(cfg.head))
+    for name in counts:
+        if getattr(cfg, name) < 1:
+            raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
 
 
 def config_hash(cfg: TrainConfig) -> str:
