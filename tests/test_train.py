@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from vlmcache import cache
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
-from vlmcache.features import Tokens
+from vlmcache.features import Tokens, load_inputs, open_split
 from vlmcache.heads import CosineHead
 from vlmcache.knn import knn
 from vlmcache.samplers import build_sampler
@@ -231,6 +231,25 @@ def test_same_seed_same_result_and_eval_reproduces_it(synthetic, tmp_path):
     assert again["metrics"] == a["metrics"]
     adjusted = evaluate_run(a["run"], logit_adjust=1.0, device="cpu")
     assert adjusted["metrics"]["few"] >= a["metrics"]["few"]
+
+
+def test_tau_normalisation_divides_each_class_weight_by_its_norm(synthetic, tmp_path):
+    run = train_head(_cfg(synthetic, tmp_path, epochs=3))["run"]
+    tuned = evaluate_run(run, tau_norm=1.0, device="cpu")
+    _, model, _ = load_run(run, torch.device("cpu"))
+    w = model.head.classifier.weight.detach()
+    with torch.no_grad():  # the reference: unit-norm class weights, no bias (Kang et al. 2020, tau = 1)
+        model.head.classifier.weight.copy_(w / w.norm(dim=1, keepdim=True))
+        model.head.classifier.bias.zero_()
+    test = load_inputs(open_split(next((synthetic / "synth").iterdir()), "test"), "linear", torch.device("cpu"), False)
+    preds = model(test.x).argmax(1)
+    assert tuned["metrics"]["overall"] == pytest.approx(float((preds == test.y).float().mean()))
+    assert train_head(_cfg(synthetic, tmp_path / "t", epochs=3, tau_norm=1.0))["metrics"] == tuned["metrics"]
+    with pytest.raises(VlmcacheError, match="--tau-norm applies to a first-stage linear classifier"):
+        _cfg(synthetic, tmp_path, head="cosine", tau_norm=1.0).resolve()  # refused before any training
+    cosine = train_head(_cfg(synthetic, tmp_path / "c", head="cosine", epochs=1))["run"]
+    with pytest.raises(VlmcacheError, match="cosine and prompt classifiers are unit norm"):
+        evaluate_run(cosine, tau_norm=1.0, device="cpu")
 
 
 def test_run_folder_contents(synthetic, tmp_path):

@@ -26,7 +26,7 @@ from vlmcache import cache, streaming
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.features import Pooled, default_eval_split, find_cache, load_inputs, open_split
-from vlmcache.heads import HEADS, build_head, head_params
+from vlmcache.heads import HEADS, LinearClassifier, build_head, head_params
 from vlmcache.losses import LOSSES, build_loss, loss_params
 from vlmcache.memory import peak_rss_mb
 from vlmcache.metrics import Evaluator
@@ -101,6 +101,10 @@ class TrainConfig:
         check_training_choices(self, ("epochs", "batch_size"))
         if not self.lr > 0:
             raise VlmcacheError(f"--lr must be positive, got {self.lr}.")
+        if self.tau_norm is not None and (self.stage2 or self.head in ("cosine", "coop")):
+            raise VlmcacheError(
+                f"--tau-norm applies to a first-stage linear classifier, not a second stage or the {self.head} head."
+            )
         if self.text_init and self.head != "cosine":
             raise VlmcacheError("--text-init initialises the cosine head; use --head cosine.")
         return self
@@ -292,6 +296,13 @@ def _run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
+def _check_tau_norm(model: RunModel) -> None:
+    if model.stage2 is not None or not isinstance(model.head.classifier, LinearClassifier):
+        raise VlmcacheError(
+            "--tau-norm applies to a first-stage linear classifier (cosine and prompt classifiers are unit norm)."
+        )
+
+
 def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, RunModel, dict]:
     run_dir = Path(run_dir)
     if not (run_dir / "head.pt").is_file() or not (run_dir / "config.json").is_file():
@@ -376,8 +387,7 @@ def train_head(
     train_seconds = time.perf_counter() - t0
 
     if cfg.tau_norm is not None:
-        if cfg.stage2 or cfg.head == "cosine":
-            raise VlmcacheError("--tau-norm applies to a first-stage linear classifier (cosine weights are unit norm).")
+        _check_tau_norm(model)
         model.head.classifier = tau_normalized(model.head.classifier, cfg.tau_norm)
     metrics, table = evaluate(model, eval_data, counts, text.classnames, cfg.logit_adjust, cfg.many, cfg.few)
     samples = sum(len(fit_data) for _ in history)
@@ -435,8 +445,7 @@ def evaluate_run(
     (data,) = _inputs(cfg, cfg.head, [open_split(model_dir, eval_name)], dev)
     counts = np.asarray(config["train_counts"])
     if tau_norm is not None:
-        if model.stage2 is not None or cfg.head == "cosine":
-            raise VlmcacheError("--tau-norm applies to a first-stage linear classifier (cosine weights are unit norm).")
+        _check_tau_norm(model)
         model.head.classifier = tau_normalized(model.head.classifier, tau_norm)
     text = cache.read_text(model_dir / cache.TEXT_FILE)
     metrics, table = evaluate(model, data, counts, text.classnames, logit_adjust, cfg.many, cfg.few)
