@@ -341,6 +341,11 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
         for batch in _loader(data, cfg.batch_size, cfg.workers, device.type == "cuda"):
             skipped += len(batch["bad"])
             if batch["images"] is None:
+                if world > 1:  # one process skipping a step would leave the others waiting in all-reduce
+                    raise VlmcacheError(
+                        f"No image of a batch could be read (for example {batch['bad'][0][1]}); under torchrun "
+                        f"every process must take every step. Remove the unreadable images from the split."
+                    )
                 continue
             x = batch["images"].to(device, non_blocking=True)
             y = torch.from_numpy(train_split.labels[batch["rows"].numpy()]).to(device)
