@@ -752,6 +752,12 @@ def to_markdown(r: dict) -> str:
         "The loader is the same DataLoader without the encoder: where it is slower than the encoder, JPEG "
         "decoding and resizing bound extraction, and the ratio to the encoder says little.",
         "",
+        "On a CPU with glibc's default malloc, a ViT forward pass page-faults its large activation buffers afresh "
+        "each time, and how often depends on the process's history: identical encoder passes differ by up to a "
+        "fifth, and extraction may meet the slow state while the ceiling met the fast one. With "
+        "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967295`, ViT-B-16 extraction reached 5.0 img/s against a "
+        "bare 5.09 / 5.14 (0.98; README, Benchmarks).",
+        "",
         "## 2. Stage-2 loop against the bare forward and backward (goals: 0.9 pooled, 0.8 tokens)",
         "",
         _row(["head", "rows", "batch", "loop samples/s", "bare samples/s", "ratio", "goal"]),
