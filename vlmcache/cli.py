@@ -456,6 +456,8 @@ def finetune(
     """
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_launch_torchrun("finetune", nproc))
+    if nproc < 1:
+        raise VlmcacheError(f"--nproc must be at least 1, got {nproc}.")
     cfg = FinetuneConfig(
         dataset=dataset.value,
         root=str(root) if root else None,
