@@ -144,11 +144,10 @@ def write_jpegs(root: Path, n: int, classes: int = 10, size=(500, 375), seed: in
 def bench_extraction(
     model: str, images: int, device: str = "auto", precision: str = "auto", batch_size: int = 64, tokens: bool = False
 ) -> dict:
-    from torch.utils.data import DataLoader
 
     from vlmcache.datasets import read_split_file
     from vlmcache.encoders import load_encoder
-    from vlmcache.extract import ExtractConfig, ImageRows, collate, default_workers, run_extract
+    from vlmcache.extract import ExtractConfig, ImageRows, default_workers, image_loader, run_extract
     from vlmcache.images import FileSource
 
     workers = default_workers()
@@ -193,12 +192,8 @@ def bench_extraction(
         per_image = split["bytes"] / split["rows"]
         passes = [before, bare_encoder()]
         encoder_rate = max(passes)
-        loader = DataLoader(
-            ImageRows(FileSource(root, relpaths), np.arange(len(relpaths)), encoder.preprocess),
-            batch_size=batch_size,
-            num_workers=workers,
-            collate_fn=collate,
-            prefetch_factor=4 if workers else None,
+        loader = image_loader(
+            ImageRows(FileSource(root, relpaths), np.arange(len(relpaths)), encoder.preprocess), batch_size, workers
         )
         t0 = time.perf_counter()
         n = sum(len(b["rows"]) for b in loader)
@@ -296,8 +291,8 @@ def bench_finetune(model: str, images: int, batch_size: int, device: str = "auto
     as many images already in memory; the augmenting loader alone says whether decoding could bound it."""
     from vlmcache.datasets import load_dataset
     from vlmcache.encoders import load_encoder
-    from vlmcache.extract import default_workers, probe_dims
-    from vlmcache.finetune import AugmentedRows, FinetuneConfig, TunedModel, _loader, finetune
+    from vlmcache.extract import default_workers, image_loader, probe_dims
+    from vlmcache.finetune import AugmentedRows, FinetuneConfig, TunedModel, finetune
     from vlmcache.heads import build_head
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -333,7 +328,7 @@ def bench_finetune(model: str, images: int, batch_size: int, device: str = "auto
         rows = np.arange(len(split))
         data = AugmentedRows(split, rows, rows, encoder.train_transform(), 0, 1)
         t0 = time.perf_counter()
-        n = sum(len(b["rows"]) for b in _loader(data, batch_size, default_workers(), False))
+        n = sum(len(b["rows"]) for b in image_loader(data, batch_size, default_workers()))
         loader = n / (time.perf_counter() - t0)
     rate = result["history"][-1]["samples_per_s"]  # the second epoch: warm, as the bare passes are
     return {

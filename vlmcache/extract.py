@@ -90,6 +90,10 @@ class ImageRows(torch.utils.data.Dataset):
             img = self.source.load(row)
         except BadImage as e:
             return row, None, None, str(e)
+        return row, *self.tensors(i, row, img), None
+
+    def tensors(self, i: int, row: int, img) -> tuple:
+        """The image as the encoder takes it, and its augmented views (or None)."""
         views = None
         if self.views:
             out = []
@@ -99,7 +103,7 @@ class ImageRows(torch.utils.data.Dataset):
                     torch.manual_seed(int(np.random.SeedSequence([self.view_seed, row, k]).generate_state(1)[0]))
                     out.append(self.view_transform(img))
             views = torch.stack(out)
-        return row, self.transform(img), views, None
+        return self.transform(img), views
 
 
 def collate(items):
@@ -110,6 +114,18 @@ def collate(items):
         "views": torch.stack([it[2] for it in good]) if good and good[0][2] is not None else None,
         "bad": [(it[0], it[3]) for it in items if it[3] is not None],
     }
+
+
+def image_loader(data: ImageRows, batch_size: int, workers: int, pin: bool = False) -> DataLoader:
+    """Batches of `data` in order (`collate`'s dicts), decoded by `workers` processes ahead of use."""
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin,
+        prefetch_factor=4 if workers else None,
+    )
 
 
 # --------------------------------------------------------------------------- one shard's buffer
@@ -298,14 +314,7 @@ def extract_split(
             encoder.train_transform(VIEW_SCALE) if views else None,
             cfg.view_seed,
         )
-        loader = DataLoader(
-            data,
-            batch_size=cfg.batch_size,
-            num_workers=cfg.workers,
-            collate_fn=collate,
-            pin_memory=encoder.device.type == "cuda",
-            prefetch_factor=4 if cfg.workers else None,
-        )
+        loader = image_loader(data, cfg.batch_size, cfg.workers, encoder.device.type == "cuda")
         buffers: dict[int, ShardBuffer] = {}
         for batch in loader:
             pooled = tokens = view_emb = None

@@ -28,15 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from vlmcache import cache, distributed, faults
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
 from vlmcache.errors import VlmcacheError, unknown_choice
-from vlmcache.extract import ExtractConfig, ImageRows, collate, default_workers, probe_dims, run_extract
+from vlmcache.extract import ExtractConfig, ImageRows, default_workers, image_loader, probe_dims, run_extract
 from vlmcache.heads import build_head
-from vlmcache.images import BadImage
 from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb
 from vlmcache.metrics import Evaluator
@@ -172,38 +170,20 @@ def select_trainable(visual: nn.Module, tune: str, last_k: int = 1) -> list[str]
 # --------------------------------------------------------------------------- the data
 
 
-class AugmentedRows(torch.utils.data.Dataset):
-    """One epoch's samples in order; sample k's crop and flip are seeded by (seed, epoch, k)."""
+class AugmentedRows(ImageRows):
+    """One epoch's samples in order; sample k's crop and flip are seeded by (seed, epoch, k). An unreadable image
+    is a skipped sample, counted per epoch in the run's history."""
 
     def __init__(self, split: Split, rows: np.ndarray, positions: np.ndarray, transform, seed: int, epoch: int):
-        self.source, self.labels, self.rows, self.positions = split.source, split.labels, rows, positions
-        self.transform, self.seed, self.epoch = transform, seed, epoch
+        super().__init__(split.source, rows, transform)
+        self.positions, self.seed, self.epoch = positions, seed, epoch
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        row = int(self.rows[i])
-        try:
-            img = self.source.load(row)
-        except BadImage as e:  # a skipped sample, counted per epoch in the run's history
-            return row, None, None, str(e)
+    def tensors(self, i: int, row: int, img) -> tuple:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(
                 int(np.random.SeedSequence([self.seed, self.epoch, int(self.positions[i])]).generate_state(1)[0])
             )
-            return row, self.transform(img), None, None
-
-
-def _loader(data, batch_size: int, workers: int, pin: bool) -> DataLoader:
-    return DataLoader(
-        data,
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=pin,
-        prefetch_factor=4 if workers else None,
-    )
+            return self.transform(img), None
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -241,7 +221,7 @@ def _evaluate(model, split: Split, encoder: Encoder, counts, classnames, cfg, pr
         log_prior = (c / c.sum()).log().float().to(encoder.device)
     data = ImageRows(split.source, np.arange(len(split)), encoder.preprocess)
     skipped = 0
-    for batch in _loader(data, cfg.batch_size * 2, cfg.workers, encoder.device.type == "cuda"):
+    for batch in image_loader(data, cfg.batch_size * 2, cfg.workers, encoder.device.type == "cuda"):
         skipped += len(batch["bad"])
         if batch["images"] is None:
             continue
@@ -338,7 +318,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
         mine = np.arange(rank, len(order), world)
         data = AugmentedRows(train_split, order[mine], mine, transform, cfg.seed, epoch)
         losses, seen, skipped = [], 0, 0
-        for batch in _loader(data, cfg.batch_size, cfg.workers, device.type == "cuda"):
+        for batch in image_loader(data, cfg.batch_size, cfg.workers, device.type == "cuda"):
             skipped += len(batch["bad"])
             if batch["images"] is None:
                 if world > 1:  # one process skipping a step would leave the others waiting in all-reduce

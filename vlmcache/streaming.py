@@ -12,13 +12,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from vlmcache import cache
 from vlmcache.datasets import load_dataset
 from vlmcache.encoders import Encoder, load_encoder
 from vlmcache.errors import VlmcacheError
-from vlmcache.extract import ImageRows, collate, default_workers, probe_dims
+from vlmcache.extract import ImageRows, default_workers, image_loader, probe_dims
 
 
 def encoder_of(split: cache.SplitCache, device: str) -> Encoder:
@@ -72,15 +71,7 @@ class StreamedImages:
 
     def _encode(self, order: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
         data = ImageRows(self.source, self.rows[order], self.encoder.preprocess)
-        loader = DataLoader(
-            data,
-            batch_size=batch_size,
-            num_workers=self.workers,
-            collate_fn=collate,
-            pin_memory=self.encoder.device.type == "cuda",
-            prefetch_factor=4 if self.workers else None,
-        )
-        for batch in loader:
+        for batch in image_loader(data, batch_size, self.workers, self.encoder.device.type == "cuda"):
             if batch["bad"]:
                 row, reason = batch["bad"][0]
                 raise VlmcacheError(
