@@ -180,6 +180,8 @@ def test_bad_settings_are_named(tmp_path):
         app, ["finetune", "-d", "digits_lt", "-m", "vlmcache-tiny", "-p", "none", "--loss", "focall"]
     )
     assert res.exit_code == 2 and "did you mean 'focal'" in res.output.lower()
+    res = CliRunner().invoke(app, ["finetune", "-d", "digits_lt", "-m", "vlmcache-tiny", "-p", "none", "--nproc", "0"])
+    assert res.exit_code == 2 and "--nproc must be at least 1" in res.output
 
 
 def test_a_cosine_head_starts_as_the_zero_shot_classifier(tmp_path):
