@@ -19,11 +19,11 @@ import pytest
 import torch
 from conftest import assert_same_cache, extract_cmd, long_tailed_features, run, write_feature_cache
 
-from vlmcache import cache
+from vlmcache import cache, runs
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.features import TokenBlocks
-from vlmcache.train import TrainConfig, load_run, train_head
+from vlmcache.train import TrainConfig, train_head
 
 
 def _extract_cmd(root: Path, files: dict, cache_dir: Path, *extra: str) -> list[str]:
@@ -342,12 +342,11 @@ class _Payload:
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps({"config": {"dataset": "x"}}))
     with open(run_dir / "head.pt", "wb") as f:
         pickle.dump({"head": _Payload()}, f)
     monkeypatch.chdir(tmp_path)  # where the payload would write
     with pytest.raises(VlmcacheError, match="not a vlmcache head"):
-        load_run(run_dir, torch.device("cpu"))
+        runs.load_head_file(run_dir, torch.device("cpu"))  # what load_run and eval of a fine-tuning run use
     assert not (tmp_path / "PWNED").exists()
 
 

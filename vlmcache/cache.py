@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vlmcache import faults
+from vlmcache import faults, schemas
 from vlmcache.errors import VlmcacheError
 
 MANIFEST = "manifest.json"
@@ -65,17 +65,53 @@ def publish(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_bytes_atomic(path: Path, data: bytes, fault: str | None = None) -> None:
+    """The one write path: a temporary name, fsync, rename, fsync the folder. A full disk is one clear error
+    and leaves the previous version (or nothing) in place, never a half-written file under the final name."""
     tmp = tmp_name(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
-        publish(tmp, path)
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        if fault:
+            faults.hit(fault)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as e:
+        raise VlmcacheError(
+            f"Could not write '{path}': {e}. Is the disk full? Nothing was published and the temporary file is "
+            f"removed; free space and run the same command again."
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
+
+
+def save_torch_atomic(obj, path: Path) -> None:
+    """`torch.save` through a temporary name (streamed, not built in memory: tuned towers are large)."""
+    import torch
+
+    tmp = tmp_name(path)
+    try:
+        torch.save(obj, tmp)
+        publish(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
         raise VlmcacheError(f"Could not write '{path}': {e}. Is the disk full? The previous version is kept.") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def h5_image(build) -> bytes:
+    """An HDF5 file built in memory by `build(f)` (the core driver), as bytes: written with plain file I/O, a full
+    disk is then an ordinary OSError, never a failure inside HDF5's own close, which can take the process down."""
+    with h5py.File("image.h5", "w", driver="core", backing_store=False) as f:
+        build(f)
+        f.flush()
+        return f.id.get_file_image()
 
 
 def remove_stale_tmp(folder: Path) -> list[Path]:
@@ -108,38 +144,22 @@ def shard_name(index: int) -> str:
 
 
 def write_shard(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> dict:
-    """Write one shard to a temporary name, fsync, rename. Returns its manifest entry fields.
+    """Write one shard atomically (`write_bytes_atomic`). Returns its manifest entry fields.
 
-    The HDF5 file is built in memory (the core driver) and written with plain file I/O: a full disk is
-    then an ordinary OSError, never a failure inside HDF5's own close, which can take the process down.
     Every dataset is chunked with HDF5's fletcher32 checksum, so a corrupted chunk fails when it is read
     instead of passing silently into training.
     """
-    with h5py.File(final.name, "w", driver="core", backing_store=False) as f:
+
+    def build(f: h5py.File) -> None:
         for name, arr in arrays.items():
             # Tokens are read in contiguous row slices; one row per chunk keeps any slice cheap.
             chunks = (1, *arr.shape[1:]) if name == "tokens" else True
             f.create_dataset(name, data=arr, chunks=chunks if len(arr) else None, fletcher32=len(arr) > 0)
         for k, v in attrs.items():
             f.attrs[k] = v
-        f.flush()
-        image = f.id.get_file_image()
-    tmp = tmp_name(final)
-    try:
-        with open(tmp, "wb") as out:
-            out.write(image)
-            out.flush()
-            os.fsync(out.fileno())
-        faults.hit("shard_written")
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except OSError as e:
-        raise VlmcacheError(
-            f"Could not write the shard '{final}': {e}. Is the disk full? Nothing was published and the "
-            f"temporary file is removed; free space and run the same command again to resume."
-        ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    image = h5_image(build)
+    write_bytes_atomic(final, image, fault="shard_written")
     return {"file": final.name, "bytes": len(image), "sha256": hashlib.sha256(image).hexdigest()}
 
 
@@ -198,11 +218,9 @@ def read_manifest(split_dir: Path) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise VlmcacheError(f"The manifest '{path}' is not valid JSON ({e}); re-extract with --overwrite.") from None
-    if manifest.get("format") != FORMAT:
-        raise VlmcacheError(f"The manifest '{path}' has format {manifest.get('format')}; this vlmcache reads {FORMAT}.")
-    return manifest
+    return schemas.check_manifest(manifest, path)
 
 
 def fingerprint_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -377,19 +395,17 @@ class TextCache:
 
 def write_text(path: Path, text: TextCache) -> None:
     """Write text.h5 atomically: one group per template set with its templates and (C, D) embeddings."""
-    tmp = tmp_name(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["fingerprint"] = json.dumps(text.fingerprint)
-            f.attrs["logit_scale"] = text.logit_scale
-            f.create_dataset("classnames", data=np.array(text.classnames, dtype=h5py.string_dtype()))
-            for name, (templates, emb) in text.sets.items():
-                g = f.create_group(name)
-                g.create_dataset("embeddings", data=emb.astype(np.float32))
-                g.create_dataset("templates", data=np.array(templates, dtype=h5py.string_dtype()))
-        publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def build(f: h5py.File) -> None:
+        f.attrs["fingerprint"] = json.dumps(text.fingerprint)
+        f.attrs["logit_scale"] = text.logit_scale
+        f.create_dataset("classnames", data=np.array(text.classnames, dtype=h5py.string_dtype()))
+        for name, (templates, emb) in text.sets.items():
+            g = f.create_group(name)
+            g.create_dataset("embeddings", data=emb.astype(np.float32))
+            g.create_dataset("templates", data=np.array(templates, dtype=h5py.string_dtype()))
+
+    write_bytes_atomic(path, h5_image(build))
 
 
 def read_text(path: Path) -> TextCache:

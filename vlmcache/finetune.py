@@ -189,12 +189,6 @@ class AugmentedRows(ImageRows):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = cache.tmp_name(path)
-    torch.save(obj, tmp)
-    cache.publish(tmp, path)
-
-
 def _load_checkpoint(path: Path, device: torch.device) -> dict:
     try:  # weights_only: a checkpoint from elsewhere cannot run code when it is loaded
         return torch.load(path, map_location=device, weights_only=True)
@@ -355,7 +349,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
         }
         history.append(row)
         if rank == 0:
-            _save_atomic(
+            cache.save_torch_atomic(
                 {
                     "config_hash": cfg.hash(),
                     "epoch": epoch,
@@ -393,7 +387,7 @@ def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, 
     device = encoder.device
     # the tuned weights as an open_clip checkpoint: `vlmcache extract --pretrained FILE` reads it
     weights = run_dir / f"{cfg.model}-ft-{cfg.hash()}.pt"
-    _save_atomic(encoder.model.state_dict(), weights)
+    cache.save_torch_atomic(encoder.model.state_dict(), weights)
     saved = {
         "head": cfg.head,
         "in_dim": model.head.classifier.weight.shape[1],

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import pickle
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmcache import cache, streaming
+from vlmcache import cache, runs, schemas, streaming
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.features import Pooled, default_eval_split, find_cache, load_inputs, open_split
@@ -99,8 +97,7 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_training_choices(self, ("epochs", "batch_size"))
-        if not self.lr > 0:
-            raise VlmcacheError(f"--lr must be positive, got {self.lr}.")
+        check_numbers(self)
         if self.tau_norm is not None and (self.stage2 or self.head in ("cosine", "coop")):
             raise VlmcacheError(
                 f"--tau-norm applies to a first-stage linear classifier, not a second stage or the {self.head} head."
@@ -127,6 +124,28 @@ def check_training_choices(cfg, counts: tuple[str, ...]) -> None:
     for name in counts:
         if getattr(cfg, name) < 1:
             raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
+
+
+def check_numbers(cfg) -> None:
+    """Learning rates positive and finite, weight decay and momentum in range, post-hoc settings finite, the seed
+    one that every generator takes: shared by train-head's and finetune's configs."""
+    for name in ("lr", "head_lr"):
+        value = getattr(cfg, name, None)
+        if value is not None and not (schemas.finite(value) and value > 0):
+            raise VlmcacheError(f"--{name.replace('_', '-')} must be a positive finite number, got {value}.")
+    if not (schemas.finite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise VlmcacheError(f"--weight-decay must be a finite number of 0 or more, got {cfg.weight_decay}.")
+    momentum = getattr(cfg, "momentum", 0.0)
+    if not (schemas.finite(momentum) and 0 <= momentum < 1):
+        raise VlmcacheError(f"The momentum must be in [0, 1), got {momentum}.")
+    for name in ("tau_norm", "logit_adjust"):
+        value = getattr(cfg, name, None)
+        if value is not None and not schemas.finite(value):
+            raise VlmcacheError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
+    if not 0 <= cfg.seed <= schemas.SEED_MAX:
+        raise VlmcacheError(f"--seed must be between 0 and {schemas.SEED_MAX}, got {cfg.seed}.")
+    if not 0 <= cfg.few <= cfg.many:
+        raise VlmcacheError(f"The shot thresholds need 0 <= few <= many, got few={cfg.few}, many={cfg.many}.")
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -229,7 +248,18 @@ def fit(
         history.append(row)
         if on_epoch:
             on_epoch(row)
+    check_finite_parameters(module)
     return history
+
+
+def check_finite_parameters(module: nn.Module) -> None:
+    """A diverged model (NaN or inf in a weight) is a failed run, never a result."""
+    for name, p in module.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p).all()):
+            raise VlmcacheError(
+                f"Training diverged: the parameter '{name}' holds NaN or inf, so the run is not saved. Lower --lr "
+                f"or check the loss parameters."
+            )
 
 
 @torch.no_grad()
@@ -251,6 +281,8 @@ def evaluate(
         log_prior = (counts / counts.sum()).log().float()
     for x, y in data.chunks():
         logits = model(x).float()
+        if not bool(torch.isfinite(logits).all()):
+            raise VlmcacheError("The model's logits hold NaN or inf; it diverged, and its metrics would mean nothing.")
         if log_prior is not None:
             logits = logit_adjusted(logits, log_prior.to(logits.device), logit_adjust)
         evaluator.update(logits, y)
@@ -288,11 +320,11 @@ def _bind_text(head: nn.Module, split: cache.SplitCache, text: cache.TextCache, 
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
-    run_dir = Path(cfg.out) if cfg.out else Path(cfg.runs_dir) / cfg.run_name()
+    """This run's folder, checked before any work: writable, and not a finished run unless --overwrite."""
+    runs.check_output_dir(cfg.runs_dir, "--runs-dir")
+    run_dir = runs.check_output_dir(cfg.out, "--out") if cfg.out else Path(cfg.runs_dir) / cfg.run_name()
     if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
         raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")
-    if run_dir.exists() and cfg.overwrite:
-        shutil.rmtree(run_dir)
     return run_dir
 
 
@@ -304,30 +336,41 @@ def _check_tau_norm(model: RunModel) -> None:
 
 
 def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, RunModel, dict]:
+    """A finished train-head run, every file checked against its schema, the head against its cache."""
     run_dir = Path(run_dir)
-    if not (run_dir / "head.pt").is_file() or not (run_dir / "config.json").is_file():
-        raise VlmcacheError(f"'{run_dir}' is not a finished run (config.json and head.pt are missing).")
-    meta = json.loads((run_dir / "config.json").read_text())
-    if meta.get("kind") == "finetune":
+    if runs.read_kind(run_dir) == "finetune":
+        meta = runs.read_json(run_dir / "config.json", "run")
         raise VlmcacheError(
             f"'{run_dir}' is a fine-tuning run; its head needs its tuned tower (vlmcache eval handles both). To "
-            f"train heads on its features: vlmcache extract --pretrained {meta['weights']} (or finetune --reextract)."
+            f"train heads on its features: vlmcache extract --pretrained {run_dir / str(meta.get('weights'))} "
+            f"(or finetune --reextract)."
         )
-    cfg = TrainConfig(**meta["config"])
-    try:  # weights_only: a run folder from elsewhere cannot run code when it is loaded
-        saved = torch.load(run_dir / "head.pt", map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise VlmcacheError(f"'{run_dir}/head.pt' is not a vlmcache head (refused to load it: {e}).") from None
-    head = build_head(saved["head"], saved["in_dim"], saved["num_classes"], **saved["head_params"]).to(device)
-    if hasattr(head, "bind_text"):
-        model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
-        _bind_text(head, open_split(model_dir, cfg.train_split), cache.read_text(model_dir / cache.TEXT_FILE), device)
-    stage2 = build_stage2(saved["stage2"], head.classifier) if saved.get("stage2") else None
+    _, cfg = runs.read_config(run_dir, TrainConfig)
     try:
+        cfg.resolve()
+    except VlmcacheError as e:
+        raise VlmcacheError(f"'{run_dir}/config.json': {e}") from None
+    saved = runs.load_head_file(run_dir, device)
+    if saved["head"] not in HEADS or (saved["stage2"] is not None and saved["stage2"] not in STAGE2):
+        raise VlmcacheError(f"'{run_dir}/head.pt' names a head or second stage this vlmcache does not have.")
+    model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
+    split = open_split(model_dir, cfg.train_split)
+    num_classes = int(split.fingerprint["num_classes"])
+    width = split.token_shape()[1] if HEADS[saved["head"]].input == "tokens" else int(split.manifest["dims"]["pooled"])
+    if (saved["num_classes"], saved["in_dim"]) != (num_classes, width):
+        raise VlmcacheError(
+            f"'{run_dir}/head.pt' is a head for {saved['num_classes']} classes and inputs of width "
+            f"{saved['in_dim']}, but its cache '{model_dir}' has {num_classes} classes and width {width}."
+        )
+    try:
+        head = build_head(saved["head"], saved["in_dim"], saved["num_classes"], **saved["head_params"]).to(device)
+        if hasattr(head, "bind_text"):
+            _bind_text(head, split, cache.read_text(model_dir / cache.TEXT_FILE), device)
+        stage2 = build_stage2(saved["stage2"], head.classifier) if saved.get("stage2") else None
         head.load_state_dict(saved["head_state"])
         if stage2 is not None:
-            stage2.load_state_dict(saved["stage2_state"])
-    except RuntimeError as e:
+            stage2.load_state_dict(saved["stage2_state"] or {})
+    except (RuntimeError, TypeError, ValueError) as e:
         raise VlmcacheError(f"The weights in '{run_dir}/head.pt' do not fit this vlmcache's heads: {e}") from None
     return cfg, RunModel(head, stage2).to(device), saved
 
@@ -399,7 +442,8 @@ def train_head(
         **_peak_memory(device),
     }
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_finite_parameters(model)
+    staging = runs.staging_dir(run_dir)
     saved = {
         "head": cfg.head,
         "in_dim": in_dim,
@@ -409,8 +453,8 @@ def train_head(
         "stage2": cfg.stage2,
         "stage2_state": model.stage2.state_dict() if model.stage2 is not None else None,
     }
-    torch.save(saved, run_dir / "head.pt")
-    table.to_csv(run_dir / "per_class.csv", index=False)
+    cache.save_torch_atomic(saved, staging / "head.pt")
+    cache.write_bytes_atomic(staging / "per_class.csv", table.to_csv(index=False).encode())
     config = {
         "config": asdict(cfg),
         "cache": str(model_dir),
@@ -418,9 +462,10 @@ def train_head(
         "train_counts": counts.tolist(),
         "argv": sys.argv,
     }
-    (run_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    cache.write_json_atomic(staging / "config.json", config)
     result = {"run": str(run_dir), "metrics": metrics, "cost": cost, "history": history}
-    cache.write_json_atomic(run_dir / "metrics.json", result)  # last: a run with metrics.json is complete
+    cache.write_json_atomic(staging / "metrics.json", result)  # last: a run with metrics.json is complete
+    runs.publish_run(staging, run_dir)
     return result
 
 
@@ -432,18 +477,24 @@ def evaluate_run(
     device: str = "auto",
 ) -> dict:
     """Evaluate a saved run again, optionally with post-hoc tau-normalisation or logit adjustment."""
-    meta_file = Path(run_dir) / "config.json"
-    if meta_file.is_file() and json.loads(meta_file.read_text()).get("kind") == "finetune":
+    for name, value in (("--tau-norm", tau_norm), ("--logit-adjust", logit_adjust)):
+        if value is not None and not schemas.finite(value):
+            raise VlmcacheError(f"{name} must be a finite number, got {value}.")
+    if runs.read_kind(Path(run_dir)) == "finetune":
         from vlmcache.finetune import evaluate_finetuned
 
         return evaluate_finetuned(run_dir, tau_norm, logit_adjust, split, device)
     dev = pick_device(device)
-    cfg, model, _ = load_run(run_dir, dev)
+    cfg, model, saved = load_run(run_dir, dev)
     model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
-    config = json.loads((Path(run_dir) / "config.json").read_text())
+    config, _ = runs.read_config(Path(run_dir), TrainConfig)
     eval_name = split or config["eval_split"]
     (data,) = _inputs(cfg, cfg.head, [open_split(model_dir, eval_name)], dev)
     counts = np.asarray(config["train_counts"])
+    if len(counts) != saved["num_classes"]:
+        raise VlmcacheError(
+            f"'{run_dir}/config.json': train_counts has {len(counts)} classes, its head {saved['num_classes']}."
+        )
     if tau_norm is not None:
         _check_tau_norm(model)
         model.head.classifier = tau_normalized(model.head.classifier, tau_norm)

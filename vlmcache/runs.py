@@ -1,0 +1,102 @@
+"""Run folders: where outputs may go, how a finished run is published, and reading one back through its schemas.
+
+A run folder holds config.json, metrics.json (written last: a folder with it is finished), per_class.csv and
+head.pt. train-head builds the folder under a temporary name beside its final one and renames it into place
+when every file is written, so `--overwrite` replaces a finished run only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+from vlmcache import cache, schemas
+from vlmcache.errors import VlmcacheError
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> Path:
+    """A folder that can be made and written: not a file, not under a file, names the system accepts, writable.
+
+    Checked before any work, so a mistake in --out, --runs-dir or --cache-dir costs nothing."""
+    path = Path(path)
+    for part in path.parts:
+        if len(os.fsencode(part)) > 255:
+            raise VlmcacheError(f"{option} '{str(path)[:80]}...': a folder name is longer than 255 bytes.")
+    if len(os.fsencode(str(path.absolute()))) > 4000:
+        raise VlmcacheError(f"{option}: the path is longer than the system allows ({len(str(path))} characters).")
+    existing = path
+    while not existing.exists():
+        if existing.is_symlink():
+            raise VlmcacheError(f"{option} '{path}': '{existing}' is a broken symbolic link.")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise VlmcacheError(f"{option} '{path}': '{existing}' is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise VlmcacheError(f"{option} '{path}': the folder '{existing}' is not writable.")
+    return path
+
+
+def staging_dir(run_dir: Path) -> Path:
+    """The temporary folder a run is built in, beside its final place (the same file system, so rename works)."""
+    staging = run_dir.with_name(f"{run_dir.name}{cache.TMP_MARK}{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish_run(staging: Path, run_dir: Path) -> None:
+    """Move a complete run folder into place; an older run there is removed only after the new one is in."""
+    old = None
+    if run_dir.exists():
+        old = run_dir.with_name(f"{run_dir.name}.old{cache.TMP_MARK}{os.getpid()}")
+        os.replace(run_dir, old)
+    os.replace(staging, run_dir)
+    cache.fsync_dir(run_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VlmcacheError(f"'{path}' is missing; the folder is not a finished {what}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise VlmcacheError(f"'{path}' is not valid JSON ({e}).") from None
+
+
+def read_kind(run_dir: Path) -> str:
+    """'head' (train-head) or 'finetune', from config.json."""
+    meta = read_json(Path(run_dir) / "config.json", "run")
+    kind = meta.get("kind", "head") if isinstance(meta, dict) else None
+    if kind not in ("head", "finetune"):
+        raise VlmcacheError(f"'{run_dir}/config.json': kind must be 'head' or 'finetune', got {kind!r}.")
+    return kind
+
+
+def read_config(run_dir: Path, config_type: type) -> tuple[dict, object]:
+    """config.json checked against its schema: (the whole dict, its `config` as a `config_type`)."""
+    path = Path(run_dir) / "config.json"
+    return schemas.check_run_config(read_json(path, "run"), path, config_type)
+
+
+def read_metrics(run_dir: Path) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    return schemas.check_metrics(read_json(path, "run"), path)
+
+
+def load_head_file(run_dir: Path, device) -> dict:
+    import torch
+
+    path = Path(run_dir) / "head.pt"
+    if not path.is_file():
+        raise VlmcacheError(f"'{run_dir}' is not a finished run (head.pt is missing).")
+    try:  # weights_only: a run folder from elsewhere cannot run code when it is loaded
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        raise VlmcacheError(f"'{path}' is not a vlmcache head (refused to load it: {e}).") from None
+    return schemas.check_head_file(saved, path)
