@@ -75,8 +75,10 @@ def test_split_file_override_and_inat_json(tmp_path):
     "text, message",
     [
         ("a.jpg 0\nb.jpg\n", "line 2: expected 'relative/path label'"),
-        ("a.jpg 0\n\nb.jpg x\n", "line 3: the label 'x' is not an integer"),
-        ("a.jpg -1\n", "line 1: the label -1 is out of range"),
+        ("a.jpg 0\n\nb.jpg x\n", "line 3: the label 'x' is not a non-negative integer"),
+        ("a.jpg -1\n", "line 1: the label '-1' is not a non-negative integer"),
+        ("a.jpg 0\nb.jpg \u0663\n", "line 2: the label '\u0663' is not a non-negative integer"),
+        ("a.jpg 1_0\n", "line 1: the label '1_0' is not a non-negative integer"),
         ("a.jpg 0\nb.jpg 3\n", "line 2: the label 3 is out of range (valid: 0..2)"),
         ("/etc/passwd 0\n", "line 1: the path '/etc/passwd' is absolute"),
         ("ok.jpg 0\nimgs/../../secret.jpg 1\n", "line 2: the path 'imgs/../../secret.jpg' contains '..'"),

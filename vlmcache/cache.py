@@ -269,6 +269,8 @@ class SplitCache:
                 f"The cache '{self.dir}' is incomplete ({done} of {manifest['n_shards']} shards); "
                 f"run the same `vlmcache extract` command again to resume."
             )
+        if not any(e["rows"] for e in manifest["shards"]):
+            raise VlmcacheError(f"The cache '{self.dir}' holds no rows: {empty_reason(manifest)}")
         self.manifest = manifest
         self.shards: list[ShardRef] = []
         start = 0
@@ -295,7 +297,14 @@ class SplitCache:
                 raise VlmcacheError(
                     f"The shard '{path}' listed in the manifest is missing; run `vlmcache cache verify`."
                 )
-            f = self._files[i] = open_h5(path)
+            f = open_h5(path)
+            problem = shard_content_problem(f, self.shards[i].rows)
+            if problem:
+                f.close()
+                raise VlmcacheError(
+                    f"The shard '{path}' does not match its manifest: {problem}. Run `vlmcache cache verify`."
+                )
+            self._files[i] = f
         return f
 
     def close(self) -> None:
@@ -357,6 +366,27 @@ class SplitCache:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
+def empty_reason(manifest: dict) -> str:
+    """Why a split has no rows, for the error that says so."""
+    skipped = [x for e in manifest["shards"] for x in e["skipped"]]
+    if not skipped:
+        return "its split definition has no images."
+    reasons = "; ".join(f"{x['path']}: {x['reason']}" for x in skipped[:3])
+    return f"all {len(skipped)} images were skipped as unreadable (for example {reasons})."
+
+
+def shard_content_problem(f: h5py.File, rows: int) -> str | None:
+    """What in an open shard disagrees with its manifest entry's row count (None when nothing)."""
+    for name in ("rows", "labels", "pooled"):
+        if name not in f:
+            return f"it has no '{name}' dataset"
+    lengths = {name: f[name].shape[0] for name in f if isinstance(f[name], h5py.Dataset) and f[name].shape}
+    wrong = {k: v for k, v in lengths.items() if v != rows}
+    if wrong:
+        return f"the manifest lists {rows} rows, the file holds {wrong}"
+    return None
+
+
 def damaged_shards(split_dir: Path, manifest: dict) -> dict[str, str]:
     """{shard file: what is wrong} for every listed shard that is missing, resized or re-hashed differently."""
     out = {}
@@ -368,12 +398,23 @@ def damaged_shards(split_dir: Path, manifest: dict) -> dict[str, str]:
             out[entry["file"]] = f"{path.stat().st_size} bytes, the manifest says {entry['bytes']}"
         elif sha256_file(path) != entry["sha256"]:
             out[entry["file"]] = "sha256 differs from the manifest (the file changed after it was written)"
+        else:
+            try:
+                with open_h5(path) as f:
+                    problem = shard_content_problem(f, entry["rows"])
+            except VlmcacheError as e:
+                problem = str(e)
+            if problem:
+                out[entry["file"]] = problem
     return out
 
 
 def verify_split(split_dir: Path) -> list[str]:
     """Re-hash every shard the manifest lists; return one line per problem (empty when all is well)."""
-    manifest = read_manifest(split_dir)
+    try:
+        manifest = read_manifest(split_dir)
+    except VlmcacheError as e:
+        return [str(e)]
     if manifest is None:
         return [f"{split_dir}: no {MANIFEST}"]
     problems = [f"{split_dir / name}: {why}" for name, why in damaged_shards(split_dir, manifest).items()]

@@ -868,8 +868,9 @@ def cache_verify(
     ref: str = typer.Argument(None, help="A cache (path, DATASET/KEY or key prefix); default: every cache."),
     cache_dir: Path = CACHE_DIR,
     repair: bool = typer.Option(
-        False, "--repair", help="Extract the damaged or missing shards again (needs --root's images)."
+        False, "--repair", help="Extract the damaged or missing shards again, into this cache (needs the images)."
     ),
+    root: Path = typer.Option(None, "--root", help="With --repair: the images' folder, if it moved since extraction."),
     as_json: bool = JSON,
 ):
     """Re-hash every shard against its manifest; exit 1 and name the shards that differ.
@@ -884,7 +885,8 @@ def cache_verify(
         for split_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
             found = cache.verify_split(split_dir)
             if found and repair:
-                repaired += [str(split_dir / name) for name in repair_split(split_dir, log=err.print)]
+                fixed = repair_split(split_dir, str(root) if root else None, log=err.print)
+                repaired += [str(split_dir / name) for name in fixed]
                 found = cache.verify_split(split_dir)
             problems += found
             checked += 1

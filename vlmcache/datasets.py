@@ -54,8 +54,35 @@ class Dataset:
 # --------------------------------------------------------------------------- split files
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+BOMS = (
+    (b"\xef\xbb\xbf", "utf-8-sig"),
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+def read_text_lines(path: Path, what: str) -> list[str]:
+    """The lines of a text file (gzipped when it ends in .gz): UTF-8, or UTF-16/32 with a byte-order mark.
+
+    Anything else is refused naming the line, rather than read into paths or names that are silently wrong."""
+    try:
+        data = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise VlmcacheError(f"The {what} '{path}' cannot be read: {e}") from None
+    encoding = next((enc for bom, enc in BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise VlmcacheError(
+            f"{path}, line {line}: not {encoding.upper()} text ({e.reason}); save the {what} as UTF-8."
+        ) from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise VlmcacheError(f"{path}, line {line}: a NUL character; is the {what} UTF-16 without a byte-order mark?")
+    return text.splitlines()
 
 
 def _sha256_file(path: Path) -> str:
@@ -75,6 +102,9 @@ def _check_relpath(rel: str, where: str) -> None:
         raise VlmcacheError(f"{where}: the path '{rel}' contains '..' and would escape --root.")
 
 
+MAX_CLASSES = 1_000_000  # no benchmark comes near; a label above it is a typo, not a class
+
+
 def read_split_file(path: str | os.PathLike, num_classes: int | None = None) -> tuple[list[str], np.ndarray]:
     """Parse `relative/path label` lines (blank lines allowed; the path may contain spaces)."""
     path = Path(path)
@@ -82,26 +112,24 @@ def read_split_file(path: str | os.PathLike, num_classes: int | None = None) -> 
         raise VlmcacheError(f"The split file '{path}' does not exist.")
     relpaths: list[str] = []
     labels: list[int] = []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            where = f"{path}, line {lineno}"
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2:
-                raise VlmcacheError(f"{where}: expected 'relative/path label', got '{line}'.")
-            rel, label_text = parts
-            try:
-                label = int(label_text)
-            except ValueError:
-                raise VlmcacheError(f"{where}: the label '{label_text}' is not an integer.") from None
-            if label < 0 or (num_classes is not None and label >= num_classes):
-                bound = f"0..{num_classes - 1}" if num_classes is not None else "0 or more"
-                raise VlmcacheError(f"{where}: the label {label} is out of range (valid: {bound}).")
-            _check_relpath(rel, where)
-            relpaths.append(rel)
-            labels.append(label)
+    for lineno, line in enumerate(read_text_lines(path, "split file"), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        where = f"{path}, line {lineno}"
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise VlmcacheError(f"{where}: expected 'relative/path label', got '{line[:200]}'.")
+        rel, label_text = parts
+        if not (label_text.isascii() and label_text.isdigit()):
+            raise VlmcacheError(f"{where}: the label '{label_text[:40]}' is not a non-negative integer (0, 1, 2, ...).")
+        label = int(label_text)
+        bound = num_classes if num_classes is not None else MAX_CLASSES
+        if label >= bound:
+            raise VlmcacheError(f"{where}: the label {label} is out of range (valid: 0..{bound - 1}).")
+        _check_relpath(rel, where)
+        relpaths.append(rel)
+        labels.append(label)
     if not relpaths:
         raise VlmcacheError(f"The split file '{path}' holds no images.")
     return relpaths, np.asarray(labels, dtype=np.int64)
@@ -113,14 +141,26 @@ def read_coco_json(path: Path, num_classes: int | None = None) -> tuple[list[str
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         files = {im["id"]: im["file_name"] for im in data["images"]}
-        pairs = [(files[a["image_id"]], int(a["category_id"])) for a in data["annotations"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        pairs = [(files[a["image_id"]], a["category_id"]) for a in data["annotations"]]
+        if not all(isinstance(rel, str) for rel, _ in pairs):
+            raise TypeError("a file_name is not a string")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise VlmcacheError(f"'{path}' is not an iNaturalist-style JSON file (images + annotations): {e}") from None
     for rel, label in pairs:
         _check_relpath(rel, str(path))
-        if label < 0 or (num_classes is not None and label >= num_classes):
+        if type(label) is not int or label < 0 or label >= (num_classes or MAX_CLASSES):
             raise VlmcacheError(f"{path}: the category_id {label} of '{rel}' is out of range.")
     return [p for p, _ in pairs], np.asarray([lbl for _, lbl in pairs], dtype=np.int64)
+
+
+def _line_of(path: Path, index: int) -> int:
+    """The line number of the index-th entry (non-blank line) of a split file, for an error message."""
+    seen = -1
+    for lineno, line in enumerate(read_text_lines(path, "split file"), start=1):
+        seen += bool(line.strip())
+        if seen == index:
+            return lineno
+    return 0
 
 
 def _package_file(relpath: str) -> Path:
@@ -132,11 +172,14 @@ def read_classnames(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise VlmcacheError(f"The class-name file '{path}' does not exist.")
-    with _open_text(path) as f:
-        names = [line.strip() for line in f if line.strip()]
-    if not names:
+    lines = [line.strip() for line in read_text_lines(path, "class-name file")]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
         raise VlmcacheError(f"The class-name file '{path}' is empty.")
-    return names
+    if "" in lines:  # line i names class i: a blank line would shift every name after it
+        raise VlmcacheError(f"{path}, line {lines.index('') + 1}: a blank line; line i must name class i.")
+    return lines
 
 
 # --------------------------------------------------------------------------- statistics
@@ -261,9 +304,17 @@ def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float
         raise VlmcacheError("The imagefolder dataset takes its splits from folders; --split-file is not used.")
     root = _check_root(root, name)
 
-    def scan(base: Path) -> dict[str, list[str]]:
+    def scan(base: Path, train: bool) -> dict[str, list[str]]:
+        """{class folder: its images}; images outside class folders and empty training classes are refused,
+        since either would silently give another dataset than the one on disk."""
+        loose = sorted(p.name for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if loose:
+            raise VlmcacheError(
+                f"'{base}' holds {len(loose)} images outside class folders (for example '{loose[0]}'); imagefolder "
+                f"reads one sub-folder per class. Move them into class folders."
+            )
         classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-        return {
+        files = {
             c: sorted(
                 str(p.relative_to(root).as_posix())
                 for p in (base / c).rglob("*")
@@ -271,6 +322,13 @@ def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float
             )
             for c in classes
         }
+        empty = [c for c, f in files.items() if not f]
+        if train and empty:
+            raise VlmcacheError(
+                f"The class folder(s) {empty[:5]} under '{base}' hold no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                f"a class without training images cannot be learned. Remove them or add images."
+            )
+        return files
 
     def make(split: str, files: dict[str, list[str]], classes: list[str], origin: str) -> Split:
         unknown = sorted(set(files) - set(classes))
@@ -284,17 +342,23 @@ def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float
         return Split(split, FileSource(root, rel), labels, origin, digest)
 
     eval_dirs = [d for d in ("val", "test") if (root / d).is_dir()]
+    if (root / "train").is_dir() != bool(eval_dirs):
+        have = "train/" if (root / "train").is_dir() else " and ".join(f"{d}/" for d in eval_dirs)
+        raise VlmcacheError(
+            f"'{root}' has {have} but not the other side: give train/ with val/ or test/, or point --root at a "
+            f"folder of class folders to hold out a test split from (for example --root {root / 'train'})."
+        )
     notes = []
     if (root / "train").is_dir() and eval_dirs:
-        train = scan(root / "train")
+        train = scan(root / "train", True)
         classes = sorted(train)
         splits = {"train": make("train", train, classes, str(root / "train"))}
         for d in eval_dirs:
-            splits[d] = make(d, scan(root / d), classes, str(root / d))
+            splits[d] = make(d, scan(root / d, False), classes, str(root / d))
     else:
         if not 0 < holdout < 1:
             raise VlmcacheError(f"--holdout must be between 0 and 1 (exclusive), got {holdout}.")
-        files = scan(root)
+        files = scan(root, True)
         classes = sorted(files)
         rng = np.random.default_rng(seed)
         train_files, test_files = {}, {}
@@ -304,6 +368,11 @@ def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float
             n_test = max(n_test, 1) if len(order) > 1 else 0
             test_files[c] = sorted(files[c][i] for i in order[:n_test])
             train_files[c] = sorted(files[c][i] for i in order[n_test:])
+        if not any(test_files.values()):
+            raise VlmcacheError(
+                f"The hold-out test split of '{root}' would be empty: every class has fewer than 2 images. "
+                f"Add images, or give train/ and test/ folders."
+            )
         origin = f"{root} (stratified hold-out {holdout:.0%}, seed {seed})"
         splits = {
             "train": make("train", train_files, classes, origin),
@@ -332,6 +401,14 @@ def _split(name: str, root, split_files: Mapping[str, str], classnames_file: str
     notes = []
     if classnames is None:
         num = int(max(int(s.labels.max()) for s in splits.values())) + 1
+        distinct = len(set().union(*(np.unique(s.labels).tolist() for s in splits.values())))
+        if num > 2 * distinct + 10:  # most classes would have no image: a typo in a label, or sparse ids
+            s = max(splits.values(), key=lambda s: s.labels.max())
+            raise VlmcacheError(
+                f"{s.origin}, line {_line_of(Path(s.origin), int(s.labels.argmax()))}: the label {num - 1} would "
+                f"make {num} classes for {distinct} distinct labels. Fix the label, or pass --classnames FILE "
+                f"naming every class (one per line)."
+            )
         classnames = [f"class {i}" for i in range(num)]
         notes.append("No --classnames file: classes are named 'class 0', 'class 1', ...; zero-shot texts mean nothing.")
     return Dataset(name, classnames, splits, root, notes)

@@ -5,19 +5,20 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlmcache import cache, distributed, faults
+from vlmcache import cache, distributed, faults, runs
 from vlmcache.datasets import Dataset, Split, load_dataset
 from vlmcache.encoders import Encoder, list_models, load_encoder
 from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.images import BadImage, FileSource
 from vlmcache.memory import peak_rss_mb
+from vlmcache.schemas import SEED_MAX
 from vlmcache.templates import DEFAULT_TEMPLATE_SETS, TEMPLATE_SETS, get_templates
 
 TOKEN_TAP = "visual.transformer output, before ln_post (includes the class token)"
@@ -69,6 +70,9 @@ class ExtractConfig:
             get_templates(t)
         if self.model not in list_models():
             raise unknown_choice("model", self.model, list_models())
+        if not 0 <= self.seed <= SEED_MAX or not 0 <= self.view_seed <= SEED_MAX:
+            raise VlmcacheError(f"--seed and --view-seed must be between 0 and {SEED_MAX}.")
+        runs.check_output_dir(self.cache_dir, "--cache-dir")
 
 
 # --------------------------------------------------------------------------- the image rows
@@ -354,6 +358,8 @@ def extract_split(
         cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
     distributed.barrier()
     manifest = cache.read_manifest(split_dir)
+    if manifest["complete"] and not any(e["rows"] for e in manifest["shards"]):
+        raise VlmcacheError(f"The {split.name} split of {dataset.name} has no rows: {cache.empty_reason(manifest)}")
     seconds = time.perf_counter() - t0
     return {
         "split": split.name,
@@ -434,8 +440,11 @@ def extract_text(encoder: Encoder, dataset: Dataset, template_sets: list[str], m
     return path
 
 
-def run_extract(cfg: ExtractConfig, progress=None, log=print) -> dict:
-    """Extract every requested split and the class-text embeddings. Returns a summary dict."""
+def run_extract(cfg: ExtractConfig, progress=None, log=print, model_dir: Path | None = None) -> dict:
+    """Extract every requested split and the class-text embeddings. Returns a summary dict.
+
+    `model_dir` (repair) names the `<dataset>/<key>` folder to write into; by default it is made from
+    `cfg.cache_dir`, the dataset and the encoder's key. Either way each split's fingerprint must match."""
     cfg.validate()
     dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed)
     splits = cfg.splits or list(dataset.splits)
@@ -453,7 +462,7 @@ def run_extract(cfg: ExtractConfig, progress=None, log=print) -> dict:
             f"--tokens needs a ViT image tower (open_clip VisionTransformer); {cfg.model} has "
             f"{type(encoder.model.visual).__name__}. Extract pooled features only, or pick a ViT model."
         )
-    model_dir = Path(cfg.cache_dir) / dataset.name / encoder.key
+    model_dir = Path(model_dir) if model_dir is not None else Path(cfg.cache_dir) / dataset.name / encoder.key
     if rank == 0:
         _note_siblings(model_dir, encoder, log)
     t0 = time.perf_counter()
@@ -480,25 +489,64 @@ def run_extract(cfg: ExtractConfig, progress=None, log=print) -> dict:
     }
 
 
-def repair_split(split_dir: Path, log=print) -> list[str]:
-    """Drop damaged shards from the manifest and extract just those again, with the split's own settings."""
+def repair_split(split_dir: Path, root: str | None = None, log=print) -> list[str]:
+    """Extract the damaged or missing shards of one split again, into this split folder and nowhere else.
+
+    The split's own settings come from its manifest (validated like every field there); the images come from
+    `root` when given (they moved), else from where extraction found them. Nothing is deleted until the images
+    and the split definition are found to be the ones the cache was made from.
+    """
+    split_dir = Path(split_dir)
     manifest = cache.read_manifest(split_dir)
     if manifest is None:
         raise VlmcacheError(f"No manifest in '{split_dir}'; nothing to repair.")
     damaged = cache.damaged_shards(split_dir, manifest)
     if not damaged and manifest.get("complete"):
         return []
-    if "extract_config" not in manifest:
-        raise VlmcacheError(f"'{split_dir}' does not record how it was extracted; re-extract it with --overwrite.")
-    for name in damaged:
+    cfg = _recorded_config(split_dir, manifest, root)
+    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed)
+    if split_dir.name not in dataset.splits:
+        raise VlmcacheError(f"'{split_dir}': {cfg.dataset} has no split '{split_dir.name}' to extract again.")
+    try:
+        _check_images_reachable(dataset, [split_dir.name])
+    except VlmcacheError as e:
+        raise VlmcacheError(f"Cannot repair '{split_dir}': {e} Pass the images' folder with --root.") from None
+    if dataset.splits[split_dir.name].sha256 != manifest["fingerprint"].get("split_sha256"):
+        raise VlmcacheError(
+            f"Cannot repair '{split_dir}': the split definition found now ({dataset.splits[split_dir.name].origin}) "
+            f"differs from the one the cache was made from (sha256)."
+        )
+    for name in damaged:  # bare shard names (the manifest's schema refuses anything else): inside split_dir
         (split_dir / name).unlink(missing_ok=True)
         log(f"repairing {split_dir / name}: {damaged[name]}")
     manifest["shards"] = [e for e in manifest["shards"] if e["file"] not in damaged]
     manifest["complete"] = False
     cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
-    cfg = ExtractConfig(**manifest["extract_config"])
-    run_extract(cfg, log=log)
+    run_extract(cfg, log=log, model_dir=split_dir.parent)
     return sorted(damaged)
+
+
+def _recorded_config(split_dir: Path, manifest: dict, root: str | None) -> ExtractConfig:
+    """The ExtractConfig a manifest records, typed and checked; it extracts only this split, into this cache."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from vlmcache.schemas import describe
+
+    recorded = manifest.get("extract_config")
+    if not recorded:
+        raise VlmcacheError(f"'{split_dir}' does not record how it was extracted; re-extract it with --overwrite.")
+    unknown = sorted(set(recorded) - {f.name for f in fields(ExtractConfig)})
+    if unknown:
+        raise VlmcacheError(f"'{split_dir}/{cache.MANIFEST}': extract_config has unknown keys {unknown}.")
+    try:
+        cfg = TypeAdapter(ExtractConfig).validate_python(recorded)
+    except ValidationError as e:
+        raise VlmcacheError(f"'{split_dir}/{cache.MANIFEST}': extract_config.{describe(e)}.") from None
+    cfg.splits, cfg.overwrite, cfg.verify = [split_dir.name], False, False
+    cfg.cache_dir = str(split_dir.parent.parent.parent)
+    if root is not None:
+        cfg.root = str(root)
+    return cfg
 
 
 def _note_siblings(model_dir: Path, encoder: Encoder, log) -> None:
