@@ -96,7 +96,7 @@ def test_malformed_split_line_names_file_and_line(tmp_path):
     result = runner.invoke(
         app, ["extract", "--dataset", "split", "--root", str(tmp_path), "--split-file", f"train={bad}", *TINY]
     )
-    assert result.exit_code == 2 and f"{bad}, line 2: the label 'zero' is not an integer" in result.output
+    assert result.exit_code == 2 and f"{bad}, line 2: the label 'zero' is not a non-negative integer" in result.output
 
 
 @pytest.mark.parametrize(

@@ -24,9 +24,12 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
+from vlmcache import runs
 from vlmcache.errors import VlmcacheError
 from vlmcache.features import find_cache
+from vlmcache.schemas import SEED_MAX, describe
 from vlmcache.train import TrainConfig, train_head
 
 TOP_KEYS = {"name", "description", "cache_dir", "runs_dir", "datasets", "models", "seeds", "defaults", "methods"}
@@ -74,6 +77,80 @@ def _child(node, key: str):
         if k.value == key:
             return v
     return None
+
+
+def _check_duplicate_keys(root, source: str) -> None:
+    """A key given twice in one mapping is an error naming both lines (YAML would keep the last silently).
+    Nodes are visited once each, so anchors reused many times cost nothing."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for k, v in node.value:
+                key, line = str(k.value), k.start_mark.line + 1
+                if key in lines:
+                    raise VlmcacheError(f"{source}, lines {lines[key]} and {line}: the key '{key}' is given twice.")
+                lines[key] = line
+                stack.append(v)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
+def _check_setting_shapes(node, source: str, where: str, grids: bool) -> None:
+    """Values of `defaults` or a method: a single value, or (in a method) a list of single values, a grid axis.
+    loss_params and head_params are mappings of the same. Nested lists and other shapes are refused."""
+
+    def line(n) -> str:
+        return f"{source}, line {n.start_mark.line + 1}"
+
+    def value(v, key: str) -> None:
+        if isinstance(v, yaml.ScalarNode):
+            return
+        if isinstance(v, yaml.SequenceNode) and grids:
+            if not v.value:
+                raise VlmcacheError(f"{line(v)}: the grid over '{key}' in {where} is an empty list.")
+            for item in v.value:
+                if not isinstance(item, yaml.ScalarNode):
+                    raise VlmcacheError(f"{line(item)}: '{key}' in {where}: a grid lists single values, not lists.")
+            return
+        kind = "a list (grids belong in methods)" if isinstance(v, yaml.SequenceNode) else "a mapping or a list"
+        raise VlmcacheError(f"{line(v)}: '{key}' in {where} takes a single value, not {kind}.")
+
+    for k, v in node.value:
+        if k.value in GRID_DICTS:
+            if not isinstance(v, yaml.MappingNode):
+                raise VlmcacheError(f"{line(v)}: '{k.value}' in {where} must be a mapping (name: value).")
+            for pk, pv in v.value:
+                value(pv, f"{k.value}.{pk.value}")
+        elif k.value in ("name", "from"):
+            if not isinstance(v, yaml.ScalarNode):
+                raise VlmcacheError(f"{line(v)}: '{k.value}' in {where} takes one value.")
+        else:
+            value(v, k.value)
+
+
+def grid_size(pipe_data: dict) -> int:
+    """How many runs a parsed (shape-checked) pipeline expands to, counted without expanding it."""
+    per_method = 0
+    for item in pipe_data["methods"]:
+        n = 1
+        for k, v in item.items():
+            if k in GRID_DICTS and isinstance(v, dict):
+                for pv in v.values():
+                    n *= len(pv) if isinstance(pv, list) else 1
+            elif isinstance(v, list):
+                n *= len(v)
+        per_method += n
+    return (
+        len(pipe_data.get("datasets") or [])
+        * len(pipe_data.get("models") or [])
+        * len(pipe_data.get("seeds", [0]) or [])
+        * per_method
+    )
 
 
 def _check_list_of_mappings(node, allowed: set[str], where: str, source: str) -> None:
@@ -127,8 +204,14 @@ def _check_model(entry: dict, where: str) -> None:
         raise VlmcacheError(f"{where}: '{pretrained}' is not a pretrained tag of {model}; tags: {', '.join(tags)}.")
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
-    """Parse and validate a pipeline file (or the name of a shipped one, e.g. `demo`)."""
+MAX_RUNS = 5000
+
+
+def load_pipeline(path: str | Path, max_runs: int = MAX_RUNS) -> Pipeline:
+    """Parse and validate a pipeline file (or the name of a shipped one, e.g. `demo`).
+
+    The grid's size is counted from the parsed file before anything is expanded, and a grid of more than
+    `max_runs` runs is refused with its count."""
     path = Path(path)
     if not path.is_file() and str(path) in shipped_pipelines():
         path = shipped_pipelines()[str(path)]
@@ -146,13 +229,37 @@ def load_pipeline(path: str | Path) -> Pipeline:
     if root is None:
         raise VlmcacheError(f"{source}: the pipeline is empty.")
     _check_keys(root, TOP_KEYS, "the pipeline", source)
+    _check_duplicate_keys(root, source)
     _check_list_of_mappings(_child(root, "models"), MODEL_KEYS, "models", source)
+    for key in ("datasets", "seeds"):
+        node = _child(root, key)
+        if node is not None and not (
+            isinstance(node, yaml.SequenceNode) and all(isinstance(n, yaml.ScalarNode) for n in node.value)
+        ):
+            raise VlmcacheError(f"{source}, line {node.start_mark.line + 1}: '{key}' must be a list of single values.")
+    for entry in getattr(_child(root, "models"), "value", []):
+        for k, v in entry.value:
+            if not isinstance(v, yaml.ScalarNode):
+                raise VlmcacheError(f"{source}, line {v.start_mark.line + 1}: models' '{k.value}' takes one value.")
     if _child(root, "defaults") is not None:
         _check_keys(_child(root, "defaults"), METHOD_FIELDS, "defaults", source)
+        _check_setting_shapes(_child(root, "defaults"), source, "defaults", grids=False)
     methods_node = _child(root, "methods")
     if methods_node is None or not isinstance(methods_node, yaml.SequenceNode) or not methods_node.value:
         raise VlmcacheError(f"{source}: 'methods' must list at least one method.")
     _check_list_of_mappings(methods_node, METHOD_FIELDS | {"name", "from"}, "a method", source)
+    for node in methods_node.value:
+        _check_setting_shapes(node, source, "a method", grids=True)
+    for key in ("name", "description", "cache_dir", "runs_dir"):
+        node = _child(root, key)
+        if node is not None and not isinstance(node, yaml.ScalarNode):
+            raise VlmcacheError(f"{source}, line {node.start_mark.line + 1}: '{key}' takes one value.")
+    size = grid_size(data)
+    if size > max_runs:
+        raise VlmcacheError(
+            f"{source}: the grid expands to {size:,} runs, more than --max-runs {max_runs:,}. Shrink the grid, or "
+            f"raise --max-runs if you mean it."
+        )
 
     methods, names = [], set()
     for node, item in zip(methods_node.value, data["methods"], strict=True):
@@ -166,7 +273,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         frm = item.get("from")
         if frm is not None and frm not in names:
             raise VlmcacheError(f"{source}, line {line}: 'from: {frm}' names no method above it.")
-        if (frm is None) != ("stage2" not in settings and "stage2" not in data.get("defaults", {})):
+        if (frm is None) != ("stage2" not in settings and "stage2" not in (data.get("defaults") or {})):
             raise VlmcacheError(f"{source}, line {line}: a method has 'stage2' and 'from' together, or neither.")
         methods.append(Method(str(item["name"]), settings, frm))
 
@@ -182,8 +289,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
             raise VlmcacheError(f"{where}: every entry of 'models' needs 'model' (and usually 'pretrained').")
         _check_model(m, where)
     seeds = data.get("seeds", [0])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
-        raise VlmcacheError(f"{source}: 'seeds' must be a list of integers, got {seeds!r}.")
+    if not isinstance(seeds, list) or not all(type(s) is int and 0 <= s <= SEED_MAX for s in seeds):
+        raise VlmcacheError(f"{source}: 'seeds' must be a list of integers in [0, {SEED_MAX}], got {seeds!r}.")
     pipe = Pipeline(
         source,
         str(data.get("name", path.stem)),
@@ -242,18 +349,27 @@ class PlannedRun:
     pipeline: Pipeline = field(repr=False)
 
     def config(self, stage2_from: str | None = None) -> TrainConfig:
-        kw = {**self.pipeline.defaults, **self.settings}
-        return TrainConfig(
-            dataset=self.dataset,
-            model=self.model["model"],
-            pretrained=self.model.get("pretrained"),
-            cache_key=self.model.get("cache_key"),
-            cache_dir=self.pipeline.cache_dir,
-            runs_dir=self.pipeline.runs_dir,
-            seed=self.seed,
-            from_run=stage2_from,
-            **kw,
-        )
+        """The run's TrainConfig, every value converted to its field's type (YAML reads 1e-3 as a string)."""
+        kw = {
+            **self.pipeline.defaults,
+            **self.settings,
+            "dataset": self.dataset,
+            "model": str(self.model["model"]),
+            "pretrained": _opt_str(self.model.get("pretrained")),
+            "cache_key": _opt_str(self.model.get("cache_key")),
+            "cache_dir": self.pipeline.cache_dir,
+            "runs_dir": self.pipeline.runs_dir,
+            "seed": self.seed,
+            "from_run": stage2_from,
+        }
+        try:
+            return TypeAdapter(TrainConfig).validate_python(kw)
+        except ValidationError as e:
+            raise VlmcacheError(describe(e)) from None
+
+
+def _opt_str(value) -> str | None:
+    return None if value is None else str(value)
 
 
 def plan(pipe: Pipeline) -> list[PlannedRun]:
@@ -304,14 +420,14 @@ def run_pipeline(pipe: Pipeline, runs_dir: str | None = None, progress=None, log
 
     if runs_dir:
         pipe = replace(pipe, runs_dir=runs_dir)
-    runs = plan(pipe)
-    out = Path(pipe.runs_dir)
+    planned = plan(pipe)
+    out = runs.check_output_dir(pipe.runs_dir, "the runs folder (--out or runs_dir)")
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, str | None] = {}  # (dataset, model, seed, method) -> run dir of a finished first stage
     rows = []
     if progress is not None:
-        progress.start(len(runs))
-    for run in runs:
+        progress.start(len(planned))
+    for run in planned:
         key = (run.dataset, json.dumps(run.model, sort_keys=True), run.seed)
         cfg, result, error, status, run_dir = None, None, None, "failed", None
         try:
@@ -336,7 +452,7 @@ def run_pipeline(pipe: Pipeline, runs_dir: str | None = None, progress=None, log
             run_dir = str(Path(pipe.runs_dir) / cfg.run_name())
             metrics_file = Path(run_dir) / "metrics.json"
             if metrics_file.is_file():
-                result, status = json.loads(metrics_file.read_text()), "resumed"
+                result, status = runs.read_metrics(Path(run_dir)), "resumed"
             else:
                 result, status = train_head(replace(cfg, out=run_dir), log=log), "done"
         except VlmcacheError as e:

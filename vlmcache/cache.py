@@ -450,21 +450,40 @@ def write_text(path: Path, text: TextCache) -> None:
 
 
 def read_text(path: Path) -> TextCache:
+    """text.h5, checked: class names are strings, each set's embeddings a finite (classes, D) array with one row
+    per class name, the logit scale positive and finite."""
     if not path.is_file():
         raise VlmcacheError(f"No class-text embeddings at '{path}'; run `vlmcache extract` first.")
 
     def strings(ds) -> list[str]:
-        return [s.decode() if isinstance(s, bytes) else s for s in ds[()]]
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.dtype.kind not in "OSU":
+            raise ValueError(f"'{ds.name}' is not a list of strings")
+        return [s.decode() if isinstance(s, bytes) else str(s) for s in ds[()]]
 
     with open_h5(path) as f:
         if "logit_scale" not in f.attrs or "fingerprint" not in f.attrs:
             raise VlmcacheError(f"'{path}' was written by an older vlmcache; extract again to rewrite it.")
-        sets = {
-            name: (strings(g["templates"]), g["embeddings"][()]) for name, g in f.items() if isinstance(g, h5py.Group)
-        }
-        return TextCache(
-            json.loads(f.attrs["fingerprint"]), strings(f["classnames"]), sets, float(f.attrs["logit_scale"])
-        )
+        try:
+            fingerprint = json.loads(f.attrs["fingerprint"])
+            logit_scale = float(f.attrs["logit_scale"])
+            classnames = strings(f["classnames"])
+            sets = {}
+            for name, g in f.items():
+                if not isinstance(g, h5py.Group):
+                    continue
+                emb = g["embeddings"][()]
+                if emb.ndim != 2 or emb.shape[0] != len(classnames) or emb.dtype.kind != "f":
+                    raise ValueError(f"{name}/embeddings has shape {emb.shape}, not ({len(classnames)}, D)")
+                if not np.isfinite(emb).all():
+                    raise ValueError(f"{name}/embeddings holds NaN or inf")
+                sets[name] = (strings(g["templates"]), emb)
+        except (KeyError, ValueError, TypeError, OSError, json.JSONDecodeError) as e:
+            raise VlmcacheError(
+                f"'{path}' is not a valid class-text file ({e}); extract again to rewrite it."
+            ) from None
+    if not isinstance(fingerprint, dict) or not (np.isfinite(logit_scale) and logit_scale > 0) or not sets:
+        raise VlmcacheError(f"'{path}' is not a valid class-text file (fingerprint, logit_scale or template sets).")
+    return TextCache(fingerprint, classnames, sets, logit_scale)
 
 
 # --------------------------------------------------------------------------- listing

@@ -652,6 +652,7 @@ def ablate(
     out_dir: Path = typer.Option(None, "--out", help="Runs folder (default: the pipeline's runs_dir)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Cache root (default: the pipeline's cache_dir)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the pipeline and list its runs; train nothing."),
+    max_runs: int = typer.Option(5000, "--max-runs", help="Refuse a grid of more runs than this (counted first)."),
     as_json: bool = JSON,
 ):
     """Run a grid of heads x losses x samplers x second stages x seeds (x models) and write one table.
@@ -665,7 +666,7 @@ def ablate(
     from vlmcache.ablate import load_pipeline, plan, run_pipeline
     from vlmcache.report import summarize
 
-    pipe = load_pipeline(pipeline)
+    pipe = load_pipeline(pipeline, max_runs)
     if cache_dir:
         pipe = dataclasses.replace(pipe, cache_dir=str(cache_dir))
     runs = plan(pipe)
@@ -719,7 +720,7 @@ def report(
     """
     from vlmcache.report import write_report
 
-    result = write_report(runs_dir)
+    result = write_report(runs_dir, log=functools.partial(err.print, highlight=False))
     if as_json:
         _print_json(result)
         return

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmcache import cache, distributed, faults
+from vlmcache import cache, distributed, faults, runs
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
 from vlmcache.errors import VlmcacheError, unknown_choice
@@ -41,7 +41,7 @@ from vlmcache.metrics import Evaluator
 from vlmcache.samplers import build_sampler
 from vlmcache.stage2 import logit_adjusted, tau_normalized
 from vlmcache.templates import get_templates
-from vlmcache.train import check_training_choices
+from vlmcache.train import check_finite_parameters, check_numbers, check_training_choices
 
 TUNE = {
     "all": "every parameter of the image tower",
@@ -100,8 +100,7 @@ class FinetuneConfig:
         if self.head not in HEADS:
             raise unknown_choice("fine-tuning head", self.head, HEADS)
         check_training_choices(self, ("epochs", "batch_size", "last_k"))
-        if not (self.lr > 0 and self.head_lr > 0):
-            raise VlmcacheError(f"--lr and --head-lr must be positive, got {self.lr} and {self.head_lr}.")
+        check_numbers(self)
         if self.text_init:
             if self.head != "cosine":
                 raise VlmcacheError("--text-init initialises the cosine head; use --head cosine.")
@@ -243,7 +242,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     device = encoder.device
     precision = pick_precision(cfg.precision, device)
 
-    run_dir = Path(cfg.out) if cfg.out else Path(cfg.runs_dir) / cfg.run_name()
+    runs.check_output_dir(cfg.runs_dir, "--runs-dir")
+    run_dir = runs.check_output_dir(cfg.out, "--out") if cfg.out else Path(cfg.runs_dir) / cfg.run_name()
     if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
         raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")
     state = None
@@ -383,6 +383,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
 
 def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, cost) -> dict:
     """Evaluate and write the run's files but metrics.json (rank 0 only)."""
+    check_finite_parameters(model)
     metrics, table, skipped = _evaluate(model, eval_split, encoder, counts, dataset.classnames, cfg, cost["precision"])
     device = encoder.device
     # the tuned weights as an open_clip checkpoint: `vlmcache extract --pretrained FILE` reads it
@@ -397,8 +398,8 @@ def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, 
         "stage2": None,
         "stage2_state": None,
     }
-    torch.save(saved, run_dir / "head.pt")
-    table.to_csv(run_dir / "per_class.csv", index=False)
+    cache.save_torch_atomic(saved, run_dir / "head.pt")
+    cache.write_bytes_atomic(run_dir / "per_class.csv", table.to_csv(index=False).encode())
     config = {
         "config": asdict(cfg),
         "kind": "finetune",
@@ -407,7 +408,7 @@ def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, 
         "train_counts": counts.tolist(),
         "argv": sys.argv,
     }
-    (run_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    cache.write_json_atomic(run_dir / "config.json", config)
     samples = sum(h["samples_per_s"] * h["seconds"] for h in history)
     cost.update(
         samples_per_s=round(samples / cost["train_seconds"], 1) if cost["train_seconds"] > 0 else None,
@@ -435,17 +436,28 @@ def evaluate_finetuned(
 ) -> dict:
     """Evaluate a finished fine-tuning run again (its tuned tower and head), as `vlmcache eval RUN` does."""
     run_dir = Path(run_dir)
-    meta = json.loads((run_dir / "config.json").read_text())
-    cfg = FinetuneConfig(**meta["config"])
+    meta, cfg = runs.read_config(run_dir, FinetuneConfig)
+    try:
+        cfg.resolve()
+    except VlmcacheError as e:
+        raise VlmcacheError(f"'{run_dir}/config.json': {e}") from None
+    weights = run_dir / Path(str(meta.get("weights"))).name  # the tuned tower lives in the run folder, by name
+    if not weights.is_file():
+        raise VlmcacheError(f"'{run_dir}' has no tuned weights '{weights.name}'; is it a finished fine-tuning run?")
     dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed)
     eval_split = dataset.split(split or meta["eval_split"])
-    encoder = load_encoder(cfg.model, meta["weights"], device, "fp32", _preprocess_tag(cfg))
+    encoder = load_encoder(cfg.model, str(weights), device, "fp32", _preprocess_tag(cfg))
+    saved = runs.load_head_file(run_dir, encoder.device)
+    if saved["num_classes"] != dataset.num_classes or len(meta["train_counts"]) != dataset.num_classes:
+        raise VlmcacheError(
+            f"'{run_dir}/head.pt' is a head for {saved['num_classes']} classes; "
+            f"{cfg.dataset} has {dataset.num_classes}."
+        )
     try:
-        saved = torch.load(run_dir / "head.pt", map_location=encoder.device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise VlmcacheError(f"'{run_dir}/head.pt' is not a vlmcache head (refused to load it: {e}).") from None
-    head = build_head(saved["head"], saved["in_dim"], saved["num_classes"], **saved["head_params"])
-    head.load_state_dict(saved["head_state"])
+        head = build_head(saved["head"], saved["in_dim"], saved["num_classes"], **saved["head_params"])
+        head.load_state_dict(saved["head_state"])
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+        raise VlmcacheError(f"The weights in '{run_dir}/head.pt' do not fit this vlmcache's heads: {e}") from None
     if tau_norm is not None:
         if cfg.head != "linear":
             raise VlmcacheError("--tau-norm applies to a linear classifier (cosine weights are unit norm).")

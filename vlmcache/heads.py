@@ -136,6 +136,10 @@ class DecoderHead(nn.Module):
         classifier: str = "linear",
     ):
         super().__init__()
+        if depth < 1 or heads < 1 or not mlp_ratio > 0:
+            raise VlmcacheError(
+                f"The decoder needs depth >= 1, heads >= 1 and mlp_ratio > 0; got {depth}, {heads}, {mlp_ratio}."
+            )
         if width % heads:
             raise VlmcacheError(f"The decoder's heads ({heads}) must divide the token width ({width}).")
         block = nn.TransformerEncoderLayer(

@@ -6,7 +6,6 @@ config.json and metrics.json, and writes `summary.csv`, `report.md` and the plot
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -15,8 +14,11 @@ import pandas as pd
 
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
+from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
 
+from vlmcache import runs  # noqa: E402
 from vlmcache.errors import VlmcacheError  # noqa: E402
+from vlmcache.schemas import describe  # noqa: E402
 
 METRICS = ("overall", "many", "medium", "few", "top5", "mean_per_class")
 COSTS = ("train_seconds", "samples_per_s", "peak_rss_mb")
@@ -33,40 +35,96 @@ def _legend_outside(ax) -> None:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
 
 
-def collect_runs(runs_dir: Path) -> pd.DataFrame:
-    """One row per finished run folder under `runs_dir`, for runs made by `train-head` rather than `ablate`."""
+class _RunLabel(BaseModel):
+    """What the report needs of a run's config.json (train-head's and finetune's alike)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    dataset: str
+    model: str
+    pretrained: str | None
+    head: str
+    loss: str
+    sampler: str
+    stage2: str | None = None
+    tune: str | None = None
+    seed: int
+
+
+def _read_run(run: Path) -> dict:
+    """One report row from a run folder, both files checked against their schemas."""
+    path = run / "config.json"
+    saved = runs.read_json(path, "run")
+    try:
+        cfg = _RunLabel.model_validate(saved.get("config") if isinstance(saved, dict) else None)
+    except ValidationError as e:
+        raise VlmcacheError(f"'{path}' is not a vlmcache run config: config.{describe(e)}.") from None
+    result = runs.read_metrics(run)
+    parts = [cfg.head, cfg.loss, cfg.sampler] + ([cfg.stage2] if cfg.stage2 else [])
+    if saved.get("kind") == "finetune":
+        parts.insert(0, f"finetune-{cfg.tune}")
+    row = {
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "pretrained": cfg.pretrained,
+        "method": " + ".join(parts),
+        "seed": cfg.seed,
+        "status": "done",
+        "run": str(run),
+    }
+    row.update({m: result["metrics"].get(m) for m in METRICS})
+    row.update({c: result["cost"].get(c) for c in COSTS})
+    return row
+
+
+def collect_runs(runs_dir: Path, log=print) -> pd.DataFrame:
+    """One row per finished run folder under `runs_dir`, for runs made by `train-head` rather than `ablate`.
+    A folder whose files do not pass their schemas is left out with a warning naming it and why."""
     rows = []
     for metrics_file in sorted(runs_dir.rglob("metrics.json")):
         run = metrics_file.parent
         if not (run / "config.json").is_file():
             continue
-        saved = json.loads((run / "config.json").read_text())
-        cfg = saved["config"]
-        result = json.loads(metrics_file.read_text())
-        parts = [cfg["head"], cfg["loss"], cfg["sampler"]] + ([cfg["stage2"]] if cfg.get("stage2") else [])
-        if saved.get("kind") == "finetune":
-            parts.insert(0, f"finetune-{cfg['tune']}")
-        row = {
-            "dataset": cfg["dataset"],
-            "model": cfg["model"],
-            "pretrained": cfg["pretrained"],
-            "method": " + ".join(parts),
-            "seed": cfg["seed"],
-            "status": "done",
-            "run": str(run),
-        }
-        row.update({m: result["metrics"].get(m) for m in METRICS})
-        row.update({c: result["cost"].get(c) for c in COSTS})
-        rows.append(row)
+        try:
+            rows.append(_read_run(run))
+        except VlmcacheError as e:
+            log(f"warning: left out of the report: {e}")
     return pd.DataFrame(rows)
 
 
-def load_results(runs_dir: Path) -> pd.DataFrame:
+RESULT_COLUMNS = ("dataset", "model", "pretrained", "method", "seed", "status", "run", *METRICS)
+
+
+def _read_results_csv(csv: Path) -> pd.DataFrame:
+    """results.csv as `vlmcache ablate` writes it; a foreign or damaged table is one clear error."""
+    try:
+        table = pd.read_csv(csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise VlmcacheError(f"'{csv}' cannot be read as a CSV table: {e}") from None
+    missing = [c for c in RESULT_COLUMNS if c not in table.columns]
+    if missing:
+        raise VlmcacheError(f"'{csv}' is not a vlmcache results table: it has no column(s) {', '.join(missing)}.")
+    bad_status = sorted(set(table["status"].astype(str)) - {"done", "resumed", "failed"})
+    if bad_status:
+        raise VlmcacheError(f"'{csv}': status must be done, resumed or failed, found {bad_status[:3]}.")
+    for c in (*METRICS, *(c for c in COSTS if c in table.columns)):
+        values = pd.to_numeric(table[c], errors="coerce")
+        wrong = table[c].notna() & (values.isna() | ~np.isfinite(values.astype(float)))
+        if c in METRICS:
+            wrong |= (values < 0) | (values > 1)
+        if wrong.any():
+            row = int(np.argmax(wrong.to_numpy()))
+            raise VlmcacheError(f"'{csv}', row {row + 2}: {c} = {table[c].iloc[row]!r} is not a valid value.")
+        table[c] = values
+    return table
+
+
+def load_results(runs_dir: Path, log=print) -> pd.DataFrame:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise VlmcacheError(f"The runs folder '{runs_dir}' does not exist.")
     csv = runs_dir / "results.csv"
-    table = pd.read_csv(csv) if csv.is_file() else collect_runs(runs_dir)
+    table = _read_results_csv(csv) if csv.is_file() else collect_runs(runs_dir, log)
     if table.empty:
         raise VlmcacheError(f"No finished runs under '{runs_dir}' (no results.csv and no run folders).")
     return table
@@ -122,8 +180,8 @@ def plot_per_class(table: pd.DataFrame, path: Path, bins: int = 12) -> bool:
     ok = table[(table["status"] != "failed") & table["run"].notna()]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     drawn = False
-    for i, (method, runs) in enumerate(ok.groupby("method", sort=False)):
-        frames = [pd.read_csv(Path(r) / "per_class.csv") for r in runs["run"] if (Path(r) / "per_class.csv").is_file()]
+    for i, (method, group) in enumerate(ok.groupby("method", sort=False)):
+        frames = [f for f in map(_per_class, group["run"]) if f is not None]
         if not frames:
             continue
         pc = pd.concat(frames).dropna(subset=["accuracy"])
@@ -144,6 +202,17 @@ def plot_per_class(table: pd.DataFrame, path: Path, bins: int = 12) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return drawn
+
+
+def _per_class(run: str) -> pd.DataFrame | None:
+    """A run's per_class.csv, or None when it is missing or not the table train-head writes."""
+    try:
+        pc = pd.read_csv(Path(run) / "per_class.csv")
+        pc["accuracy"] = pd.to_numeric(pc["accuracy"], errors="coerce")
+        pc["train_count"] = pd.to_numeric(pc["train_count"], errors="coerce")
+    except (OSError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError):
+        return None
+    return pc
 
 
 def plot_shot_bars(summary: pd.DataFrame, path: Path) -> None:
@@ -190,10 +259,10 @@ def plot_cost(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(runs_dir: str | Path) -> dict:
+def write_report(runs_dir: str | Path, log=print) -> dict:
     """summary.csv, report.md and three PNGs in `runs_dir`; returns their paths and the Markdown table."""
     runs_dir = Path(runs_dir)
-    table = load_results(runs_dir)
+    table = load_results(runs_dir, log)
     summary = summarize(table)
     summary.to_csv(runs_dir / "summary.csv", index=False)
     markdown = paper_table(summary)
