@@ -72,6 +72,9 @@ def read_text_lines(path: Path, what: str) -> list[str]:
     except (OSError, EOFError) as e:
         raise VlmcacheError(f"The {what} '{path}' cannot be read: {e}") from None
     encoding = next((enc for bom, enc in BOMS if data.startswith(bom)), "utf-8")
+    if encoding == "utf-8" and b"\x00" in data:
+        line = data[: data.index(b"\x00")].count(b"\n") + 1
+        raise VlmcacheError(f"{path}, line {line}: a NUL character; is the {what} UTF-16 without a byte-order mark?")
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as e:

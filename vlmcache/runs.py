@@ -72,7 +72,9 @@ def read_json(path: Path, what: str):
 def read_kind(run_dir: Path) -> str:
     """'head' (train-head) or 'finetune', from config.json."""
     meta = read_json(Path(run_dir) / "config.json", "run")
-    kind = meta.get("kind", "head") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise VlmcacheError(f"'{run_dir}/config.json' is not a vlmcache run config (not a JSON object).")
+    kind = meta.get("kind", "head")
     if kind not in ("head", "finetune"):
         raise VlmcacheError(f"'{run_dir}/config.json': kind must be 'head' or 'finetune', got {kind!r}.")
     return kind

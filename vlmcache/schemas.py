@@ -220,7 +220,7 @@ def check_run_config(data: Any, path: Path, config_type: type) -> tuple[dict, An
 class HeadFile(BaseModel):
     """head.pt: the head by name with its settings and weights, and an optional second stage."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=True)
 
     head: str
     in_dim: int = Field(ge=1)
