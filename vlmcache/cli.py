@@ -675,13 +675,13 @@ def ablate(
         if as_json:
             _print_json({"pipeline": pipe.source, "runs": listing})
             return
+        out.print(f"{pipe.source}: valid, {len(runs)} runs.", highlight=False)
         for r in listing:
             out.print(
                 f"{r['dataset']}  {r['model']['model']} ({r['model'].get('pretrained')})  seed {r['seed']}  "
                 f"{r['method']}",
                 highlight=False,
             )
-        out.print(f"{pipe.source}: valid, {len(runs)} runs.", highlight=False)
         return
     quiet = functools.partial(err.print, highlight=False)
     with RunProgress(err) as progress:
