@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import traceback
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from vlmcache import runs
 from vlmcache.errors import VlmcacheError
 from vlmcache.features import find_cache
 from vlmcache.schemas import SEED_MAX, describe
-from vlmcache.train import TrainConfig, train_head
+from vlmcache.train import TrainConfig, inherit_first_stage, train_head
 
 TOP_KEYS = {"name", "description", "cache_dir", "runs_dir", "datasets", "models", "seeds", "defaults", "methods"}
 MODEL_KEYS = {"model", "pretrained", "cache_key"}
@@ -50,7 +50,7 @@ PIPELINE_OWNED = {
 METHOD_FIELDS = {f.name for f in fields(TrainConfig)} - PIPELINE_OWNED
 GRID_DICTS = ("loss_params", "head_params")  # their values may be lists too
 METRICS = ("overall", "many", "medium", "few", "top5", "mean_per_class")
-COSTS = ("train_seconds", "samples_per_s", "peak_rss_mb")
+COSTS = ("train_seconds", "total_seconds", "total_with_first_stage_seconds", "samples_per_s", "peak_rss_mb")
 
 
 def shipped_pipelines() -> dict[str, Path]:
@@ -400,6 +400,7 @@ def _row(
         "run": run_dir,
     }
     if cfg is not None:
+        row["group_key"] = runs.identity_key(asdict(cfg))
         for f in fields(cfg):
             value = getattr(cfg, f.name)
             if f.name in GRID_DICTS:
@@ -446,6 +447,8 @@ def run_pipeline(pipe: Pipeline, runs_dir: str | None = None, progress=None, log
                 if stage2_from is None:
                     raise VlmcacheError(f"its first stage '{firsts[0]}' failed.")
             cfg = run.config(stage2_from).resolve()
+            if cfg.stage2:
+                inherit_first_stage(cfg)  # its head, not the default one, names and labels the run
             model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
             cfg.cache_key = model_dir.name
             cfg.cache_dir = str(model_dir.parent.parent.resolve())

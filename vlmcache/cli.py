@@ -383,7 +383,7 @@ def train_head_cmd(
             highlight=False,
         )
 
-    result = train_head(cfg, on_epoch=on_epoch)
+    result = train_head(cfg, log=functools.partial(err.print, highlight=False), on_epoch=on_epoch)
     if as_json:
         _print_json(result)
         return
@@ -444,6 +444,9 @@ def finetune(
     reextract_tokens: bool = typer.Option(False, "--reextract-tokens", help="With --reextract: cache tokens too."),
     cache_dir: Path = CACHE_DIR,
     holdout: float = typer.Option(0.2, "--holdout", help="imagefolder without val/: test fraction per class."),
+    holdout_seed: int = typer.Option(
+        0, "--holdout-seed", help="Seed of that hold-out (as extract's --seed), never the training --seed."
+    ),
     as_json: bool = JSON,
 ):
     """Fine-tune the image tower and a head on augmented images: the one stage that streams images again.
@@ -464,6 +467,7 @@ def finetune(
         split_files=parse_split_files(split_file),
         classnames_file=str(classnames) if classnames else None,
         holdout=holdout,
+        holdout_seed=holdout_seed,
         model=model,
         pretrained=pretrained,
         preprocess_from=preprocess_from,

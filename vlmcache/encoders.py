@@ -14,7 +14,6 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.transform import AugmentationCfg, image_transform
 
 from vlmcache.errors import VlmcacheError, unknown_choice
 
@@ -192,15 +191,21 @@ class Encoder:
         return weights.T.float()  # (D, C) -> (C, D)
 
     def train_transform(self, scale: tuple[float, float] = (0.08, 1.0)):
-        """Random resized crop and horizontal flip, at the model's size, mean, std and interpolation."""
+        """Random resized crop (with the tag's interpolation) and a horizontal flip, then the tag's normalisation.
+
+        Built here rather than with open_clip's training transform, which only crops, and always bicubic."""
+        from torchvision import transforms as T
+
         cfg = self.preprocess_cfg
-        return image_transform(
-            cfg["size"],
-            is_train=True,
-            mean=cfg["mean"],
-            std=cfg["std"],
-            interpolation=cfg["interpolation"],
-            aug_cfg=AugmentationCfg(scale=scale),
+        size = (cfg["size"], cfg["size"]) if isinstance(cfg["size"], int) else tuple(cfg["size"])
+        interpolation = T.InterpolationMode(cfg["interpolation"])
+        return T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(cfg["mean"], cfg["std"]),
+            ]
         )
 
 

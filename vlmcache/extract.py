@@ -194,6 +194,7 @@ def _split_fingerprint(encoder: Encoder, dataset: Dataset, split: Split, cfg: Ex
         "views": views,
         "view_seed": cfg.view_seed if views else None,
         "view_scale": list(VIEW_SCALE) if views else None,
+        "view_flip": True if views else None,  # views made before the flip existed do not resume into this
     }
 
 

@@ -39,9 +39,10 @@ from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb
 from vlmcache.metrics import Evaluator
 from vlmcache.samplers import build_sampler
+from vlmcache.schemas import SEED_MAX
 from vlmcache.stage2 import logit_adjusted, tau_normalized
 from vlmcache.templates import get_templates
-from vlmcache.train import check_finite_parameters, check_numbers, check_training_choices
+from vlmcache.train import check_finite_parameters, check_numbers, check_training_choices, param_groups
 
 TUNE = {
     "all": "every parameter of the image tower",
@@ -61,6 +62,7 @@ class FinetuneConfig:
     split_files: dict[str, str] = field(default_factory=dict)
     classnames_file: str | None = None
     holdout: float = 0.2
+    holdout_seed: int = 0  # the test split's, as extraction's --seed: never the training seed (one test set)
     model: str = "ViT-B-16"
     pretrained: str | None = "openai"
     preprocess_from: str | None = None
@@ -101,6 +103,14 @@ class FinetuneConfig:
             raise unknown_choice("fine-tuning head", self.head, HEADS)
         check_training_choices(self, ("epochs", "batch_size", "last_k"))
         check_numbers(self)
+        if not 0 <= self.holdout_seed <= SEED_MAX:
+            raise VlmcacheError(f"--holdout-seed must be between 0 and {SEED_MAX}, got {self.holdout_seed}.")
+        if self.head_params.get("normalize", "l2") not in ("l2", "none"):
+            raise VlmcacheError(
+                f"Fine-tuning takes the linear head's normalize=l2 or none, not {self.head_params['normalize']}: "
+                f"center_l2 and standardize fit statistics of frozen features, and a tuned tower's features move "
+                f"every step. Train a head on a re-extracted cache (--reextract) for them."
+            )
         if self.text_init:
             if self.head != "cosine":
                 raise VlmcacheError("--text-init initialises the cosine head; use --head cosine.")
@@ -230,7 +240,7 @@ def _evaluate(model, split: Split, encoder: Encoder, counts, classnames, cfg, pr
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=None) -> dict:
     """Fine-tune, evaluate and save one run (resuming from its checkpoint); returns the run's summary."""
     cfg.resolve()
-    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed)
+    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.holdout_seed)
     train_split = dataset.split(cfg.train_split)
     eval_name = cfg.eval_split or next((s for s in ("test", "val") if s in dataset.splits), None)
     if eval_name is None:
@@ -283,8 +293,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     if rank == 0:
         log(f"tuning {len(trainable)} tensors ({n_tuned:,} parameters) of the image tower ({cfg.tune}) and the head")
     opt = torch.optim.AdamW(
-        [{"params": tower_params, "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}],
-        weight_decay=cfg.weight_decay,
+        param_groups(tower_params, cfg.weight_decay, lr=cfg.lr)
+        + param_groups(list(head.parameters()), cfg.weight_decay, lr=cfg.head_lr)
     )
     per_rank = len(train_split) // world
     steps = math.ceil(per_rank / cfg.batch_size)
@@ -444,7 +454,7 @@ def evaluate_finetuned(
     weights = run_dir / Path(str(meta.get("weights"))).name  # the tuned tower lives in the run folder, by name
     if not weights.is_file():
         raise VlmcacheError(f"'{run_dir}' has no tuned weights '{weights.name}'; is it a finished fine-tuning run?")
-    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed)
+    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.holdout_seed)
     eval_split = dataset.split(split or meta["eval_split"])
     encoder = load_encoder(cfg.model, str(weights), device, "fp32", _preprocess_tag(cfg))
     saved = runs.load_head_file(run_dir, encoder.device)
@@ -483,7 +493,7 @@ def reextract(cfg: FinetuneConfig, weights: Path, log=print) -> dict:
         split_files=cfg.split_files,
         classnames_file=cfg.classnames_file,
         holdout=cfg.holdout,
-        seed=cfg.seed,
+        seed=cfg.holdout_seed,
         model=cfg.model,
         pretrained=str(weights),
         preprocess_from=_preprocess_tag(cfg),

@@ -54,6 +54,7 @@ class Evaluator:
         self.counts = _as_numpy(train_class_counts)
         self.classnames = classnames
         self.k = min(k, len(self.counts))
+        self.top_k_means_something = len(self.counts) > k  # top-5 of 5 classes or fewer is always 1
         self.topk: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
 
@@ -67,7 +68,7 @@ class Evaluator:
         metrics = shot_accuracy(preds, labels, self.counts, many, few)
         correct, total = per_class_accuracy(preds, labels, len(self.counts))
         present = total > 0
-        metrics["top5"] = float((topk == labels[:, None]).any(1).mean())
+        metrics["top5"] = float((topk == labels[:, None]).any(1).mean()) if self.top_k_means_something else None
         metrics["mean_per_class"] = float((correct[present] / total[present]).mean())
         metrics["test_images"] = int(len(labels))
         table = pd.DataFrame(

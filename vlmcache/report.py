@@ -21,7 +21,7 @@ from vlmcache.errors import VlmcacheError  # noqa: E402
 from vlmcache.schemas import describe  # noqa: E402
 
 METRICS = ("overall", "many", "medium", "few", "top5", "mean_per_class")
-COSTS = ("train_seconds", "samples_per_s", "peak_rss_mb")
+COSTS = ("train_seconds", "total_seconds", "total_with_first_stage_seconds", "samples_per_s", "peak_rss_mb")
 GROUPS = ["dataset", "model", "pretrained", "method"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
 
@@ -60,17 +60,17 @@ def _read_run(run: Path) -> dict:
     except ValidationError as e:
         raise VlmcacheError(f"'{path}' is not a vlmcache run config: config.{describe(e)}.") from None
     result = runs.read_metrics(run)
-    parts = [cfg.head, cfg.loss, cfg.sampler] + ([cfg.stage2] if cfg.stage2 else [])
-    if saved.get("kind") == "finetune":
-        parts.insert(0, f"finetune-{cfg.tune}")
+    config = saved["config"]
     row = {
         "dataset": cfg.dataset,
         "model": cfg.model,
         "pretrained": cfg.pretrained,
-        "method": " + ".join(parts),
+        "method": runs.method_label(config, saved.get("kind", "head")),
+        "group_key": runs.identity_key(config),
         "seed": cfg.seed,
         "status": "done",
         "run": str(run),
+        "_settings": runs.identity_settings(config),
     }
     row.update({m: result["metrics"].get(m) for m in METRICS})
     row.update({c: result["cost"].get(c) for c in COSTS})
@@ -89,7 +89,29 @@ def collect_runs(runs_dir: Path, log=print) -> pd.DataFrame:
             rows.append(_read_run(run))
         except VlmcacheError as e:
             log(f"warning: left out of the report: {e}")
+    _name_apart(rows)
     return pd.DataFrame(rows)
+
+
+def _name_apart(rows: list[dict]) -> None:
+    """Runs of one method label that differ in any setting but the seed get the differing settings in their
+    label (`linear + focal + instance [loss_params.gamma=5]`), so they become separate rows, never fake seeds."""
+    by_label: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_label.setdefault((r["dataset"], r["model"], r["pretrained"], r["method"]), {})[r["group_key"]] = r[
+            "_settings"
+        ]
+    suffix = {}
+    for label, groups in by_label.items():
+        if len(groups) < 2:
+            continue
+        names = sorted({k for settings in groups.values() for k in settings})
+        differ = [k for k in names if len({repr(s.get(k)) for s in groups.values()}) > 1]
+        for key, settings in groups.items():
+            suffix[(*label, key)] = " [" + ", ".join(f"{k}={settings.get(k)}" for k in differ) + "]"
+    for r in rows:
+        r["method"] += suffix.get((r["dataset"], r["model"], r["pretrained"], r["method"], r["group_key"]), "")
+        del r["_settings"]
 
 
 RESULT_COLUMNS = ("dataset", "model", "pretrained", "method", "seed", "status", "run", *METRICS)
@@ -136,7 +158,11 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     if ok.empty:
         return pd.DataFrame(columns=GROUPS)
     cols = [c for c in (*METRICS, *COSTS) if c in ok.columns]
-    grouped = ok.groupby(GROUPS, sort=False, dropna=False)
+    keys = GROUPS + (["group_key"] if "group_key" in ok.columns else [])
+    if "group_key" in ok.columns:  # one label, several configurations (a results.csv put together by hand)
+        clash = ok.groupby(GROUPS, dropna=False)["group_key"].transform("nunique") > 1
+        ok = ok.assign(method=np.where(clash, ok["method"] + " #" + ok["group_key"].astype(str), ok["method"]))
+    grouped = ok.groupby(keys, sort=False, dropna=False)
     summary = grouped[cols].agg(["mean", "std"])
     summary.columns = [f"{c}_{s}" for c, s in summary.columns]
     summary["seeds"] = grouped.size()
@@ -153,10 +179,12 @@ def paper_table(summary: pd.DataFrame) -> str:
     """Markdown laid out as the seed paper's tables: a row per method, many / medium / few / overall per dataset."""
     if summary.empty:
         return "(no finished runs)\n"
-    summary = summary.assign(
-        row=summary["method"]
-        + np.where(summary.groupby("method")["model"].transform("nunique") > 1, " (" + summary["model"] + ")", "")
+    # a row per (method, model, weights): the model and weights are named when a method has several
+    backbone = summary["model"].astype(str) + np.where(
+        summary["pretrained"].isna(), "", " " + summary["pretrained"].astype(str)
     )
+    several = summary.assign(b=backbone).groupby("method")["b"].transform("nunique") > 1
+    summary = summary.assign(row=summary["method"] + np.where(several, " (" + backbone + ")", ""))
     datasets = list(dict.fromkeys(summary["dataset"]))
     header = (
         "| method | " + " | ".join(f"{d} {c}" for d in datasets for c in ("many", "medium", "few", "overall")) + " |"
@@ -241,16 +269,25 @@ def plot_shot_bars(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def method_seconds(row: dict) -> float:
+    """What a method costs from scratch: a second stage with its first stage, else everything the run did (older
+    runs: their training loop)."""
+    for col in ("total_with_first_stage_seconds_mean", "total_seconds_mean", "train_seconds_mean"):
+        if col in row and not pd.isna(row[col]):
+            return row[col]
+    return float("nan")
+
+
 def plot_cost(summary: pd.DataFrame, path: Path) -> None:
     """Overall accuracy against training time, a point per method."""
     fig, ax = plt.subplots(figsize=(9, 4.5))
     several = summary["dataset"].nunique() > 1 or summary["model"].nunique() > 1
-    for i, row in enumerate(summary.itertuples()):
-        label = f"{row.method} ({row.dataset}, {row.model})" if several else row.method
-        ax.scatter(row.train_seconds_mean, 100 * row.overall_mean, label=label, s=40, **_style(i))
+    for i, row in enumerate(summary.to_dict("records")):
+        label = f"{row['method']} ({row['dataset']}, {row['model']})" if several else row["method"]
+        ax.scatter(method_seconds(row), 100 * row["overall_mean"], label=label, s=40, **_style(i))
     _legend_outside(ax)
     ax.set_xscale("log")
-    ax.set_xlabel("training time (s, log scale)")
+    ax.set_xlabel("time of the whole method, a second stage with its first (s, log scale)")
     ax.set_ylabel("overall accuracy (%)")
     ax.set_title("Accuracy against training cost")
     ax.grid(alpha=0.3)

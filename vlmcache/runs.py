@@ -7,9 +7,11 @@ when every file is written, so `--overwrite` replaces a finished run only once t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -102,3 +104,60 @@ def load_head_file(run_dir: Path, device) -> dict:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
         raise VlmcacheError(f"'{path}' is not a vlmcache head (refused to load it: {e}).") from None
     return schemas.check_head_file(saved, path)
+
+
+# --------------------------------------------------------------------------- run identity
+
+# Where a run's outputs and inputs live, and how it ran, but not what it computes: never part of its identity.
+NOT_IDENTITY = {
+    "seed",
+    "runs_dir",
+    "out",
+    "overwrite",
+    "device",
+    "cache_dir",
+    "workers",
+    "root",
+    "from_run",
+    "reextract",
+    "reextract_tokens",
+}
+
+
+def method_label(config: dict, kind: str = "head") -> str:
+    """`linear + focal + instance [+ crt]`, `finetune-last + linear + ce + instance`: the method's short name."""
+    parts = [config.get("head"), config.get("loss"), config.get("sampler")]
+    parts += [config["stage2"]] if config.get("stage2") else []
+    if kind == "finetune":
+        parts.insert(0, f"finetune-{config.get('tune')}")
+    return " + ".join(str(p) for p in parts)
+
+
+def identity_settings(config: dict, depth: int = 0) -> dict:
+    """Every setting that changes a run's result except its seed, flattened (`loss_params.gamma`); a second stage
+    carries its first stage's settings under `first.`, read from the first-stage run when it is there."""
+    out = {}
+    for k, v in sorted(config.items()):
+        if k in NOT_IDENTITY:
+            continue
+        if isinstance(v, dict):
+            out.update({f"{k}.{pk}": pv for pk, pv in sorted(v.items())})
+        else:
+            out[k] = v
+    first = config.get("from_run")
+    if first:
+        try:
+            first_cfg = read_json(Path(first) / "config.json", "run")["config"] if depth < 3 else None
+        except (VlmcacheError, KeyError, TypeError):
+            first_cfg = None
+        if isinstance(first_cfg, dict):
+            out.update({f"first.{k}": v for k, v in identity_settings(first_cfg, depth + 1).items()})
+        else:  # the first-stage run is gone: its folder name without the seed part still tells methods apart
+            out["first"] = re.sub(r"__s\d+__", "__", Path(first).name)
+    return out
+
+
+def identity_key(config: dict) -> str:
+    """Equal for two runs exactly when everything but the seed is equal: the key report groups seeds by."""
+    blob = json.dumps(identity_settings(config), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]

@@ -126,6 +126,27 @@ def check_training_choices(cfg, counts: tuple[str, ...]) -> None:
             raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
 
 
+PRIOR_ADJUSTED_LOSSES = ("balanced_softmax", "logit_adjust", "lade")  # train with logits shifted by the log prior
+REWEIGHTING_LOSSES = ("cbw", "cb", "grw")
+BALANCING_SAMPLERS = ("class_balanced", "sqrt")
+
+
+def double_corrections(cfg) -> list[str]:
+    """Settings that correct for the class prior twice. Allowed (a study may want them), but said."""
+    out = []
+    if cfg.loss in PRIOR_ADJUSTED_LOSSES and getattr(cfg, "logit_adjust", None):
+        out.append(
+            f"the loss '{cfg.loss}' already trains with logits adjusted by the class prior, and --logit-adjust "
+            f"{cfg.logit_adjust} adjusts them again at evaluation: the prior is corrected twice."
+        )
+    if cfg.loss in REWEIGHTING_LOSSES + PRIOR_ADJUSTED_LOSSES and cfg.sampler in BALANCING_SAMPLERS:
+        out.append(
+            f"the loss '{cfg.loss}' re-balances classes and the sampler '{cfg.sampler}' does too: the classes are "
+            f"balanced twice."
+        )
+    return out
+
+
 def check_numbers(cfg) -> None:
     """Learning rates positive and finite, weight decay and momentum in range, post-hoc settings finite, the seed
     one that every generator takes: shared by train-head's and finetune's configs."""
@@ -169,13 +190,26 @@ def config_hash(cfg: TrainConfig) -> str:
 class RunModel(nn.Module):
     """A head, optionally followed by a second stage on its frozen features."""
 
-    def __init__(self, head: nn.Module, stage2: nn.Module | None = None):
+    def __init__(self, head: nn.Module, stage2: nn.Module | None = None, classifier: nn.Module | None = None):
         super().__init__()
         self.head, self.stage2 = head, stage2
+        self.classifier = classifier  # a post-hoc replacement of the head's classifier (tau-norm); None: the head's
 
     def forward(self, x):
         f = self.head.features(x)
-        return self.stage2(f) if self.stage2 is not None else self.head.classifier(f)
+        if self.stage2 is not None:
+            return self.stage2(f)
+        return (self.classifier if self.classifier is not None else self.head.classifier)(f)
+
+
+def post_hoc(model: RunModel, tau_norm: float | None) -> RunModel:
+    """The model evaluation sees: the trained one, with a tau-normalised copy of its classifier when asked.
+    The trained model is left as it is, so a run saves (and second stages and kNN blends build on) the trained
+    head, and post-hoc corrections are recorded in config.json and applied at every evaluation."""
+    if tau_norm is None:
+        return model
+    _check_tau_norm(model)
+    return RunModel(model.head, None, tau_normalized(model.head.classifier, tau_norm))
 
 
 def _peak_memory(device: torch.device) -> dict:
@@ -185,10 +219,24 @@ def _peak_memory(device: torch.device) -> dict:
     return out
 
 
+def param_groups(params: list[torch.nn.Parameter], weight_decay: float, **group) -> list[dict]:
+    """Weight decay on matrices only. Biases, norm weights, the cosine head's logit scale and the per-class
+    scales of LWS, MaRC and DisAlign (which start at 1) are vectors or scalars: decay would pull them toward 0,
+    not regularise them. The same rule as open_clip's, timm's and the seed's training code (ndim < 2)."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, **group},
+        {"params": no_decay, "weight_decay": 0.0, **group},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    groups = param_groups(params, cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def fit(
@@ -375,16 +423,27 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
     return cfg, RunModel(head, stage2).to(device), saved
 
 
+def inherit_first_stage(cfg: TrainConfig) -> TrainConfig:
+    """A second stage takes its data and head from its first-stage run (`--from`), so its config, run name and
+    labels say the head it really trains on. Returns the first stage's config."""
+    _, first_cfg = runs.read_config(Path(cfg.from_run), TrainConfig)
+    for key in ("dataset", "model", "pretrained", "head", "head_params", "cache_key", "cache_dir"):
+        setattr(cfg, key, getattr(first_cfg, key))
+    return first_cfg
+
+
 def train_head(
     cfg: TrainConfig, log: Callable[[str], None] = print, on_epoch: Callable[[dict], None] | None = None
 ) -> dict:
     """Train, evaluate and save one run; returns the run's summary (metrics, cost, where it is)."""
+    t_start = time.perf_counter()
     cfg.resolve()
+    for warning in double_corrections(cfg):
+        log(f"warning: {warning}")
     device = pick_device(cfg.device)
     if cfg.stage2:
-        first_cfg, first, _ = load_run(cfg.from_run, device)
-        for key in ("dataset", "model", "pretrained", "head", "head_params", "cache_key", "cache_dir"):
-            setattr(cfg, key, getattr(first_cfg, key))
+        first_cfg = inherit_first_stage(cfg)
+        _, first, _ = load_run(cfg.from_run, device)
     model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
     cfg.cache_key = model_dir.name
     cfg.cache_dir = str(model_dir.parent.parent.resolve())  # so that `eval` and second stages find it anywhere
@@ -400,11 +459,12 @@ def train_head(
     load_seconds = time.perf_counter() - t_load
 
     torch.manual_seed(cfg.seed)
+    t_features = time.perf_counter()
     if cfg.stage2:
         head = first.head.requires_grad_(False)
         stage2 = build_stage2(cfg.stage2, head.classifier).to(device)
         model = RunModel(head, stage2)
-        fit_model, fit_data = stage2, frozen_features(head, train_data)
+        fit_model, fit_data = stage2, frozen_features(head, train_data)  # a pass of the frozen head over train
         in_dim, head_params = train_data.dim, dict(first_cfg.head_params)
     else:
         in_dim, head_params = train_data.dim, dict(cfg.head_params)
@@ -422,6 +482,7 @@ def train_head(
         fit_model, fit_data = model, train_data
     loss_fn = build_loss(cfg.loss, counts, **cfg.loss_params).to(device)
     sampler = build_sampler(cfg.sampler, fit_data.y)
+    features_seconds = time.perf_counter() - t_features
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -429,18 +490,28 @@ def train_head(
     history = fit(fit_model, fit_data, loss_fn, sampler, cfg, device, on_epoch) if cfg.epochs else []
     train_seconds = time.perf_counter() - t0
 
-    if cfg.tau_norm is not None:
-        _check_tau_norm(model)
-        model.head.classifier = tau_normalized(model.head.classifier, cfg.tau_norm)
-    metrics, table = evaluate(model, eval_data, counts, text.classnames, cfg.logit_adjust, cfg.many, cfg.few)
+    t_eval = time.perf_counter()
+    eval_model = post_hoc(model, cfg.tau_norm)
+    metrics, table = evaluate(eval_model, eval_data, counts, text.classnames, cfg.logit_adjust, cfg.many, cfg.few)
+    eval_seconds = time.perf_counter() - t_eval
     samples = sum(len(fit_data) for _ in history)
     cost = {
-        "train_seconds": round(train_seconds, 3),
+        "train_seconds": round(train_seconds, 3),  # the optimisation loop alone: what samples_per_s measures
         "load_seconds": round(load_seconds, 3),
+        "features_seconds": round(features_seconds, 3),  # frozen-feature pass of a second stage, input statistics
+        "eval_seconds": round(eval_seconds, 3),
+        "total_seconds": round(time.perf_counter() - t_start, 3),  # everything this run did
         "samples_per_s": round(samples / train_seconds, 1) if train_seconds > 0 else None,
         "device": str(device),
         **_peak_memory(device),
     }
+    if cfg.stage2:  # what the method costs from scratch: this stage plus the first stage it builds on
+        first_cost = runs.read_metrics(Path(cfg.from_run))["cost"]
+        first_total = first_cost.get(
+            "total_seconds", first_cost.get("train_seconds", 0) + first_cost.get("load_seconds", 0)
+        )
+        cost["first_stage_seconds"] = first_total
+        cost["total_with_first_stage_seconds"] = round(cost["total_seconds"] + first_total, 3)
 
     check_finite_parameters(model)
     staging = runs.staging_dir(run_dir)
@@ -495,11 +566,11 @@ def evaluate_run(
         raise VlmcacheError(
             f"'{run_dir}/config.json': train_counts has {len(counts)} classes, its head {saved['num_classes']}."
         )
-    if tau_norm is not None:
-        _check_tau_norm(model)
-        model.head.classifier = tau_normalized(model.head.classifier, tau_norm)
+    # the run's own post-hoc corrections apply unless a flag replaces them (0 turns either off)
+    tau_norm = cfg.tau_norm if tau_norm is None else tau_norm
+    logit_adjust = cfg.logit_adjust if logit_adjust is None else logit_adjust
     text = cache.read_text(model_dir / cache.TEXT_FILE)
-    metrics, table = evaluate(model, data, counts, text.classnames, logit_adjust, cfg.many, cfg.few)
+    metrics, table = evaluate(post_hoc(model, tau_norm), data, counts, text.classnames, logit_adjust, cfg.many, cfg.few)
     return {
         "run": str(run_dir),
         "split": eval_name,
