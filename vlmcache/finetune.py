@@ -237,10 +237,16 @@ def _evaluate(model, split: Split, encoder: Encoder, counts, classnames, cfg, pr
     return metrics, table, skipped
 
 
+def finetune_dataset(cfg: FinetuneConfig):
+    """The dataset a fine-tuning run reads. A generated hold-out takes `holdout_seed`, not the training seed, so
+    every run of a dataset is scored on one test set."""
+    return load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.holdout_seed)
+
+
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=None) -> dict:
     """Fine-tune, evaluate and save one run (resuming from its checkpoint); returns the run's summary."""
     cfg.resolve()
-    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.holdout_seed)
+    dataset = finetune_dataset(cfg)
     train_split = dataset.split(cfg.train_split)
     eval_name = cfg.eval_split or next((s for s in ("test", "val") if s in dataset.splits), None)
     if eval_name is None:
@@ -454,7 +460,7 @@ def evaluate_finetuned(
     weights = run_dir / Path(str(meta.get("weights"))).name  # the tuned tower lives in the run folder, by name
     if not weights.is_file():
         raise VlmcacheError(f"'{run_dir}' has no tuned weights '{weights.name}'; is it a finished fine-tuning run?")
-    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.holdout_seed)
+    dataset = finetune_dataset(cfg)
     eval_split = dataset.split(split or meta["eval_split"])
     encoder = load_encoder(cfg.model, str(weights), device, "fp32", _preprocess_tag(cfg))
     saved = runs.load_head_file(run_dir, encoder.device)
