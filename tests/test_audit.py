@@ -249,3 +249,58 @@ def test_run_identity_ignores_the_seed_and_where_things_go_only():
     assert runs.identity_key(a) == runs.identity_key({**a, "seed": 3, "runs_dir": "y", "device": "cuda"})
     assert runs.identity_key(a) != runs.identity_key({**a, "lr": 0.2})
     assert runs.identity_key(a) != runs.identity_key({**a, "loss_params": {"gamma": 1}})
+
+
+# 11. cache keys depended on names, not content
+
+
+def test_the_cache_key_is_the_weights_content_and_resolved_settings(tmp_path, monkeypatch):
+    import open_clip
+    from open_clip import pretrained
+
+    same = dict(url="", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear", resize_mode="squash")
+    monkeypatch.setitem(pretrained._PRETRAINED, "vlmcache-tiny", {"a": dict(same), "b": dict(same)})
+    net = open_clip.create_model("vlmcache-tiny")
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    first = load_encoder("vlmcache-tiny", str(tmp_path / "w.pt"), device="cpu", preprocess_from="a")
+    (tmp_path / "w.pt").rename(tmp_path / "renamed.pt")
+    renamed = load_encoder("vlmcache-tiny", str(tmp_path / "renamed.pt"), device="cpu", preprocess_from="b")
+    assert renamed.key == first.key  # another file name, another tag of identical settings: the same cache
+    from vlmcache.features import weights_label
+
+    assert first.key.split("__")[1] == weights_label(str(tmp_path / "renamed.pt"))  # find_cache finds it
+
+
+# 12. the fingerprint missed the model config, the batch size and the device's math
+
+
+def test_an_edited_model_config_is_another_key(monkeypatch):
+    import copy
+
+    from open_clip import factory
+
+    before = load_encoder("vlmcache-tiny", "none", device="cpu").key
+    edited = copy.deepcopy(factory._MODEL_CONFIGS["vlmcache-tiny"])
+    edited["vision_cfg"]["layers"] += 1
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "vlmcache-tiny", edited)
+    assert load_encoder("vlmcache-tiny", "none", device="cpu").key != before
+
+
+def test_a_resume_with_another_batch_size_is_refused_naming_it(tmp_path):
+    from vlmcache.extract import ExtractConfig, run_extract
+
+    cfg = dict(
+        dataset="digits_lt",
+        model="vlmcache-tiny",
+        pretrained="none",
+        device="cpu",
+        workers=0,
+        cache_dir=str(tmp_path),
+        splits=["test"],
+    )
+    summary = run_extract(ExtractConfig(**cfg, batch_size=64), **QUIET)
+    split = Path(summary["splits"][0]["path"])
+    fingerprint = json.loads((split / "manifest.json").read_text())["fingerprint"]
+    assert fingerprint["batch_size"] == 64 and fingerprint["device"] == "cpu" and "tf32" in fingerprint
+    with pytest.raises(VlmcacheError, match="batch_size: 64 -> 32"):
+        run_extract(ExtractConfig(**cfg, batch_size=32), **QUIET)

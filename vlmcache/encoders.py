@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -95,6 +94,22 @@ def resolve_weights(model: str, pretrained: str | None, preprocess_from: str | N
         "preprocess_from": preprocess_from,
         "tag_cfg": cfg,
         "file": str(pretrained),
+    }
+
+
+def model_config_sha256(model: str) -> str:
+    """A hash of the model's open_clip config (its architecture), so that editing a config changes the key."""
+    cfg = open_clip.get_model_config(model) or {}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def math_mode(device: torch.device) -> dict:
+    """What decides the last bits of the encoder's output besides its inputs: the device and, on CUDA, TF32."""
+    if device.type != "cuda":
+        return {"device": device.type, "tf32": None}
+    return {
+        "device": f"cuda ({torch.cuda.get_device_name(device)})",
+        "tf32": bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32),
     }
 
 
@@ -268,8 +283,9 @@ def load_encoder(
         "model": model,
         "pretrained": weights["pretrained"],
         "weights_sha256": weights.get("weights_sha256"),  # the file's content, not its path
-        "preprocess_from": weights.get("preprocess_from"),
+        # not the --preprocess-from tag's name: the settings it resolves to are below, and they are what counts
         "init_seed": weights.get("init_seed"),
+        "model_config_sha256": model_config_sha256(model),  # an edited registered config is another model
         "quick_gelu": quick_gelu,
         "preprocess": preprocess_cfg,
         "precision": prec,
@@ -277,7 +293,7 @@ def load_encoder(
         "torch": torch.__version__,
     }
     label = weights["pretrained"]
-    if label == "file":
-        label = "file-" + re.sub(r"[^A-Za-z0-9.-]+", "-", Path(weights["file"]).stem)[:40]
+    if label == "file":  # the content, not the name: a renamed file is the same cache
+        label = "file-" + weights["weights_sha256"][:12]
     tokenizer = open_clip.get_tokenizer(model)
     return Encoder(model, net, tokenizer, preprocess, preprocess_cfg, dev, prec, fingerprint, label)

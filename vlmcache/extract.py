@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from vlmcache import cache, distributed, faults, runs
 from vlmcache.datasets import Dataset, Split, load_dataset
-from vlmcache.encoders import Encoder, list_models, load_encoder
+from vlmcache.encoders import Encoder, list_models, load_encoder, math_mode
 from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.images import BadImage, FileSource
 from vlmcache.memory import peak_rss_mb
@@ -188,6 +188,9 @@ def _split_fingerprint(encoder: Encoder, dataset: Dataset, split: Split, cfg: Ex
         "n_rows": len(split),
         "num_classes": dataset.num_classes,
         "shard_size": cfg.shard_size,
+        # float16 rounding of the outputs depends on the batch and the device's math: a resume must not mix them
+        "batch_size": cfg.batch_size,
+        **math_mode(encoder.device),
         "dtype": "float16",
         "tokens": cfg.tokens,
         "token_tap": TOKEN_TAP if cfg.tokens else None,

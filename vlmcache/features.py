@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,9 @@ def weights_label(pretrained: str | None) -> str:
     if pretrained is None or pretrained.lower() in RANDOM:
         return "random"
     if Path(pretrained).is_file():
-        return "file-" + re.sub(r"[^A-Za-z0-9.-]+", "-", Path(pretrained).stem)[:40]
+        from vlmcache.encoders import sha256_file
+
+        return "file-" + sha256_file(pretrained)[:12]
     return pretrained
 
 
