@@ -174,7 +174,7 @@ def test_bad_names_and_parameters_are_clear():
     with pytest.raises(VlmcacheError, match="not a float"):
         build_loss("focal", COUNTS, gamma="two")
     assert build_loss("focal", COUNTS, gamma="1.5").gamma == 1.5  # strings from the CLI are typed
-    assert loss_params("lade") == {"weight": 0.1, "remine_lambda": 0.1}
+    assert loss_params("lade") == {"weight": 0.1, "remine_lambda": 0.1, "regularizer_logits": "raw"}
     assert loss_params("ldam") == {"max_margin": 0.5, "scale": 30.0}
 
 

@@ -313,11 +313,31 @@ def train_head_cmd(
     from_run: Path = typer.Option(
         None, "--from", help="The first-stage run folder that --stage2 builds on (its cache and head come with it)."
     ),
-    epochs: int = typer.Option(30, "--epochs", help="Passes over the training split."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (cosine decay)."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Samples per step."),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="Weight decay."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or sgd (momentum 0.9)."),
+    stage2_param: list[str] = typer.Option(
+        None, "--stage2-param", help="Second-stage setting KEY=VALUE, e.g. reinit=false for crt; repeat."
+    ),
+    sampler_param: list[str] = typer.Option(
+        None, "--sampler-param", help="Sampler setting KEY=VALUE: replacement=false, num_samples=N; repeat."
+    ),
+    protocol: str = typer.Option(
+        "default",
+        "--protocol",
+        help="default (the method papers' losses, AdamW, 30 epochs, cosine decay, last epoch) or seed (the seed "
+        "study's code: each method's seed form, SGD Nesterov lr 0.03, 8192 steps, warm-up, best on val). "
+        "Any option given explicitly wins over the protocol.",
+    ),
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the training split (protocol default: 30)."),
+    iters: int = typer.Option(None, "--iters", help="Optimiser steps instead of epochs (seed protocol: 8192)."),
+    warmup_iters: int = typer.Option(None, "--warmup-iters", help="Linear warm-up steps (seed protocol: 512)."),
+    schedule: str = typer.Option(None, "--schedule", help="cosine (to zero) or seed_cosine (cos(7 pi t / 16))."),
+    select_on: str = typer.Option(
+        None, "--select-on", help="Keep the epoch that scores best on this split (seed protocol: val); none: the last."
+    ),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (default protocol: 1e-3)."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Samples per step (default: 256)."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="Weight decay on matrices (default: 1e-4)."),
+    optimizer: str = typer.Option(None, "--optimizer", help="adamw or sgd (default protocol: adamw)."),
+    nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov", help="SGD with Nesterov momentum."),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same result on CPU."),
     split: str = EVAL_SPLIT,
     device: str = DEVICE,
@@ -358,12 +378,20 @@ def train_head_cmd(
         loss_params=parse_key_values(loss_param, "--loss-param"),
         sampler=sampler,
         stage2=stage2,
+        stage2_params=parse_key_values(stage2_param, "--stage2-param"),
+        sampler_params=parse_key_values(sampler_param, "--sampler-param"),
         from_run=str(from_run) if from_run else None,
+        protocol=protocol,
         epochs=epochs,
+        iters=iters,
+        warmup_iters=warmup_iters,
+        schedule=schedule,
+        select_on=select_on,
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,
         optimizer=optimizer,
+        nesterov=nesterov,
         seed=seed,
         eval_split=split,
         device=device,
@@ -379,7 +407,9 @@ def train_head_cmd(
 
     def on_epoch(row: dict) -> None:
         err.print(
-            f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f}  {row['samples_per_s']:>12,.0f} samples/s",
+            f"epoch {row['epoch']:>3}  step {row['step']:>6}  loss {row['loss']:.4f}  "
+            f"{row['samples_per_s']:>12,.0f} samples/s"
+            + (f"  {cfg.select_on} {100 * row['select_score']:.2f}" if "select_score" in row else ""),
             highlight=False,
         )
 

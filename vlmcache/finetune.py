@@ -412,6 +412,7 @@ def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, 
         "head_params": cfg.head_params,
         "head_state": model.head.state_dict(),
         "stage2": None,
+        "stage2_params": None,
         "stage2_state": None,
     }
     cache.save_torch_atomic(saved, run_dir / "head.pt")

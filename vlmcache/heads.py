@@ -134,6 +134,7 @@ class DecoderHead(nn.Module):
         heads: int = 4,
         mlp_ratio: float = 0.5,
         classifier: str = "linear",
+        final_norm: bool = True,
     ):
         super().__init__()
         if depth < 1 or heads < 1 or not mlp_ratio > 0:
@@ -152,7 +153,9 @@ class DecoderHead(nn.Module):
             norm_first=True,
         )
         self.blocks = nn.TransformerEncoder(block, num_layers=depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(width)
+        # a pre-norm transformer's output is normalised before a head reads it (ViT, open_clip's ln_post); the
+        # seed's decoder feeds its last block's class token to the classifier as it is (final_norm=False)
+        self.norm = nn.LayerNorm(width) if final_norm else nn.Identity()
         self.classifier = make_classifier(classifier, width, num_classes)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:

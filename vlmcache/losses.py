@@ -62,38 +62,49 @@ class FocalLoss(nn.Module):
         return (-((1 - logpt.exp()) ** self.gamma) * logpt).mean()
 
 
-class WeightedCrossEntropy(nn.Module):
-    """Cross-entropy with a weight per class; subclasses say how the weights follow from the counts."""
+REDUCTIONS = ("mean", "weighted_mean")
 
-    def __init__(self, weights: torch.Tensor):
+
+class WeightedCrossEntropy(nn.Module):
+    """Cross-entropy with a weight per class; subclasses say how the weights follow from the counts.
+
+    `reduction="mean"` (Cui et al. 2019): the mean of w_y * l over the batch, weights summing to the number of
+    classes. `"weighted_mean"` (the seed's code, PyTorch's `F.cross_entropy(weight=w)`): sum of w_y * l over the
+    sum of w_y in the batch, so a batch of tail samples takes as large a step as a batch of head samples."""
+
+    def __init__(self, weights: torch.Tensor, reduction: str = "mean"):
         super().__init__()
+        _check("reduction", reduction, reduction in REDUCTIONS, f"one of {', '.join(REDUCTIONS)}")
         self.register_buffer("weights", weights)
+        self.reduction = reduction
 
     def forward(self, logits, targets):
-        return (self.weights[targets] * F.cross_entropy(logits, targets, reduction="none")).mean()
+        w = self.weights[targets]
+        weighted = w * F.cross_entropy(logits, targets, reduction="none")
+        return weighted.sum() / w.sum() if self.reduction == "weighted_mean" else weighted.mean()
 
 
 class InverseFrequencyCE(WeightedCrossEntropy):
     """Class-balanced re-weighting (CBW): weights proportional to 1 / n_c."""
 
-    def __init__(self, class_counts):
-        super().__init__(_normalised(1.0 / _counts(class_counts)))
+    def __init__(self, class_counts, reduction: str = "mean"):
+        super().__init__(_normalised(1.0 / _counts(class_counts)), reduction)
 
 
 class ClassBalancedCE(WeightedCrossEntropy):
     """Class-balanced loss, Cui et al. 2019: weights (1 - beta) / (1 - beta^n_c), the inverse effective number."""
 
-    def __init__(self, class_counts, beta: float = 0.9999):
+    def __init__(self, class_counts, beta: float = 0.9999, reduction: str = "mean"):
         _check("beta", beta, 0 <= beta < 1, "0 <= beta < 1")
-        super().__init__(_normalised((1 - beta) / (1 - beta ** _counts(class_counts))))
+        super().__init__(_normalised((1 - beta) / (1 - beta ** _counts(class_counts))), reduction)
 
 
 class GRWLoss(WeightedCrossEntropy):
     """Generalized re-weighting, Zhang et al. 2021 (DisAlign): weights proportional to (1 / n_c)^exponent."""
 
-    def __init__(self, class_counts, exponent: float = 1.2):
+    def __init__(self, class_counts, exponent: float = 1.2, reduction: str = "mean"):
         _check("exponent", exponent, exponent >= 0, "exponent >= 0")
-        super().__init__(_normalised(_counts(class_counts) ** -exponent))
+        super().__init__(_normalised(_counts(class_counts) ** -exponent), reduction)
 
 
 class LogitAdjustedLoss(nn.Module):
@@ -118,7 +129,9 @@ class BalancedSoftmax(LogitAdjustedLoss):
 
 class LDAMLoss(nn.Module):
     """LDAM, Cao et al. 2019: subtract m_c proportional to n_c^(-1/4) (largest max_margin) from the true logit,
-    then cross-entropy of scale * logits. The scale assumes cosine logits in [-1, 1] (the cosine head)."""
+    then cross-entropy of scale * logits. Margin and scale act on cosines in [-1, 1]: on a cosine classifier,
+    train-head hands this loss the raw cosines (its own learnable scale is not applied twice). On a linear head,
+    `scale=1.0` is the seed's form, CE(z - m)."""
 
     def __init__(self, class_counts, max_margin: float = 0.5, scale: float = 30.0):
         super().__init__()
@@ -135,12 +148,17 @@ class LDAMLoss(nn.Module):
 
 class LADELoss(nn.Module):
     """LADE, Hong et al. 2021: PC softmax cross-entropy (logits + log prior) plus `weight` times the
-    LADER regulariser, which estimates each class's logit under a uniform target prior (ReMINE, lambda)."""
+    LADER regulariser, which estimates each class's logit under a uniform target prior (ReMINE, lambda).
 
-    def __init__(self, class_counts, weight: float = 0.1, remine_lambda: float = 0.1):
+    `regularizer_logits="raw"` (the paper) feeds the model's logits to the regulariser; `"adjusted"` (the seed's
+    code) feeds it the logits plus the log prior, as its PC softmax term sees them."""
+
+    def __init__(self, class_counts, weight: float = 0.1, remine_lambda: float = 0.1, regularizer_logits: str = "raw"):
         super().__init__()
         _check("weight", weight, weight >= 0, "weight >= 0")
         _check("remine_lambda", remine_lambda, remine_lambda >= 0, "remine_lambda >= 0")
+        _check("regularizer_logits", regularizer_logits, regularizer_logits in ("raw", "adjusted"), "raw or adjusted")
+        self.adjusted = regularizer_logits == "adjusted"
         counts = _counts(class_counts)
         prior = counts / counts.sum()
         self.register_buffer("log_prior", prior.log().float())
@@ -149,6 +167,8 @@ class LADELoss(nn.Module):
 
     def forward(self, logits, targets):
         pc_ce = F.cross_entropy(logits + self.log_prior, targets)
+        if self.adjusted:
+            logits = logits + self.log_prior
         num_classes, n = logits.shape[1], logits.shape[0]
         onehot = F.one_hot(targets, num_classes).to(logits.dtype)  # (B, C)
         per_class = onehot.sum(0)  # samples of each class in the batch

@@ -228,6 +228,7 @@ class HeadFile(BaseModel):
     head_params: dict[str, Any]
     head_state: dict[str, Any]
     stage2: str | None = None
+    stage2_params: dict[str, Any] | None = None
     stage2_state: dict[str, Any] | None = None
 
 

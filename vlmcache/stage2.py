@@ -8,21 +8,24 @@ trains on them in memory.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from vlmcache.errors import unknown_choice
+from vlmcache.errors import checked_params, unknown_choice
 
 
 class CRT(nn.Module):
-    """Classifier re-training, Kang et al. 2020: a freshly initialised classifier on frozen features."""
+    """Classifier re-training, Kang et al. 2020: a freshly initialised classifier on frozen features.
+    `reinit=False` (the seed's code for its CLIP decoder) fine-tunes the stage-1 classifier instead."""
 
-    def __init__(self, classifier: nn.Module):
+    def __init__(self, classifier: nn.Module, reinit: bool = True):
         super().__init__()
         self.classifier = copy.deepcopy(classifier).requires_grad_(True)
-        self.classifier.reset_parameters()
+        if reinit:
+            self.classifier.reset_parameters()
 
     def forward(self, f):
         return self.classifier(f)
@@ -42,21 +45,31 @@ class LWS(nn.Module):
 
 class DisAlign(nn.Module):
     """Distribution alignment, Zhang et al. 2021: z + sigma(x) * (alpha * z + beta - z), with the confidence
-    sigma(x) = sigmoid(g(x)) learnt from the features, and per-class alpha (init 1) and beta (init 0)."""
+    sigma(x) = sigmoid(g(x)) learnt from the features, and per-class alpha (init 1) and beta (init 0).
 
-    def __init__(self, classifier: nn.Module):
+    `init="paper"`: (1 - sigma) z + sigma (alpha z + beta) with g initialised to zero, so step 0 gives the
+    stage-1 logits. `init="seed"` (the seed's code): (1 + sigma alpha) z + sigma beta with g as nn.Linear
+    initialises it, so step 0 scales the logits by 1 + sigma(g(x))."""
+
+    def __init__(self, classifier: nn.Module, init: str = "paper"):
         super().__init__()
+        if init not in ("paper", "seed"):
+            raise unknown_choice("DisAlign init", init, ["paper", "seed"])
         self.classifier = classifier.requires_grad_(False)
         num_classes, dim = classifier.weight.shape
         self.alpha = nn.Parameter(torch.ones(num_classes))
         self.beta = nn.Parameter(torch.zeros(num_classes))
         self.confidence = nn.Linear(dim, 1)
-        nn.init.zeros_(self.confidence.weight)
-        nn.init.zeros_(self.confidence.bias)
+        self.seed_form = init == "seed"
+        if not self.seed_form:
+            nn.init.zeros_(self.confidence.weight)
+            nn.init.zeros_(self.confidence.bias)
 
     def forward(self, f):
         z = self.classifier(f)
         s = torch.sigmoid(self.confidence(f))  # (B, 1)
+        if self.seed_form:
+            return (1 + s * self.alpha) * z + s * self.beta
         return (1 - s) * z + s * (self.alpha * z + self.beta)
 
 
@@ -90,10 +103,18 @@ STAGE2: dict[str, Stage2Info] = {
 }
 
 
-def build_stage2(name: str, classifier: nn.Module) -> nn.Module:
+def stage2_params(name: str) -> dict[str, object]:
+    """A second stage's settings with their defaults, e.g. {'reinit': True} for crt."""
     if name not in STAGE2:
         raise unknown_choice("second stage", name, STAGE2)
-    return STAGE2[name].cls(classifier)
+    sig = inspect.signature(STAGE2[name].cls.__init__)
+    return {k: p.default for k, p in sig.parameters.items() if k not in ("self", "classifier")}
+
+
+def build_stage2(name: str, classifier: nn.Module, **params) -> nn.Module:
+    """A second stage by name on a frozen classifier; unknown names and parameters are errors."""
+    typed = checked_params(f"second stage '{name}'", params, stage2_params(name))
+    return STAGE2[name].cls(classifier, **typed)
 
 
 def tau_normalized(classifier: nn.Module, tau: float) -> nn.Module:

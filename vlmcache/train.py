@@ -24,14 +24,60 @@ from vlmcache import cache, runs, schemas, streaming
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.features import Pooled, default_eval_split, find_cache, load_inputs, open_split
-from vlmcache.heads import HEADS, LinearClassifier, build_head, head_params
+from vlmcache.heads import HEADS, CosineClassifier, LinearClassifier, build_head, head_params
 from vlmcache.losses import LOSSES, build_loss, loss_params
 from vlmcache.memory import peak_rss_mb
 from vlmcache.metrics import Evaluator
-from vlmcache.samplers import SAMPLERS, build_sampler
-from vlmcache.stage2 import STAGE2, build_stage2, logit_adjusted, tau_normalized
+from vlmcache.samplers import SAMPLERS, build_sampler, sampler_params
+from vlmcache.stage2 import STAGE2, build_stage2, logit_adjusted, stage2_params, tau_normalized
 
 OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "seed_cosine")
+
+# Settings a protocol fills when the user leaves them unset. "default": the method papers' losses with AdamW and a
+# cosine decay over epochs, the last epoch reported. "seed": the seed study's code (Imbalance-VLM/Imbalance-VLM;
+# FIDELITY.md has the file and line of each value).
+PROTOCOLS: dict[str, dict] = {
+    "default": dict(
+        epochs=30,
+        batch_size=256,
+        lr=1e-3,
+        weight_decay=1e-4,
+        optimizer="adamw",
+        momentum=0.9,
+        nesterov=False,
+        iters=0,
+        warmup_iters=0,
+        schedule="cosine",
+        select_on="",
+    ),
+    "seed": dict(
+        epochs=32,
+        batch_size=256,
+        lr=0.03,
+        weight_decay=5e-4,
+        optimizer="sgd",
+        momentum=0.9,
+        nesterov=True,
+        iters=8192,
+        warmup_iters=512,
+        schedule="seed_cosine",
+        select_on="val",
+    ),
+}
+# The seed's form of each method, as parameters of the method (the papers' form is each default).
+SEED_SWITCHES: dict[str, dict] = {
+    "loss": {
+        "cbw": {"reduction": "weighted_mean"},
+        "cb": {"reduction": "weighted_mean"},
+        "grw": {"reduction": "weighted_mean"},
+        "lade": {"regularizer_logits": "adjusted"},
+        "ldam": {"scale": 1.0},
+    },
+    "head": {"decoder": {"final_norm": False}},
+    "stage2": {"crt": {"reinit": False}, "disalign": {"init": "seed"}},
+    "sampler": {"replacement": False, "num_samples": 65536},  # 256 steps of 256 per epoch
+}
 
 
 @dataclass
@@ -50,13 +96,21 @@ class TrainConfig:
     loss_params: dict = field(default_factory=dict)
     sampler: str | None = None  # default: instance, or the second stage's own
     stage2: str | None = None
+    stage2_params: dict = field(default_factory=dict)
+    sampler_params: dict = field(default_factory=dict)
     from_run: str | None = None  # the first-stage run a second stage builds on
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"
-    momentum: float = 0.9
+    protocol: str = "default"  # fills every setting left None below (PROTOCOLS); an explicit value wins
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    optimizer: str | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+    iters: int | None = None  # an optimiser-step budget: the last epoch stops there (0: epochs decide)
+    warmup_iters: int | None = None
+    schedule: str | None = None  # cosine (to zero) or seed_cosine (cos(7 pi/16 t), the seed's)
+    select_on: str | None = None  # a split to keep the best epoch on ("none": the last epoch)
     seed: int = 0
     train_split: str = "train"
     eval_split: str | None = None  # default: test, else val
@@ -74,6 +128,11 @@ class TrainConfig:
     few: int = 20
 
     def resolve(self) -> TrainConfig:
+        if self.protocol not in PROTOCOLS:
+            raise unknown_choice("protocol", self.protocol, PROTOCOLS)
+        for key, value in PROTOCOLS[self.protocol].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         if self.head not in HEADS:
             raise unknown_choice("head", self.head, HEADS)
         if self.stage2 is not None:
@@ -94,8 +153,30 @@ class TrainConfig:
             raise VlmcacheError("--dataset is needed: the dataset whose cache to train on (see `vlmcache cache ls`).")
         self.loss = self.loss or "ce"
         self.sampler = self.sampler or "instance"
+        if self.protocol == "seed":  # the seed's form of each method; explicit parameters win
+            self.loss_params = {**SEED_SWITCHES["loss"].get(self.loss, {}), **self.loss_params}
+            self.sampler_params = {**SEED_SWITCHES["sampler"], **self.sampler_params}
+            if not self.stage2:
+                self.head_params = {**SEED_SWITCHES["head"].get(self.head, {}), **self.head_params}
+            else:
+                self.stage2_params = {**SEED_SWITCHES["stage2"].get(self.stage2, {}), **self.stage2_params}
         if self.optimizer not in OPTIMIZERS:
             raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.schedule not in SCHEDULES:
+            raise unknown_choice("schedule", self.schedule, SCHEDULES)
+        if self.iters < 0 or self.warmup_iters < 0:
+            raise VlmcacheError(f"--iters and --warmup-iters must be 0 or more, got {self.iters}, {self.warmup_iters}.")
+        if self.select_on == "none":
+            self.select_on = ""
+        self.sampler_params = checked_params(
+            f"sampler '{self.sampler}'", self.sampler_params, sampler_params(self.sampler)
+        )
+        if self.stage2:
+            self.stage2_params = checked_params(
+                f"second stage '{self.stage2}'", self.stage2_params, stage2_params(self.stage2)
+            )
+        elif self.stage2_params:
+            raise VlmcacheError("--stage2-param sets a second stage's parameters; add --stage2 (crt, lws, ...).")
         check_training_choices(self, ("epochs", "batch_size"))
         check_numbers(self)
         if self.tau_norm is not None and (self.stage2 or self.head in ("cosine", "coop")):
@@ -235,8 +316,24 @@ def param_groups(params: list[torch.nn.Parameter], weight_decay: float, **group)
 def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     groups = param_groups(params, cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov))
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(schedule: str, total: int, warmup: int = 0) -> Callable[[int], float]:
+    """The learning rate's factor at step s: linear warm-up over `warmup` steps, then `cosine` (0.5 (1 + cos(pi t)),
+    to zero at the end) or `seed_cosine` (cos(7 pi / 16 t), the seed's: it ends at about 0.2 of the peak)."""
+    cycles = 0.5 if schedule == "cosine" else 7 / 16
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        t = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * t))
+        return max(0.0, math.cos(math.pi * cycles * t))
+
+    return factor
 
 
 def fit(
@@ -247,26 +344,34 @@ def fit(
     cfg: TrainConfig,
     device: torch.device,
     on_epoch: Callable[[dict], None] | None = None,
-) -> list[dict]:
-    """Minibatch training of the parameters of `module` that require grad; cosine learning-rate decay.
+    select: Callable[[int, int], float] | None = None,
+) -> tuple[list[dict], dict | None]:
+    """Minibatch training of the parameters of `module` that require grad, under the config's learning-rate
+    schedule, for `cfg.epochs` passes of the sampler or, with `cfg.iters`, that many optimiser steps.
 
+    `select(epoch, step)` (model selection) scores the module after each epoch; the best epoch's weights are
+    loaded back at the end, and the selection (epoch, step, score) is returned with the per-epoch history.
     Per-step losses stay on the device and are checked once per epoch, so a non-finite loss stops the
     run naming its epoch and step without a host sync on every step.
     """
     params = [p for p in module.parameters() if p.requires_grad]
     opt = _optimizer(cfg, params)
-    steps = math.ceil(len(data) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / (cfg.epochs * steps))))
+    steps = math.ceil(sampler.size / cfg.batch_size)
+    epochs = math.ceil(cfg.iters / steps) if cfg.iters else cfg.epochs
+    total = cfg.iters or epochs * steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, total, cfg.warmup_iters))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     # Written in place: a new small tensor kept alive per step would sit above each step's freed activations
     # and pin glibc's heap, which then grows by a logits buffer per step (15 GB in an iNat-sized epoch).
     step_losses = torch.empty(steps + 1, device=device)
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
+    history, done, best, best_state = [], 0, None, None
+    for epoch in range(1, epochs + 1):
         module.train()
         t0 = time.perf_counter()
         k = seen = 0
         for x, y in data.batches(sampler.epoch(gen), cfg.batch_size, gen):
+            if cfg.iters and done >= cfg.iters:
+                break
             loss = loss_fn(module(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -274,6 +379,7 @@ def fit(
             sched.step()
             step_losses[k] = loss.detach()
             k += 1
+            done += 1
             seen += len(y)
         stacked = step_losses[:k]
         finite = torch.isfinite(stacked)
@@ -288,16 +394,45 @@ def fit(
         seconds = time.perf_counter() - t0
         row = {
             "epoch": epoch,
+            "step": done,
             "loss": float(stacked.mean()),
             "seconds": round(seconds, 4),
             "samples_per_s": round(seen / seconds, 1),
             "lr": sched.get_last_lr()[0],
         }
+        if select is not None:
+            row["select_score"] = select(epoch, done)
+            if best is None or row["select_score"] > best["score"]:
+                best = {"epoch": epoch, "step": done, "score": row["select_score"]}
+                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         history.append(row)
         if on_epoch:
             on_epoch(row)
+    if best_state is not None:
+        module.load_state_dict(best_state)
     check_finite_parameters(module)
-    return history
+    return history, best
+
+
+class OnRawCosines(nn.Module):
+    """A margin loss on a cosine classifier sees cosines: the classifier's learnable scale is divided out, so the
+    loss's own margin (in cosine units) and scale apply once (Cao et al. 2019), not on top of 1/0.07."""
+
+    def __init__(self, loss: nn.Module, classifier: CosineClassifier):
+        super().__init__()
+        self.loss, self.classifier = loss, classifier
+
+    def forward(self, logits, targets):
+        return self.loss(logits / self.classifier.log_scale.exp(), targets)
+
+
+def _selection_split(model_dir: Path, name: str) -> cache.SplitCache:
+    if not (model_dir / name / cache.MANIFEST).is_file():
+        raise VlmcacheError(
+            f"--select-on {name}: the cache '{model_dir}' has no '{name}' split to select the best epoch on. "
+            f"Extract it, or pass --select-on none to report the last epoch."
+        )
+    return open_split(model_dir, name)
 
 
 def check_finite_parameters(module: nn.Module) -> None:
@@ -414,7 +549,11 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
         head = build_head(saved["head"], saved["in_dim"], saved["num_classes"], **saved["head_params"]).to(device)
         if hasattr(head, "bind_text"):
             _bind_text(head, split, cache.read_text(model_dir / cache.TEXT_FILE), device)
-        stage2 = build_stage2(saved["stage2"], head.classifier) if saved.get("stage2") else None
+        stage2 = (
+            build_stage2(saved["stage2"], head.classifier, **(saved.get("stage2_params") or {}))
+            if saved.get("stage2")
+            else None
+        )
         head.load_state_dict(saved["head_state"])
         if stage2 is not None:
             stage2.load_state_dict(saved["stage2_state"] or {})
@@ -462,7 +601,7 @@ def train_head(
     t_features = time.perf_counter()
     if cfg.stage2:
         head = first.head.requires_grad_(False)
-        stage2 = build_stage2(cfg.stage2, head.classifier).to(device)
+        stage2 = build_stage2(cfg.stage2, head.classifier, **cfg.stage2_params).to(device)
         model = RunModel(head, stage2)
         fit_model, fit_data = stage2, frozen_features(head, train_data)  # a pass of the frozen head over train
         in_dim, head_params = train_data.dim, dict(first_cfg.head_params)
@@ -481,20 +620,36 @@ def train_head(
         model = RunModel(head)
         fit_model, fit_data = model, train_data
     loss_fn = build_loss(cfg.loss, counts, **cfg.loss_params).to(device)
-    sampler = build_sampler(cfg.sampler, fit_data.y)
+    if cfg.loss == "ldam" and not cfg.stage2 and isinstance(head.classifier, CosineClassifier):
+        loss_fn = OnRawCosines(loss_fn, head.classifier)
+    sampler = build_sampler(cfg.sampler, fit_data.y, **cfg.sampler_params)
+    select = None
+    if cfg.select_on:  # model selection: score each epoch on this split, keep the best
+        select_data = (
+            eval_data
+            if cfg.select_on == eval_name
+            else _inputs(cfg, cfg.head, [_selection_split(model_dir, cfg.select_on)], device)[0]
+        )
+
+        def select(epoch: int, step: int) -> float:
+            scored = evaluate(post_hoc(model, cfg.tau_norm), select_data, counts, None, cfg.logit_adjust)
+            return scored[0]["overall"]
+
     features_seconds = time.perf_counter() - t_features
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    history = fit(fit_model, fit_data, loss_fn, sampler, cfg, device, on_epoch) if cfg.epochs else []
+    history, selection = fit(fit_model, fit_data, loss_fn, sampler, cfg, device, on_epoch, select)
+    if selection is not None:
+        selection = {"split": cfg.select_on, **selection}
     train_seconds = time.perf_counter() - t0
 
     t_eval = time.perf_counter()
     eval_model = post_hoc(model, cfg.tau_norm)
     metrics, table = evaluate(eval_model, eval_data, counts, text.classnames, cfg.logit_adjust, cfg.many, cfg.few)
     eval_seconds = time.perf_counter() - t_eval
-    samples = sum(len(fit_data) for _ in history)
+    samples = sum(h["samples_per_s"] * h["seconds"] for h in history)
     cost = {
         "train_seconds": round(train_seconds, 3),  # the optimisation loop alone: what samples_per_s measures
         "load_seconds": round(load_seconds, 3),
@@ -507,9 +662,9 @@ def train_head(
     }
     if cfg.stage2:  # what the method costs from scratch: this stage plus the first stage it builds on
         first_cost = runs.read_metrics(Path(cfg.from_run))["cost"]
-        first_total = first_cost.get(
-            "total_seconds", first_cost.get("train_seconds", 0) + first_cost.get("load_seconds", 0)
-        )
+        first_total = first_cost.get("total_seconds")
+        if first_total is None:  # a run written before total_seconds existed
+            first_total = (first_cost.get("train_seconds") or 0) + (first_cost.get("load_seconds") or 0)
         cost["first_stage_seconds"] = first_total
         cost["total_with_first_stage_seconds"] = round(cost["total_seconds"] + first_total, 3)
 
@@ -522,6 +677,7 @@ def train_head(
         "head_params": head_params,
         "head_state": model.head.state_dict(),
         "stage2": cfg.stage2,
+        "stage2_params": dict(cfg.stage2_params),
         "stage2_state": model.stage2.state_dict() if model.stage2 is not None else None,
     }
     cache.save_torch_atomic(saved, staging / "head.pt")
@@ -534,7 +690,7 @@ def train_head(
         "argv": sys.argv,
     }
     cache.write_json_atomic(staging / "config.json", config)
-    result = {"run": str(run_dir), "metrics": metrics, "cost": cost, "history": history}
+    result = {"run": str(run_dir), "metrics": metrics, "cost": cost, "history": history, "selection": selection}
     cache.write_json_atomic(staging / "metrics.json", result)  # last: a run with metrics.json is complete
     runs.publish_run(staging, run_dir)
     return result
