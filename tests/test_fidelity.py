@@ -1,0 +1,278 @@
+"""Each of the seed study's deviations from the method papers is a named switch; each switch against the formula it
+implements (written from the papers and from the behaviour described in FIDELITY.md), and `--protocol seed`."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import long_tailed_features, write_feature_cache
+from torch import nn
+
+from vlmcache.datasets import _package_file, read_split_file
+from vlmcache.heads import build_head
+from vlmcache.losses import build_loss
+from vlmcache.metrics import shot_groups
+from vlmcache.samplers import build_sampler
+from vlmcache.stage2 import build_stage2
+from vlmcache.train import PROTOCOLS, OnRawCosines, TrainConfig, _optimizer, evaluate_run, fit, lr_factor, train_head
+
+COUNTS = np.array([500, 120, 40, 9, 3])
+
+
+def _batch(seed=0, n=64, c=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g) * 3, torch.randint(0, c, (n,), generator=g)
+
+
+# --------------------------------------------------------------------------- 3. re-weighting reduction
+
+
+@pytest.mark.parametrize("name", ["cbw", "cb", "grw"])
+def test_reweighting_reduction_mean_and_the_seeds_weighted_mean(name):
+    logits, y = _batch()
+    mean = build_loss(name, COUNTS)
+    weighted = build_loss(name, COUNTS, reduction="weighted_mean")
+    w = mean.weights
+    per_sample = F.cross_entropy(logits, y, reduction="none")
+    assert torch.allclose(mean(logits, y), (w[y] * per_sample).mean())  # Cui et al.: mean of w_y * l
+    assert torch.allclose(weighted(logits, y), (w[y] * per_sample).sum() / w[y].sum())
+    # the seed's form is PyTorch's weighted cross-entropy (its weights differ by a constant, which cancels)
+    assert torch.allclose(weighted(logits, y), F.cross_entropy(logits, y, weight=w))
+
+
+# --------------------------------------------------------------------------- 4. LADE's regulariser
+
+
+def _lade_by_hand(z, y, prior, weight=0.1, lam=0.1):
+    """Hong et al. 2021: PC softmax CE + weight * -(sum_c p_c (E_c[z_c] - log mean_i exp(z_ic - log p_c - log C)
+    - lam (.)^2)), on the logits z it is given."""
+    n, c = z.shape
+    pc = F.cross_entropy(z + prior.log(), y)
+    bound = torch.zeros(c)
+    for k in range(c):
+        mine = z[y == k, k]
+        first = mine.sum() / (len(mine) + 1e-8)
+        second = torch.logsumexp(z[:, k] - prior[k].log() - math.log(c), 0) - math.log(n)
+        bound[k] = first - second - lam * second**2
+    return pc - weight * (bound * prior).sum()
+
+
+def test_lade_regulariser_on_raw_logits_or_the_seeds_adjusted_logits():
+    z, y = _batch(1)
+    prior = torch.tensor(COUNTS / COUNTS.sum(), dtype=torch.float32)
+    raw = build_loss("lade", COUNTS)(z, y)
+    adjusted = build_loss("lade", COUNTS, regularizer_logits="adjusted")(z, y)
+    assert torch.allclose(raw, _lade_by_hand(z, y, prior), atol=1e-5)
+    # the seed: its PC term and its regulariser both see z + log p
+    pc = F.cross_entropy(z + prior.log(), y)
+    reg_on_adjusted = _lade_by_hand(z + prior.log(), y, prior) - F.cross_entropy(z + 2 * prior.log(), y)
+    assert torch.allclose(adjusted, pc + reg_on_adjusted, atol=1e-5)
+    assert not torch.allclose(raw, adjusted)
+
+
+# --------------------------------------------------------------------------- 2. LDAM on a cosine head
+
+
+def test_ldam_on_a_cosine_head_sees_margins_in_cosine_units():
+    torch.manual_seed(0)
+    head = build_head("cosine", 8, 5)  # its logits are (1 / 0.07) * cos
+    x, y = torch.randn(32, 8), torch.randint(0, 5, (32,))
+    loss = OnRawCosines(build_loss("ldam", COUNTS, max_margin=0.5, scale=30.0), head.classifier)
+    cos = F.normalize(x, dim=-1) @ F.normalize(head.classifier.weight, dim=-1).T
+    m = torch.tensor(COUNTS, dtype=torch.float64) ** -0.25
+    m = (m * 0.5 / m.max()).float()
+    expected = F.cross_entropy(30.0 * (cos - F.one_hot(y, 5) * m[y][:, None]), y)  # Cao et al. 2019
+    assert torch.allclose(loss(head(x), y), expected, atol=1e-5)
+    seed_form = build_loss("ldam", COUNTS, scale=1.0)  # the seed's CE(z - m) on linear logits
+    z = torch.randn(32, 5)
+    assert torch.allclose(seed_form(z, y), F.cross_entropy(z - F.one_hot(y, 5) * m[y][:, None], y), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- 1. the decoder's final norm
+
+
+def test_decoder_final_norm_or_the_seeds_raw_class_token():
+    torch.manual_seed(0)
+    tokens = torch.randn(4, 3, 16)
+    with_norm = build_head("decoder", 16, 5, depth=1)
+    without = build_head("decoder", 16, 5, depth=1, final_norm=False)
+    without.blocks.load_state_dict(with_norm.blocks.state_dict())
+    last = with_norm.blocks(tokens)[:, 0]
+    assert torch.allclose(without.features(tokens), last)
+    assert torch.allclose(with_norm.features(tokens), F.layer_norm(last, (16,)), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- 5, 6. cRT and DisAlign
+
+
+def test_crt_reinitialises_unless_told_to_keep_the_stage1_classifier():
+    torch.manual_seed(0)
+    classifier = nn.Linear(8, 5)
+    kept = build_stage2("crt", classifier, reinit=False)
+    fresh = build_stage2("crt", classifier)
+    assert torch.equal(kept.classifier.weight, classifier.weight)
+    assert not torch.equal(fresh.classifier.weight, classifier.weight)
+    assert kept.classifier is not classifier and kept.classifier.weight.requires_grad  # a trained copy
+
+
+def test_disalign_paper_start_is_the_stage1_logits_and_the_seed_form_is_its_own():
+    torch.manual_seed(0)
+    classifier = nn.Linear(8, 5)
+    f = torch.randn(6, 8)
+    z = classifier(f)
+    paper = build_stage2("disalign", classifier)
+    assert torch.allclose(paper(f), z)  # (1 - s) z + s (alpha z + beta) with g = 0, alpha = 1, beta = 0
+    seed = build_stage2("disalign", classifier, init="seed")
+    with torch.no_grad():
+        seed.alpha.uniform_(0.5, 2)
+        seed.beta.normal_()
+    s = torch.sigmoid(seed.confidence(f))
+    assert torch.allclose(seed(f), (1 + s * seed.alpha) * z + s * seed.beta)
+    assert not torch.allclose(build_stage2("disalign", classifier, init="seed")(f), z)  # step 0 is not z
+
+
+# --------------------------------------------------------------------------- 7. class-balanced sampling
+
+
+def test_the_seeds_class_balanced_sampler_is_close_to_instance_sampling_on_places_lt():
+    _, labels = read_split_file(_package_file("places_lt/Places_LT_train.txt.gz"))
+    labels = torch.from_numpy(labels)
+    groups = shot_groups(np.bincount(labels.numpy()), 100, 20)
+
+    def shares(sampler) -> np.ndarray:
+        drawn = sampler.epoch(torch.Generator().manual_seed(0)).numpy()
+        g = groups[labels.numpy()[drawn]]
+        return np.array([(g == k).mean() for k in ("many", "medium", "few")])
+
+    seed = build_sampler("class_balanced", labels, replacement=False, num_samples=65536)
+    assert len(seed.epoch(torch.Generator().manual_seed(0))) == 65536
+    np.testing.assert_allclose(shares(seed), [0.824, 0.157, 0.019], atol=0.01)
+    np.testing.assert_allclose(shares(build_sampler("instance", labels)), [0.844, 0.143, 0.013], atol=0.005)
+    np.testing.assert_allclose(shares(build_sampler("class_balanced", labels)), [0.359, 0.446, 0.195], atol=0.01)
+    # without replacement, every whole block of n draws visits every row once
+    small = build_sampler("class_balanced", torch.tensor([0] * 8 + [1, 2]), replacement=False, num_samples=25)
+    drawn = small.epoch(torch.Generator().manual_seed(1))
+    assert sorted(drawn[:10].tolist()) == sorted(drawn[10:20].tolist()) == list(range(10))
+
+
+# --------------------------------------------------------------------------- 8. the protocol
+
+
+def test_protocol_seed_resolves_to_exactly_the_seeds_values_and_explicit_values_win():
+    cfg = TrainConfig(dataset="x", protocol="seed", head="decoder", loss="grw").resolve()
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay) == ("sgd", 0.03, 0.9, True, 5e-4)
+    assert (cfg.batch_size, cfg.iters, cfg.warmup_iters, cfg.schedule) == (256, 8192, 512, "seed_cosine")
+    assert cfg.select_on == "val"
+    assert cfg.loss_params == {"reduction": "weighted_mean"}
+    assert cfg.head_params == {"final_norm": False}
+    assert cfg.sampler_params == {"replacement": False, "num_samples": 65536}
+    lade = TrainConfig(dataset="x", protocol="seed", loss="lade").resolve()
+    assert lade.loss_params == {"regularizer_logits": "adjusted"}
+    assert TrainConfig(dataset="x", protocol="seed", loss="ldam").resolve().loss_params == {"scale": 1.0}
+    crt = TrainConfig(dataset=None, protocol="seed", stage2="crt", from_run="r").resolve()
+    assert crt.stage2_params == {"reinit": False} and crt.sampler == "class_balanced"
+    assert TrainConfig(dataset=None, protocol="seed", stage2="disalign", from_run="r").resolve().stage2_params == {
+        "init": "seed"
+    }
+    mine = TrainConfig(dataset="x", protocol="seed", lr=0.1, loss="grw", loss_params={"reduction": "mean"}).resolve()
+    assert mine.lr == 0.1 and mine.loss_params == {"reduction": "mean"} and mine.optimizer == "sgd"
+    default = TrainConfig(dataset="x").resolve()
+    assert {k: getattr(default, k) for k in PROTOCOLS["default"]} == PROTOCOLS["default"]
+    assert default.loss_params == {} and default.sampler_params == {}
+
+
+def test_the_seeds_schedule_and_optimiser():
+    f = lr_factor("seed_cosine", 8192, 512)
+    assert f(0) == 0 and f(256) == 0.5 and f(512) == 1.0
+    assert f(8192) == pytest.approx(math.cos(7 * math.pi / 16))  # about 0.195 of the peak at the end
+    assert lr_factor("cosine", 100)(100) == pytest.approx(0.0)
+    opt = _optimizer(TrainConfig(dataset="x", protocol="seed").resolve(), [nn.Parameter(torch.ones(2, 2))])
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["nesterov"] and opt.param_groups[0]["lr"] == 0.03
+
+
+# --------------------------------------------------------------------------- model selection and the budget
+
+
+class _Data:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def batches(self, idx, batch_size, gen):
+        for i in range(0, len(idx), batch_size):
+            yield self.x[idx[i : i + batch_size]], self.y[idx[i : i + batch_size]]
+
+
+def test_select_keeps_the_best_epoch_and_iters_is_a_step_budget():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    module = nn.Linear(4, 3)
+    cfg = TrainConfig(dataset="x", iters=10, batch_size=16, lr=0.1).resolve()  # 3 steps an epoch
+    snapshots = {}
+    scores = iter([0.5, 0.9, 0.3, 0.4])
+
+    def select(epoch, step):
+        snapshots[epoch] = {k: v.clone() for k, v in module.state_dict().items()}
+        return next(scores)
+
+    history, best = fit(
+        module,
+        _Data(x, y),
+        nn.CrossEntropyLoss(),
+        build_sampler("instance", y),
+        cfg,
+        torch.device("cpu"),
+        select=select,
+    )
+    assert [h["step"] for h in history] == [3, 6, 9, 10]  # the last epoch stops at the budget
+    assert best == {"epoch": 2, "step": 6, "score": 0.9}
+    assert all(torch.equal(v, snapshots[2][k]) for k, v in module.state_dict().items())
+
+
+def test_a_seed_protocol_run_records_every_value_and_its_selection(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = long_tailed_features(rng, [80, 30, 10])
+    xv, yv = long_tailed_features(np.random.default_rng(1), [10, 10, 10])
+    xt, yt = long_tailed_features(np.random.default_rng(2), [10, 10, 10])
+    splits = {"train": (x, y, None), "val": (xv, yv, None), "test": (xt, yt, None)}
+    write_feature_cache(tmp_path / "cache", "synth", splits, 3, shard_size=64)
+    cfg = TrainConfig(
+        dataset="synth",
+        model="synthetic",
+        pretrained="random",
+        cache_dir=str(tmp_path / "cache"),
+        runs_dir=str(tmp_path / "runs"),
+        device="cpu",
+        protocol="seed",
+        loss="grw",
+        iters=40,
+        warmup_iters=4,
+        sampler_params={"num_samples": 320},
+    )
+    result = train_head(cfg, log=lambda *a: None)
+    saved = json.loads((tmp_path / "runs" / result["run"].split("/")[-1] / "config.json").read_text())["config"]
+    for key, value in {
+        "protocol": "seed",
+        "optimizer": "sgd",
+        "lr": 0.03,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "batch_size": 256,
+        "iters": 40,
+        "warmup_iters": 4,
+        "schedule": "seed_cosine",
+        "select_on": "val",
+    }.items():
+        assert saved[key] == value, key
+    assert saved["loss_params"] == {"reduction": "weighted_mean"}
+    assert saved["sampler_params"] == {"replacement": False, "num_samples": 320}
+    selection = result["selection"]
+    scores = [h["select_score"] for h in result["history"]]
+    assert selection["split"] == "val" and selection["score"] == max(scores)
+    assert selection["epoch"] == 1 + scores.index(max(scores))
+    assert evaluate_run(result["run"], device="cpu")["metrics"] == result["metrics"]  # the kept head is saved
