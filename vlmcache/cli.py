@@ -351,6 +351,12 @@ def train_head_cmd(
         help="Baseline: encode the cached rows' images again with the frozen tower on every step, as the seed's "
         "code does (same metrics as the cache for the same seed, slower by the tower's time).",
     ),
+    augment: bool = typer.Option(
+        None,
+        "--augment/--no-augment",
+        help="Train on augmented views: one of the cache's --views per row and epoch (the default when the cache has "
+        "them), or with --stream a fresh crop and flip every epoch, as the seed's code does.",
+    ),
     workers: int = typer.Option(None, "--workers", help="Image loader processes for --stream (default min(8, CPUs))."),
     tau_norm: float = typer.Option(None, "--tau-norm", help="Post-hoc tau-normalisation of a linear classifier."),
     logit_adjust: float = typer.Option(
@@ -400,6 +406,7 @@ def train_head_cmd(
         overwrite=overwrite,
         stream_tokens=stream_tokens,
         stream=stream,
+        augment=augment,
         workers=workers,
         tau_norm=tau_norm,
         logit_adjust=logit_adjust,

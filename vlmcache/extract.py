@@ -81,9 +81,13 @@ class ExtractConfig:
 class ImageRows(torch.utils.data.Dataset):
     """Rows of a split as tensors; an undecodable image comes back as its reason instead."""
 
-    def __init__(self, source, rows: np.ndarray, transform, views: int = 0, view_transform=None, view_seed: int = 0):
+    def __init__(
+        self, source, rows: np.ndarray, transform, views: int = 0, view_transform=None, view_seed: int = 0,
+        view_index: np.ndarray | None = None,
+    ):  # fmt: skip
         self.source, self.rows, self.transform = source, rows, transform
         self.views, self.view_transform, self.view_seed = views, view_transform, view_seed
+        self.view_index = view_index  # per item: the one augmented view to give instead of the image (streaming)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -98,16 +102,22 @@ class ImageRows(torch.utils.data.Dataset):
 
     def tensors(self, i: int, row: int, img) -> tuple:
         """The image as the encoder takes it, and its augmented views (or None)."""
+        if self.view_index is not None:
+            return seeded_view(self.view_transform, img, self.view_seed, row, int(self.view_index[i])), None
         views = None
         if self.views:
-            out = []
-            for k in range(self.views):
-                # Each view has its own seed, so a resumed or re-sharded run draws the same crops.
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(int(np.random.SeedSequence([self.view_seed, row, k]).generate_state(1)[0]))
-                    out.append(self.view_transform(img))
-            views = torch.stack(out)
+            views = torch.stack(
+                [seeded_view(self.view_transform, img, self.view_seed, row, k) for k in range(self.views)]
+            )
         return self.transform(img), views
+
+
+def seeded_view(transform, img, view_seed: int, row: int, k: int) -> torch.Tensor:
+    """View k of a row: its crop and flip are drawn from (view_seed, row, k) alone, so a resumed or re-sharded
+    extraction draws the same views, and streaming can make any cached view again."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(np.random.SeedSequence([view_seed, row, k]).generate_state(1)[0]))
+        return transform(img)
 
 
 def collate(items):

@@ -71,11 +71,18 @@ class Pooled:
 
     x: torch.Tensor
     y: torch.Tensor
+    views: torch.Tensor | None = None  # (N, K, D) float16 augmented views; training shows one per row per epoch
+    choice: torch.Tensor | None = None  # (N,) the view each row shows in the current epoch
 
     @classmethod
-    def load(cls, split: cache.SplitCache, device: torch.device) -> Pooled:
+    def load(cls, split: cache.SplitCache, device: torch.device, views: bool = False) -> Pooled:
         x = torch.from_numpy(split.pooled().astype(np.float32)).to(device)
-        return cls(x, torch.from_numpy(split.labels().astype(np.int64)).to(device))
+        v = torch.from_numpy(split.load("views")).to(device) if views else None  # kept float16, upcast per batch
+        return cls(x, torch.from_numpy(split.labels().astype(np.int64)).to(device), v)
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        if self.views is not None:
+            self.choice = view_choice(len(self.y), self.views.shape[1], seed, epoch).to(self.y.device)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -87,11 +94,22 @@ class Pooled:
     def batches(self, indices: torch.Tensor, batch_size: int, generator=None) -> Iterator[tuple]:
         for i in range(0, len(indices), batch_size):
             j = indices[i : i + batch_size]
-            yield self.x[j], self.y[j]
+            if self.choice is not None:
+                yield self.views[j, self.choice[j]].float(), self.y[j]
+            else:
+                yield self.x[j], self.y[j]
 
     def chunks(self, size: int = 4096) -> Iterator[tuple]:
+        """Every row's plain embedding in order (evaluation, input statistics, a second stage's features)."""
         for i in range(0, len(self.y), size):
             yield self.x[i : i + size], self.y[i : i + size]
+
+
+def view_choice(n: int, k: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which of its k views each of n rows shows in an epoch, drawn from (seed, epoch) alone: the cached run and
+    the streamed one (`--stream --augment`) draw the same."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    return torch.randint(k, (n,), generator=g)
 
 
 class Tokens:
@@ -198,10 +216,10 @@ class Tokens:
             yield x, self.y[i:j]
 
 
-def load_inputs(split: cache.SplitCache, head_name: str, device: torch.device, stream: bool):
-    """What a head reads from a split: pooled features in device memory, or the token store."""
+def load_inputs(split: cache.SplitCache, head_name: str, device: torch.device, stream: bool, views: bool = False):
+    """What a head reads from a split: pooled features (and their augmented views) in device memory, or tokens."""
     if HEADS[head_name].input == "pooled":
-        return Pooled.load(split, device)
+        return Pooled.load(split, device, views)
     if not split.fingerprint.get("tokens"):
         fp = split.fingerprint
         raise VlmcacheError(

@@ -18,6 +18,7 @@ from vlmcache.datasets import load_dataset
 from vlmcache.encoders import Encoder, load_encoder
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ImageRows, default_workers, image_loader, probe_dims
+from vlmcache.features import view_choice
 
 
 def encoder_of(split: cache.SplitCache, device: str) -> Encoder:
@@ -46,7 +47,10 @@ class StreamedImages:
     Yields pooled embeddings (float32 holding float16 values) or token sequences (float16), as the cache does.
     """
 
-    def __init__(self, split: cache.SplitCache, encoder: Encoder, tokens: bool, workers: int | None = None, root=None):
+    def __init__(
+        self, split: cache.SplitCache, encoder: Encoder, tokens: bool, workers: int | None = None, root=None,
+        augment: bool = False,
+    ):  # fmt: skip
         made = cache.read_manifest(split.dir)["extract_config"]
         dataset = load_dataset(
             made["dataset"], root or made["root"], made["split_files"], made["classnames_file"], made["holdout"],
@@ -60,6 +64,22 @@ class StreamedImages:
         self.workers = default_workers() if workers is None else workers
         self.rows = split.rows()
         self.y = torch.from_numpy(split.labels().astype(np.int64)).to(encoder.device)
+        # --augment: each batch encodes augmented views made again from their seeds. A cache with K views gives
+        # the same K to choose from (so the run equals the cached-views run); without, every epoch a fresh view.
+        self.augment, self.choice = augment, None
+        self.views_cached = int(split.fingerprint.get("views") or 0)
+        self.view_seed = int(split.fingerprint.get("view_seed") or 0)
+        scale = tuple(split.fingerprint.get("view_scale") or (0.08, 1.0))
+        self.view_transform = encoder.train_transform(scale) if augment else None
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        if not self.augment:
+            return
+        n = len(self.y)
+        if self.views_cached:
+            self.choice = view_choice(n, self.views_cached, seed, epoch).numpy()
+        else:  # a view seed no other epoch uses: a fresh crop and flip on every pass, as the seed's code does
+            self.choice = np.full(n, 1_000_000 + epoch)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -69,8 +89,12 @@ class StreamedImages:
         pooled, tokens = probe_dims(self.encoder, self.tokens).values()
         return tokens[1] if self.tokens else pooled
 
-    def _encode(self, order: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
-        data = ImageRows(self.source, self.rows[order], self.encoder.preprocess)
+    def _encode(self, order: np.ndarray, batch_size: int, augment: bool = False) -> Iterator[torch.Tensor]:
+        views = self.choice[order] if augment and self.choice is not None else None
+        data = ImageRows(
+            self.source, self.rows[order], self.encoder.preprocess, view_transform=self.view_transform,
+            view_seed=self.view_seed, view_index=views,
+        )  # fmt: skip
         for batch in image_loader(data, batch_size, self.workers, self.encoder.device.type == "cuda"):
             if batch["bad"]:
                 row, reason = batch["bad"][0]
@@ -84,7 +108,7 @@ class StreamedImages:
 
     def batches(self, indices: torch.Tensor, batch_size: int, generator=None) -> Iterator[tuple]:
         idx = indices.cpu().numpy()
-        for i, x in zip(range(0, len(idx), batch_size), self._encode(idx, batch_size), strict=True):
+        for i, x in zip(range(0, len(idx), batch_size), self._encode(idx, batch_size, augment=True), strict=True):
             yield x, self.y[indices[i : i + batch_size]]
 
     def chunks(self, size: int = 256) -> Iterator[tuple]:

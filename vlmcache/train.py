@@ -120,6 +120,7 @@ class TrainConfig:
     overwrite: bool = False
     stream_tokens: bool = False
     stream: bool = False  # encode the images again on every step (the seed's way), not read the cache
+    augment: bool | None = None  # train on augmented views: the cache's (None: when it has them), or streamed
     workers: int | None = None  # image loader processes when streaming (default: min(8, CPUs))
     root: str | None = None  # where the images are when streaming, if not where extraction found them
     tau_norm: float | None = None
@@ -367,6 +368,8 @@ def fit(
     history, done, best, best_state = [], 0, None, None
     for epoch in range(1, epochs + 1):
         module.train()
+        if hasattr(data, "set_epoch"):  # augmented views: which one each row shows this epoch
+            data.set_epoch(cfg.seed, epoch)
         t0 = time.perf_counter()
         k = seen = 0
         for x, y in data.batches(sampler.epoch(gen), cfg.batch_size, gen):
@@ -486,13 +489,43 @@ def frozen_features(head: nn.Module, data) -> Pooled:
 # --------------------------------------------------------------------------- the job
 
 
-def _inputs(cfg: TrainConfig, head: str, splits: list[cache.SplitCache], device: torch.device) -> list:
-    """What the head reads from each split: cached features, or (--stream) the images encoded on every pass."""
+def _inputs(
+    cfg: TrainConfig, head: str, splits: list[cache.SplitCache], device: torch.device, augment: bool = False
+) -> list:
+    """What the head reads from each split: cached features, or (--stream) the images encoded on every pass.
+    `augment` applies to the first split (training): its augmented views instead of its plain embeddings."""
     if not cfg.stream:
-        return [load_inputs(s, head, device, cfg.stream_tokens) for s in splits]
+        return [load_inputs(s, head, device, cfg.stream_tokens, augment and i == 0) for i, s in enumerate(splits)]
     encoder = streaming.encoder_of(splits[0], str(device))
     tokens = HEADS[head].input == "tokens"
-    return [streaming.StreamedImages(s, encoder, tokens, cfg.workers, cfg.root) for s in splits]
+    return [
+        streaming.StreamedImages(s, encoder, tokens, cfg.workers, cfg.root, augment and i == 0)
+        for i, s in enumerate(splits)
+    ]
+
+
+def use_views(cfg: TrainConfig, split: cache.SplitCache, log) -> bool:
+    """Whether training reads augmented views (and says so): asked for, or by default when the cache has them."""
+    cached = int(split.fingerprint.get("views") or 0)
+    pooled = HEADS[cfg.head].input == "pooled" and not cfg.stage2
+    if cfg.augment is False:
+        return False
+    if cfg.augment and not pooled:
+        raise VlmcacheError(
+            f"--augment trains on augmented views of pooled embeddings; the {cfg.head} head"
+            f"{' of a second stage' if cfg.stage2 else ''} reads what its first stage computed from plain inputs."
+        )
+    if cfg.augment and not cached and not cfg.stream:
+        raise VlmcacheError(
+            f"--augment needs augmented views: extract the train split with --views K, or stream the images "
+            f"with --stream --augment (a fresh view every epoch). The cache '{split.dir}' has none."
+        )
+    if cfg.augment is None and not (cached and pooled and not cfg.stream):
+        return False
+    which = f"one of the {cached} cached views" if cached else "a fresh view"
+    hint = " (--no-augment: the plain embeddings)" if cfg.augment is None else ""
+    log(f"training on augmented views: {which} per row and epoch, drawn by (seed, epoch){hint}")
+    return True
 
 
 def _bind_text(head: nn.Module, split: cache.SplitCache, text: cache.TextCache, device: torch.device) -> None:
@@ -593,7 +626,8 @@ def train_head(
     run_dir = _run_dir(cfg)
 
     t_load = time.perf_counter()
-    train_data, eval_data = _inputs(cfg, cfg.head, [train_split, eval_split], device)
+    augment = use_views(cfg, train_split, log)
+    train_data, eval_data = _inputs(cfg, cfg.head, [train_split, eval_split], device, augment)
     counts = np.bincount(train_data.y.cpu().numpy(), minlength=num_classes)
     load_seconds = time.perf_counter() - t_load
 

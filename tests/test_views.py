@@ -1,0 +1,102 @@
+"""Augmentation from the cache: training reads one of each row's cached views per epoch, drawn by (seed, epoch);
+streaming with --augment makes the same views again from their seeds and trains on the same numbers."""
+
+import numpy as np
+import pytest
+import torch
+
+from vlmcache import cache
+from vlmcache.errors import VlmcacheError
+from vlmcache.extract import ExtractConfig, run_extract
+from vlmcache.features import Pooled, view_choice
+from vlmcache.train import TrainConfig, train_head
+
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def views_cache(split_dataset, tmp_path_factory):
+    root, files = split_dataset
+    d = tmp_path_factory.mktemp("views")
+    cfg = ExtractConfig(
+        dataset="split",
+        root=str(root),
+        split_files={"train": str(files["train"]), "test": str(files["test"])},
+        model="vlmcache-tiny",
+        pretrained="none",
+        device="cpu",
+        workers=0,
+        views=3,
+        cache_dir=str(d),
+    )
+    return run_extract(cfg, **QUIET)
+
+
+def _cfg(summary, tmp_path, **kw) -> TrainConfig:
+    base = dict(
+        dataset="split",
+        model="vlmcache-tiny",
+        pretrained="none",
+        cache_dir=summary["config"]["cache_dir"],
+        runs_dir=str(tmp_path / "runs"),
+        device="cpu",
+        epochs=3,
+        lr=1e-2,
+        batch_size=16,
+        workers=0,
+        head_params={"normalize": "standardize"},
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_reads_the_cached_views_by_default_and_says_so(views_cache, tmp_path):
+    said = []
+    augmented = train_head(_cfg(views_cache, tmp_path / "a"), log=said.append)
+    plain = train_head(_cfg(views_cache, tmp_path / "p", augment=False), **QUIET)
+    assert any("one of the 3 cached views" in s for s in said)
+    assert [h["loss"] for h in augmented["history"]] != [h["loss"] for h in plain["history"]]
+
+
+def test_each_epoch_shows_one_view_per_row_drawn_by_seed_and_epoch(views_cache):
+    split = cache.SplitCache(f"{views_cache['cache']}/train")
+    data = Pooled.load(split, torch.device("cpu"), views=True)
+    assert data.views.shape[:2] == (len(split), 3)
+    data.set_epoch(0, 1)
+    x, _ = next(data.batches(torch.arange(len(split)), len(split)))
+    views = split.load("views").astype(np.float32)
+    chosen = view_choice(len(split), 3, 0, 1).numpy()
+    np.testing.assert_array_equal(x.numpy(), views[np.arange(len(split)), chosen])
+    assert not torch.equal(view_choice(len(split), 3, 0, 1), view_choice(len(split), 3, 0, 2))
+    assert torch.equal(view_choice(len(split), 3, 0, 1), view_choice(len(split), 3, 0, 1))
+
+
+def test_streaming_the_same_views_equals_the_cached_views_run(views_cache, tmp_path):
+    cached = train_head(_cfg(views_cache, tmp_path / "c", augment=True), **QUIET)
+    streamed = train_head(_cfg(views_cache, tmp_path / "s", augment=True, stream=True), **QUIET)
+    assert [h["loss"] for h in streamed["history"]] == [h["loss"] for h in cached["history"]]
+    assert streamed["metrics"] == cached["metrics"]
+
+
+def test_augment_without_views_or_on_tokens_is_a_clear_error(digits_cache, tmp_path):
+    base = dict(dataset="digits_lt", model="vlmcache-tiny", pretrained="none", cache_dir=str(digits_cache),
+                runs_dir=str(tmp_path), device="cpu", epochs=1, augment=True)  # fmt: skip
+    with pytest.raises(VlmcacheError, match="extract the train split with --views K"):
+        train_head(TrainConfig(**base), **QUIET)
+    with pytest.raises(VlmcacheError, match="augmented views of pooled embeddings"):
+        train_head(TrainConfig(**base, head="decoder"), **QUIET)
+
+
+def test_streaming_without_cached_views_draws_a_fresh_view_every_epoch(digits_cache):
+    from vlmcache import streaming
+
+    split = cache.SplitCache(next((digits_cache / "digits_lt").iterdir()) / "train")
+    encoder = streaming.encoder_of(split, "cpu")
+    data = streaming.StreamedImages(split, encoder, tokens=False, workers=0, augment=True)
+    rows = torch.arange(8)
+    firsts = []
+    for epoch in (1, 2):
+        data.set_epoch(0, epoch)
+        firsts.append(next(data.batches(rows, 8))[0])
+    assert not torch.equal(firsts[0], firsts[1])
+    data.set_epoch(0, 1)
+    assert torch.equal(next(data.batches(rows, 8))[0], firsts[0])  # the same epoch makes the same views
