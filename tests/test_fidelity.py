@@ -276,3 +276,47 @@ def test_a_seed_protocol_run_records_every_value_and_its_selection(tmp_path):
     assert selection["split"] == "val" and selection["score"] == max(scores)
     assert selection["epoch"] == 1 + scores.index(max(scores))
     assert evaluate_run(result["run"], device="cpu")["metrics"] == result["metrics"]  # the kept head is saved
+
+
+# --------------------------------------------------------------------------- 10. the seed's preprocessing
+
+
+@pytest.fixture
+def tiny224(monkeypatch):
+    """vlmcache-tiny at 224 px, as the seed's crop needs."""
+    import copy
+
+    from open_clip import factory
+
+    cfg = copy.deepcopy(factory._MODEL_CONFIGS["vlmcache-tiny"])
+    cfg["vision_cfg"]["image_size"] = 224
+    cfg["vision_cfg"]["patch_size"] = 32
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "tiny224", cfg)
+    return "tiny224"
+
+
+def test_seed_preprocessing_is_resize_256_center_crop_224_with_imagenet_statistics(tiny224, tmp_path):
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from vlmcache.encoders import load_encoder
+    from vlmcache.features import find_cache
+
+    model = load_encoder(tiny224, "none", device="cpu")
+    seed = load_encoder(tiny224, "none", device="cpu", preprocess_mode="seed")
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8))
+    by_hand = TF.normalize(
+        TF.to_tensor(TF.center_crop(TF.resize(img, 256, TF.InterpolationMode.BILINEAR), 224)),
+        [0.485, 0.456, 0.406],
+        [0.229, 0.224, 0.225],
+    )
+    assert torch.allclose(seed.preprocess(img), by_hand)
+    assert not torch.allclose(model.preprocess(img), by_hand)
+    assert seed.fingerprint["preprocess"]["mean"] == [0.485, 0.456, 0.406]
+    assert seed.key.startswith(f"{tiny224}__random+seedprep__") and seed.key != model.key
+    (tmp_path / "d" / seed.key).mkdir(parents=True)
+    (tmp_path / "d" / model.key).mkdir(parents=True)
+    assert find_cache(tmp_path, "d", tiny224, "none", preprocess="seed").name == seed.key
+    assert find_cache(tmp_path, "d", tiny224, "none").name == model.key
+    with pytest.raises(Exception, match="crops 224 px images"):
+        load_encoder("vlmcache-tiny", "none", device="cpu", preprocess_mode="seed")

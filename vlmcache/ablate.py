@@ -33,7 +33,7 @@ from vlmcache.schemas import SEED_MAX, describe
 from vlmcache.train import TrainConfig, inherit_first_stage, train_head
 
 TOP_KEYS = {"name", "description", "cache_dir", "runs_dir", "datasets", "models", "seeds", "defaults", "methods"}
-MODEL_KEYS = {"model", "pretrained", "cache_key"}
+MODEL_KEYS = {"model", "pretrained", "cache_key", "preprocess"}
 # what a method or `defaults` may set: TrainConfig fields, less those the pipeline decides
 PIPELINE_OWNED = {
     "dataset",
@@ -357,6 +357,7 @@ class PlannedRun:
             "model": str(self.model["model"]),
             "pretrained": _opt_str(self.model.get("pretrained")),
             "cache_key": _opt_str(self.model.get("cache_key")),
+            "preprocess": str(self.model.get("preprocess", "model")),
             "cache_dir": self.pipeline.cache_dir,
             "runs_dir": self.pipeline.runs_dir,
             "seed": self.seed,
@@ -449,7 +450,7 @@ def run_pipeline(pipe: Pipeline, runs_dir: str | None = None, progress=None, log
             cfg = run.config(stage2_from).resolve()
             if cfg.stage2:
                 inherit_first_stage(cfg)  # its head, not the default one, names and labels the run
-            model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
+            model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key, cfg.preprocess)
             cfg.cache_key = model_dir.name
             cfg.cache_dir = str(model_dir.parent.parent.resolve())
             run_dir = str(Path(pipe.runs_dir) / cfg.run_name())

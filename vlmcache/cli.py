@@ -142,6 +142,12 @@ def extract(
     preprocess_from: str = typer.Option(
         None, "--preprocess-from", help="For a local weights file: the pretrained tag whose preprocessing it uses."
     ),
+    preprocess: str = typer.Option(
+        "model",
+        "--preprocess",
+        help="model (the weights' own: size, mean, std, interpolation) or seed (the seed study's: ImageNet mean and "
+        "std, Resize 256 + CenterCrop 224); seed is a cache of its own, named <model>__<weights>+seedprep__<hash>.",
+    ),
     cache_dir: Path = CACHE_DIR,
     tokens: bool = typer.Option(False, "--tokens", help="Also cache the final block's tokens (for the decoder head)."),
     views: int = typer.Option(0, "--views", help="Augmented views (random resized crop + flip) per training image."),
@@ -191,6 +197,7 @@ def extract(
         model=model,
         pretrained=pretrained,
         preprocess_from=preprocess_from,
+        preprocess=preprocess,
         cache_dir=str(cache_dir),
         shard_size=shard_size,
         batch_size=batch_size,
@@ -303,6 +310,11 @@ def train_head_cmd(
     pretrained: str = PRETRAINED,
     cache_dir: Path = CACHE_DIR,
     cache_key: str = CACHE_KEY,
+    preprocess: str = typer.Option(
+        "model",
+        "--preprocess",
+        help="Which cache: model (the weights' own preprocessing) or seed (extract --preprocess seed).",
+    ),
     head: str = typer.Option("linear", "--head", help=f"Head: {', '.join(HEADS)}."),
     head_param: list[str] = typer.Option(None, "--head-param", help="Head setting KEY=VALUE, e.g. depth=2; repeat."),
     text_init: str = typer.Option(None, "--text-init", help="Template set that initialises the cosine head."),
@@ -377,6 +389,7 @@ def train_head_cmd(
         pretrained=pretrained,
         cache_dir=str(cache_dir),
         cache_key=cache_key,
+        preprocess=preprocess,
         head=head,
         head_params=parse_key_values(head_param, "--head-param"),
         text_init=text_init,

@@ -97,6 +97,30 @@ def resolve_weights(model: str, pretrained: str | None, preprocess_from: str | N
     }
 
 
+PREPROCESS_MODES = ("model", "seed")
+SEED_PREPROCESS_SUFFIX = "+seedprep"
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _seed_preprocess(model: str, cfg: dict):
+    """The seed study's evaluation transform for every dataset: Resize 256 (bilinear), CenterCrop 224 and ImageNet
+    statistics (its datasets' `get_data_transform`), in place of the weights' own. The model must take 224 px."""
+    from torchvision import transforms as T
+
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    if size != 224:
+        raise VlmcacheError(f"--preprocess seed crops 224 px images; {model} takes {size} px.")
+    transform = T.Compose(
+        [T.Resize(256, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(224), T.ToTensor(),
+         T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )  # fmt: skip
+    seed_cfg = {
+        **cfg, "size": [224, 224], "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear",
+        "resize_mode": "seed: resize 256, center crop 224",
+    }  # fmt: skip
+    return transform, seed_cfg
+
+
 def model_config_sha256(model: str) -> str:
     """A hash of the model's open_clip config (its architecture), so that editing a config changes the key."""
     cfg = open_clip.get_model_config(model) or {}
@@ -242,8 +266,12 @@ def load_encoder(
     precision: str = "auto",
     preprocess_from: str | None = None,
     cache_dir: str | None = None,
+    preprocess_mode: str = "model",
 ) -> Encoder:
-    """Build a frozen open_clip model whose preprocessing matches its weights."""
+    """Build a frozen open_clip model whose preprocessing matches its weights (`preprocess_mode="model"`), or the
+    seed study's (`"seed"`: ImageNet mean and std, Resize 256 + CenterCrop 224, whatever the weights)."""
+    if preprocess_mode not in PREPROCESS_MODES:
+        raise unknown_choice("--preprocess", preprocess_mode, PREPROCESS_MODES)
     weights = resolve_weights(model, pretrained, preprocess_from)
     dev = pick_device(device)
     prec = pick_precision(precision, dev)
@@ -279,6 +307,8 @@ def load_encoder(
     net = net.to(dev).eval().requires_grad_(False)
     pcfg = open_clip.get_model_preprocess_cfg(net)
     preprocess_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pcfg.items() if k in PREPROCESS_KEYS}
+    if preprocess_mode == "seed":
+        preprocess, preprocess_cfg = _seed_preprocess(model, preprocess_cfg)
     fingerprint = {
         "model": model,
         "pretrained": weights["pretrained"],
@@ -295,5 +325,7 @@ def load_encoder(
     label = weights["pretrained"]
     if label == "file":  # the content, not the name: a renamed file is the same cache
         label = "file-" + weights["weights_sha256"][:12]
+    if preprocess_mode == "seed":  # its own cache beside the weights' own preprocessing, found by this name
+        label += SEED_PREPROCESS_SUFFIX
     tokenizer = open_clip.get_tokenizer(model)
     return Encoder(model, net, tokenizer, preprocess, preprocess_cfg, dev, prec, fingerprint, label)

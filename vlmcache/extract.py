@@ -41,6 +41,7 @@ class ExtractConfig:
     model: str = "ViT-B-16"
     pretrained: str | None = "openai"
     preprocess_from: str | None = None
+    preprocess: str = "model"  # the weights' own preprocessing, or the seed study's ("seed")
     cache_dir: str = "cache"
     shard_size: int = 1024
     batch_size: int = 64
@@ -470,7 +471,9 @@ def run_extract(cfg: ExtractConfig, progress=None, log=print, model_dir: Path | 
     distributed.init_from_env()
     rank, world = distributed.rank_world()
     device = distributed.local_device(cfg.device)
-    encoder = load_encoder(cfg.model, cfg.pretrained, device, cfg.precision, cfg.preprocess_from)
+    encoder = load_encoder(
+        cfg.model, cfg.pretrained, device, cfg.precision, cfg.preprocess_from, preprocess_mode=cfg.preprocess
+    )
     if cfg.tokens and not encoder.supports_tokens:
         raise VlmcacheError(
             f"--tokens needs a ViT image tower (open_clip VisionTransformer); {cfg.model} has "

@@ -13,35 +13,42 @@ import numpy as np
 import torch
 
 from vlmcache import cache
-from vlmcache.encoders import RANDOM
+from vlmcache.encoders import RANDOM, SEED_PREPROCESS_SUFFIX
 from vlmcache.errors import VlmcacheError
 from vlmcache.heads import HEADS
 
 
-def weights_label(pretrained: str | None) -> str:
-    """The middle part of a cache key for a --pretrained value (mirrors Encoder.key)."""
+def weights_label(pretrained: str | None, preprocess: str = "model") -> str:
+    """The middle part of a cache key for a --pretrained value and --preprocess mode (mirrors Encoder.key)."""
+    suffix = SEED_PREPROCESS_SUFFIX if preprocess == "seed" else ""
     if pretrained is None or pretrained.lower() in RANDOM:
-        return "random"
+        return "random" + suffix
     if Path(pretrained).is_file():
         from vlmcache.encoders import sha256_file
 
-        return "file-" + sha256_file(pretrained)[:12]
-    return pretrained
+        return "file-" + sha256_file(pretrained)[:12] + suffix
+    return pretrained + suffix
 
 
 def find_cache(
-    cache_dir: str | os.PathLike, dataset: str, model: str, pretrained: str | None, key: str | None = None
+    cache_dir: str | os.PathLike,
+    dataset: str,
+    model: str,
+    pretrained: str | None,
+    key: str | None = None,
+    preprocess: str = "model",
 ) -> Path:
     """The `<dataset>/<key>` folder that `vlmcache extract` wrote for this dataset, model and weights."""
     ds_dir = Path(cache_dir) / dataset
     if key:
         return cache.resolve_cache(Path(cache_dir), f"{dataset}/{key}" if "/" not in key else key)
-    prefix = f"{model}__{weights_label(pretrained)}__"
+    prefix = f"{model}__{weights_label(pretrained, preprocess)}__"
     found = sorted(p for p in ds_dir.glob(prefix + "*") if p.is_dir()) if ds_dir.is_dir() else []
     if not found:
         raise VlmcacheError(
             f"No cache of {dataset} for {model} ({pretrained}) under '{cache_dir}'. Make it with: "
             f"vlmcache extract --dataset {dataset} --model {model} --pretrained {pretrained} --cache-dir {cache_dir}"
+            + (" --preprocess seed" if preprocess == "seed" else "")
         )
     if len(found) > 1:
         raise VlmcacheError(

@@ -32,7 +32,10 @@ def encoder_of(split: cache.SplitCache, device: str) -> Encoder:
         raise VlmcacheError(
             f"'{split.dir}' was extracted in {want['precision']} on a GPU; streaming it needs a GPU as well."
         )
-    encoder = load_encoder(made["model"], made["pretrained"], device, want["precision"], made["preprocess_from"])
+    encoder = load_encoder(
+        made["model"], made["pretrained"], device, want["precision"], made["preprocess_from"],
+        preprocess_mode=made.get("preprocess", "model"),
+    )  # fmt: skip
     if encoder.fingerprint != want:
         raise VlmcacheError(
             f"The encoder loaded now differs from the one that wrote '{split.dir}' "

@@ -89,6 +89,7 @@ class TrainConfig:
     pretrained: str | None = "openai"
     cache_dir: str = "cache"
     cache_key: str | None = None
+    preprocess: str = "model"  # which cache: the weights' own preprocessing, or the seed's (extract --preprocess)
     head: str = "linear"
     head_params: dict = field(default_factory=dict)
     text_init: str | None = None  # template set that initialises the cosine head
@@ -569,7 +570,7 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
     saved = runs.load_head_file(run_dir, device)
     if saved["head"] not in HEADS or (saved["stage2"] is not None and saved["stage2"] not in STAGE2):
         raise VlmcacheError(f"'{run_dir}/head.pt' names a head or second stage this vlmcache does not have.")
-    model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
+    model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key, cfg.preprocess)
     split = open_split(model_dir, cfg.train_split)
     num_classes = int(split.fingerprint["num_classes"])
     width = split.token_shape()[1] if HEADS[saved["head"]].input == "tokens" else int(split.manifest["dims"]["pooled"])
@@ -599,7 +600,7 @@ def inherit_first_stage(cfg: TrainConfig) -> TrainConfig:
     """A second stage takes its data and head from its first-stage run (`--from`), so its config, run name and
     labels say the head it really trains on. Returns the first stage's config."""
     _, first_cfg = runs.read_config(Path(cfg.from_run), TrainConfig)
-    for key in ("dataset", "model", "pretrained", "head", "head_params", "cache_key", "cache_dir"):
+    for key in ("dataset", "model", "pretrained", "preprocess", "head", "head_params", "cache_key", "cache_dir"):
         setattr(cfg, key, getattr(first_cfg, key))
     return first_cfg
 
@@ -616,7 +617,7 @@ def train_head(
     if cfg.stage2:
         first_cfg = inherit_first_stage(cfg)
         _, first, _ = load_run(cfg.from_run, device)
-    model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
+    model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key, cfg.preprocess)
     cfg.cache_key = model_dir.name
     cfg.cache_dir = str(model_dir.parent.parent.resolve())  # so that `eval` and second stages find it anywhere
     eval_name = cfg.eval_split or default_eval_split(model_dir)
@@ -747,7 +748,7 @@ def evaluate_run(
         return evaluate_finetuned(run_dir, tau_norm, logit_adjust, split, device)
     dev = pick_device(device)
     cfg, model, saved = load_run(run_dir, dev)
-    model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key)
+    model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key, cfg.preprocess)
     config, _ = runs.read_config(Path(run_dir), TrainConfig)
     eval_name = split or config["eval_split"]
     (data,) = _inputs(cfg, cfg.head, [open_split(model_dir, eval_name)], dev)
