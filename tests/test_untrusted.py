@@ -62,6 +62,11 @@ def _cfg(cache_dir: Path, tmp_path: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def _train_head_cli(cache_dir: Path, *extra: str):
+    args = ["train-head", "-d", "digits_lt", "-m", "synthetic", "-p", "random", "--cache-dir", str(cache_dir)]
+    return runner.invoke(app, [*args, *extra])
+
+
 def _edit_manifest(split_dir: Path, edit) -> None:
     path = split_dir / cache.MANIFEST
     manifest = json.loads(path.read_text())
@@ -134,24 +139,7 @@ def test_manifests_of_the_wrong_json_shape_are_one_line(features, tmp_path, cont
     (model_dir / "train" / cache.MANIFEST).write_text(content)
     with pytest.raises(VlmcacheError, match="manifest"):
         cache.SplitCache(model_dir / "train")
-    result = runner.invoke(
-        app,
-        [
-            "train-head",
-            "-d",
-            "digits_lt",
-            "-m",
-            "synthetic",
-            "-p",
-            "random",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--epochs",
-            "1",
-            "--runs-dir",
-            str(tmp_path / "runs"),
-        ],
-    )
+    result = _train_head_cli(tmp_path / "cache", "--epochs", "1", "--runs-dir", str(tmp_path / "runs"))
     assert result.exit_code == 2 and "manifest" in result.output and "Traceback" not in result.output
 
 
@@ -377,24 +365,7 @@ def test_output_folders_that_are_files_are_refused_before_training(features, tmp
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     target = str(blocker / "sub") if option == "--out" else str(blocker)
-    result = runner.invoke(
-        app,
-        [
-            "train-head",
-            "-d",
-            "digits_lt",
-            "-m",
-            "synthetic",
-            "-p",
-            "random",
-            "--cache-dir",
-            str(features),
-            option,
-            target,
-            "--device",
-            "cpu",
-        ],
-    )
+    result = _train_head_cli(features, option, target, "--device", "cpu")
     assert result.exit_code == 2 and "is a file, not a folder" in result.output
     assert "epoch" not in result.output  # refused before the first epoch
 

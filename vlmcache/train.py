@@ -254,15 +254,7 @@ def check_numbers(cfg) -> None:
 
 def config_hash(cfg: TrainConfig) -> str:
     """A short hash of the settings that change the result (not where outputs go)."""
-    skip = {
-        "runs_dir",
-        "out",
-        "overwrite",
-        "device",
-        "cache_dir",
-        "workers",
-        "root",
-    }  # the cache is identified by cache_key
+    skip = runs.NOT_IDENTITY - {"seed", "from_run"}  # the seed names a run apart; the cache is its cache_key
     keep = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
