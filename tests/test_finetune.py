@@ -195,3 +195,18 @@ def test_a_cosine_head_starts_as_the_zero_shot_classifier(tmp_path):
     text = encoder.encode_classnames(classnames, get_templates("photo"))
     torch.testing.assert_close(head["classifier.weight"], text, rtol=0, atol=1e-6)
     assert float(head["classifier.log_scale"].exp()) == pytest.approx(float(encoder.model.logit_scale.exp()))
+
+
+def test_protocol_seed_for_fine_tuning_resolves_and_trains(tmp_path):
+    cfg = FinetuneConfig(dataset="digits_lt", protocol="seed", loss="grw").resolve()
+    assert (cfg.optimizer, cfg.nesterov, cfg.head_lr, cfg.weight_decay) == ("sgd", True, 0.03, 5e-4)
+    assert (cfg.warmup_iters, cfg.schedule, cfg.lr) == (512, "seed_cosine", 1e-5)  # the seed never tunes the tower
+    assert cfg.loss_params == {"reduction": "weighted_mean"}
+    assert cfg.sampler_params == {"replacement": False, "num_samples": 65536}
+    run = finetune(
+        _cfg(tmp_path, protocol="seed", tune="norms", warmup_iters=2, sampler_params={"num_samples": 128}),
+        log=lambda *a: None,
+    )
+    saved = json.loads((Path(run["run"]) / "config.json").read_text())["config"]
+    assert saved["protocol"] == "seed" and saved["optimizer"] == "sgd" and saved["lr"] == 1e-3  # explicit wins
+    assert run["history"][0]["lr"] > 0 and len(run["history"]) == 1

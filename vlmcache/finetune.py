@@ -32,17 +32,26 @@ from torch import nn
 from vlmcache import cache, distributed, faults, runs
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
-from vlmcache.errors import VlmcacheError, unknown_choice
+from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.extract import ExtractConfig, ImageRows, default_workers, image_loader, probe_dims, run_extract
 from vlmcache.heads import build_head
 from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb
 from vlmcache.metrics import Evaluator
-from vlmcache.samplers import build_sampler
+from vlmcache.samplers import build_sampler, sampler_params
 from vlmcache.schemas import SEED_MAX
 from vlmcache.stage2 import logit_adjusted, tau_normalized
 from vlmcache.templates import get_templates
-from vlmcache.train import check_finite_parameters, check_numbers, check_training_choices, param_groups
+from vlmcache.train import (
+    OPTIMIZERS,
+    SCHEDULES,
+    SEED_SWITCHES,
+    check_finite_parameters,
+    check_numbers,
+    check_training_choices,
+    lr_factor,
+    param_groups,
+)
 
 TUNE = {
     "all": "every parameter of the image tower",
@@ -76,9 +85,16 @@ class FinetuneConfig:
     sampler: str = "instance"
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 1e-5  # the tower's
-    head_lr: float = 1e-3
-    weight_decay: float = 0.1
+    sampler_params: dict = field(default_factory=dict)
+    protocol: str = "default"  # fills every setting left None below (FINETUNE_PROTOCOLS); an explicit value wins
+    lr: float | None = None  # the tower's
+    head_lr: float | None = None
+    weight_decay: float | None = None
+    optimizer: str | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+    warmup_iters: int | None = None
+    schedule: str | None = None
     crop_scale: tuple[float, float] = (0.08, 1.0)
     seed: int = 0
     train_split: str = "train"
@@ -97,6 +113,23 @@ class FinetuneConfig:
     few: int = 20
 
     def resolve(self) -> FinetuneConfig:
+        if self.protocol not in FINETUNE_PROTOCOLS:
+            raise unknown_choice("protocol", self.protocol, FINETUNE_PROTOCOLS)
+        for key, value in FINETUNE_PROTOCOLS[self.protocol].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.protocol == "seed":
+            self.loss_params = {**SEED_SWITCHES["loss"].get(self.loss, {}), **self.loss_params}
+            self.sampler_params = {**SEED_SWITCHES["sampler"], **self.sampler_params}
+        if self.optimizer not in OPTIMIZERS:
+            raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.schedule not in SCHEDULES:
+            raise unknown_choice("schedule", self.schedule, SCHEDULES)
+        if self.warmup_iters < 0:
+            raise VlmcacheError(f"--warmup-iters must be 0 or more, got {self.warmup_iters}.")
+        self.sampler_params = checked_params(
+            f"sampler '{self.sampler}'", self.sampler_params, sampler_params(self.sampler)
+        )
         if self.tune not in TUNE:
             raise unknown_choice("--tune choice", self.tune, TUNE)
         if self.head not in HEADS:
@@ -128,6 +161,16 @@ class FinetuneConfig:
 
     def run_name(self) -> str:
         return f"{self.dataset}__ft-{self.tune}-{self.head}-{self.loss}-{self.sampler}__s{self.seed}__{self.hash()}"
+
+
+# The seed never tunes the tower (its Supervised.train freezes every `vision_model` parameter), so "seed" here means
+# its optimiser, schedule and method forms for what fine-tuning trains; the tower keeps its own small lr.
+FINETUNE_PROTOCOLS: dict[str, dict] = {
+    "default": dict(lr=1e-5, head_lr=1e-3, weight_decay=0.1, optimizer="adamw", momentum=0.9, nesterov=False,
+                    warmup_iters=0, schedule="cosine"),
+    "seed": dict(lr=1e-5, head_lr=0.03, weight_decay=5e-4, optimizer="sgd", momentum=0.9, nesterov=True,
+                 warmup_iters=512, schedule="seed_cosine"),
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the model
@@ -298,16 +341,19 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     n_tuned = sum(p.numel() for p in tower_params)
     if rank == 0:
         log(f"tuning {len(trainable)} tensors ({n_tuned:,} parameters) of the image tower ({cfg.tune}) and the head")
-    opt = torch.optim.AdamW(
-        param_groups(tower_params, cfg.weight_decay, lr=cfg.lr)
-        + param_groups(list(head.parameters()), cfg.weight_decay, lr=cfg.head_lr)
+    groups = param_groups(tower_params, cfg.weight_decay, lr=cfg.lr) + param_groups(
+        list(head.parameters()), cfg.weight_decay, lr=cfg.head_lr
     )
-    per_rank = len(train_split) // world
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=bool(cfg.nesterov))
+    else:
+        opt = torch.optim.AdamW(groups)
+    sampler = build_sampler(cfg.sampler, torch.from_numpy(train_split.labels.astype(np.int64)), **cfg.sampler_params)
+    per_rank = sampler.size // world
     steps = math.ceil(per_rank / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / (cfg.epochs * steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, cfg.epochs * steps, cfg.warmup_iters))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_fn = build_loss(cfg.loss, counts, **cfg.loss_params).to(device)
-    sampler = build_sampler(cfg.sampler, torch.from_numpy(train_split.labels.astype(np.int64)))
     transform = encoder.train_transform(cfg.crop_scale)
     history, start, train_seconds = [], 1, 0.0
     if state is not None:
