@@ -320,3 +320,22 @@ def test_seed_preprocessing_is_resize_256_center_crop_224_with_imagenet_statisti
     assert find_cache(tmp_path, "d", tiny224, "none").name == model.key
     with pytest.raises(Exception, match="crops 224 px images"):
         load_encoder("vlmcache-tiny", "none", device="cpu", preprocess_mode="seed")
+
+
+def test_pipelines_take_the_new_parameter_mappings_as_grids_and_dry_run_names_the_points(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmcache.ablate import load_pipeline, plan
+    from vlmcache.cli import app
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "datasets: [digits_lt]\nmodels: [{model: vlmcache-tiny, pretrained: none}]\n"
+        "defaults: {protocol: seed}\n"
+        "methods:\n  - {name: a, loss: cbw, sampler_params: {replacement: [true, false], num_samples: 512}}\n"
+    )
+    runs = plan(load_pipeline(path))
+    assert [r.config().resolve().sampler_params["replacement"] for r in runs] == [True, False]
+    assert runs[0].config().resolve().loss_params == {"reduction": "weighted_mean"}  # the protocol's switch
+    result = CliRunner().invoke(app, ["ablate", str(path), "--dry-run"])
+    assert "a[sampler_params.replacement=True]" in result.output  # brackets are not taken for markup

@@ -48,7 +48,7 @@ PIPELINE_OWNED = {
     "from_run",
 }
 METHOD_FIELDS = {f.name for f in fields(TrainConfig)} - PIPELINE_OWNED
-GRID_DICTS = ("loss_params", "head_params")  # their values may be lists too
+GRID_DICTS = ("loss_params", "head_params", "stage2_params", "sampler_params")  # their values may be lists too
 METRICS = ("overall", "many", "medium", "few", "top5", "mean_per_class")
 COSTS = ("train_seconds", "total_seconds", "total_with_first_stage_seconds", "samples_per_s", "peak_rss_mb")
 

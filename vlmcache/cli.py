@@ -750,6 +750,7 @@ def ablate(
                 f"{r['dataset']}  {r['model']['model']} ({r['model'].get('pretrained')})  seed {r['seed']}  "
                 f"{r['method']}",
                 highlight=False,
+                markup=False,  # grid labels are in brackets, which rich would take for markup
             )
         return
     quiet = functools.partial(err.print, highlight=False)
