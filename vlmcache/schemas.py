@@ -187,7 +187,7 @@ class RunMeta(BaseModel):
     kind: Literal["head", "finetune"] = "head"
     eval_split: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     train_counts: list[int] = Field(min_length=1)
-    weights: str | None = None  # fine-tuning: the tuned tower's file, a bare name in the run folder
+    weights: str | None = None  # fine-tuning: the tuned tower's file; only its name is used, inside the run folder
 
 
 def check_run_config(data: Any, path: Path, config_type: type) -> tuple[dict, Any]:
@@ -212,8 +212,6 @@ def check_run_config(data: Any, path: Path, config_type: type) -> tuple[dict, An
         raise VlmcacheError(f"'{path}' is not a valid run config: config.{describe(e)}.") from None
     except VlmcacheError as e:
         raise VlmcacheError(f"'{path}': {e}") from None
-    if meta.weights is not None and Path(meta.weights).name != meta.weights.replace("\\", "/").rsplit("/", 1)[-1]:
-        raise VlmcacheError(f"'{path}': weights must name a file in the run folder.")
     return data, cfg
 
 
