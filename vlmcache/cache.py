@@ -152,8 +152,8 @@ def write_shard(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> dict
 
     def build(f: h5py.File) -> None:
         for name, arr in arrays.items():
-            # Tokens are read in contiguous row slices; one row per chunk keeps any slice cheap.
-            chunks = (1, *arr.shape[1:]) if name == "tokens" else True
+            # Tokens are read in contiguous row slices; one row (one view of a row) per chunk keeps any slice cheap.
+            chunks = {"tokens": (1, *arr.shape[1:]), "view_tokens": (1, 1, *arr.shape[2:])}.get(name, True)
             f.create_dataset(name, data=arr, chunks=chunks if len(arr) else None, fletcher32=len(arr) > 0)
         for k, v in attrs.items():
             f.attrs[k] = v
@@ -347,9 +347,16 @@ class SplitCache:
             )
         return tuple(self.manifest["dims"]["tokens"])
 
-    def read_tokens(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of `tokens` as one (n, T, W) float16 array, read slice by slice across shards."""
+    def read_tokens(self, start: int, stop: int, name: str = "tokens") -> np.ndarray:
+        """Rows [start, stop) of `tokens` as one (n, T, W) float16 array (`view_tokens`: (n, K, T, W)), read slice
+        by slice across shards."""
         shape = self.token_shape()
+        if name == "view_tokens":
+            if not self.fingerprint.get("view_tokens"):
+                raise VlmcacheError(
+                    f"The cache '{self.dir}' holds no tokens of augmented views; extract with --tokens --views K."
+                )
+            shape = (int(self.fingerprint["views"]), *shape)
         if not 0 <= start <= stop <= self.n:
             raise IndexError(f"token rows [{start}, {stop}) outside [0, {self.n})")
         parts = []
@@ -360,7 +367,7 @@ class SplitCache:
                 break
             lo, hi = max(start, s.start) - s.start, min(stop, s.start + s.rows) - s.start
             if hi > lo:
-                parts.append(self._read(i, "tokens", slice(lo, hi)))
+                parts.append(self._read(i, name, slice(lo, hi)))
         if not parts:
             return np.zeros((0, *shape), dtype=np.float16)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]

@@ -149,7 +149,9 @@ def image_loader(data: ImageRows, batch_size: int, workers: int, pin: bool = Fal
 class ShardBuffer:
     def __init__(self, index: int, start: int, stop: int):
         self.index, self.start, self.stop = index, start, stop
-        self.parts: dict[str, list[np.ndarray]] = {"rows": [], "pooled": [], "tokens": [], "views": []}
+        self.parts: dict[str, list[np.ndarray]] = {
+            "rows": [], "pooled": [], "tokens": [], "views": [], "view_tokens": []
+        }  # fmt: skip
         self.skipped: list[dict] = []
         self.seen = 0
 
@@ -206,6 +208,7 @@ def _split_fingerprint(encoder: Encoder, dataset: Dataset, split: Split, cfg: Ex
         "tokens": cfg.tokens,
         "token_tap": TOKEN_TAP if cfg.tokens else None,
         "views": views,
+        "view_tokens": bool(views and cfg.tokens),  # the views' token sequences too, for the decoder
         "view_seed": cfg.view_seed if views else None,
         "view_scale": list(VIEW_SCALE) if views else None,
         "view_flip": True if views else None,  # views made before the flip existed do not resume into this
@@ -322,6 +325,10 @@ def extract_split(
         else:
             progress.start(f"{split.name} (rank 0 of {world})", total=_shard_rows(mine, size, n))
 
+    if fingerprint["view_tokens"] and rank == 0 and todo:
+        t, w = manifest["dims"]["tokens"]
+        gb = n * fingerprint["views"] * t * w * 2 / 1e9
+        log(f"note: caching the tokens of {fingerprint['views']} views per training image takes about {gb:,.1f} GB.")
     if mine:
         rows = np.concatenate([np.arange(i * size, min((i + 1) * size, n)) for i in mine])
         views = fingerprint["views"]
@@ -336,15 +343,17 @@ def extract_split(
         loader = image_loader(data, cfg.batch_size, cfg.workers, encoder.device.type == "cuda")
         buffers: dict[int, ShardBuffer] = {}
         for batch in loader:
-            pooled = tokens = view_emb = None
+            pooled = tokens = view_emb = view_tok = None
             if batch["images"] is not None:
                 pooled, tokens = encoder.encode_images(batch["images"], tokens=cfg.tokens)
                 pooled = pooled.cpu().numpy().astype(np.float16)
                 tokens = tokens.cpu().numpy().astype(np.float16) if tokens is not None else None
                 if batch["views"] is not None:
                     b, k = batch["views"].shape[:2]
-                    flat, _ = encoder.encode_images(batch["views"].flatten(0, 1))  # (B*K, 3, H, W)
-                    view_emb = flat.cpu().numpy().astype(np.float16).reshape(b, k, -1)  # (B, K, D)
+                    flat, flat_tok = encoder.encode_images(batch["views"].flatten(0, 1), tokens=cfg.tokens)
+                    view_emb = flat.cpu().numpy().astype(np.float16).reshape(b, k, -1)  # (B*K, D) -> (B, K, D)
+                    if flat_tok is not None:  # (B*K, T, W) -> (B, K, T, W)
+                        view_tok = flat_tok.cpu().numpy().astype(np.float16).reshape(b, k, *flat_tok.shape[1:])
             good_rows = batch["rows"].numpy()
             for row, reason in batch["bad"]:
                 buf = _buffer(buffers, row // size, size, n)
@@ -359,6 +368,8 @@ def extract_split(
                     buf.parts["tokens"].append(tokens[sel])
                 if view_emb is not None:
                     buf.parts["views"].append(view_emb[sel])
+                if view_tok is not None:
+                    buf.parts["view_tokens"].append(view_tok[sel])
                 buf.seen += int(sel.sum())
             for index in sorted(i for i, b in buffers.items() if b.full):
                 publisher.publish(_write(buffers.pop(index), split, split_dir, manifest["dims"], cfg))
@@ -414,9 +425,12 @@ def _write(buf: ShardBuffer, split: Split, split_dir: Path, dims: dict, cfg: Ext
     }
     if cfg.tokens:
         arrays["tokens"] = _cat(buf.parts["tokens"], (0, *dims["tokens"]))[order]
-    if buf.parts["views"]:
-        arrays["views"] = _cat(buf.parts["views"], (0, cfg.views, dims["pooled"]))[order]
-    for name in ("pooled", "tokens", "views"):
+    views = cfg.views if split.name == "train" else 0
+    if views:  # also for a shard whose every row was skipped, so that every shard has the same datasets
+        arrays["views"] = _cat(buf.parts["views"], (0, views, dims["pooled"]))[order]
+        if cfg.tokens:
+            arrays["view_tokens"] = _cat(buf.parts["view_tokens"], (0, views, *dims["tokens"]))[order]
+    for name in ("pooled", "tokens", "views", "view_tokens"):
         if name in arrays:
             _check_finite(name, arrays[name], arrays["rows"], split)
     final = split_dir / cache.shard_name(buf.index)

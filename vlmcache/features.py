@@ -135,11 +135,21 @@ class Tokens:
         in_memory: bool,
         block_rows: int = 256,
         window_blocks: int = 16,
+        views: bool = False,
     ):
         self.split, self.device = split, device
         self.y = torch.from_numpy(split.labels().astype(np.int64)).to(device)
         self.block_rows, self.window_blocks = block_rows, window_blocks
         self.data = torch.from_numpy(split.read_tokens(0, len(split))).to(device) if in_memory else None
+        # the augmented views' tokens (N, K, T, W): training shows one view per row and epoch (set_epoch)
+        self.views, self.choice = views, None
+        self.view_data = None
+        if views and in_memory:
+            self.view_data = torch.from_numpy(split.read_tokens(0, len(split), "view_tokens")).to(device)
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        if self.views:
+            self.choice = view_choice(len(self.y), int(self.split.fingerprint["views"]), seed, epoch)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -149,9 +159,9 @@ class Tokens:
         return self.split.token_shape()[1]
 
     @staticmethod
-    def fits_in_memory(split: cache.SplitCache, fraction: float = 0.4) -> bool:
+    def fits_in_memory(split: cache.SplitCache, fraction: float = 0.4, views: bool = False) -> bool:
         t, w = split.token_shape()
-        need = len(split) * t * w * 2
+        need = len(split) * t * w * 2 * (1 + (int(split.fingerprint.get("views") or 0) if views else 0))
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return need <= fraction * total
 
@@ -162,7 +172,10 @@ class Tokens:
         if self.data is not None:
             for i in range(0, len(indices), batch_size):
                 j = indices[i : i + batch_size]
-                yield self.data[j], self.y[j]
+                if self.choice is not None:
+                    yield self.view_data[j, self.choice.to(j.device)[j]], self.y[j]
+                else:
+                    yield self.data[j], self.y[j]
             return
         # One numpy generator per epoch, drawn from the torch one, so the same seed gives the same order.
         rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator, device=generator.device)))
@@ -190,7 +203,10 @@ class Tokens:
         for b in window:
             sel = by_block[int(b)]
             lo, hi = int(sel.min()), int(sel.max()) + 1  # one contiguous slice per block
-            parts.append(self.split.read_tokens(lo, hi)[sel - lo])
+            if self.choice is not None:  # the block's views, then each sampled row's view of this epoch
+                parts.append(self.split.read_tokens(lo, hi, "view_tokens")[sel - lo, self.choice.numpy()[sel]])
+            else:
+                parts.append(self.split.read_tokens(lo, hi)[sel - lo])
             sels.append(sel)
         return np.concatenate(parts), np.concatenate(sels)
 
@@ -234,7 +250,7 @@ def load_inputs(split: cache.SplitCache, head_name: str, device: torch.device, s
             f"features only. Extract tokens: vlmcache extract --dataset {fp['dataset']} "
             f"--model {fp['encoder']['model']} --tokens --overwrite ... (same --root and --pretrained)."
         )
-    return Tokens(split, device, in_memory=not stream and Tokens.fits_in_memory(split))
+    return Tokens(split, device, in_memory=not stream and Tokens.fits_in_memory(split, views=views), views=views)
 
 
 class TokenBlocks(torch.utils.data.Dataset):

@@ -498,25 +498,29 @@ def _inputs(
 
 
 def use_views(cfg: TrainConfig, split: cache.SplitCache, log) -> bool:
-    """Whether training reads augmented views (and says so): asked for, or by default when the cache has them."""
+    """Whether training reads augmented views (and says so): asked for, or by default when the cache has them for
+    this head's input (pooled views; the views' tokens for the decoder)."""
     cached = int(split.fingerprint.get("views") or 0)
-    pooled = HEADS[cfg.head].input == "pooled" and not cfg.stage2
+    tokens = HEADS[cfg.head].input == "tokens"
+    have = cached and (split.fingerprint.get("view_tokens") if tokens else True)
     if cfg.augment is False:
         return False
-    if cfg.augment and not pooled:
+    if cfg.augment and cfg.stage2:
         raise VlmcacheError(
-            f"--augment trains on augmented views of pooled embeddings; the {cfg.head} head"
-            f"{' of a second stage' if cfg.stage2 else ''} reads what its first stage computed from plain inputs."
+            "--augment trains a first stage on augmented views; a second stage reads what its first stage computes "
+            "from plain inputs."
         )
-    if cfg.augment and not cached and not cfg.stream:
+    if cfg.augment and not have and not cfg.stream:
+        what = "--tokens --views K" if tokens else "--views K"
         raise VlmcacheError(
-            f"--augment needs augmented views: extract the train split with --views K, or stream the images "
-            f"with --stream --augment (a fresh view every epoch). The cache '{split.dir}' has none."
+            f"--augment needs augmented views: extract the train split with {what}, or stream the images "
+            f"with --stream --augment (a fresh view every epoch). The cache '{split.dir}' has none for the "
+            f"{cfg.head} head."
         )
-    if cfg.augment is None and not (cached and pooled and not cfg.stream):
+    if cfg.augment is None and not (have and not cfg.stage2 and not cfg.stream):
         return False
-    which = f"one of the {cached} cached views" if cached else "a fresh view"
-    hint = " (--no-augment: the plain embeddings)" if cfg.augment is None else ""
+    which = f"one of the {cached} cached views" if have else "a fresh view"
+    hint = " (--no-augment: the plain inputs)" if cfg.augment is None else ""
     log(f"training on augmented views: {which} per row and epoch, drawn by (seed, epoch){hint}")
     return True
 
