@@ -14,10 +14,9 @@ from vlmcache.train import TrainConfig, train_head
 QUIET = dict(log=lambda *a: None)
 
 
-@pytest.fixture(scope="module")
-def views_cache(split_dataset, tmp_path_factory):
+def _extract(split_dataset, cache_dir, log=lambda *a: None, **kw) -> dict:
+    """The split_dataset's train and test splits extracted with the tiny model and `kw` (views, tokens, ...)."""
     root, files = split_dataset
-    d = tmp_path_factory.mktemp("views")
     cfg = ExtractConfig(
         dataset="split",
         root=str(root),
@@ -26,10 +25,15 @@ def views_cache(split_dataset, tmp_path_factory):
         pretrained="none",
         device="cpu",
         workers=0,
-        views=3,
-        cache_dir=str(d),
+        cache_dir=str(cache_dir),
+        **kw,
     )
-    return run_extract(cfg, **QUIET)
+    return run_extract(cfg, log=log)
+
+
+@pytest.fixture(scope="module")
+def views_cache(split_dataset, tmp_path_factory):
+    return _extract(split_dataset, tmp_path_factory.mktemp("views"), views=3)
 
 
 def _cfg(summary, tmp_path, **kw) -> TrainConfig:
@@ -104,23 +108,10 @@ def test_streaming_without_cached_views_draws_a_fresh_view_every_epoch(digits_ca
 
 @pytest.fixture(scope="module")
 def token_views_cache(split_dataset, tmp_path_factory):
-    root, files = split_dataset
-    d = tmp_path_factory.mktemp("token_views")
-    cfg = ExtractConfig(
-        dataset="split",
-        root=str(root),
-        split_files={"train": str(files["train"]), "test": str(files["test"])},
-        model="vlmcache-tiny",
-        pretrained="none",
-        device="cpu",
-        workers=0,
-        views=2,
-        tokens=True,
-        shard_size=16,
-        cache_dir=str(d),
-    )
     said = []
-    summary = run_extract(cfg, log=said.append)
+    summary = _extract(
+        split_dataset, tmp_path_factory.mktemp("token_views"), said.append, views=2, tokens=True, shard_size=16
+    )
     assert any("caching the tokens of 2 views" in s for s in said)  # the size is said up front
     return summary
 
