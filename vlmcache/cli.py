@@ -87,6 +87,12 @@ SPLIT_FILES = typer.Option(
 )
 CLASSNAMES = typer.Option(None, "--classnames", help="Class names, one per line (the 'split' dataset only).")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
+# options train-head and finetune share
+SAMPLER_PARAM = typer.Option(
+    None, "--sampler-param", help="Sampler setting KEY=VALUE: replacement=false, num_samples=N; repeat."
+)
+WARMUP_ITERS = typer.Option(None, "--warmup-iters", help="Linear warm-up steps (seed protocol: 512).")
+SCHEDULE = typer.Option(None, "--schedule", help="cosine (to zero) or seed_cosine (cos(7 pi t / 16)).")
 
 
 # --------------------------------------------------------------------------- extract
@@ -328,9 +334,7 @@ def train_head_cmd(
     stage2_param: list[str] = typer.Option(
         None, "--stage2-param", help="Second-stage setting KEY=VALUE, e.g. reinit=false for crt; repeat."
     ),
-    sampler_param: list[str] = typer.Option(
-        None, "--sampler-param", help="Sampler setting KEY=VALUE: replacement=false, num_samples=N; repeat."
-    ),
+    sampler_param: list[str] = SAMPLER_PARAM,
     protocol: str = typer.Option(
         "default",
         "--protocol",
@@ -340,8 +344,8 @@ def train_head_cmd(
     ),
     epochs: int = typer.Option(None, "--epochs", help="Passes over the training split (protocol default: 30)."),
     iters: int = typer.Option(None, "--iters", help="Optimiser steps instead of epochs (seed protocol: 8192)."),
-    warmup_iters: int = typer.Option(None, "--warmup-iters", help="Linear warm-up steps (seed protocol: 512)."),
-    schedule: str = typer.Option(None, "--schedule", help="cosine (to zero) or seed_cosine (cos(7 pi t / 16))."),
+    warmup_iters: int = WARMUP_ITERS,
+    schedule: str = SCHEDULE,
     select_on: str = typer.Option(
         None, "--select-on", help="Keep the epoch that scores best on this split (seed protocol: val); none: the last."
     ),
@@ -470,9 +474,7 @@ def finetune(
     loss: str = typer.Option("ce", "--loss", help=f"Loss: {', '.join(LOSSES)}."),
     loss_param: list[str] = typer.Option(None, "--loss-param", help="Loss parameter KEY=VALUE; repeat."),
     sampler: str = typer.Option("instance", "--sampler", help=f"Sampler: {', '.join(SAMPLERS)}."),
-    sampler_param: list[str] = typer.Option(
-        None, "--sampler-param", help="Sampler setting KEY=VALUE: replacement=false, num_samples=N; repeat."
-    ),
+    sampler_param: list[str] = SAMPLER_PARAM,
     protocol: str = typer.Option(
         "default",
         "--protocol",
@@ -484,8 +486,8 @@ def finetune(
     head_lr: float = typer.Option(None, "--head-lr", help="Peak learning rate of the head (default 1e-3)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per step and process."),
     weight_decay: float = typer.Option(None, "--weight-decay", help="Weight decay on matrices (default 0.1)."),
-    warmup_iters: int = typer.Option(None, "--warmup-iters", help="Linear warm-up steps (seed protocol: 512)."),
-    schedule: str = typer.Option(None, "--schedule", help="cosine (to zero) or seed_cosine (cos(7 pi t / 16))."),
+    warmup_iters: int = WARMUP_ITERS,
+    schedule: str = SCHEDULE,
     crop_min: float = typer.Option(0.08, "--crop-min", help="Smallest area fraction of the random resized crop."),
     seed: int = typer.Option(0, "--seed", help="Seed of the head, the sampler and the augmentation."),
     split: str = EVAL_SPLIT,

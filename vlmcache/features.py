@@ -149,7 +149,8 @@ class Tokens:
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         if self.views:
-            self.choice = view_choice(len(self.y), int(self.split.fingerprint["views"]), seed, epoch)
+            self.choice = view_choice(len(self.y), int(self.split.fingerprint["views"]), seed, epoch)  # CPU: blocks
+            self.choice_on_device = self.choice.to(self.device)  # in memory: indexed per batch on the device
 
     def __len__(self) -> int:
         return len(self.y)
@@ -173,7 +174,7 @@ class Tokens:
             for i in range(0, len(indices), batch_size):
                 j = indices[i : i + batch_size]
                 if self.choice is not None:
-                    yield self.view_data[j, self.choice.to(j.device)[j]], self.y[j]
+                    yield self.view_data[j, self.choice_on_device[j]], self.y[j]
                 else:
                     yield self.data[j], self.y[j]
             return
