@@ -1,6 +1,7 @@
 """Heads trained on cached features. Each is `classifier(features(x))`, so second stages can swap the classifier.
 
-- `linear`: a linear layer on the pooled embedding (L2-normalised by default, as CLIP compares them).
+- `linear`: a linear layer on the pooled embedding, standardised with the training split's statistics by default
+  (as linear probes do; `normalize=l2` for unit norm).
 - `cosine`: cosine similarity to class weights times a temperature; initialised from the cached class-text
   embeddings and CLIP's logit scale it *is* the zero-shot classifier at step 0.
 - `decoder`: the seed paper's light transformer over the cached tokens (3 blocks, 4 heads, MLP ratio 0.5);
@@ -69,21 +70,20 @@ def make_classifier(kind: str, in_dim: int, num_classes: int, **kw) -> nn.Module
 INPUT_NORMS = ("l2", "center_l2", "standardize", "none")
 
 
-class LinearHead(nn.Module):
-    """A linear classifier on the pooled embedding after an input normalisation:
+class PooledHead(nn.Module):
+    """`classifier(features(x))` on the pooled embedding, after an input normalisation `normalize`:
     `l2` (unit norm, as CLIP compares embeddings), `center_l2` (subtract the training mean, then unit norm),
     `standardize` (per-dimension z-score with training statistics, as linear probes do), or `none`."""
 
     input = "pooled"
 
-    def __init__(self, in_dim: int, num_classes: int, normalize: str = "l2"):
+    def __init__(self, in_dim: int, normalize: str):
         super().__init__()
         if normalize not in INPUT_NORMS:
-            raise unknown_choice("input normalisation of the linear head", normalize, INPUT_NORMS)
+            raise unknown_choice("input normalisation (normalize)", normalize, INPUT_NORMS)
         self.normalize = normalize
         self.register_buffer("shift", torch.zeros(in_dim))
         self.register_buffer("scale", torch.ones(in_dim))
-        self.classifier = make_classifier("linear", in_dim, num_classes)
 
     @property
     def needs_input_stats(self) -> bool:
@@ -107,18 +107,32 @@ class LinearHead(nn.Module):
         return self.classifier(self.features(x))
 
 
-class CosineHead(nn.Module):
-    input = "pooled"
+class LinearHead(PooledHead):
+    """A linear classifier on the pooled embedding after an input normalisation (PooledHead's). The default,
+    `standardize`, is what linear probes use: it trains at one learning rate on CLIP's embeddings and on
+    features of any scale or offset, where a unit-norm input (`l2`) gives logits too small to learn from at
+    the default learning rate when the embeddings share a direction (as a random tower's do)."""
 
-    def __init__(self, in_dim: int, num_classes: int, scale: float = 1 / 0.07, learn_scale: bool = True):
-        super().__init__()
+    def __init__(self, in_dim: int, num_classes: int, normalize: str = "standardize"):
+        super().__init__(in_dim, normalize)
+        self.classifier = make_classifier("linear", in_dim, num_classes)
+
+
+class CosineHead(PooledHead):
+    """Cosine similarity to class weights times a learnable temperature, after an input normalisation
+    (PooledHead's; the cosine itself unit-normalises). train-head picks `standardize`, or `none` with --text-init
+    so that the text-initialised head is the zero-shot classifier at step 0."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        scale: float = 1 / 0.07,
+        learn_scale: bool = True,
+        normalize: str = "none",
+    ):
+        super().__init__(in_dim, normalize)
         self.classifier = make_classifier("cosine", in_dim, num_classes, scale=scale, learn_scale=learn_scale)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(x)
 
 
 class DecoderHead(nn.Module):
@@ -173,7 +187,7 @@ class HeadInfo:
 
 
 HEADS: dict[str, HeadInfo] = {
-    "linear": HeadInfo(LinearHead, "pooled", "linear layer on the (L2-normalised) pooled embedding"),
+    "linear": HeadInfo(LinearHead, "pooled", "linear layer on the standardised pooled embedding"),
     "cosine": HeadInfo(CosineHead, "pooled", "cosine classifier, optionally initialised from the class texts"),
     "decoder": HeadInfo(DecoderHead, "tokens", "the seed's transformer decoder over the cached tokens"),
     "coop": HeadInfo(CoOpHead, "pooled", "CoOp prompt tuning: learned prompt context through the frozen text tower"),
@@ -186,6 +200,30 @@ def head_params(name: str) -> dict[str, object]:
         raise unknown_choice("head", name, HEADS)
     sig = inspect.signature(HEADS[name].cls.__init__)
     return {k: p.default for k, p in list(sig.parameters.items())[3:]}  # after self, in_dim, num_classes
+
+
+def full_head_params(name: str, params: dict) -> dict:
+    """Every setting of the head, the given ones over the defaults: what head.pt records, so that a later
+    change of a default cannot change how a saved head is rebuilt."""
+    return {**head_params(name), **checked_params(f"{name} head", params, head_params(name))}
+
+
+# head.pt files written before they recorded every setting hold only the user's; these are the defaults then
+_LEGACY_NORMALIZE = {"linear": "l2", "cosine": "none"}
+
+
+def upgrade_head_file(saved: dict) -> dict:
+    """A head.pt from before the pooled heads' `normalize` default became `standardize` (linear) and the
+    cosine head gained an input normalisation: its settings as they were when it was trained."""
+    name = saved["head"]
+    if name not in _LEGACY_NORMALIZE or "normalize" in saved["head_params"]:
+        return saved
+    state = dict(saved["head_state"])
+    weight = state["classifier.weight"]
+    state.setdefault("shift", weight.new_zeros(weight.shape[1]))
+    state.setdefault("scale", weight.new_ones(weight.shape[1]))
+    params = {**saved["head_params"], "normalize": _LEGACY_NORMALIZE[name]}
+    return {**saved, "head_params": params, "head_state": state}
 
 
 def build_head(name: str, in_dim: int, num_classes: int, **params) -> nn.Module:
