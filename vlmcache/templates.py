@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from open_clip import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
+from vlmcache.choices import DEFAULT_TEMPLATE_SETS  # noqa: F401 (re-exported: extract's default)
 from vlmcache.errors import unknown_choice
 
 
@@ -17,7 +18,6 @@ TEMPLATE_SETS: dict[str, list[str]] = {
     "openai_simple": _as_format(SIMPLE_IMAGENET_TEMPLATES),  # CLIP's 7-prompt subset
     "photo": ["a photo of a {}."],
 }
-DEFAULT_TEMPLATE_SETS = ("openai", "photo")
 
 
 def get_templates(name: str) -> list[str]:

@@ -1,0 +1,82 @@
+"""`vlmcache bench` and `vlmcache demo`: the measured figures, and the whole loop on built-in data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vlmcache.cli.common import (
+    CACHE_DIR,
+    DEVICE,
+    JSON,
+    WORKERS,
+    RichProgress,
+    RunProgress,
+    app,
+    err,
+    log,
+    out,
+    print_json,
+    user_errors,
+)
+
+
+@app.command(rich_help_panel="Start here, and benchmarks")
+@user_errors
+def bench(
+    scale: str = typer.Option("default", "--scale", help="smoke (seconds), default (minutes on a CPU), full."),
+    markdown: Path = typer.Option("BENCHMARKS.md", "--markdown", help="The Markdown file the figures go to."),
+    device: str = DEVICE,
+    as_json: bool = JSON,
+):
+    """Speed, memory and cache size, each figure as a ratio to its limit measured in the same run.
+
+    Example: [bold]vlmcache bench --scale default --markdown BENCHMARKS.md[/]
+    """
+    from vlmcache.bench import run_bench, to_markdown
+
+    results = run_bench(scale, device, log=log)
+    Path(markdown).write_text(to_markdown(results))
+    if as_json:
+        print_json({**results, "markdown": str(markdown)})
+        return
+    out.print(to_markdown(results), markup=False, highlight=False)
+    out.print(f"written: {markdown}", highlight=False)
+
+
+@app.command(rich_help_panel="Start here, and benchmarks")
+@user_errors
+def demo(
+    cache_dir: Path = CACHE_DIR,
+    runs_dir: Path = typer.Option("runs/demo", "--runs-dir", help="Where the demo's run folders and report go."),
+    workers: int = WORKERS,
+    as_json: bool = JSON,
+):
+    """Run the whole loop on the built-in digits_lt data with the tiny random-weight model: extract, zero-shot,
+    the demo pipeline (every loss on a linear head, a decoder, a cRT stage) and its report.
+
+    Example: [bold]vlmcache demo[/]
+    """
+    from vlmcache import demo as demo_loop
+    from vlmcache.choices import default_workers
+    from vlmcache.cli.extract import print_extract_summary
+
+    err.print(
+        "[bold]vlmcache demo[/]: digits_lt (scikit-learn digits, long-tailed) with vlmcache-tiny.\n"
+        "vlmcache-tiny has [bold]random weights[/]: its numbers show that the pipeline runs, not CLIP's accuracy.",
+    )
+    with RichProgress() as progress:
+        extracted = demo_loop.extract(str(cache_dir), default_workers() if workers is None else workers, progress, log)
+    with RunProgress() as progress:
+        result = demo_loop.evaluate(str(cache_dir), str(runs_dir), progress, log)
+    if as_json:
+        print_json({"cache": extracted["cache"], **{k: v for k, v in result.items() if k != "table"}})
+        return
+    print_extract_summary(extracted)
+    zs = result["zero_shot"]
+    out.print(f"zero-shot (openai templates): overall {100 * zs['overall']:.1f}, few {100 * zs['few']:.1f}")
+    out.print(result["table"], markup=False, highlight=False, soft_wrap=True)
+    out.print(
+        f"report: {result['report']}  (runs in {runs_dir}; re-evaluate one with `vlmcache eval RUN`)", highlight=False
+    )

@@ -1,0 +1,276 @@
+"""What every command shares: the app, the consoles, error handling, and each option defined once.
+
+Nothing here imports torch, open_clip, faiss or pandas: the commands import what they use inside their bodies, so
+`vlmcache --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from enum import Enum
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from vlmcache.choices import DATASETS, HEADS, LOSSES, PROTOCOLS, SAMPLERS, STAGE2
+from vlmcache.errors import VlmcacheError, parse_key_values
+
+out = Console(soft_wrap=True)  # paths and commands stay on one line, for copying
+err = Console(stderr=True, soft_wrap=True)
+log = functools.partial(err.print, highlight=False)
+
+DatasetName = Enum("DatasetName", {k: k for k in DATASETS}, type=str)
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            out.print(f"vlmcache {version('vlmcache')}", highlight=False)
+        except PackageNotFoundError:
+            out.print("vlmcache (not installed: run from a source tree)")
+        raise typer.Exit()
+
+
+app = typer.Typer(
+    help="Long-tailed classification with frozen CLIP encoders: extract features once, then train heads on the cache.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+    add_completion=False,
+)
+
+
+@app.callback()
+def _main(
+    _: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, metavar="", help="Print vlmcache's version and exit."
+    ),
+):
+    """Long-tailed classification with frozen CLIP encoders: extract features once, then train heads on the cache.
+
+    Start with [bold]vlmcache demo[/]; every command has --help with an example.
+    """
+
+
+def user_errors(fn):
+    """Print a VlmcacheError as one line on stderr and exit 2; a user mistake never shows a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VlmcacheError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def build_config(cls, params: dict, **overrides):
+    """A job's config from a command's parameters: those named as the config's fields pass as they are (paths
+    as strings, enums as their values), `X_param` KEY=VALUE lists become the `X_params` dicts; `overrides` are
+    the renamed or computed ones. One place, so that train-head and finetune cannot build theirs differently."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {}
+    for key, value in params.items():
+        if key.endswith("_param") and f"{key}s" in names:
+            kw[f"{key}s"] = parse_key_values(value, f"--{key.replace('_', '-')}")
+        elif key in names:
+            kw[key] = value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
+    return cls(**{**kw, **overrides})
+
+
+def metrics_table(title: str, metrics: dict) -> Table:
+    table = Table(title=title)
+    cols = ("overall", "many", "medium", "few", "top5", "mean_per_class")
+    for col in cols:
+        table.add_column(col.replace("_", " "), justify="right")
+    table.add_row(*("-" if metrics.get(c) is None else f"{100 * metrics[c]:.2f}" for c in cols))
+    return table
+
+
+# --------------------------------------------------------------------------- options, each defined once
+# One vocabulary: --runs-dir is where run folders go, --out is one run's own folder, --split is one split to
+# evaluate on and --splits the splits to extract, --workers is image-loading processes (default min(8, CPUs)),
+# and every switch has its --no- form.
+
+JSON = typer.Option(False, "--json/--no-json", metavar="", help="Print one JSON object on stdout instead of tables.")
+CACHE_DIR = typer.Option("cache", "--cache-dir", help="Root of the feature cache.")
+ROOT = typer.Option(None, "--root", help="Image folder that the split files' paths start from.")
+SPLIT_FILES = typer.Option(
+    None, "--split-file", help="NAME=PATH of a split file ('relative/path label' lines); repeat for each split."
+)
+CLASSNAMES = typer.Option(None, "--classnames", help="Class names, one per line (the 'split' dataset only).")
+NAME = typer.Option(
+    None,
+    "--name",
+    help="imagefolder and split: the name of this image set's caches and runs (default: the --root folder's name), "
+    "so several folders are cached side by side.",
+)
+DATASET = typer.Option(..., "--dataset", "-d", help="Dataset name (see `vlmcache datasets`).")
+ENCODE_MODEL = typer.Option("ViT-B-16", "--model", "-m", help="open_clip model name (open_clip.list_models()).")
+ENCODE_PRETRAINED = typer.Option(
+    "openai", "--pretrained", "-p", help="open_clip pretrained tag, a local weights file, or 'random' (alias 'none')."
+)
+PREPROCESS_FROM = typer.Option(
+    None, "--preprocess-from", help="For a local weights file: the pretrained tag whose preprocessing it uses."
+)
+# which cache a command reads: each may be left out when only one cache matches the rest
+CACHE_DATASET = typer.Option(
+    None, "--dataset", "-d", help="Dataset of the cache (a name from `vlmcache cache ls`); default: the only one."
+)
+CACHE_MODEL = typer.Option(None, "--model", "-m", help="Model of the cache; default: the only one that matches.")
+CACHE_PRETRAINED = typer.Option(
+    None, "--pretrained", "-p", help="Weights of the cache (tag, file, random); default: the only one that matches."
+)
+CACHE_KEY = typer.Option(None, "--cache-key", help="Which cache, when several match the model and weights.")
+CACHE_PREPROCESS = typer.Option(
+    "model",
+    "--preprocess",
+    help="Which cache: model (the weights' own preprocessing) or seed (extract --preprocess seed).",
+)
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+PRECISION = typer.Option("auto", "--precision", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16, bf16.")
+EVAL_SPLIT = typer.Option(None, "--split", help="Split to evaluate on (default: test, else val).")
+WORKERS = typer.Option(None, "--workers", help="Image-loading processes (default: min(8, CPUs); 0: in the main one).")
+NPROC = typer.Option(1, "--nproc", help="Processes (GPUs) to run with; launches torchrun for you.")
+RUNS_DIR = typer.Option("runs", "--runs-dir", help="Where run folders go.")
+OUT_RUN = typer.Option(None, "--out", help="This run's folder (default: RUNS_DIR/<name>__<config hash>).")
+SEED = typer.Option(0, "--seed", help="Seed: the same seed gives the same result on CPU.")
+HOLDOUT = typer.Option(0.2, "--holdout", help="imagefolder without train/ and val/: test fraction per class.")
+TAU_NORM = typer.Option(None, "--tau-norm", help="Post-hoc tau-normalisation of a linear classifier.")
+LOGIT_ADJUST = typer.Option(None, "--logit-adjust", help="Post-hoc logit adjustment: logits - tau log prior.")
+# the training options train-head and finetune share
+HEAD_PARAM = typer.Option(None, "--head-param", help="Head setting KEY=VALUE, e.g. depth=2; repeat.")
+TEXT_INIT = typer.Option(None, "--text-init", help="Template set that initialises the cosine head.")
+LOSS = typer.Option(None, "--loss", help=f"Loss: {', '.join(LOSSES)} (default ce).")
+LOSS_PARAM = typer.Option(None, "--loss-param", help="Loss parameter KEY=VALUE, e.g. gamma=1; repeat.")
+SAMPLER = typer.Option(None, "--sampler", help=f"Sampler: {', '.join(SAMPLERS)} (default instance).")
+SAMPLER_PARAM = typer.Option(
+    None, "--sampler-param", help="Sampler setting KEY=VALUE: replacement=false, num_samples=N; repeat."
+)
+PROTOCOL_HELP = (
+    f"{' or '.join(PROTOCOLS)}: default follows the method papers; seed the seed study's code (SGD Nesterov, "
+    "warm-up, cos(7 pi t / 16), each method's seed form). Any option given explicitly wins over the protocol."
+)
+PROTOCOL = typer.Option("default", "--protocol", help=PROTOCOL_HELP)
+LR = typer.Option(None, "--lr", help="Peak learning rate (the protocol's by default).")
+WEIGHT_DECAY = typer.Option(None, "--weight-decay", help="Weight decay on matrices (the protocol's by default).")
+WARMUP_ITERS = typer.Option(None, "--warmup-iters", help="Linear warm-up steps (seed protocol: 512).")
+SCHEDULE = typer.Option(None, "--schedule", help="cosine (to zero) or seed_cosine (cos(7 pi t / 16)).")
+HEAD_HELP = f"Head: {', '.join(HEADS)}."
+STAGE2_HELP = f"Second stage on the run named by --from: {', '.join(STAGE2)}."
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.1f} img/s" if task.speed else "- img/s", style="cyan")
+
+
+class RichProgress:
+    """The extraction's progress bar (images/s and ETA), on stderr so that --json stays clean."""
+
+    def __init__(self, console: Console = err):
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _RateColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            speed_estimate_period=10,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+    def start(self, split: str, total: int, completed: int = 0) -> None:
+        self.task = self.bar.add_task(f"extract {split}", total=total, completed=completed)
+
+    def advance(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+
+
+class RunProgress:
+    """Runs done of total, with an ETA, on stderr."""
+
+    def __init__(self, console: Console = err):
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("runs ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+    def start(self, total: int) -> None:
+        self.task = self.bar.add_task("ablate", total=total)
+
+    def advance(self, method: str) -> None:
+        self.bar.update(self.task, advance=1, description=f"ablate: {method[:40]:<40}")
+
+
+def launch_torchrun(command: str, nproc: int) -> int:
+    """Run this same command under torchrun with `nproc` processes; returns its exit code."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[2:]:  # drop --nproc N / --nproc=N; torchrun's own variables tell each rank its place
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "vlmcache", command, *args]
+    log(f"launching: {' '.join(cmd)}")
+    return subprocess.call(cmd)
+
+
+def check_nproc(command: str, nproc: int) -> None:
+    """Re-run under torchrun for --nproc N > 1 (once: torchrun sets WORLD_SIZE for its children)."""
+    import os
+
+    if nproc < 1:
+        raise VlmcacheError(f"--nproc must be at least 1, got {nproc}.")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(launch_torchrun(command, nproc))

@@ -1,0 +1,359 @@
+"""`vlmcache extract`, `vlmcache datasets` and `vlmcache cache`: stage 1 and what it leaves on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from vlmcache.choices import DEFAULT_TEMPLATE_SETS, TEMPLATE_SETS
+from vlmcache.cli.common import (
+    CACHE_DIR,
+    CLASSNAMES,
+    DATASET,
+    DEVICE,
+    ENCODE_MODEL,
+    ENCODE_PRETRAINED,
+    HOLDOUT,
+    JSON,
+    NAME,
+    NPROC,
+    PRECISION,
+    PREPROCESS_FROM,
+    ROOT,
+    SPLIT_FILES,
+    WORKERS,
+    DatasetName,
+    RichProgress,
+    app,
+    build_config,
+    check_nproc,
+    err,
+    log,
+    out,
+    print_json,
+    size,
+    user_errors,
+)
+from vlmcache.errors import VlmcacheError
+
+datasets_app = typer.Typer(
+    help="List the datasets, or show one dataset's class-frequency statistics and where its data comes from. "
+    "Example: [bold]vlmcache datasets info places_lt[/]"
+)
+cache_app = typer.Typer(
+    help="Inspect and verify the feature cache. Example: [bold]vlmcache cache ls[/]", no_args_is_help=True
+)
+app.add_typer(datasets_app, name="datasets", rich_help_panel="Stage 1: features")
+app.add_typer(cache_app, name="cache", rich_help_panel="Stage 1: features")
+
+
+@app.command(rich_help_panel="Stage 1: features")
+@user_errors
+def extract(
+    dataset: DatasetName = DATASET,
+    root: Path = ROOT,
+    name: str = NAME,
+    split_file: list[str] = SPLIT_FILES,
+    classnames: Path = CLASSNAMES,
+    splits: list[str] = typer.Option(
+        None, "--splits", help="Extract only this split; repeat for several. Default: all."
+    ),
+    model: str = ENCODE_MODEL,
+    pretrained: str = ENCODE_PRETRAINED,
+    preprocess_from: str = PREPROCESS_FROM,
+    preprocess: str = typer.Option(
+        "model",
+        "--preprocess",
+        help="model (the weights' own: size, mean, std, interpolation) or seed (the seed study's: ImageNet mean and "
+        "std, Resize 256 + CenterCrop 224); seed is a cache of its own, named <model>__<weights>+seedprep__<hash>.",
+    ),
+    cache_dir: Path = CACHE_DIR,
+    tokens: bool = typer.Option(
+        False, "--tokens/--no-tokens", metavar="", help="Also cache the final block's tokens (for the decoder head)."
+    ),
+    views: int = typer.Option(0, "--views", help="Augmented views (random resized crop + flip) per training image."),
+    view_seed: int = typer.Option(0, "--view-seed", help="Seed of the augmented views."),
+    templates: str = typer.Option(
+        ",".join(DEFAULT_TEMPLATE_SETS),
+        "--templates",
+        help=f"Template sets, comma-separated: {', '.join(TEMPLATE_SETS)}.",
+    ),
+    shard_size: int = typer.Option(1024, "--shard-size", help="Rows per HDF5 shard."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
+    workers: int = WORKERS,
+    device: str = DEVICE,
+    precision: str = PRECISION,
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite/--no-overwrite",
+        metavar="",
+        help="Discard a cache made with other settings and start again.",
+    ),
+    verify: bool = typer.Option(
+        False, "--verify/--no-verify", metavar="", help="On resume, re-hash finished shards instead of trusting sizes."
+    ),
+    nproc: int = NPROC,
+    holdout: float = HOLDOUT,
+    seed: int = typer.Option(0, "--seed", help="Seed of generated splits (imagefolder hold-out, digits_lt)."),
+    as_json: bool = JSON,
+):
+    """Run the frozen encoders once over a dataset and cache image and class-text embeddings.
+
+    Example: [bold]vlmcache extract -d places_lt --root /data/places365 -m ViT-B-16 -p openai --tokens[/]
+
+    Your own images: [bold]vlmcache extract -d imagefolder --root /data/birds --name birds[/]. A killed run resumes
+    where it stopped when given the same command again. Many GPUs: [bold]--nproc 4[/] or
+    [bold]torchrun --nproc_per_node 4 -m vlmcache extract ...[/]
+    """
+    from vlmcache.choices import default_workers
+    from vlmcache.datasets import parse_split_files
+    from vlmcache.extract import ExtractConfig, run_extract
+
+    check_nproc("extract", nproc)
+    cfg = build_config(
+        ExtractConfig,
+        locals(),
+        split_files=parse_split_files(split_file),
+        classnames_file=str(classnames) if classnames else None,
+        splits=splits or None,
+        templates=[t.strip() for t in templates.split(",") if t.strip()],
+        workers=default_workers() if workers is None else workers,
+    )
+    with RichProgress() as progress:
+        summary = run_extract(cfg, progress=progress, log=log)
+    if summary["rank"] != 0:  # under torchrun, rank 0 speaks for all
+        return
+    if as_json:
+        print_json(summary)
+        return
+    print_extract_summary(summary)
+
+
+def print_extract_summary(summary: dict) -> None:
+    table = Table(title=f"{summary['dataset']} / {summary['key']}  ({summary['device']}, {summary['precision']})")
+    for col in ("split", "rows", "skipped", "shards", "resumed", "size", "time", "img/s"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for s in summary["splits"]:
+        table.add_row(
+            s["split"],
+            f"{s['rows']:,}",
+            str(s["skipped"]),
+            str(s["shards"]),
+            str(s["resumed_shards"]),
+            size(s["bytes"]),
+            f"{s['seconds']:.1f} s",
+            f"{s['images_per_s']:,.0f}" if s["images_per_s"] else "-",
+        )
+    out.print(table)
+    for note in summary["notes"]:
+        out.print(f"note: {note}", highlight=False)
+    if summary["pretrained"] == "random":
+        out.print("note: random weights: the features exercise the pipeline, they do not carry CLIP's knowledge.")
+    out.print(f"cache: {summary['cache']}", highlight=False)
+    out.print(
+        f"class texts: {', '.join(summary['text']['template_sets'])} in {summary['text']['path']}", highlight=False
+    )
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets(ctx: typer.Context):
+    """List the datasets."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from vlmcache.datasets import DATASETS
+
+    table = Table(title="datasets (--dataset NAME)")
+    table.add_column("name")
+    table.add_column("what")
+    for name, info in DATASETS.items():
+        table.add_row(name, info.description)
+    out.print(table)
+    out.print("Where a benchmark's images and split files come from: vlmcache datasets info NAME")
+
+
+@datasets_app.command("info")
+@user_errors
+def datasets_info(
+    name: DatasetName = typer.Argument(..., help="Dataset name."),
+    root: Path = ROOT,
+    split_file: Path = typer.Option(None, "--split-file", help="Statistics of this split file instead."),
+    as_json: bool = JSON,
+):
+    """Images, classes, largest and smallest class, and many (>100) / medium (20-100) / few (<20) shot classes;
+    for a benchmark, where its images and split files are published and the layout expected under --root.
+
+    Example: [bold]vlmcache datasets info places_lt --split-file Places_LT_train.txt --json[/]
+    """
+    from vlmcache.datasets import load_dataset, read_split_file, split_stats, where_data
+
+    source = where_data(name.value)
+    if split_file is not None:
+        if name.value in ("imagefolder", "digits_lt"):
+            raise VlmcacheError(f"--split-file does not apply to {name.value}.")
+        _, labels = read_split_file(split_file)
+        result = {"dataset": name.value, "split_file": str(split_file), **split_stats(labels)}
+        rows = {split_file.name: split_stats(labels)}
+        notes = []
+    else:
+        ds = load_dataset(name.value, root)
+        rows = {s: split_stats(sp.labels) for s, sp in ds.splits.items()}
+        result = {"dataset": name.value, "num_classes": ds.num_classes, "splits": rows, "notes": ds.notes}
+        notes = ds.notes
+    if as_json:
+        print_json({**result, "data_source": source or None})
+        return
+    table = Table(title=name.value)
+    for col in ("split", "images", "classes", "max / min per class", "many / medium / few"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for s, st in rows.items():
+        table.add_row(
+            s,
+            f"{st['images']:,}",
+            f"{st['classes']:,}",
+            f"{st['max_per_class']:,} / {st['min_per_class']:,}",
+            f"{st['many']} / {st['medium']} / {st['few']}",
+        )
+    out.print(table)
+    for note in notes:
+        out.print(f"note: {note}", highlight=False)
+    if source:
+        out.print(f"where the data comes from: {source}", highlight=False)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+@cache_app.command("ls")
+@user_errors
+def cache_ls(cache_dir: Path = CACHE_DIR, as_json: bool = JSON):
+    """List the caches under the cache root, with the flags that pick each.
+
+    Example: [bold]vlmcache cache ls --cache-dir cache[/]
+    """
+    from vlmcache import cache
+    from vlmcache.features import cache_flags
+
+    found = [{**cache.summarize(p), "flags": cache_flags(p)} for p in cache.iter_caches(cache_dir)]
+    if as_json:
+        print_json({"cache_dir": str(cache_dir), "caches": found})
+        return
+    if not found:
+        out.print(f"No caches under '{cache_dir}'. Make one with `vlmcache extract` (or `vlmcache demo`).")
+        return
+    table = Table(title=f"caches in {cache_dir}")
+    for col in ("dataset", "key", "splits", "text", "size"):
+        table.add_column(col, no_wrap=col == "key")
+    for c in found:
+        splits = ", ".join(
+            f"{s} {v.get('rows', 0):,}"
+            + ("" if v.get("complete") else f" ({v.get('shards', 'broken')}, incomplete)")
+            + (" +tokens" if v.get("tokens") else "")
+            for s, v in c["splits"].items()
+        )
+        table.add_row(c["dataset"], c["key"], splits, "yes" if c["text"] else "no", size(c["bytes"]))
+    out.print(table)
+    for c in found:
+        out.print(f"{c['dataset']}/{c['key']}: pick it with {c['flags']}", highlight=False)
+
+
+@cache_app.command("info")
+@user_errors
+def cache_info(
+    ref: str = typer.Argument(..., help="A cache: its path, DATASET/KEY, or a unique key prefix."),
+    cache_dir: Path = CACHE_DIR,
+    as_json: bool = JSON,
+):
+    """Fingerprint, splits, shards and skipped images of one cache.
+
+    Example: [bold]vlmcache cache info digits_lt/vlmcache-tiny__random__50f14ae9[/]
+    """
+    from vlmcache import cache
+
+    model_dir = cache.resolve_cache(cache_dir, ref)
+    summary = cache.summarize(model_dir)
+    manifests = {s: cache.read_manifest(model_dir / s) for s in summary["splits"]}
+    skipped = {s: [x for e in m["shards"] for x in e["skipped"]] for s, m in manifests.items() if m}
+    fingerprint = next((m["fingerprint"]["encoder"] for m in manifests.values() if m), None)
+    if as_json:
+        print_json({**summary, "encoder": fingerprint, "skipped_images": skipped})
+        return
+    out.print(f"[bold]{summary['dataset']} / {summary['key']}[/]  ({size(summary['bytes'])})  {summary['path']}")
+    if fingerprint:
+        out.print_json(json.dumps(fingerprint))
+    table = Table()
+    for col in ("split", "rows", "of", "skipped", "shards", "complete", "tokens", "views", "size"):
+        table.add_column(col)
+    for s, v in summary["splits"].items():
+        if "error" in v:
+            table.add_row(s, v["error"], "", "", "", "", "", "", "")
+            continue
+        table.add_row(
+            s,
+            f"{v['rows']:,}",
+            f"{v['n_rows']:,}",
+            str(v["skipped"]),
+            v["shards"],
+            "yes" if v["complete"] else "NO",
+            "yes" if v["tokens"] else "no",
+            str(v["views"]),
+            size(v["bytes"]),
+        )
+    out.print(table)
+    for s, items in skipped.items():
+        for x in items[:20]:
+            out.print(f"skipped {s} row {x['row']}: {x['path']}: {x['reason']}", highlight=False)
+        if len(items) > 20:
+            out.print(f"... and {len(items) - 20} more skipped in {s} (see --json)")
+
+
+@cache_app.command("verify")
+@user_errors
+def cache_verify(
+    ref: str = typer.Argument(None, help="A cache (path, DATASET/KEY or key prefix); default: every cache."),
+    cache_dir: Path = CACHE_DIR,
+    repair: bool = typer.Option(
+        False,
+        "--repair/--no-repair",
+        metavar="",
+        help="Extract the damaged or missing shards again, into this cache (needs the images).",
+    ),
+    root: Path = typer.Option(None, "--root", help="With --repair: the images' folder, if it moved since extraction."),
+    as_json: bool = JSON,
+):
+    """Re-hash every shard against its manifest; exit 1 and name the shards that differ.
+
+    Example: [bold]vlmcache cache verify places_lt/ViT-B-16__openai__3f9a2c1e --repair[/]
+    """
+    from vlmcache import cache
+    from vlmcache.extract import repair_split
+
+    targets = [cache.resolve_cache(cache_dir, ref)] if ref else list(cache.iter_caches(cache_dir))
+    problems, checked, repaired = [], 0, []
+    for model_dir in targets:
+        for split_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+            found = cache.verify_split(split_dir)
+            if found and repair:
+                fixed = repair_split(split_dir, str(root) if root else None, log=err.print)
+                repaired += [str(split_dir / name) for name in fixed]
+                found = cache.verify_split(split_dir)
+            problems += found
+            checked += 1
+    if as_json:
+        print_json({"checked_splits": checked, "problems": problems, "repaired": repaired, "ok": not problems})
+    else:
+        for path in repaired:
+            out.print(f"repaired {path}", highlight=False)
+        for p in problems:
+            out.print(f"[red]BAD[/] {p}", highlight=False)
+        out.print(
+            f"{checked} split(s) checked: "
+            + ("all shards match their manifest." if not problems else f"{len(problems)} problem(s).")
+        )
+    if problems:
+        raise typer.Exit(1)

@@ -1,0 +1,243 @@
+"""`vlmcache train-head`, `eval`, `zero-shot` and `knn`: stage 2 on one cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vlmcache.cli.common import (
+    CACHE_DATASET,
+    CACHE_DIR,
+    CACHE_KEY,
+    CACHE_MODEL,
+    CACHE_PREPROCESS,
+    CACHE_PRETRAINED,
+    DEVICE,
+    EVAL_SPLIT,
+    HEAD_HELP,
+    HEAD_PARAM,
+    JSON,
+    LOGIT_ADJUST,
+    LOSS,
+    LOSS_PARAM,
+    LR,
+    OUT_RUN,
+    PROTOCOL,
+    RUNS_DIR,
+    SAMPLER,
+    SAMPLER_PARAM,
+    SCHEDULE,
+    SEED,
+    STAGE2_HELP,
+    TAU_NORM,
+    TEXT_INIT,
+    WARMUP_ITERS,
+    WEIGHT_DECAY,
+    WORKERS,
+    app,
+    build_config,
+    log,
+    metrics_table,
+    out,
+    print_json,
+    user_errors,
+)
+
+
+@app.command("train-head", rich_help_panel="Stage 2: heads")
+@user_errors
+def train_head(
+    dataset: str = CACHE_DATASET,
+    root: Path = typer.Option(
+        None, "--root", help="With --stream: the image folder, if it moved since extraction (else unused)."
+    ),
+    model: str = CACHE_MODEL,
+    pretrained: str = CACHE_PRETRAINED,
+    cache_dir: Path = CACHE_DIR,
+    cache_key: str = CACHE_KEY,
+    preprocess: str = CACHE_PREPROCESS,
+    head: str = typer.Option("linear", "--head", help=HEAD_HELP),
+    head_param: list[str] = HEAD_PARAM,
+    text_init: str = TEXT_INIT,
+    loss: str = LOSS,
+    loss_param: list[str] = LOSS_PARAM,
+    sampler: str = SAMPLER,
+    sampler_param: list[str] = SAMPLER_PARAM,
+    stage2: str = typer.Option(None, "--stage2", help=STAGE2_HELP),
+    from_run: Path = typer.Option(
+        None, "--from", help="The first-stage run folder that --stage2 builds on (its cache and head come with it)."
+    ),
+    stage2_param: list[str] = typer.Option(
+        None, "--stage2-param", help="Second-stage setting KEY=VALUE, e.g. reinit=false for crt; repeat."
+    ),
+    protocol: str = PROTOCOL,
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the training split (default protocol: 30)."),
+    iters: int = typer.Option(None, "--iters", help="Optimiser steps instead of epochs (seed protocol: 8192)."),
+    min_steps: int = typer.Option(
+        None,
+        "--min-steps",
+        help="With the protocol's epochs, train at least this many steps: more epochs on a small split "
+        "(default protocol: 2000; off when --epochs or --iters is given).",
+    ),
+    warmup_iters: int = WARMUP_ITERS,
+    schedule: str = SCHEDULE,
+    select_on: str = typer.Option(
+        None, "--select-on", help="Keep the epoch that scores best on this split (seed protocol: val); none: the last."
+    ),
+    lr: float = LR,
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Samples per step (default: 256)."),
+    weight_decay: float = WEIGHT_DECAY,
+    optimizer: str = typer.Option(None, "--optimizer", help="adamw or sgd (default protocol: adamw)."),
+    nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov", metavar="", help="SGD with Nesterov momentum."),
+    seed: int = SEED,
+    split: str = EVAL_SPLIT,
+    device: str = DEVICE,
+    runs_dir: Path = RUNS_DIR,
+    out_dir: Path = OUT_RUN,
+    overwrite: bool = typer.Option(
+        False, "--overwrite/--no-overwrite", metavar="", help="Run again even if this run folder is finished."
+    ),
+    stream_tokens: bool = typer.Option(
+        False, "--stream-tokens/--no-stream-tokens", metavar="", help="Read tokens from disk even if they fit in RAM."
+    ),
+    stream: bool = typer.Option(
+        False,
+        "--stream/--no-stream",
+        metavar="",
+        help="Baseline: encode the cached rows' images again with the frozen tower on every step, as the seed's "
+        "code does (same metrics as the cache for the same seed, slower by the tower's time).",
+    ),
+    augment: bool = typer.Option(
+        None,
+        "--augment/--no-augment",
+        metavar="",
+        help="Train on augmented views: one of the cache's --views per row and epoch (the default when the cache has "
+        "them), or with --stream a fresh crop and flip every epoch, as the seed's code does.",
+    ),
+    workers: int = WORKERS,
+    tau_norm: float = TAU_NORM,
+    logit_adjust: float = LOGIT_ADJUST,
+    as_json: bool = JSON,
+):
+    """Train a head (and optionally a second stage) on cached features; evaluate overall / many / medium / few.
+
+    Example: [bold]vlmcache train-head --loss focal[/] (the one cache there is), or
+    [bold]vlmcache train-head -d places_lt -m ViT-B-16 -p openai --head linear --loss focal --sampler sqrt[/]
+
+    Second stage: [bold]vlmcache train-head --stage2 crt --from runs/places_lt__linear-ce-instance__s0__1a2b3c4d[/]
+    """
+    from vlmcache.train import TrainConfig
+    from vlmcache.train import train_head as run
+
+    cfg = build_config(
+        TrainConfig, locals(), from_run=str(from_run) if from_run else None, eval_split=split,
+        out=str(out_dir) if out_dir else None,
+    )  # fmt: skip
+
+    def on_epoch(row: dict) -> None:
+        log(
+            f"epoch {row['epoch']:>3}  step {row['step']:>6}  loss {row['loss']:.4f}  "
+            f"{row['samples_per_s']:>12,.0f} samples/s"
+            + (f"  {cfg.select_on} {100 * row['select_score']:.2f}" if "select_score" in row else "")
+        )
+
+    result = run(cfg, log=log, on_epoch=on_epoch)
+    if as_json:
+        print_json(result)
+        return
+    out.print(metrics_table(f"{result['run']}", result["metrics"]))
+    cost = result["cost"]
+    out.print(
+        f"train {cost['train_seconds']:.2f} s, {cost['samples_per_s'] or 0:,.0f} samples/s on {cost['device']}, "
+        f"peak RSS {cost['peak_rss_mb']:,.0f} MB",
+        highlight=False,
+    )
+
+
+@app.command("eval", rich_help_panel="Stage 2: heads")
+@user_errors
+def eval_run(
+    run: Path = typer.Argument(..., help="A run folder written by `vlmcache train-head` or `vlmcache finetune`."),
+    tau_norm: float = TAU_NORM,
+    logit_adjust: float = LOGIT_ADJUST,
+    split: str = EVAL_SPLIT,
+    device: str = DEVICE,
+    as_json: bool = JSON,
+):
+    """Evaluate a saved run again, optionally with post-hoc corrections.
+
+    Example: [bold]vlmcache eval runs/places_lt__linear-ce-instance__s0__1a2b3c4d --logit-adjust 1.0[/]
+    """
+    from vlmcache.train import evaluate_run
+
+    result = evaluate_run(run, tau_norm, logit_adjust, split, device)
+    if as_json:
+        print_json(result)
+        return
+    out.print(metrics_table(f"{run} ({result['split']})", result["metrics"]))
+
+
+@app.command("zero-shot", rich_help_panel="Stage 2: heads")
+@user_errors
+def zero_shot(
+    dataset: str = CACHE_DATASET,
+    model: str = CACHE_MODEL,
+    pretrained: str = CACHE_PRETRAINED,
+    cache_dir: Path = CACHE_DIR,
+    cache_key: str = CACHE_KEY,
+    templates: str = typer.Option("openai", "--templates", help="Template set of the class texts."),
+    split: str = EVAL_SPLIT,
+    device: str = DEVICE,
+    as_json: bool = JSON,
+):
+    """Zero-shot accuracy from the cached image and class-text embeddings.
+
+    Example: [bold]vlmcache zero-shot -d inat18 -m ViT-B-16 -p openai --templates openai[/]
+    """
+    from vlmcache.zeroshot import zero_shot as run
+
+    result = run(str(cache_dir), dataset, model, pretrained, cache_key, templates, split, device)
+    result.pop("per_class")
+    if as_json:
+        print_json(result)
+        return
+    title = f"zero-shot {result['dataset']} ({result['split']}, templates {templates})"
+    out.print(metrics_table(title, result["metrics"]))
+
+
+@app.command("knn", rich_help_panel="Stage 2: heads")
+@user_errors
+def knn(
+    dataset: str = CACHE_DATASET,
+    model: str = CACHE_MODEL,
+    pretrained: str = CACHE_PRETRAINED,
+    cache_dir: Path = CACHE_DIR,
+    cache_key: str = CACHE_KEY,
+    k: int = typer.Option(20, "--k", help="Neighbours per query."),
+    temperature: float = typer.Option(0.07, "--temperature", help="Votes are exp(cosine / temperature)."),
+    balanced: bool = typer.Option(
+        False, "--balanced/--no-balanced", metavar="", help="Divide each class's votes by its training images."
+    ),
+    blend: Path = typer.Option(None, "--blend", help="A run whose softmax is blended with the kNN votes."),
+    blend_weight: float = typer.Option(0.5, "--blend-weight", help="Weight of the kNN votes in the blend."),
+    split: str = EVAL_SPLIT,
+    device: str = DEVICE,
+    as_json: bool = JSON,
+):
+    """k-nearest-neighbour classification over the cached training features (faiss, cosine).
+
+    Example: [bold]vlmcache knn -d places_lt -m ViT-B-16 --k 20 --balanced --blend runs/<run>[/]
+    """
+    from vlmcache.knn import knn as run
+
+    result = run(
+        str(cache_dir), dataset, model, pretrained, cache_key, k, temperature, balanced,
+        str(blend) if blend else None, blend_weight, split, device,
+    )  # fmt: skip
+    result.pop("per_class")
+    if as_json:
+        print_json(result)
+        return
+    title = f"kNN {result['dataset']} (k={k}, T={temperature}{', balanced' if balanced else ''})"
+    out.print(metrics_table(title, result["metrics"]))
