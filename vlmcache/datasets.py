@@ -212,7 +212,9 @@ def _check_root(root: str | os.PathLike | None, name: str) -> Path | None:
         return None
     root = Path(root)
     if not root.is_dir():
-        raise VlmcacheError(f"The image root '{root}' for {name} does not exist or is not a folder (--root).")
+        raise VlmcacheError(
+            f"The image root '{root}' for {name} does not exist or is not a folder (--root). {where_data(name)}"
+        )
     return root
 
 
@@ -231,6 +233,8 @@ class Benchmark:
     files: dict[str, tuple[str, ...]]  # split -> candidate file names under --root or shipped
     classnames: Callable[[], list[str]]
     num_classes: int
+    images: str  # where the images are published
+    splits_from: str  # where the split files not shipped with vlmcache are published
 
 
 def _imagenet_names() -> list[str]:
@@ -261,19 +265,57 @@ BENCHMARKS: dict[str, Benchmark] = {
         },
         _imagenet_names,
         1000,
+        "ILSVRC-2012 (ImageNet-1k) train and val images, https://image-net.org/download.php (registration); "
+        "val sorted into one folder per class (wnid), as the split files' paths expect",
+        "ImageNet_LT_train.txt: the OLTR project (Liu et al. 2019), "
+        "https://github.com/zhmiao/OpenLongTailRecognition-OLTR (its README links the ImageNet_LT split files)",
     ),
     "places_lt": Benchmark(
         {"train": ("Places_LT_train.txt",), "val": ("Places_LT_val.txt",), "test": ("Places_LT_test.txt",)},
         _places_names,
         365,
+        "Places365-Standard, small (256 x 256) images, train and val, http://places2.csail.mit.edu/download.html; "
+        "arranged as the split files' paths say (train/<class>/..., val/<class>/...)",
+        "none needed: vlmcache ships Places-LT's train, val and test split files (from the OLTR project)",
     ),
     "inat18": Benchmark(
         # The iNat 2018 validation set is the benchmark's test set.
         {"train": ("iNaturalist18_train.txt", "train2018.json"), "val": ("iNaturalist18_val.txt", "val2018.json")},
         _inat_names,
         8142,
+        "iNaturalist 2018 competition images (train_val2018.tar.gz) and train2018.json / val2018.json, "
+        "https://github.com/visipedia/inat_comp/tree/master/2018",
+        "train2018.json from the competition (above), or iNaturalist18_train.txt (the list of the long-tailed "
+        "literature, e.g. https://github.com/facebookresearch/classifier-balancing); val ships with vlmcache",
     ),
 }
+
+
+def where_data(name: str, cache_dir: str = "cache") -> str:
+    """Where a benchmark's images and split files come from, the layout expected under --root (the first line of
+    each split file vlmcache ships), and the command that extracts it; '' for other datasets."""
+    if name not in BENCHMARKS:
+        return ""
+    bench = BENCHMARKS[name]
+    examples = []
+    for split, candidates in bench.files.items():
+        for c in candidates:
+            shipped = _package_file(f"{name}/{c}.gz")
+            if shipped.is_file():
+                with gzip.open(shipped, "rt") as f:
+                    examples.append(f"ROOT/{f.readline().split()[0]} ({split}, from {c})")
+                break
+    train = bench.files["train"][0]
+    shipped_train = _package_file(f"{name}/{train}.gz").is_file()
+    command = (
+        f"vlmcache extract --dataset {name} --root ROOT"
+        + ("" if shipped_train else f" --split-file train=PATH/{train}")
+        + f" --cache-dir {cache_dir}"
+    )
+    return (
+        f"{name}: images: {bench.images}. Split files: {bench.splits_from}. Layout under --root, as the split "
+        f"files' paths say: {'; '.join(examples)}. Then: {command}"
+    )
 
 
 def _benchmark(name: str, root, split_files: Mapping[str, str], **_) -> Dataset:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlmcache import cache, distributed, faults, runs
-from vlmcache.datasets import Dataset, Split, load_dataset
+from vlmcache.choices import DATASETS, USER_DATASETS, default_workers
+from vlmcache.datasets import Dataset, Split, load_dataset, where_data
 from vlmcache.encoders import Encoder, list_models, load_encoder, math_mode
 from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.images import BadImage, FileSource
@@ -25,16 +26,14 @@ TOKEN_TAP = "visual.transformer output, before ln_post (includes the class token
 VIEW_SCALE = (0.08, 1.0)
 
 
-def default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
-
-
 @dataclass
 class ExtractConfig:
     """Everything `vlmcache extract` needs; validated once in `validate`."""
 
     dataset: str
     root: str | None = None
+    # the cache's dataset folder, `cache/<name>/<key>`: for imagefolder and split, default the root folder's name
+    name: str | None = None
     split_files: dict[str, str] = field(default_factory=dict)
     classnames_file: str | None = None
     splits: list[str] | None = None  # None: every split the dataset defines
@@ -74,6 +73,31 @@ class ExtractConfig:
         if not 0 <= self.seed <= SEED_MAX or not 0 <= self.view_seed <= SEED_MAX:
             raise VlmcacheError(f"--seed and --view-seed must be between 0 and {SEED_MAX}.")
         runs.check_output_dir(self.cache_dir, "--cache-dir")
+        self.name = cache_name(self.dataset, self.root, self.name)
+
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def cache_name(dataset: str, root: str | None, name: str | None) -> str:
+    """The folder a dataset's caches live in: the benchmark's own name, or for the user's own images (imagefolder,
+    split) `--name`, by default the root folder's name, so that several image folders are cached side by side."""
+    if dataset not in USER_DATASETS:
+        if name not in (None, dataset):
+            raise VlmcacheError(f"--name names the caches of imagefolder and split datasets; {dataset} is {dataset}.")
+        return dataset
+    if name is None:
+        name = Path(root).resolve().name if root else dataset
+        if not NAME_RE.match(name) or name in DATASETS:
+            name = dataset if not NAME_RE.match(name) else f"{dataset}-{name}"
+        return name
+    if not NAME_RE.match(name):
+        raise VlmcacheError(
+            f"--name '{name}' must be a plain folder name: letters, digits, '.', '_' or '-', at most 64 characters."
+        )
+    if name in DATASETS and name != dataset:
+        raise VlmcacheError(f"--name '{name}' is a built-in dataset's name; choose another.")
+    return name
 
 
 # --------------------------------------------------------------------------- the image rows
@@ -181,13 +205,15 @@ def _check_images_reachable(dataset: Dataset, splits: list[str]) -> None:
         if isinstance(source, FileSource):
             if dataset.root is None:
                 raise VlmcacheError(
-                    f"{dataset.name} reads image files; pass --root, the folder its split paths start from."
+                    f"{dataset.name} reads image files; pass --root, the folder its split paths start from. "
+                    + where_data(dataset.name)
                 )
             missing = source.first_missing()
             if missing:
                 raise VlmcacheError(
                     f"None of the sampled images of the {s} split exist under --root '{dataset.root}' "
-                    f"(for example '{missing}'). Is --root the folder the split file's paths start from?"
+                    f"(for example '{missing}'). Is --root the folder the split file's paths start from? "
+                    + where_data(dataset.name)
                 )
 
 
@@ -469,18 +495,27 @@ def extract_text(encoder: Encoder, dataset: Dataset, template_sets: list[str], m
     return path
 
 
+def _load_dataset(cfg: ExtractConfig) -> Dataset:
+    """The dataset to extract, named as its cache folder (`cfg.name`)."""
+    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed)
+    dataset.name = cfg.name or cache_name(cfg.dataset, cfg.root, None)
+    return dataset
+
+
 def run_extract(cfg: ExtractConfig, progress=None, log=print, model_dir: Path | None = None) -> dict:
     """Extract every requested split and the class-text embeddings. Returns a summary dict.
 
     `model_dir` (repair) names the `<dataset>/<key>` folder to write into; by default it is made from
     `cfg.cache_dir`, the dataset and the encoder's key. Either way each split's fingerprint must match."""
     cfg.validate()
-    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed)
+    dataset = _load_dataset(cfg)
     splits = cfg.splits or list(dataset.splits)
     missing = [s for s in splits if s not in dataset.splits]
     if missing:
         hint = " ".join(dataset.notes) or f"{cfg.dataset} has the splits: {', '.join(dataset.splits)}."
-        raise VlmcacheError(f"Cannot extract the split(s) {', '.join(missing)} of {cfg.dataset}. {hint}")
+        raise VlmcacheError(
+            f"Cannot extract the split(s) {', '.join(missing)} of {cfg.dataset}. {hint} {where_data(cfg.dataset)}"
+        )
     _check_images_reachable(dataset, splits)
     distributed.init_from_env()
     rank, world = distributed.rank_world()
@@ -535,7 +570,7 @@ def repair_split(split_dir: Path, root: str | None = None, log=print) -> list[st
     if not damaged and manifest.get("complete"):
         return []
     cfg = _recorded_config(split_dir, manifest, root)
-    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed)
+    dataset = _load_dataset(cfg)
     if split_dir.name not in dataset.splits:
         raise VlmcacheError(f"'{split_dir}': {cfg.dataset} has no split '{split_dir.name}' to extract again.")
     try:
@@ -573,6 +608,8 @@ def _recorded_config(split_dir: Path, manifest: dict, root: str | None) -> Extra
         cfg = TypeAdapter(ExtractConfig).validate_python(recorded)
     except ValidationError as e:
         raise VlmcacheError(f"'{split_dir}/{cache.MANIFEST}': extract_config.{describe(e)}.") from None
+    if "name" not in recorded:  # made before --name: the folder it lives in is its name
+        cfg.name = split_dir.parent.parent.name
     cfg.splits, cfg.overwrite, cfg.verify = [split_dir.name], False, False
     cfg.cache_dir = str(split_dir.parent.parent.parent)
     if root is not None:

@@ -32,30 +32,74 @@ def weights_label(pretrained: str | None, preprocess: str = "model") -> str:
 
 def find_cache(
     cache_dir: str | os.PathLike,
-    dataset: str,
-    model: str,
+    dataset: str | None,
+    model: str | None,
     pretrained: str | None,
     key: str | None = None,
     preprocess: str = "model",
 ) -> Path:
-    """The `<dataset>/<key>` folder that `vlmcache extract` wrote for this dataset, model and weights."""
-    ds_dir = Path(cache_dir) / dataset
+    """The `<dataset>/<key>` folder that `vlmcache extract` wrote. Dataset, model and weights may each be left
+    out (None): the one cache that matches what is given is the answer; several or none is an error that
+    lists the caches there are as ready-to-paste flags."""
     if key:
-        return cache.resolve_cache(Path(cache_dir), f"{dataset}/{key}" if "/" not in key else key)
-    prefix = f"{model}__{weights_label(pretrained, preprocess)}__"
-    found = sorted(p for p in ds_dir.glob(prefix + "*") if p.is_dir()) if ds_dir.is_dir() else []
-    if not found:
+        return cache.resolve_cache(Path(cache_dir), f"{dataset}/{key}" if dataset and "/" not in key else key)
+    caches = list(cache.iter_caches(Path(cache_dir)))
+    found = [p for p in caches if _matches(p, dataset, model, pretrained, preprocess)]
+    if len(found) == 1:
+        return found[0]
+    wanted = " ".join(
+        f"{flag} {value}" for flag, value in (("-d", dataset), ("-m", model), ("-p", pretrained)) if value
+    ) + (" --preprocess seed" if preprocess == "seed" else "")
+    if found:
         raise VlmcacheError(
-            f"No cache of {dataset} for {model} ({pretrained}) under '{cache_dir}'. Make it with: "
-            f"vlmcache extract --dataset {dataset} --model {model} --pretrained {pretrained} --cache-dir {cache_dir}"
-            + (" --preprocess seed" if preprocess == "seed" else "")
+            f"Several caches under '{cache_dir}' match{' ' + wanted if wanted else ''}; choose one by adding its "
+            f"flags: " + "; ".join(cache_flags(p) for p in found) + "."
         )
-    if len(found) > 1:
+    have = f" Caches there: {'; '.join(cache_flags(p) for p in caches)}." if caches else ""
+    if dataset is None:
         raise VlmcacheError(
-            f"Several caches of {dataset} for {model} ({pretrained}): {', '.join(p.name for p in found)}; "
-            f"choose one with --cache-key."
+            f"No cache under '{cache_dir}'{' matches ' + wanted if wanted else ''}.{have} Make one with "
+            f"`vlmcache extract --dataset NAME ...` (or `vlmcache demo`), or point --cache-dir at yours."
         )
-    return found[0]
+    extract = (
+        f"vlmcache extract --dataset {dataset} --model {model or 'ViT-B-16'} --pretrained {pretrained or 'openai'} "
+        f"--cache-dir {cache_dir}" + (" --preprocess seed" if preprocess == "seed" else "")
+    )
+    raise VlmcacheError(f"No cache under '{cache_dir}' matches {wanted}.{have} Make it with: {extract}")
+
+
+def cache_parts(model_dir: Path) -> tuple[str, str, str]:
+    """(dataset, model, weights label) of a cache folder, from its name `<dataset>/<model>__<weights>__<hash>`."""
+    m = cache.KEY_RE.match(model_dir.name)
+    return model_dir.parent.name, m["model"], m["source"]
+
+
+def cache_flags(model_dir: Path) -> str:
+    """The flags that pick this cache: `-d digits_lt -m vlmcache-tiny -p random`, or with --cache-key for a weights
+    file (its path is not in the name) and when the name alone does not tell it apart."""
+    dataset, model, source = cache_parts(model_dir)
+    seed = source.endswith(SEED_PREPROCESS_SUFFIX)
+    weights = source.removesuffix(SEED_PREPROCESS_SUFFIX)
+    if weights.startswith("file-"):
+        return f"-d {dataset} --cache-key {model_dir.name}"
+    return f"-d {dataset} -m {model} -p {weights}" + (" --preprocess seed" if seed else "")
+
+
+def _matches(model_dir: Path, dataset: str | None, model: str | None, pretrained: str | None, preprocess: str) -> bool:
+    ds, mdl, source = cache_parts(model_dir)
+    if dataset is not None and ds != dataset:
+        return False
+    if model is not None and mdl != model:
+        return False
+    if pretrained is not None:
+        return source == weights_label(pretrained, preprocess)
+    return source.endswith(SEED_PREPROCESS_SUFFIX) == (preprocess == "seed")
+
+
+def pretrained_of(model_dir: Path) -> str:
+    """The --pretrained value a cache was found by: its tag, `random`, or `file-<sha12>` (a label that finds the
+    cache again; re-encoding images, as --stream does, reads the weights' path from the manifest)."""
+    return cache_parts(model_dir)[2].removesuffix(SEED_PREPROCESS_SUFFIX)
 
 
 def default_eval_split(model_dir: Path) -> str:

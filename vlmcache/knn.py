@@ -50,8 +50,8 @@ def knn_probs(
 @torch.no_grad()
 def knn(
     cache_dir: str,
-    dataset: str,
-    model: str,
+    dataset: str | None,
+    model: str | None,
     pretrained: str | None,
     cache_key: str | None = None,
     k: int = 20,
@@ -73,6 +73,7 @@ def knn(
         raise VlmcacheError(f"--blend-weight must be in [0, 1], got {blend_weight}.")
     dev = pick_device(device)
     model_dir = find_cache(cache_dir, dataset, model, pretrained, cache_key)
+    dataset = model_dir.parent.name  # given, or the one cache's
     text = cache.read_text(model_dir / cache.TEXT_FILE)
     train_split = open_split(model_dir, "train")
     num_classes = int(train_split.fingerprint["num_classes"])

@@ -30,8 +30,8 @@ def train_counts(model_dir, num_classes: int, dataset: str) -> np.ndarray:
 @torch.no_grad()
 def zero_shot(
     cache_dir: str,
-    dataset: str,
-    model: str,
+    dataset: str | None,
+    model: str | None,
     pretrained: str | None,
     cache_key: str | None = None,
     templates: str = "openai",
@@ -42,6 +42,7 @@ def zero_shot(
 ) -> dict:
     dev = pick_device(device)
     model_dir = find_cache(cache_dir, dataset, model, pretrained, cache_key)
+    dataset = model_dir.parent.name  # given, or the one cache's
     text = cache.read_text(model_dir / cache.TEXT_FILE)
     if templates not in text.sets:
         raise unknown_choice("template set (extract it with --templates)", templates, text.sets)
