@@ -384,6 +384,80 @@ def plan(pipe: Pipeline) -> list[PlannedRun]:
     return sorted(runs, key=lambda r: r.from_method is not None)
 
 
+# --------------------------------------------------------------------------- pre-flight
+
+
+@dataclass
+class MissingCache:
+    dataset: str
+    model: dict
+    tokens: bool  # a decoder in the grid needs the cache's tokens
+    reason: str
+    exists: bool = False  # there is a cache, without the tokens: made again with them
+
+    def command(self, cache_dir: str) -> str:
+        m = self.model
+        pretrained = m.get("pretrained")
+        return (
+            f"vlmcache extract --dataset {self.dataset} --model {m['model']}"
+            + (f" --pretrained {pretrained}" if pretrained is not None else "")
+            + (" --preprocess seed" if m.get("preprocess") == "seed" else "")
+            + (" --tokens" if self.tokens else "")
+            + (" --overwrite" if self.exists else "")
+            + f" --cache-dir {cache_dir}"
+            + ("" if self.dataset in NO_USER_DATA else " --root ROOT")
+        )
+
+
+NO_USER_DATA = ("digits_lt",)  # datasets whose images ship with vlmcache: `ablate --extract` can make them
+
+
+def missing_caches(pipe: Pipeline) -> list[MissingCache]:
+    """Every (dataset, model) cache the grid reads that is not there, or lacks the tokens a decoder needs:
+    checked before the first run, so that a grid does not fail run by run."""
+    from vlmcache import cache
+
+    planned = plan(pipe)
+    found = []
+    for dataset, model in itertools.product(pipe.datasets, pipe.models):
+        tokens = any(
+            r.dataset == dataset and r.model == model and {**pipe.defaults, **r.settings}.get("head") == "decoder"
+            for r in planned
+        )
+        try:
+            model_dir = find_cache(
+                pipe.cache_dir, dataset, str(model["model"]), _opt_str(model.get("pretrained")),
+                _opt_str(model.get("cache_key")), str(model.get("preprocess", "model")),
+            )  # fmt: skip
+        except VlmcacheError as e:
+            found.append(MissingCache(dataset, model, tokens, str(e)))
+            continue
+        manifest = cache.read_manifest(model_dir / "train")
+        if tokens and not (manifest and manifest["fingerprint"].get("tokens")):
+            found.append(MissingCache(dataset, model, tokens, f"'{model_dir}' has no tokens for the decoder", True))
+    return found
+
+
+def extract_missing(pipe: Pipeline, missing: list[MissingCache], progress=None, log=print) -> None:
+    """Make the missing caches of datasets that need no user data (--extract); refuse the others."""
+    from vlmcache.extract import ExtractConfig, run_extract
+
+    need_data = [m for m in missing if m.dataset not in NO_USER_DATA]
+    if need_data:
+        raise VlmcacheError(
+            "--extract makes caches of built-in data only; these need your images: "
+            + "; ".join(m.command(pipe.cache_dir) for m in need_data)
+        )
+    for m in missing:
+        log(f"extracting: {m.command(pipe.cache_dir)}")
+        cfg = ExtractConfig(
+            dataset=m.dataset, model=str(m.model["model"]), pretrained=_opt_str(m.model.get("pretrained")),
+            preprocess=str(m.model.get("preprocess", "model")), cache_dir=pipe.cache_dir, tokens=m.tokens,
+            workers=0, shard_size=256, overwrite=m.exists,
+        )  # fmt: skip
+        run_extract(cfg, progress=progress, log=log)
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -393,7 +467,7 @@ def _row(
     row = {
         "dataset": run.dataset,
         "model": run.model["model"],
-        "pretrained": run.model.get("pretrained"),
+        "pretrained": cfg.pretrained if cfg is not None else run.model.get("pretrained"),
         "method": run.method,
         "seed": run.seed,
         "status": status,
@@ -423,7 +497,7 @@ def run_pipeline(pipe: Pipeline, runs_dir: str | None = None, progress=None, log
     if runs_dir:
         pipe = replace(pipe, runs_dir=runs_dir)
     planned = plan(pipe)
-    out = runs.check_output_dir(pipe.runs_dir, "the runs folder (--out or runs_dir)")
+    out = runs.check_output_dir(pipe.runs_dir, "the runs folder (--runs-dir or runs_dir)")
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, str | None] = {}  # (dataset, model, seed, method) -> run dir of a finished first stage
     rows = []

@@ -156,6 +156,7 @@ def bench_extraction(
         split_file = write_jpegs(root, images)
         cfg = ExtractConfig(
             dataset="split",
+            name="split",
             root=str(root),
             split_files={"train": str(split_file)},
             model=model,
@@ -236,6 +237,7 @@ def bench_streaming(model: str, images: int, device: str = "auto") -> list[dict]
         run_extract(
             ExtractConfig(
                 **common,
+                name="split",
                 root=str(root),
                 split_files={"train": str(split_file), "test": str(test_file)},
                 tokens=True,

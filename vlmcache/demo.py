@@ -7,7 +7,7 @@ from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.report import write_report
 from vlmcache.zeroshot import zero_shot
 
-MODEL = dict(model="vlmcache-tiny", pretrained="none")
+MODEL = dict(model="vlmcache-tiny", pretrained="random")
 
 
 def extract(cache_dir: str, workers: int = 0, progress=None, log=print) -> dict:

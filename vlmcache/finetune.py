@@ -30,11 +30,12 @@ import torch
 from torch import nn
 
 from vlmcache import cache, distributed, faults, runs
+from vlmcache.choices import TUNE
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.extract import ExtractConfig, ImageRows, default_workers, image_loader, probe_dims, run_extract
-from vlmcache.heads import build_head
+from vlmcache.heads import build_head, full_head_params, upgrade_head_file
 from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb
 from vlmcache.metrics import Evaluator
@@ -53,11 +54,6 @@ from vlmcache.train import (
     param_groups,
 )
 
-TUNE = {
-    "all": "every parameter of the image tower",
-    "last": "the last --last-k transformer blocks, the final norm and the projection",
-    "norms": "norm layers' weights and every bias (BitFit-style)",
-}
 HEADS = ("linear", "cosine")  # on the tower's pooled embedding
 CHECKPOINT = "checkpoint.pt"
 
@@ -138,6 +134,8 @@ class FinetuneConfig:
         check_numbers(self)
         if not 0 <= self.holdout_seed <= SEED_MAX:
             raise VlmcacheError(f"--holdout-seed must be between 0 and {SEED_MAX}, got {self.holdout_seed}.")
+        if self.head in ("linear", "cosine"):  # the tower's embedding is unit-normalised, as CLIP trains it
+            self.head_params = {"normalize": "l2", **self.head_params}
         if self.head_params.get("normalize", "l2") not in ("l2", "none"):
             raise VlmcacheError(
                 f"Fine-tuning takes the linear head's normalize=l2 or none, not {self.head_params['normalize']}: "
@@ -455,7 +453,7 @@ def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, 
         "head": cfg.head,
         "in_dim": model.head.classifier.weight.shape[1],
         "num_classes": dataset.num_classes,
-        "head_params": cfg.head_params,
+        "head_params": full_head_params(cfg.head, cfg.head_params),
         "head_state": model.head.state_dict(),
         "stage2": None,
         "stage2_params": None,
@@ -510,7 +508,7 @@ def evaluate_finetuned(
     dataset = finetune_dataset(cfg)
     eval_split = dataset.split(split or meta["eval_split"])
     encoder = load_encoder(cfg.model, str(weights), device, "fp32", _preprocess_tag(cfg))
-    saved = runs.load_head_file(run_dir, encoder.device)
+    saved = upgrade_head_file(runs.load_head_file(run_dir, encoder.device))
     if saved["num_classes"] != dataset.num_classes or len(meta["train_counts"]) != dataset.num_classes:
         raise VlmcacheError(
             f"'{run_dir}/head.pt' is a head for {saved['num_classes']} classes; "

@@ -26,9 +26,26 @@ GROUPS = ["dataset", "model", "pretrained", "method"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
 
 
+def _palette() -> list:
+    """Qualitative colours that stay apart: tab10's ten, then Dark2's eight (tab20 pairs light and dark of one
+    hue, which read as one method)."""
+    return [plt.cm.tab10(i) for i in range(10)] + [plt.cm.Dark2(i) for i in range(8)]
+
+
 def _style(i: int) -> dict:
-    """A distinct colour and marker for the i-th method (20 colours x 10 markers)."""
-    return {"color": plt.cm.tab20(i % 20 / 20 + 0.025), "marker": MARKERS[i % len(MARKERS)]}
+    """A distinct colour and marker for the i-th method (18 colours x 10 markers)."""
+    colours = _palette()
+    return {"color": colours[i % len(colours)], "marker": MARKERS[i % len(MARKERS)]}
+
+
+def _plain_log_x(ax) -> None:
+    """A log x axis labelled 0.5, 1, 2, 5, 10, ... at major ticks only (minor labels like 3x10^1 overlap)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.4g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _legend_outside(ax) -> None:
@@ -170,9 +187,11 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _cell(mean, std) -> str:
+    """A metric in % with its std over seeds; the std is there whenever there are two seeds or more, 0.0 too
+    (no ± means one seed)."""
     if pd.isna(mean):
         return "-"
-    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if not pd.isna(std) and std > 0 else "")
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if not pd.isna(std) else "")
 
 
 def paper_table(summary: pd.DataFrame) -> str:
@@ -200,36 +219,89 @@ def paper_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+COST_HEADERS = {
+    "train_seconds": ("training loop (s)", "{:,.2f}"),
+    "total_seconds": ("whole run (s)", "{:,.2f}"),
+    "total_with_first_stage_seconds": ("with its first stage (s)", "{:,.2f}"),
+    "samples_per_s": ("samples/s", "{:,.0f}"),
+    "peak_rss_mb": ("peak RSS of the run (MB)", "{:,.0f}"),
+}
+
+
+def detail_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Every metric (in %, mean ± std over seeds, as the main table) and every cost (mean over seeds, in its own
+    unit, named in its header) per dataset, model and method: strings, so that no cell turns into 1.3e+04."""
+    out = summary[[c for c in (*GROUPS, "seeds") if c in summary.columns]].copy()
+    for m in METRICS:
+        if f"{m}_mean" in summary.columns:
+            out[f"{m.replace('_', ' ')} (%)"] = [
+                _cell(a, b) for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"], strict=True)
+            ]
+    for c, (header, fmt) in COST_HEADERS.items():
+        if f"{c}_mean" in summary.columns:
+            out[header] = ["-" if pd.isna(v) else fmt.format(v) for v in summary[f"{c}_mean"]]
+    return out
+
+
 # --------------------------------------------------------------------------- plots
 
 
 def plot_per_class(table: pd.DataFrame, path: Path, bins: int = 12) -> bool:
-    """Per-class accuracy against training images per class (log x), binned, a line per method."""
+    """Per-class accuracy against training images per class (log x): a panel per method, each class a point
+    (its mean over seeds) and a line through the means of log-spaced frequency bins; the first method's line is
+    drawn faintly in every panel for comparison. Readable at 10 classes and at 8,142."""
     ok = table[(table["status"] != "failed") & table["run"].notna()]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    drawn = False
-    for i, (method, group) in enumerate(ok.groupby("method", sort=False)):
+    curves = {}
+    for method, group in ok.groupby("method", sort=False):
         frames = [f for f in map(_per_class, group["run"]) if f is not None]
         if not frames:
             continue
         pc = pd.concat(frames).dropna(subset=["accuracy"])
         pc = pc[pc["train_count"] > 0]
-        edges = np.unique(np.geomspace(pc["train_count"].min(), pc["train_count"].max() + 1, bins + 1))
-        pc = pc.assign(bin=pd.cut(pc["train_count"], edges, include_lowest=True, right=False))
-        binned = pc.groupby("bin", observed=True).agg(x=("train_count", "median"), acc=("accuracy", "mean"))
-        ax.plot(binned["x"], 100 * binned["acc"], label=method, **_style(i))
-        drawn = True
-    ax.set_xscale("log")
-    ax.set_xlabel("training images of the class (log scale)")
-    ax.set_ylabel("test accuracy of the class (%)")
-    ax.set_title("Per-class accuracy against training frequency")
-    ax.grid(alpha=0.3)
-    if drawn:
-        _legend_outside(ax)
+        if pc.empty:
+            continue
+        per_class = pc.groupby("class" if "class" in pc.columns else "train_count", as_index=False).agg(
+            train_count=("train_count", "first"), accuracy=("accuracy", "mean")
+        )
+        curves[method] = (per_class, _binned(per_class, bins))
+    if not curves:
+        return False
+    n = len(curves)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.6), sharex=True, sharey=True,
+                             squeeze=False)  # fmt: skip
+    reference_name, (_, reference) = next(iter(curves.items()))
+    for i, (ax, (method, (points, line))) in enumerate(zip(axes.flat, curves.items(), strict=False)):
+        style = _style(i)
+        alpha = max(0.15, min(0.8, 30 / len(points)))
+        ax.scatter(
+            points["train_count"], 100 * points["accuracy"], s=10, alpha=alpha, color=style["color"], lw=0, zorder=3
+        )
+        if i:
+            ax.plot(reference["x"], 100 * reference["acc"], color="0.6", lw=1, ls="--", label=reference_name)
+        ax.plot(line["x"], 100 * line["acc"], color=style["color"], lw=2)
+        ax.set_title(method, fontsize=8)
+        _plain_log_x(ax)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    fig.supxlabel("training images of the class (log scale)", fontsize=9)
+    fig.supylabel("test accuracy of the class (%)", fontsize=9)
+    fig.suptitle(f"Per-class accuracy against training frequency (dashed: {reference_name})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return drawn
+    return True
+
+
+def _binned(per_class: pd.DataFrame, bins: int) -> pd.DataFrame:
+    """Mean accuracy of the classes in each of `bins` log-spaced frequency bins, at the bin's median frequency."""
+    counts = per_class["train_count"]
+    edges = np.unique(np.geomspace(counts.min(), counts.max() + 1, bins + 1))
+    binned = per_class.assign(bin=pd.cut(counts, edges, include_lowest=True, right=False))
+    return binned.groupby("bin", observed=True).agg(x=("train_count", "median"), acc=("accuracy", "mean"))
 
 
 def _per_class(run: str) -> pd.DataFrame | None:
@@ -244,28 +316,30 @@ def _per_class(run: str) -> pd.DataFrame | None:
 
 
 def plot_shot_bars(summary: pd.DataFrame, path: Path) -> None:
-    """Many / medium / few / overall accuracy, a group of bars per method (first dataset and model)."""
+    """Many / medium / few / overall accuracy with the std over seeds, a group of horizontal bars per method
+    (first dataset and model), so that long method names never overlap."""
     first = summary[(summary["dataset"] == summary["dataset"].iloc[0]) & (summary["model"] == summary["model"].iloc[0])]
     groups = ["many", "medium", "few", "overall"]
-    x = np.arange(len(first))
-    width = 0.8 / len(groups)
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(first) + 2), 4.5))
+    y = np.arange(len(first))[::-1]  # the first method on top
+    height = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(first) + 1.6))
     for i, g in enumerate(groups):
-        ax.bar(
-            x + i * width,
+        ax.barh(
+            y + (len(groups) - 1 - i) * height,
             100 * first[f"{g}_mean"].astype(float),
-            width,
-            yerr=100 * first[f"{g}_std"].fillna(0).astype(float),
+            height,
+            xerr=100 * first[f"{g}_std"].fillna(0).astype(float),
             label=g,
             capsize=2,
+            color=plt.cm.tab10(i),
         )
-    ax.set_xticks(x + width * (len(groups) - 1) / 2, first["method"], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy (%)")
+    ax.set_yticks(y + height * (len(groups) - 1) / 2, first["method"], fontsize=8)
+    ax.set_xlabel("accuracy (%), mean ± std over seeds")
     ax.set_title(f"{first['dataset'].iloc[0]}, {first['model'].iloc[0]}: accuracy by shot group")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -286,7 +360,7 @@ def plot_cost(summary: pd.DataFrame, path: Path) -> None:
         label = f"{row['method']} ({row['dataset']}, {row['model']})" if several else row["method"]
         ax.scatter(method_seconds(row), 100 * row["overall_mean"], label=label, s=40, **_style(i))
     _legend_outside(ax)
-    ax.set_xscale("log")
+    _plain_log_x(ax)
     ax.set_xlabel("time of the whole method, a second stage with its first (s, log scale)")
     ax.set_ylabel("overall accuracy (%)")
     ax.set_title("Accuracy against training cost")
@@ -319,12 +393,12 @@ def write_report(runs_dir: str | Path, log=print) -> dict:
         f"# Results: {runs_dir.name}",
         "",
         f"{len(table) - len(failed)} runs finished, {len(failed)} failed. Accuracy in %, mean ± std over "
-        f"seeds; many / medium / few: more than 100, 20 to 100, fewer than 20 training images.",
+        f"seeds (no ± for a single seed); many / medium / few: more than 100, 20 to 100, fewer than 20 "
+        f"training images.",
         "",
         markdown,
     ]
-    detail = summary[[c for c in summary.columns if c.endswith("_mean") or c in (*GROUPS, "seeds")]]
-    lines += ["## Every metric and cost (means over seeds)", "", detail.to_markdown(index=False, floatfmt=".4g"), ""]
+    lines += ["## Every metric and cost", "", detail_table(summary).to_markdown(index=False), ""]
     for name, title in (
         ("shots", "Accuracy by shot group"),
         ("per_class", "Per-class accuracy against training frequency"),

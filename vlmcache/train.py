@@ -21,12 +21,28 @@ import torch
 from torch import nn
 
 from vlmcache import cache, runs, schemas, streaming
-from vlmcache.encoders import pick_device
+from vlmcache.encoders import RANDOM, pick_device
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
-from vlmcache.features import Pooled, default_eval_split, find_cache, load_inputs, open_split
-from vlmcache.heads import HEADS, CosineClassifier, LinearClassifier, build_head, head_params
+from vlmcache.features import (
+    Pooled,
+    cache_parts,
+    default_eval_split,
+    find_cache,
+    load_inputs,
+    open_split,
+    pretrained_of,
+)
+from vlmcache.heads import (
+    HEADS,
+    CosineClassifier,
+    LinearClassifier,
+    build_head,
+    full_head_params,
+    head_params,
+    upgrade_head_file,
+)
 from vlmcache.losses import LOSSES, build_loss, loss_params
-from vlmcache.memory import peak_rss_mb
+from vlmcache.memory import peak_rss_mb, reset_peak
 from vlmcache.metrics import Evaluator
 from vlmcache.samplers import SAMPLERS, build_sampler, sampler_params
 from vlmcache.stage2 import STAGE2, build_stage2, logit_adjusted, stage2_params, tau_normalized
@@ -47,6 +63,7 @@ PROTOCOLS: dict[str, dict] = {
         momentum=0.9,
         nesterov=False,
         iters=0,
+        min_steps=2000,
         warmup_iters=0,
         schedule="cosine",
         select_on="",
@@ -60,6 +77,7 @@ PROTOCOLS: dict[str, dict] = {
         momentum=0.9,
         nesterov=True,
         iters=8192,
+        min_steps=0,
         warmup_iters=512,
         schedule="seed_cosine",
         select_on="val",
@@ -85,8 +103,8 @@ class TrainConfig:
     """Everything `vlmcache train-head` needs. `resolve()` validates it once and fills the defaults."""
 
     dataset: str | None  # None only for a second stage, which takes it from its first-stage run
-    model: str = "ViT-B-16"
-    pretrained: str | None = "openai"
+    model: str | None = None  # None: whichever the one matching cache was made with
+    pretrained: str | None = None
     cache_dir: str = "cache"
     cache_key: str | None = None
     preprocess: str = "model"  # which cache: the weights' own preprocessing, or the seed's (extract --preprocess)
@@ -109,6 +127,9 @@ class TrainConfig:
     momentum: float | None = None
     nesterov: bool | None = None
     iters: int | None = None  # an optimiser-step budget: the last epoch stops there (0: epochs decide)
+    # with the protocol's epochs, train at least this many steps (more epochs on a small split); 0 when
+    # --epochs or --iters is given, which then decide alone
+    min_steps: int | None = None
     warmup_iters: int | None = None
     schedule: str | None = None  # cosine (to zero) or seed_cosine (cos(7 pi/16 t), the seed's)
     select_on: str | None = None  # a split to keep the best epoch on ("none": the last epoch)
@@ -132,6 +153,10 @@ class TrainConfig:
     def resolve(self) -> TrainConfig:
         if self.protocol not in PROTOCOLS:
             raise unknown_choice("protocol", self.protocol, PROTOCOLS)
+        if self.pretrained is not None and self.pretrained.lower() in RANDOM:
+            self.pretrained = "random"  # as cache keys and fingerprints say it
+        if self.min_steps is None and (self.epochs is not None or self.iters is not None):
+            self.min_steps = 0  # a length the user chose is the length
         for key, value in PROTOCOLS[self.protocol].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -151,8 +176,6 @@ class TrainConfig:
                 raise VlmcacheError("Second stages re-balance linear, cosine and decoder heads, not coop prompts.")
         elif self.from_run:
             raise VlmcacheError("--from names a first-stage run for a second stage; add --stage2 (crt, lws, ...).")
-        elif not self.dataset:
-            raise VlmcacheError("--dataset is needed: the dataset whose cache to train on (see `vlmcache cache ls`).")
         self.loss = self.loss or "ce"
         self.sampler = self.sampler or "instance"
         if self.protocol == "seed":  # the seed's form of each method; explicit parameters win
@@ -166,8 +189,11 @@ class TrainConfig:
             raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.schedule not in SCHEDULES:
             raise unknown_choice("schedule", self.schedule, SCHEDULES)
-        if self.iters < 0 or self.warmup_iters < 0:
-            raise VlmcacheError(f"--iters and --warmup-iters must be 0 or more, got {self.iters}, {self.warmup_iters}.")
+        if self.iters < 0 or self.warmup_iters < 0 or self.min_steps < 0:
+            raise VlmcacheError(
+                f"--iters, --warmup-iters and --min-steps must be 0 or more, got {self.iters}, "
+                f"{self.warmup_iters}, {self.min_steps}."
+            )
         if self.select_on == "none":
             self.select_on = ""
         self.sampler_params = checked_params(
@@ -187,6 +213,9 @@ class TrainConfig:
             )
         if self.text_init and self.head != "cosine":
             raise VlmcacheError("--text-init initialises the cosine head; use --head cosine.")
+        if self.head == "cosine" and not self.stage2 and "normalize" not in self.head_params:
+            # standardised inputs train from a random start; from the class texts, raw ones keep step 0 zero-shot
+            self.head_params = {**self.head_params, "normalize": "none" if self.text_init else "standardize"}
         return self
 
     def run_name(self) -> str:
@@ -287,8 +316,21 @@ def post_hoc(model: RunModel, tau_norm: float | None) -> RunModel:
     return RunModel(model.head, None, tau_normalized(model.head.classifier, tau_norm))
 
 
-def _peak_memory(device: torch.device) -> dict:
-    out = {"peak_rss_mb": peak_rss_mb()}
+def start_peak_memory(device: torch.device) -> str:
+    """Reset the process's peak RSS (and the device's peak allocation), so that a run's peak is its own, not an
+    earlier run's in the same process (ablate, tests). Returns what the recorded peak covers: "run", or
+    "process" where the kernel cannot reset it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        reset_peak()
+    except OSError:
+        return "process"
+    return "run"
+
+
+def _peak_memory(device: torch.device, scope: str) -> dict:
+    out = {"peak_rss_mb": peak_rss_mb(), "peak_rss_scope": scope}
     if device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
@@ -330,6 +372,14 @@ def lr_factor(schedule: str, total: int, warmup: int = 0) -> Callable[[int], flo
     return factor
 
 
+def train_epochs(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Passes over the sampler: enough for `iters` steps, else `epochs`, raised to reach `min_steps` (the
+    default protocol's floor, so that a small split such as the demo's 568 images still gets enough steps)."""
+    if cfg.iters:
+        return math.ceil(cfg.iters / steps_per_epoch)
+    return max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+
+
 def fit(
     module: nn.Module,
     data,
@@ -351,7 +401,7 @@ def fit(
     params = [p for p in module.parameters() if p.requires_grad]
     opt = _optimizer(cfg, params)
     steps = math.ceil(sampler.size / cfg.batch_size)
-    epochs = math.ceil(cfg.iters / steps) if cfg.iters else cfg.epochs
+    epochs = train_epochs(cfg, steps)
     total = cfg.iters or epochs * steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, total, cfg.warmup_iters))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -563,7 +613,7 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
         cfg.resolve()
     except VlmcacheError as e:
         raise VlmcacheError(f"'{run_dir}/config.json': {e}") from None
-    saved = runs.load_head_file(run_dir, device)
+    saved = upgrade_head_file(runs.load_head_file(run_dir, device))
     if saved["head"] not in HEADS or (saved["stage2"] is not None and saved["stage2"] not in STAGE2):
         raise VlmcacheError(f"'{run_dir}/head.pt' names a head or second stage this vlmcache does not have.")
     model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key, cfg.preprocess)
@@ -610,10 +660,13 @@ def train_head(
     for warning in double_corrections(cfg):
         log(f"warning: {warning}")
     device = pick_device(cfg.device)
+    memory_scope = start_peak_memory(device)
     if cfg.stage2:
-        first_cfg = inherit_first_stage(cfg)
-        _, first, _ = load_run(cfg.from_run, device)
+        inherit_first_stage(cfg)
+        _, first, first_saved = load_run(cfg.from_run, device)
     model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key, cfg.preprocess)
+    cfg.dataset, cfg.model, _ = cache_parts(model_dir)  # what was left out is the found cache's
+    cfg.pretrained = cfg.pretrained or pretrained_of(model_dir)
     cfg.cache_key = model_dir.name
     cfg.cache_dir = str(model_dir.parent.parent.resolve())  # so that `eval` and second stages find it anywhere
     eval_name = cfg.eval_split or default_eval_split(model_dir)
@@ -635,9 +688,9 @@ def train_head(
         stage2 = build_stage2(cfg.stage2, head.classifier, **cfg.stage2_params).to(device)
         model = RunModel(head, stage2)
         fit_model, fit_data = stage2, frozen_features(head, train_data)  # a pass of the frozen head over train
-        in_dim, head_params = train_data.dim, dict(first_cfg.head_params)
+        in_dim, head_params = train_data.dim, dict(first_saved["head_params"])
     else:
-        in_dim, head_params = train_data.dim, dict(cfg.head_params)
+        in_dim, head_params = train_data.dim, full_head_params(cfg.head, cfg.head_params)
         head = build_head(cfg.head, in_dim, num_classes, **head_params).to(device)
         if hasattr(head, "bind_text"):
             _bind_text(head, train_split, text, device)
@@ -689,7 +742,7 @@ def train_head(
         "total_seconds": round(time.perf_counter() - t_start, 3),  # everything this run did
         "samples_per_s": round(samples / train_seconds, 1) if train_seconds > 0 else None,
         "device": str(device),
-        **_peak_memory(device),
+        **_peak_memory(device, memory_scope),
     }
     if cfg.stage2:  # what the method costs from scratch: this stage plus the first stage it builds on
         first_cost = runs.read_metrics(Path(cfg.from_run))["cost"]
