@@ -126,6 +126,8 @@ def extract_cmd(root: Path, files: dict, cache_dir: Path, *extra: str) -> list[s
         "extract",
         "--dataset",
         "split",
+        "--name",
+        "split",
         "--root",
         str(root),
         "--split-file",

@@ -1,6 +1,7 @@
 """Ablation grids end to end on a synthetic cache: resume, recorded failures, tables and report files."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -113,7 +114,7 @@ def test_paper_table_layout():
     lines = paper_table(summary).splitlines()
     assert lines[0] == ("| method | a many | a medium | a few | a overall | b many | b medium | b few | b overall |")
     assert lines[2] == "| CE | 50.0 ± 1.0 | 50.0 ± 1.0 | 50.0 ± 1.0 | 50.0 ± 1.0 | 70.0 | 70.0 | 70.0 | 70.0 |"
-    assert lines[3] == "| BS | 60.0 | 60.0 | 60.0 | 60.0 | - | - | - | - |"
+    assert lines[3] == "| BS | 60.0 ± 0.0 | 60.0 ± 0.0 | 60.0 ± 0.0 | 60.0 ± 0.0 | - | - | - | - |"  # seeds agreed
 
 
 @pytest.mark.parametrize(
@@ -175,6 +176,14 @@ def test_paper_pipelines_hold_the_seed_papers_settings():
 
 def test_ablate_and_report_from_the_cli(grid, tmp_path):
     runner = CliRunner()
+    refused = runner.invoke(app, ["ablate", str(grid), "--json"])  # pre-flight: the decoder needs tokens
+    assert refused.exit_code == 2 and "has no tokens for the decoder" in refused.output
+    assert not (tmp_path / "runs" / "results.csv").exists()
+    # tokens of width 6, which 4 attention heads do not divide: the decoder runs now fail at run time
+    shutil.rmtree(tmp_path / "cache" / "synth_pooled")
+    x, y = long_tailed_features(np.random.default_rng(0), [200, 60, 10])
+    tok = np.zeros((len(y), 2, 6), np.float32)
+    write_feature_cache(tmp_path / "cache", "synth_pooled", {"train": (x, y, tok), "test": (x, y, tok)}, 3, key=KEY)
     result = runner.invoke(app, ["ablate", str(grid), "--json"])
     assert result.exit_code == 1, result.output  # failures are recorded, the grid goes on, the exit code says so
     body = json.loads(result.stdout)

@@ -9,7 +9,7 @@ from vlmcache.cli import app
 
 def test_bench_smoke_writes_every_section(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
-    result = CliRunner().invoke(app, ["bench", "--scale", "smoke", "--out", str(out), "--device", "cpu", "--json"])
+    result = CliRunner().invoke(app, ["bench", "--scale", "smoke", "--markdown", str(out), "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     body = json.loads(result.stdout)
     assert {e["tokens"] for e in body["extraction"]} == {False, True}
@@ -36,5 +36,5 @@ def test_bench_smoke_writes_every_section(tmp_path):
         "## 6. GPU",
     ):
         assert heading in text
-    bad = CliRunner().invoke(app, ["bench", "--scale", "huge", "--out", str(out)])
+    bad = CliRunner().invoke(app, ["bench", "--scale", "huge", "--markdown", str(out)])
     assert bad.exit_code == 2 and "Choose one of: smoke, default, full" in bad.output

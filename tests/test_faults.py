@@ -132,6 +132,7 @@ def test_flipped_byte_verify_names_it_training_refuses_repair_fixes_only_it(spli
     root, files = split_dataset
     cfg = ExtractConfig(
         dataset="split",
+        name="split",
         root=str(root),
         split_files={"train": str(files["train"])},
         cache_dir=str(tmp_path),
@@ -288,6 +289,7 @@ def test_non_finite_embeddings_are_rejected_at_write_naming_the_row(split_datase
     root, files = split_dataset
     cfg = ExtractConfig(
         dataset="split",
+        name="split",
         root=str(root),
         split_files={"train": str(files["train"])},
         cache_dir=str(tmp_path),
@@ -319,6 +321,7 @@ def test_symlinks_out_of_the_root_are_refused(tmp_path):
     (root / "train.txt").write_text("img/ok.png 0\nimg/link.png 0\ndirlink/secret.png 1\n")
     cfg = ExtractConfig(
         dataset="split",
+        name="split",
         root=str(root),
         split_files={"train": str(root / "train.txt")},
         cache_dir=str(tmp_path / "c"),

@@ -314,8 +314,9 @@ def test_seed_preprocessing_is_resize_256_center_crop_224_with_imagenet_statisti
     assert not torch.allclose(model.preprocess(img), by_hand)
     assert seed.fingerprint["preprocess"]["mean"] == [0.485, 0.456, 0.406]
     assert seed.key.startswith(f"{tiny224}__random+seedprep__") and seed.key != model.key
-    (tmp_path / "d" / seed.key).mkdir(parents=True)
-    (tmp_path / "d" / model.key).mkdir(parents=True)
+    for key in (seed.key, model.key):  # a folder with class texts is a cache to find
+        (tmp_path / "d" / key).mkdir(parents=True)
+        (tmp_path / "d" / key / "text.h5").touch()
     assert find_cache(tmp_path, "d", tiny224, "none", preprocess="seed").name == seed.key
     assert find_cache(tmp_path, "d", tiny224, "none").name == model.key
     with pytest.raises(Exception, match="crops 224 px images"):

@@ -59,6 +59,7 @@ def test_streaming_finds_moved_images_with_root(split_dataset, tmp_path):
     run_extract(
         ExtractConfig(
             dataset="split",
+            name="split",
             root=str(tmp_path / "a"),
             split_files={"train": str(files["train"]), "test": str(files["test"])},
             classnames_file=str(src / "classnames.txt"),

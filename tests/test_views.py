@@ -19,6 +19,7 @@ def _extract(split_dataset, cache_dir, log=lambda *a: None, **kw) -> dict:
     root, files = split_dataset
     cfg = ExtractConfig(
         dataset="split",
+        name="split",
         root=str(root),
         split_files={"train": str(files["train"]), "test": str(files["test"])},
         model="vlmcache-tiny",
