@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from vlmcache.ablate import load_pipeline, run_pipeline
 from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.report import write_report
 from vlmcache.zeroshot import zero_shot
 
 MODEL = dict(model="vlmcache-tiny", pretrained="random")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one intra-op thread, then restore the count. The demo's tensors (a 64-wide tower,
+    10 classes) are too small to gain from intra-op threads, and threads that wait on each other collapse when
+    the cores are busy: on 2 cores under a load of 2 the demo took 5 min with torch's default threads and
+    1 min 22 s with one (48 s against 45 s on a quiet machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def extract(cache_dir: str, workers: int = 0, progress=None, log=print) -> dict:

@@ -66,10 +66,12 @@ def demo(
         "[bold]vlmcache demo[/]: digits_lt (scikit-learn digits, long-tailed) with vlmcache-tiny.\n"
         "vlmcache-tiny has [bold]random weights[/]: its numbers show that the pipeline runs, not CLIP's accuracy.",
     )
-    with RichProgress() as progress:
-        extracted = demo_loop.extract(str(cache_dir), default_workers() if workers is None else workers, progress, log)
-    with RunProgress() as progress:
-        result = demo_loop.evaluate(str(cache_dir), str(runs_dir), progress, log)
+    with demo_loop.one_thread():
+        with RichProgress() as progress:
+            workers = default_workers() if workers is None else workers
+            extracted = demo_loop.extract(str(cache_dir), workers, progress, log)
+        with RunProgress() as progress:
+            result = demo_loop.evaluate(str(cache_dir), str(runs_dir), progress, log)
     if as_json:
         print_json({"cache": extracted["cache"], **{k: v for k, v in result.items() if k != "table"}})
         return
