@@ -16,9 +16,10 @@ from vlmcache.errors import VlmcacheError
 from vlmcache.finetune import FinetuneConfig, finetune_dataset
 from vlmcache.heads import build_head
 from vlmcache.metrics import Evaluator
+from vlmcache.recipe import make_optimizer, param_groups
 from vlmcache.report import collect_runs, paper_table, summarize
 from vlmcache.stage2 import build_stage2
-from vlmcache.train import TrainConfig, _optimizer, evaluate_run, load_run, param_groups, train_head
+from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head
 
 QUIET = dict(log=lambda *a: None)
 
@@ -204,7 +205,7 @@ def test_weight_decay_reaches_matrices_only():
     cfg = TrainConfig(dataset="x", lr=0.1, weight_decay=0.5)
     params = list(head.parameters())
     before = [p.detach().clone() for p in params]
-    opt = _optimizer(cfg, params)
+    opt = make_optimizer(cfg, params)
     for p in params:
         p.grad = torch.zeros_like(p)
     opt.step()

@@ -15,9 +15,10 @@ from vlmcache.datasets import _package_file, read_split_file
 from vlmcache.heads import build_head
 from vlmcache.losses import build_loss
 from vlmcache.metrics import shot_groups
+from vlmcache.recipe import PROTOCOLS, lr_factor, make_optimizer
 from vlmcache.samplers import build_sampler
 from vlmcache.stage2 import build_stage2
-from vlmcache.train import PROTOCOLS, OnRawCosines, TrainConfig, _optimizer, evaluate_run, fit, lr_factor, train_head
+from vlmcache.train import OnRawCosines, TrainConfig, evaluate_run, fit, train_head
 
 COUNTS = np.array([500, 120, 40, 9, 3])
 
@@ -189,7 +190,7 @@ def test_the_seeds_schedule_and_optimiser():
     assert f(0) == 0 and f(256) == 0.5 and f(512) == 1.0
     assert f(8192) == pytest.approx(math.cos(7 * math.pi / 16))  # about 0.195 of the peak at the end
     assert lr_factor("cosine", 100)(100) == pytest.approx(0.0)
-    opt = _optimizer(TrainConfig(dataset="x", protocol="seed").resolve(), [nn.Parameter(torch.ones(2, 2))])
+    opt = make_optimizer(TrainConfig(dataset="x", protocol="seed").resolve(), [nn.Parameter(torch.ones(2, 2))])
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["nesterov"] and opt.param_groups[0]["lr"] == 0.03
 
 

@@ -15,7 +15,8 @@ from vlmcache.cli import app
 from vlmcache.encoders import load_encoder
 from vlmcache.errors import VlmcacheError
 from vlmcache.finetune import FinetuneConfig, finetune
-from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head
+from vlmcache.runs import evaluate_run
+from vlmcache.train import TrainConfig, load_run, train_head
 
 
 def _cfg(tmp_path, **kw):

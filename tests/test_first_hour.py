@@ -290,10 +290,10 @@ def test_help_choices_are_the_registries():
     from vlmcache.datasets import DATASETS
     from vlmcache.heads import HEADS
     from vlmcache.losses import LOSSES
+    from vlmcache.recipe import PROTOCOLS
     from vlmcache.samplers import SAMPLERS
     from vlmcache.stage2 import STAGE2
     from vlmcache.templates import TEMPLATE_SETS
-    from vlmcache.train import PROTOCOLS
 
     for names, registry in (
         (choices.DATASETS, DATASETS), (choices.LOSSES, LOSSES), (choices.HEADS, HEADS),

@@ -1,6 +1,6 @@
 """The names users choose from on the command line, importable without torch or open_clip so that `--help`
 answers at once. The registries that implement them (losses.LOSSES, heads.HEADS, samplers.SAMPLERS,
-stage2.STAGE2, templates.TEMPLATE_SETS, datasets.DATASETS, train.PROTOCOLS) are the truth; tests/test_cli.py
+stage2.STAGE2, templates.TEMPLATE_SETS, datasets.DATASETS, recipe.PROTOCOLS) are the truth; tests/test_cli.py
 checks that each holds exactly these names, in this order."""
 
 from __future__ import annotations

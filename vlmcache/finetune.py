@@ -39,11 +39,7 @@ from vlmcache.heads import build_head, full_head_params, upgrade_head_file
 from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb
 from vlmcache.metrics import Evaluator
-from vlmcache.samplers import build_sampler, sampler_params
-from vlmcache.schemas import SEED_MAX
-from vlmcache.stage2 import logit_adjusted, tau_normalized
-from vlmcache.templates import get_templates
-from vlmcache.train import (
+from vlmcache.recipe import (
     OPTIMIZERS,
     SCHEDULES,
     SEED_SWITCHES,
@@ -53,6 +49,10 @@ from vlmcache.train import (
     lr_factor,
     param_groups,
 )
+from vlmcache.samplers import build_sampler, sampler_params
+from vlmcache.schemas import SEED_MAX
+from vlmcache.stage2 import logit_adjusted, tau_normalized
+from vlmcache.templates import get_templates
 
 HEADS = ("linear", "cosine")  # on the tower's pooled embedding
 CHECKPOINT = "checkpoint.pt"

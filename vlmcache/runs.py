@@ -77,9 +77,35 @@ def read_kind(run_dir: Path) -> str:
     if not isinstance(meta, dict):
         raise VlmcacheError(f"'{run_dir}/config.json' is not a vlmcache run config (not a JSON object).")
     kind = meta.get("kind", "head")
-    if kind not in ("head", "finetune"):
+    if kind not in RUN_KINDS:
         raise VlmcacheError(f"'{run_dir}/config.json': kind must be 'head' or 'finetune', got {kind!r}.")
     return kind
+
+
+# What evaluates a run folder of each kind (config.json's "kind"), named by import path: this module sits below
+# the training modules, so it imports the one a run needs only when it evaluates one.
+RUN_KINDS = {"head": "vlmcache.train:evaluate_run", "finetune": "vlmcache.finetune:evaluate_finetuned"}
+
+
+def check_post_hoc(tau_norm: float | None, logit_adjust: float | None) -> None:
+    for name, value in (("--tau-norm", tau_norm), ("--logit-adjust", logit_adjust)):
+        if value is not None and not schemas.finite(value):
+            raise VlmcacheError(f"{name} must be a finite number, got {value}.")
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    tau_norm: float | None = None,
+    logit_adjust: float | None = None,
+    split: str | None = None,
+    device: str = "auto",
+) -> dict:
+    """Evaluate a saved run of any kind again (`vlmcache eval`), optionally with post-hoc corrections."""
+    import importlib
+
+    check_post_hoc(tau_norm, logit_adjust)
+    module, name = RUN_KINDS[read_kind(Path(run_dir))].split(":")
+    return getattr(importlib.import_module(module), name)(run_dir, tau_norm, logit_adjust, split, device)
 
 
 def read_config(run_dir: Path, config_type: type) -> tuple[dict, object]:

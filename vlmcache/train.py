@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmcache import cache, runs, schemas, streaming
+from vlmcache import cache, runs, streaming
 from vlmcache.encoders import RANDOM, pick_device
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.features import (
@@ -38,64 +38,25 @@ from vlmcache.heads import (
     LinearClassifier,
     build_head,
     full_head_params,
-    head_params,
     upgrade_head_file,
 )
-from vlmcache.losses import LOSSES, build_loss, loss_params
+from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb, reset_peak
 from vlmcache.metrics import Evaluator
-from vlmcache.samplers import SAMPLERS, build_sampler, sampler_params
+from vlmcache.recipe import (
+    OPTIMIZERS,
+    PROTOCOLS,
+    SCHEDULES,
+    SEED_SWITCHES,
+    check_finite_parameters,
+    check_numbers,
+    check_training_choices,
+    double_corrections,
+    lr_factor,
+    make_optimizer,
+)
+from vlmcache.samplers import build_sampler, sampler_params
 from vlmcache.stage2 import STAGE2, build_stage2, logit_adjusted, stage2_params, tau_normalized
-
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "seed_cosine")
-
-# Settings a protocol fills when the user leaves them unset. "default": the method papers' losses with AdamW and a
-# cosine decay over epochs, the last epoch reported. "seed": the seed study's code (Imbalance-VLM/Imbalance-VLM;
-# FIDELITY.md has the file and line of each value).
-PROTOCOLS: dict[str, dict] = {
-    "default": dict(
-        epochs=30,
-        batch_size=256,
-        lr=1e-3,
-        weight_decay=1e-4,
-        optimizer="adamw",
-        momentum=0.9,
-        nesterov=False,
-        iters=0,
-        min_steps=2000,
-        warmup_iters=0,
-        schedule="cosine",
-        select_on="",
-    ),
-    "seed": dict(
-        epochs=32,
-        batch_size=256,
-        lr=0.03,
-        weight_decay=5e-4,
-        optimizer="sgd",
-        momentum=0.9,
-        nesterov=True,
-        iters=8192,
-        min_steps=0,
-        warmup_iters=512,
-        schedule="seed_cosine",
-        select_on="val",
-    ),
-}
-# The seed's form of each method, as parameters of the method (the papers' form is each default).
-SEED_SWITCHES: dict[str, dict] = {
-    "loss": {
-        "cbw": {"reduction": "weighted_mean"},
-        "cb": {"reduction": "weighted_mean"},
-        "grw": {"reduction": "weighted_mean"},
-        "lade": {"regularizer_logits": "adjusted"},
-        "ldam": {"scale": 1.0},
-    },
-    "head": {"decoder": {"final_norm": False}},
-    "stage2": {"crt": {"reinit": False}, "disalign": {"init": "seed"}},
-    "sampler": {"replacement": False, "num_samples": 65536},  # 256 steps of 256 per epoch
-}
 
 
 @dataclass
@@ -223,64 +184,6 @@ class TrainConfig:
         return f"{self.dataset}__{'-'.join(parts)}__s{self.seed}__{config_hash(self)}"
 
 
-def check_training_choices(cfg, counts: tuple[str, ...]) -> None:
-    """Loss, sampler and head by name, their parameters typed (in place), and counts of at least 1: shared by
-    the configs of train-head and finetune, so that a mistake fails before any data is read."""
-    if cfg.loss not in LOSSES:
-        raise unknown_choice("loss", cfg.loss, LOSSES)
-    if cfg.sampler not in SAMPLERS:
-        raise unknown_choice("sampler", cfg.sampler, SAMPLERS)
-    cfg.loss_params = checked_params(f"loss '{cfg.loss}'", cfg.loss_params, loss_params(cfg.loss))
-    build_loss(cfg.loss, [1, 1], **cfg.loss_params)
-    cfg.head_params = checked_params(f"{cfg.head} head", cfg.head_params, head_params(cfg.head))
-    for name in counts:
-        if getattr(cfg, name) < 1:
-            raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
-
-
-PRIOR_ADJUSTED_LOSSES = ("balanced_softmax", "logit_adjust", "lade")  # train with logits shifted by the log prior
-REWEIGHTING_LOSSES = ("cbw", "cb", "grw")
-BALANCING_SAMPLERS = ("class_balanced", "sqrt")
-
-
-def double_corrections(cfg) -> list[str]:
-    """Settings that correct for the class prior twice. Allowed (a study may want them), but said."""
-    out = []
-    if cfg.loss in PRIOR_ADJUSTED_LOSSES and getattr(cfg, "logit_adjust", None):
-        out.append(
-            f"the loss '{cfg.loss}' already trains with logits adjusted by the class prior, and --logit-adjust "
-            f"{cfg.logit_adjust} adjusts them again at evaluation: the prior is corrected twice."
-        )
-    if cfg.loss in REWEIGHTING_LOSSES + PRIOR_ADJUSTED_LOSSES and cfg.sampler in BALANCING_SAMPLERS:
-        out.append(
-            f"the loss '{cfg.loss}' re-balances classes and the sampler '{cfg.sampler}' does too: the classes are "
-            f"balanced twice."
-        )
-    return out
-
-
-def check_numbers(cfg) -> None:
-    """Learning rates positive and finite, weight decay and momentum in range, post-hoc settings finite, the seed
-    one that every generator takes: shared by train-head's and finetune's configs."""
-    for name in ("lr", "head_lr"):
-        value = getattr(cfg, name, None)
-        if value is not None and not (schemas.finite(value) and value > 0):
-            raise VlmcacheError(f"--{name.replace('_', '-')} must be a positive finite number, got {value}.")
-    if not (schemas.finite(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise VlmcacheError(f"--weight-decay must be a finite number of 0 or more, got {cfg.weight_decay}.")
-    momentum = getattr(cfg, "momentum", 0.0)
-    if not (schemas.finite(momentum) and 0 <= momentum < 1):
-        raise VlmcacheError(f"The momentum must be in [0, 1), got {momentum}.")
-    for name in ("tau_norm", "logit_adjust"):
-        value = getattr(cfg, name, None)
-        if value is not None and not schemas.finite(value):
-            raise VlmcacheError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
-    if not 0 <= cfg.seed <= schemas.SEED_MAX:
-        raise VlmcacheError(f"--seed must be between 0 and {schemas.SEED_MAX}, got {cfg.seed}.")
-    if not 0 <= cfg.few <= cfg.many:
-        raise VlmcacheError(f"The shot thresholds need 0 <= few <= many, got few={cfg.few}, many={cfg.many}.")
-
-
 def config_hash(cfg: TrainConfig) -> str:
     """A short hash of the settings that change the result (not where outputs go)."""
     skip = runs.NOT_IDENTITY - {"seed", "from_run"}  # the seed names a run apart; the cache is its cache_key
@@ -336,42 +239,6 @@ def _peak_memory(device: torch.device, scope: str) -> dict:
     return out
 
 
-def param_groups(params: list[torch.nn.Parameter], weight_decay: float, **group) -> list[dict]:
-    """Weight decay on matrices only. Biases, norm weights, the cosine head's logit scale and the per-class
-    scales of LWS, MaRC and DisAlign (which start at 1) are vectors or scalars: decay would pull them toward 0,
-    not regularise them. The same rule as open_clip's, timm's and the seed's training code (ndim < 2)."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, **group},
-        {"params": no_decay, "weight_decay": 0.0, **group},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    groups = param_groups(params, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov))
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def lr_factor(schedule: str, total: int, warmup: int = 0) -> Callable[[int], float]:
-    """The learning rate's factor at step s: linear warm-up over `warmup` steps, then `cosine` (0.5 (1 + cos(pi t)),
-    to zero at the end) or `seed_cosine` (cos(7 pi / 16 t), the seed's: it ends at about 0.2 of the peak)."""
-    cycles = 0.5 if schedule == "cosine" else 7 / 16
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        t = (step - warmup) / max(1, total - warmup)
-        if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * t))
-        return max(0.0, math.cos(math.pi * cycles * t))
-
-    return factor
-
-
 def train_epochs(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """Passes over the sampler: enough for `iters` steps, else `epochs`, raised to reach `min_steps` (the
     default protocol's floor, so that a small split such as the demo's 568 images still gets enough steps)."""
@@ -399,7 +266,7 @@ def fit(
     run naming its epoch and step without a host sync on every step.
     """
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = _optimizer(cfg, params)
+    opt = make_optimizer(cfg, params)
     steps = math.ceil(sampler.size / cfg.batch_size)
     epochs = train_epochs(cfg, steps)
     total = cfg.iters or epochs * steps
@@ -479,16 +346,6 @@ def _selection_split(model_dir: Path, name: str) -> cache.SplitCache:
             f"Extract it, or pass --select-on none to report the last epoch."
         )
     return open_split(model_dir, name)
-
-
-def check_finite_parameters(module: nn.Module) -> None:
-    """A diverged model (NaN or inf in a weight) is a failed run, never a result."""
-    for name, p in module.named_parameters():
-        if p.requires_grad and not bool(torch.isfinite(p).all()):
-            raise VlmcacheError(
-                f"Training diverged: the parameter '{name}' holds NaN or inf, so the run is not saved. Lower --lr "
-                f"or check the loss parameters."
-            )
 
 
 @torch.no_grad()
@@ -661,14 +518,12 @@ def train_head(
         log(f"warning: {warning}")
     device = pick_device(cfg.device)
     memory_scope = start_peak_memory(device)
+    first = None
     if cfg.stage2:
         inherit_first_stage(cfg)
-        _, first, first_saved = load_run(cfg.from_run, device)
-    model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key, cfg.preprocess)
-    cfg.dataset, cfg.model, _ = cache_parts(model_dir)  # what was left out is the found cache's
-    cfg.pretrained = cfg.pretrained or pretrained_of(model_dir)
-    cfg.cache_key = model_dir.name
-    cfg.cache_dir = str(model_dir.parent.parent.resolve())  # so that `eval` and second stages find it anywhere
+        _, first_model, first_saved = load_run(cfg.from_run, device)
+        first = (first_model.head, first_saved)
+    model_dir = _locate_cache(cfg)
     eval_name = cfg.eval_split or default_eval_split(model_dir)
     train_split, eval_split = open_split(model_dir, cfg.train_split), open_split(model_dir, eval_name)
     num_classes = int(train_split.fingerprint["num_classes"])
@@ -679,47 +534,17 @@ def train_head(
     augment = use_views(cfg, train_split, log)
     train_data, eval_data = _inputs(cfg, cfg.head, [train_split, eval_split], device, augment)
     counts = np.bincount(train_data.y.cpu().numpy(), minlength=num_classes)
-    load_seconds = time.perf_counter() - t_load
+    times = {"load_seconds": time.perf_counter() - t_load}
 
     torch.manual_seed(cfg.seed)
     t_features = time.perf_counter()
-    if cfg.stage2:
-        head = first.head.requires_grad_(False)
-        stage2 = build_stage2(cfg.stage2, head.classifier, **cfg.stage2_params).to(device)
-        model = RunModel(head, stage2)
-        fit_model, fit_data = stage2, frozen_features(head, train_data)  # a pass of the frozen head over train
-        in_dim, head_params = train_data.dim, dict(first_saved["head_params"])
-    else:
-        in_dim, head_params = train_data.dim, full_head_params(cfg.head, cfg.head_params)
-        head = build_head(cfg.head, in_dim, num_classes, **head_params).to(device)
-        if hasattr(head, "bind_text"):
-            _bind_text(head, train_split, text, device)
-        if getattr(head, "needs_input_stats", False):
-            x = train_data.x if isinstance(train_data, Pooled) else torch.cat([x for x, _ in train_data.chunks()])
-            head.fit_input(x)
-        if cfg.text_init:
-            if cfg.text_init not in text.sets:
-                raise unknown_choice("template set of --text-init", cfg.text_init, text.sets)
-            head.classifier.init_from_text(torch.from_numpy(text.sets[cfg.text_init][1]).to(device), text.logit_scale)
-        model = RunModel(head)
-        fit_model, fit_data = model, train_data
+    model, fit_model, fit_data, head_params = _build_model(cfg, first, train_data, train_split, text, device)
     loss_fn = build_loss(cfg.loss, counts, **cfg.loss_params).to(device)
-    if cfg.loss == "ldam" and not cfg.stage2 and isinstance(head.classifier, CosineClassifier):
-        loss_fn = OnRawCosines(loss_fn, head.classifier)
+    if cfg.loss == "ldam" and not cfg.stage2 and isinstance(model.head.classifier, CosineClassifier):
+        loss_fn = OnRawCosines(loss_fn, model.head.classifier)
     sampler = build_sampler(cfg.sampler, fit_data.y, **cfg.sampler_params)
-    select = None
-    if cfg.select_on:  # model selection: score each epoch on this split, keep the best
-        select_data = (
-            eval_data
-            if cfg.select_on == eval_name
-            else _inputs(cfg, cfg.head, [_selection_split(model_dir, cfg.select_on)], device)[0]
-        )
-
-        def select(epoch: int, step: int) -> float:
-            scored = evaluate(post_hoc(model, cfg.tau_norm), select_data, counts, None, cfg.logit_adjust)
-            return scored[0]["overall"]
-
-    features_seconds = time.perf_counter() - t_features
+    select = _selector(cfg, model, eval_data, eval_name, model_dir, counts, device)
+    times["features_seconds"] = time.perf_counter() - t_features
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -727,36 +552,19 @@ def train_head(
     history, selection = fit(fit_model, fit_data, loss_fn, sampler, cfg, device, on_epoch, select)
     if selection is not None:
         selection = {"split": cfg.select_on, **selection}
-    train_seconds = time.perf_counter() - t0
+    times["train_seconds"] = time.perf_counter() - t0
 
     t_eval = time.perf_counter()
     eval_model = post_hoc(model, cfg.tau_norm)
     metrics, table = evaluate(eval_model, eval_data, counts, text.classnames, cfg.logit_adjust, cfg.many, cfg.few)
-    eval_seconds = time.perf_counter() - t_eval
-    samples = sum(h["samples_per_s"] * h["seconds"] for h in history)
-    cost = {
-        "train_seconds": round(train_seconds, 3),  # the optimisation loop alone: what samples_per_s measures
-        "load_seconds": round(load_seconds, 3),
-        "features_seconds": round(features_seconds, 3),  # frozen-feature pass of a second stage, input statistics
-        "eval_seconds": round(eval_seconds, 3),
-        "total_seconds": round(time.perf_counter() - t_start, 3),  # everything this run did
-        "samples_per_s": round(samples / train_seconds, 1) if train_seconds > 0 else None,
-        "device": str(device),
-        **_peak_memory(device, memory_scope),
-    }
-    if cfg.stage2:  # what the method costs from scratch: this stage plus the first stage it builds on
-        first_cost = runs.read_metrics(Path(cfg.from_run))["cost"]
-        first_total = first_cost.get("total_seconds")
-        if first_total is None:  # a run written before total_seconds existed
-            first_total = (first_cost.get("train_seconds") or 0) + (first_cost.get("load_seconds") or 0)
-        cost["first_stage_seconds"] = first_total
-        cost["total_with_first_stage_seconds"] = round(cost["total_seconds"] + first_total, 3)
+    times["eval_seconds"] = time.perf_counter() - t_eval
+    times["total_seconds"] = time.perf_counter() - t_start
+    cost = _cost(cfg, times, history, device, memory_scope)
 
     check_finite_parameters(model)
-    staging = runs.staging_dir(run_dir)
     saved = {
         "head": cfg.head,
-        "in_dim": in_dim,
+        "in_dim": train_data.dim,
         "num_classes": num_classes,
         "head_params": head_params,
         "head_state": model.head.state_dict(),
@@ -764,8 +572,6 @@ def train_head(
         "stage2_params": dict(cfg.stage2_params),
         "stage2_state": model.stage2.state_dict() if model.stage2 is not None else None,
     }
-    cache.save_torch_atomic(saved, staging / "head.pt")
-    cache.write_bytes_atomic(staging / "per_class.csv", table.to_csv(index=False).encode())
     config = {
         "config": asdict(cfg),
         "cache": str(model_dir),
@@ -773,11 +579,99 @@ def train_head(
         "train_counts": counts.tolist(),
         "argv": sys.argv,
     }
-    cache.write_json_atomic(staging / "config.json", config)
     result = {"run": str(run_dir), "metrics": metrics, "cost": cost, "history": history, "selection": selection}
+    _save_run(run_dir, saved, table, config, result)
+    return result
+
+
+def _locate_cache(cfg: TrainConfig) -> Path:
+    """The run's cache; what the config left out (dataset, model, weights) becomes the found cache's, and the
+    cache is recorded by key and absolute root so that `eval` and second stages find it from anywhere."""
+    model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key, cfg.preprocess)
+    cfg.dataset, cfg.model, _ = cache_parts(model_dir)
+    cfg.pretrained = cfg.pretrained or pretrained_of(model_dir)
+    cfg.cache_key = model_dir.name
+    cfg.cache_dir = str(model_dir.parent.parent.resolve())
+    return model_dir
+
+
+def _build_model(cfg: TrainConfig, first, train_data, train_split, text, device: torch.device):
+    """(the run's model, the module that trains, the data it trains on, the head's full settings). A second
+    stage trains on the frozen first-stage head's features; a first stage builds its head, fits its input
+    statistics and, with --text-init, starts from the class texts."""
+    if first is not None:
+        head, first_saved = first
+        head.requires_grad_(False)
+        stage2 = build_stage2(cfg.stage2, head.classifier, **cfg.stage2_params).to(device)
+        fit_data = frozen_features(head, train_data)  # one pass of the frozen head over train
+        return RunModel(head, stage2), stage2, fit_data, dict(first_saved["head_params"])
+    head_params = full_head_params(cfg.head, cfg.head_params)
+    num_classes = int(train_split.fingerprint["num_classes"])
+    head = build_head(cfg.head, train_data.dim, num_classes, **head_params).to(device)
+    if hasattr(head, "bind_text"):
+        _bind_text(head, train_split, text, device)
+    if getattr(head, "needs_input_stats", False):
+        x = train_data.x if isinstance(train_data, Pooled) else torch.cat([x for x, _ in train_data.chunks()])
+        head.fit_input(x)
+    if cfg.text_init:
+        if cfg.text_init not in text.sets:
+            raise unknown_choice("template set of --text-init", cfg.text_init, text.sets)
+        head.classifier.init_from_text(torch.from_numpy(text.sets[cfg.text_init][1]).to(device), text.logit_scale)
+    model = RunModel(head)
+    return model, model, train_data, head_params
+
+
+def _selector(cfg: TrainConfig, model: RunModel, eval_data, eval_name: str, model_dir: Path, counts, device):
+    """With --select-on SPLIT, the function that scores the model on that split after each epoch; else None."""
+    if not cfg.select_on:
+        return None
+    select_data = (
+        eval_data
+        if cfg.select_on == eval_name
+        else _inputs(cfg, cfg.head, [_selection_split(model_dir, cfg.select_on)], device)[0]
+    )
+
+    def select(epoch: int, step: int) -> float:
+        scored = evaluate(post_hoc(model, cfg.tau_norm), select_data, counts, None, cfg.logit_adjust)
+        return scored[0]["overall"]
+
+    return select
+
+
+def _cost(cfg: TrainConfig, times: dict, history: list[dict], device: torch.device, memory_scope: str) -> dict:
+    """metrics.json's cost: each phase's seconds, samples/s of the training loop, peak memory and, for a second
+    stage, what the method costs from scratch (this stage plus the first stage it builds on)."""
+    samples = sum(h["samples_per_s"] * h["seconds"] for h in history)
+    train_seconds = times["train_seconds"]
+    cost = {
+        "train_seconds": round(train_seconds, 3),  # the optimisation loop alone: what samples_per_s measures
+        "load_seconds": round(times["load_seconds"], 3),
+        "features_seconds": round(times["features_seconds"], 3),  # a second stage's frozen pass, input statistics
+        "eval_seconds": round(times["eval_seconds"], 3),
+        "total_seconds": round(times["total_seconds"], 3),  # everything this run did
+        "samples_per_s": round(samples / train_seconds, 1) if train_seconds > 0 else None,
+        "device": str(device),
+        **_peak_memory(device, memory_scope),
+    }
+    if cfg.stage2:
+        first_cost = runs.read_metrics(Path(cfg.from_run))["cost"]
+        first_total = first_cost.get("total_seconds")
+        if first_total is None:  # a run written before total_seconds existed
+            first_total = (first_cost.get("train_seconds") or 0) + (first_cost.get("load_seconds") or 0)
+        cost["first_stage_seconds"] = first_total
+        cost["total_with_first_stage_seconds"] = round(cost["total_seconds"] + first_total, 3)
+    return cost
+
+
+def _save_run(run_dir: Path, saved: dict, table, config: dict, result: dict) -> None:
+    """head.pt, per_class.csv, config.json and, last, metrics.json, built in a staging folder that replaces
+    `run_dir` only once complete."""
+    staging = runs.staging_dir(run_dir)
+    cache.save_torch_atomic(saved, staging / "head.pt")
+    cache.write_bytes_atomic(staging / "per_class.csv", table.to_csv(index=False).encode())
+    cache.write_json_atomic(staging / "config.json", config)
     cache.write_json_atomic(staging / "metrics.json", result)  # last: a run with metrics.json is complete
     runs.publish_run(staging, run_dir)
-    return result
 
 
 def evaluate_run(
@@ -787,14 +681,9 @@ def evaluate_run(
     split: str | None = None,
     device: str = "auto",
 ) -> dict:
-    """Evaluate a saved run again, optionally with post-hoc tau-normalisation or logit adjustment."""
-    for name, value in (("--tau-norm", tau_norm), ("--logit-adjust", logit_adjust)):
-        if value is not None and not schemas.finite(value):
-            raise VlmcacheError(f"{name} must be a finite number, got {value}.")
-    if runs.read_kind(Path(run_dir)) == "finetune":
-        from vlmcache.finetune import evaluate_finetuned
-
-        return evaluate_finetuned(run_dir, tau_norm, logit_adjust, split, device)
+    """Evaluate a saved train-head run again, optionally with post-hoc tau-normalisation or logit adjustment
+    (`runs.evaluate_run` takes a run of any kind)."""
+    runs.check_post_hoc(tau_norm, logit_adjust)
     dev = pick_device(device)
     cfg, model, saved = load_run(run_dir, dev)
     model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key, cfg.preprocess)

@@ -169,7 +169,7 @@ def eval_run(
 
     Example: [bold]vlmcache eval runs/places_lt__linear-ce-instance__s0__1a2b3c4d --logit-adjust 1.0[/]
     """
-    from vlmcache.train import evaluate_run
+    from vlmcache.runs import evaluate_run
 
     result = evaluate_run(run, tau_norm, logit_adjust, split, device)
     if as_json:

@@ -1,0 +1,172 @@
+"""The training recipe that train-head and finetune share, below both: protocols and each method's seed form,
+the config checks, optimisers with their weight-decay groups, learning-rate schedules, and the divergence check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from vlmcache import schemas
+from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
+from vlmcache.heads import head_params
+from vlmcache.losses import LOSSES, build_loss, loss_params
+from vlmcache.samplers import SAMPLERS
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "seed_cosine")
+
+# Settings a protocol fills when the user leaves them unset. "default": the method papers' losses with AdamW and a
+# cosine decay over epochs, the last epoch reported. "seed": the seed study's code (Imbalance-VLM/Imbalance-VLM;
+# FIDELITY.md has the file and line of each value).
+PROTOCOLS: dict[str, dict] = {
+    "default": dict(
+        epochs=30,
+        batch_size=256,
+        lr=1e-3,
+        weight_decay=1e-4,
+        optimizer="adamw",
+        momentum=0.9,
+        nesterov=False,
+        iters=0,
+        min_steps=2000,
+        warmup_iters=0,
+        schedule="cosine",
+        select_on="",
+    ),
+    "seed": dict(
+        epochs=32,
+        batch_size=256,
+        lr=0.03,
+        weight_decay=5e-4,
+        optimizer="sgd",
+        momentum=0.9,
+        nesterov=True,
+        iters=8192,
+        min_steps=0,
+        warmup_iters=512,
+        schedule="seed_cosine",
+        select_on="val",
+    ),
+}
+# The seed's form of each method, as parameters of the method (the papers' form is each default).
+SEED_SWITCHES: dict[str, dict] = {
+    "loss": {
+        "cbw": {"reduction": "weighted_mean"},
+        "cb": {"reduction": "weighted_mean"},
+        "grw": {"reduction": "weighted_mean"},
+        "lade": {"regularizer_logits": "adjusted"},
+        "ldam": {"scale": 1.0},
+    },
+    "head": {"decoder": {"final_norm": False}},
+    "stage2": {"crt": {"reinit": False}, "disalign": {"init": "seed"}},
+    "sampler": {"replacement": False, "num_samples": 65536},  # 256 steps of 256 per epoch
+}
+
+
+def check_training_choices(cfg, counts: tuple[str, ...]) -> None:
+    """Loss, sampler and head by name, their parameters typed (in place), and counts of at least 1: shared by
+    the configs of train-head and finetune, so that a mistake fails before any data is read."""
+    if cfg.loss not in LOSSES:
+        raise unknown_choice("loss", cfg.loss, LOSSES)
+    if cfg.sampler not in SAMPLERS:
+        raise unknown_choice("sampler", cfg.sampler, SAMPLERS)
+    cfg.loss_params = checked_params(f"loss '{cfg.loss}'", cfg.loss_params, loss_params(cfg.loss))
+    build_loss(cfg.loss, [1, 1], **cfg.loss_params)
+    cfg.head_params = checked_params(f"{cfg.head} head", cfg.head_params, head_params(cfg.head))
+    for name in counts:
+        if getattr(cfg, name) < 1:
+            raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
+
+
+PRIOR_ADJUSTED_LOSSES = ("balanced_softmax", "logit_adjust", "lade")  # train with logits shifted by the log prior
+REWEIGHTING_LOSSES = ("cbw", "cb", "grw")
+BALANCING_SAMPLERS = ("class_balanced", "sqrt")
+
+
+def double_corrections(cfg) -> list[str]:
+    """Settings that correct for the class prior twice. Allowed (a study may want them), but said."""
+    out = []
+    if cfg.loss in PRIOR_ADJUSTED_LOSSES and getattr(cfg, "logit_adjust", None):
+        out.append(
+            f"the loss '{cfg.loss}' already trains with logits adjusted by the class prior, and --logit-adjust "
+            f"{cfg.logit_adjust} adjusts them again at evaluation: the prior is corrected twice."
+        )
+    if cfg.loss in REWEIGHTING_LOSSES + PRIOR_ADJUSTED_LOSSES and cfg.sampler in BALANCING_SAMPLERS:
+        out.append(
+            f"the loss '{cfg.loss}' re-balances classes and the sampler '{cfg.sampler}' does too: the classes are "
+            f"balanced twice."
+        )
+    return out
+
+
+def check_numbers(cfg) -> None:
+    """Learning rates positive and finite, weight decay and momentum in range, post-hoc settings finite, the seed
+    one that every generator takes: shared by train-head's and finetune's configs."""
+    for name in ("lr", "head_lr"):
+        value = getattr(cfg, name, None)
+        if value is not None and not (schemas.finite(value) and value > 0):
+            raise VlmcacheError(f"--{name.replace('_', '-')} must be a positive finite number, got {value}.")
+    if not (schemas.finite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise VlmcacheError(f"--weight-decay must be a finite number of 0 or more, got {cfg.weight_decay}.")
+    momentum = getattr(cfg, "momentum", 0.0)
+    if not (schemas.finite(momentum) and 0 <= momentum < 1):
+        raise VlmcacheError(f"The momentum must be in [0, 1), got {momentum}.")
+    for name in ("tau_norm", "logit_adjust"):
+        value = getattr(cfg, name, None)
+        if value is not None and not schemas.finite(value):
+            raise VlmcacheError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
+    if not 0 <= cfg.seed <= schemas.SEED_MAX:
+        raise VlmcacheError(f"--seed must be between 0 and {schemas.SEED_MAX}, got {cfg.seed}.")
+    if not 0 <= cfg.few <= cfg.many:
+        raise VlmcacheError(f"The shot thresholds need 0 <= few <= many, got few={cfg.few}, many={cfg.many}.")
+
+
+def param_groups(params: list[torch.nn.Parameter], weight_decay: float, **group) -> list[dict]:
+    """Weight decay on matrices only. Biases, norm weights, the cosine head's logit scale and the per-class
+    scales of LWS, MaRC and DisAlign (which start at 1) are vectors or scalars: decay would pull them toward 0,
+    not regularise them. The same rule as open_clip's, timm's and the seed's training code (ndim < 2)."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, **group},
+        {"params": no_decay, "weight_decay": 0.0, **group},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW or SGD (with the config's momentum and Nesterov) over `param_groups`, at the config's peak lr."""
+    groups = param_groups(params, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov))
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(schedule: str, total: int, warmup: int = 0) -> Callable[[int], float]:
+    """The learning rate's factor at step s: linear warm-up over `warmup` steps, then `cosine` (0.5 (1 + cos(pi t)),
+    to zero at the end) or `seed_cosine` (cos(7 pi / 16 t), the seed's: it ends at about 0.2 of the peak)."""
+    cycles = 0.5 if schedule == "cosine" else 7 / 16
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        t = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * t))
+        return max(0.0, math.cos(math.pi * cycles * t))
+
+    return factor
+
+
+def check_finite_parameters(module: nn.Module) -> None:
+    """A diverged model (NaN or inf in a weight) is a failed run, never a result."""
+    for name, p in module.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p).all()):
+            raise VlmcacheError(
+                f"Training diverged: the parameter '{name}' holds NaN or inf, so the run is not saved. Lower --lr "
+                f"or check the loss parameters."
+            )
