@@ -316,30 +316,7 @@ def extract_split(
     fingerprint = _split_fingerprint(encoder, dataset, split, cfg)
     n, size = len(split), cfg.shard_size
     n_shards = (n + size - 1) // size
-    state = None
-    if rank == 0:  # one process prepares the folder; every rank gets the manifest, or the error
-        try:
-            manifest = _prepare_split_dir(split_dir, fingerprint, cfg, log)
-            if manifest is None:
-                manifest = {
-                    "format": cache.FORMAT,
-                    "fingerprint": fingerprint,
-                    "origin": split.origin,
-                    "n_rows": n,
-                    "n_shards": n_shards,
-                    "complete": False,
-                    "dims": probe_dims(encoder, cfg.tokens),
-                    "shards": [],
-                }
-            # how to make this split again: `cache verify --repair` re-extracts damaged shards with it
-            manifest["extract_config"] = {**asdict(cfg), "splits": [split.name], "overwrite": False}
-            state = ("ok", manifest)
-        except VlmcacheError as e:
-            state = ("error", str(e))
-    state = distributed.broadcast(state)
-    if state[0] == "error":
-        raise VlmcacheError(state[1])
-    manifest = state[1]
+    manifest = _open_manifest(encoder, split, cfg, split_dir, fingerprint, n_shards, log)
     done = {e["index"] for e in manifest["shards"]}
     todo = [i for i in range(n_shards) if i not in done]
     mine = todo[rank::world]
@@ -369,38 +346,11 @@ def extract_split(
         loader = image_loader(data, cfg.batch_size, cfg.workers, encoder.device.type == "cuda")
         buffers: dict[int, ShardBuffer] = {}
         for batch in loader:
-            pooled = tokens = view_emb = view_tok = None
-            if batch["images"] is not None:
-                pooled, tokens = encoder.encode_images(batch["images"], tokens=cfg.tokens)
-                pooled = pooled.cpu().numpy().astype(np.float16)
-                tokens = tokens.cpu().numpy().astype(np.float16) if tokens is not None else None
-                if batch["views"] is not None:
-                    b, k = batch["views"].shape[:2]
-                    flat, flat_tok = encoder.encode_images(batch["views"].flatten(0, 1), tokens=cfg.tokens)
-                    view_emb = flat.cpu().numpy().astype(np.float16).reshape(b, k, -1)  # (B*K, D) -> (B, K, D)
-                    if flat_tok is not None:  # (B*K, T, W) -> (B, K, T, W)
-                        view_tok = flat_tok.cpu().numpy().astype(np.float16).reshape(b, k, *flat_tok.shape[1:])
-            good_rows = batch["rows"].numpy()
-            for row, reason in batch["bad"]:
-                buf = _buffer(buffers, row // size, size, n)
-                buf.skipped.append({"row": int(row), "path": split.source.describe(row), "reason": reason})
-                buf.seen += 1
-            for shard in np.unique(good_rows // size):
-                sel = good_rows // size == shard
-                buf = _buffer(buffers, int(shard), size, n)
-                buf.parts["rows"].append(good_rows[sel])
-                buf.parts["pooled"].append(pooled[sel])
-                if tokens is not None:
-                    buf.parts["tokens"].append(tokens[sel])
-                if view_emb is not None:
-                    buf.parts["views"].append(view_emb[sel])
-                if view_tok is not None:
-                    buf.parts["view_tokens"].append(view_tok[sel])
-                buf.seen += int(sel.sum())
+            _add_batch(buffers, batch, _encode_batch(encoder, batch, cfg.tokens), split, size, n)
             for index in sorted(i for i, b in buffers.items() if b.full):
                 publisher.publish(_write(buffers.pop(index), split, split_dir, manifest["dims"], cfg))
             if progress is not None and rank == 0:
-                progress.advance(len(good_rows) + len(batch["bad"]))
+                progress.advance(len(batch["rows"]) + len(batch["bad"]))
         if buffers:  # cannot happen unless the loader lost rows; never publish a partial shard
             raise RuntimeError(f"rows missing from shards {sorted(buffers)} of {split_dir}")
     publisher.finish(-(-len(todo) // world))
@@ -424,6 +374,71 @@ def extract_split(
         "images_per_s": round(_shard_rows(todo, size, n) / seconds, 1) if todo and seconds > 0 else None,
         "path": str(split_dir),
     }
+
+
+def _open_manifest(
+    encoder: Encoder, split: Split, cfg: ExtractConfig, split_dir: Path, fingerprint: dict, n_shards: int, log
+) -> dict:
+    """The split's manifest, to resume from or new. Rank 0 prepares the folder; every rank gets the manifest, or
+    the error."""
+    state = None
+    if distributed.rank_world()[0] == 0:
+        try:
+            manifest = _prepare_split_dir(split_dir, fingerprint, cfg, log)
+            if manifest is None:
+                manifest = {
+                    "format": cache.FORMAT,
+                    "fingerprint": fingerprint,
+                    "origin": split.origin,
+                    "n_rows": len(split),
+                    "n_shards": n_shards,
+                    "complete": False,
+                    "dims": probe_dims(encoder, cfg.tokens),
+                    "shards": [],
+                }
+            # how to make this split again: `cache verify --repair` re-extracts damaged shards with it
+            manifest["extract_config"] = {**asdict(cfg), "splits": [split.name], "overwrite": False}
+            state = ("ok", manifest)
+        except VlmcacheError as e:
+            state = ("error", str(e))
+    state = distributed.broadcast(state)
+    if state[0] == "error":
+        raise VlmcacheError(state[1])
+    return state[1]
+
+
+def _encode_batch(encoder: Encoder, batch: dict, tokens: bool) -> dict:
+    """A batch's outputs as float16 arrays: pooled (B, D), and as asked tokens (B, T, W), views (B, K, D) and
+    their tokens (B, K, T, W); empty when every image of the batch was skipped."""
+    if batch["images"] is None:
+        return {}
+    pooled, tok = encoder.encode_images(batch["images"], tokens=tokens)
+    out = {"pooled": pooled.cpu().numpy().astype(np.float16)}
+    if tok is not None:
+        out["tokens"] = tok.cpu().numpy().astype(np.float16)
+    if batch["views"] is not None:
+        b, k = batch["views"].shape[:2]
+        flat, flat_tok = encoder.encode_images(batch["views"].flatten(0, 1), tokens=tokens)
+        out["views"] = flat.cpu().numpy().astype(np.float16).reshape(b, k, -1)  # (B*K, D) -> (B, K, D)
+        if flat_tok is not None:  # (B*K, T, W) -> (B, K, T, W)
+            out["view_tokens"] = flat_tok.cpu().numpy().astype(np.float16).reshape(b, k, *flat_tok.shape[1:])
+    return out
+
+
+def _add_batch(buffers: dict, batch: dict, arrays: dict, split: Split, size: int, n: int) -> None:
+    """File a batch's rows (and its skipped images, with their reasons) into the buffers of their shards."""
+    good_rows = batch["rows"].numpy()
+    for row, reason in batch["bad"]:
+        buf = _buffer(buffers, row // size, size, n)
+        buf.skipped.append({"row": int(row), "path": split.source.describe(row), "reason": reason})
+        buf.seen += 1
+    for shard in np.unique(good_rows // size):
+        sel = good_rows // size == shard
+        buf = _buffer(buffers, int(shard), size, n)
+        buf.parts["rows"].append(good_rows[sel])
+        for name, values in arrays.items():  # pooled, tokens, views, view_tokens
+            buf.parts[name].append(values[sel])
+        buf.seen += int(sel.sum())
 
 
 def probe_dims(encoder: Encoder, tokens: bool) -> dict:

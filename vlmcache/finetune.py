@@ -37,7 +37,7 @@ from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.extract import ExtractConfig, ImageRows, default_workers, image_loader, probe_dims, run_extract
 from vlmcache.heads import build_head, full_head_params, upgrade_head_file
 from vlmcache.losses import build_loss
-from vlmcache.memory import peak_rss_mb
+from vlmcache.memory import peak_rss_mb, start_peak_memory
 from vlmcache.metrics import Evaluator
 from vlmcache.recipe import (
     OPTIMIZERS,
@@ -298,7 +298,74 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     encoder = load_encoder(cfg.model, cfg.pretrained, distributed.local_device(cfg.device), "fp32", cfg.preprocess_from)
     device = encoder.device
     precision = pick_precision(cfg.precision, device)
+    memory_scope = start_peak_memory(device)
+    run_dir, state = _prepare_run_dir(cfg, device)
 
+    counts = np.bincount(train_split.labels, minlength=dataset.num_classes)
+    model, ddp, n_tuned = _build_model(cfg, encoder, dataset, log)
+    opt = _optimizer(cfg, model)
+    sampler = build_sampler(cfg.sampler, torch.from_numpy(train_split.labels.astype(np.int64)), **cfg.sampler_params)
+    steps = math.ceil(sampler.size // world / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, cfg.epochs * steps, cfg.warmup_iters))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_fn = build_loss(cfg.loss, counts, **cfg.loss_params).to(device)
+    step = _Step(ddp, loss_fn, opt, sched, scaler, device, precision)
+    transform = encoder.train_transform(cfg.crop_scale)
+    history, start, train_seconds = [], 1, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, start, train_seconds = state["history"], state["epoch"] + 1, state["train_seconds"]
+        log(f"resuming {run_dir} after epoch {state['epoch']}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    for epoch in range(start, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))
+        order = sampler.epoch(gen).numpy()[: sampler.size // world * world]
+        mine = np.arange(rank, len(order), world)
+        data = AugmentedRows(train_split, order[mine], mine, transform, cfg.seed, epoch)
+        mean_loss, seen, skipped = _train_epoch(step, data, train_split, cfg, epoch)
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        row = {
+            "epoch": epoch,
+            "loss": mean_loss,
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(world * seen / seconds, 1),
+            "skipped": skipped,
+            "lr": sched.get_last_lr()[0],
+        }
+        history.append(row)
+        if rank == 0:
+            checkpoint = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+            _save_checkpoint(cfg, run_dir, epoch, checkpoint, history, train_seconds)
+        distributed.barrier()
+        if on_epoch and rank == 0:
+            on_epoch(row)
+
+    result = None
+    if rank == 0:
+        cost = {"train_seconds": round(train_seconds, 3), "tuned_tower_params": n_tuned, "precision": precision}
+        cost["peak_rss_scope"] = memory_scope
+        result = _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, cost)
+    result = distributed.broadcast(result)
+    if cfg.reextract:  # every process takes part, as in a multi-process `vlmcache extract`
+        result["cache"] = reextract(cfg, Path(result["weights"]), log)
+    if rank == 0:
+        cache.write_json_atomic(run_dir / "metrics.json", result)  # last: a run with metrics.json is complete
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the final weights are in the run; the checkpoint is spent
+    distributed.barrier()
+    return result
+
+
+def _prepare_run_dir(cfg: FinetuneConfig, device: torch.device) -> tuple[Path, dict | None]:
+    """The run folder, made (or emptied with --overwrite) by rank 0, and the checkpoint to resume from if any."""
+    rank = distributed.rank_world()[0]
     runs.check_output_dir(cfg.runs_dir, "--runs-dir")
     run_dir = runs.check_output_dir(cfg.out, "--out") if cfg.out else Path(cfg.runs_dir) / cfg.run_name()
     if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
@@ -316,9 +383,14 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     distributed.barrier()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, state
 
-    # the model: the tower's chosen parameters and a head, seeded
-    counts = np.bincount(train_split.labels, minlength=dataset.num_classes)
+
+def _build_model(cfg: FinetuneConfig, encoder: Encoder, dataset, log) -> tuple[TunedModel, nn.Module, int]:
+    """The tower with its chosen parameters trainable and a seeded head (from the class texts with --text-init);
+    with the DistributedDataParallel wrapper under torchrun, and the number of tuned tower parameters."""
+    rank, world = distributed.rank_world()
+    device = encoder.device
     visual = encoder.model.visual
     trainable = select_trainable(visual, cfg.tune, cfg.last_k)
     if cfg.grad_checkpointing and hasattr(visual, "set_grad_checkpointing"):
@@ -335,110 +407,85 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
         if world > 1
         else model
     )
-    tower_params = [p for p in visual.parameters() if p.requires_grad]
-    n_tuned = sum(p.numel() for p in tower_params)
+    n_tuned = sum(p.numel() for p in visual.parameters() if p.requires_grad)
     if rank == 0:
         log(f"tuning {len(trainable)} tensors ({n_tuned:,} parameters) of the image tower ({cfg.tune}) and the head")
+    return model, ddp, n_tuned
+
+
+def _optimizer(cfg: FinetuneConfig, model: TunedModel) -> torch.optim.Optimizer:
+    """AdamW or SGD with the tower at --lr and the head at --head-lr, weight decay on matrices only."""
+    tower_params = [p for p in model.visual.parameters() if p.requires_grad]
     groups = param_groups(tower_params, cfg.weight_decay, lr=cfg.lr) + param_groups(
-        list(head.parameters()), cfg.weight_decay, lr=cfg.head_lr
+        list(model.head.parameters()), cfg.weight_decay, lr=cfg.head_lr
     )
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=bool(cfg.nesterov))
-    else:
-        opt = torch.optim.AdamW(groups)
-    sampler = build_sampler(cfg.sampler, torch.from_numpy(train_split.labels.astype(np.int64)), **cfg.sampler_params)
-    per_rank = sampler.size // world
-    steps = math.ceil(per_rank / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, cfg.epochs * steps, cfg.warmup_iters))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    loss_fn = build_loss(cfg.loss, counts, **cfg.loss_params).to(device)
-    transform = encoder.train_transform(cfg.crop_scale)
-    history, start, train_seconds = [], 1, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        history, start, train_seconds = state["history"], state["epoch"] + 1, state["train_seconds"]
-        log(f"resuming {run_dir} after epoch {state['epoch']}")
+        return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=bool(cfg.nesterov))
+    return torch.optim.AdamW(groups)
+
+
+@dataclass
+class _Step:
+    """What one optimiser step needs: the (wrapped) model, loss, optimiser, schedule and loss scaler."""
+
+    ddp: nn.Module
+    loss_fn: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    precision: str
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with _autocast(self.device, self.precision):
+            loss = self.loss_fn(self.ddp(x).float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return loss.detach()
+
+
+def _train_epoch(step: _Step, data, train_split: Split, cfg: FinetuneConfig, epoch: int) -> tuple[float, int, int]:
+    """One pass over this process's rows: (mean loss, images trained on, images skipped)."""
+    world = distributed.rank_world()[1]
+    device = step.device
+    losses, seen, skipped = [], 0, 0
+    for batch in image_loader(data, cfg.batch_size, cfg.workers, device.type == "cuda"):
+        skipped += len(batch["bad"])
+        if batch["images"] is None:
+            if world > 1:  # one process skipping a step would leave the others waiting in all-reduce
+                raise VlmcacheError(
+                    f"No image of a batch could be read (for example {batch['bad'][0][1]}); under torchrun "
+                    f"every process must take every step. Remove the unreadable images from the split."
+                )
+            continue
+        x = batch["images"].to(device, non_blocking=True)
+        y = torch.from_numpy(train_split.labels[batch["rows"].numpy()]).to(device)
+        losses.append(step(x, y))
+        seen += len(y)
+    mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+    if not math.isfinite(mean_loss):
+        raise VlmcacheError(f"The loss became {mean_loss} in epoch {epoch}; lower --lr (now {cfg.lr}).")
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize(device)
+    return mean_loss, seen, skipped
 
-    for epoch in range(start, cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))
-        order = sampler.epoch(gen).numpy()[: per_rank * world]
-        mine = np.arange(rank, len(order), world)
-        data = AugmentedRows(train_split, order[mine], mine, transform, cfg.seed, epoch)
-        losses, seen, skipped = [], 0, 0
-        for batch in image_loader(data, cfg.batch_size, cfg.workers, device.type == "cuda"):
-            skipped += len(batch["bad"])
-            if batch["images"] is None:
-                if world > 1:  # one process skipping a step would leave the others waiting in all-reduce
-                    raise VlmcacheError(
-                        f"No image of a batch could be read (for example {batch['bad'][0][1]}); under torchrun "
-                        f"every process must take every step. Remove the unreadable images from the split."
-                    )
-                continue
-            x = batch["images"].to(device, non_blocking=True)
-            y = torch.from_numpy(train_split.labels[batch["rows"].numpy()]).to(device)
-            with _autocast(device, precision):
-                loss = loss_fn(ddp(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            losses.append(loss.detach())
-            seen += len(y)
-        mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-        if not math.isfinite(mean_loss):
-            raise VlmcacheError(f"The loss became {mean_loss} in epoch {epoch}; lower --lr (now {cfg.lr}).")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        row = {
+
+def _save_checkpoint(cfg, run_dir: Path, epoch: int, parts: dict, history: list, train_seconds: float) -> None:
+    """Everything a resume needs after `epoch`, written atomically (rank 0)."""
+    cache.save_torch_atomic(
+        {
+            "config_hash": cfg.hash(),
             "epoch": epoch,
-            "loss": mean_loss,
-            "seconds": round(seconds, 3),
-            "samples_per_s": round(world * seen / seconds, 1),
-            "skipped": skipped,
-            "lr": sched.get_last_lr()[0],
-        }
-        history.append(row)
-        if rank == 0:
-            cache.save_torch_atomic(
-                {
-                    "config_hash": cfg.hash(),
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "history": history,
-                    "train_seconds": train_seconds,
-                },
-                run_dir / CHECKPOINT,
-            )
-            faults.hit("epoch_saved")
-        distributed.barrier()
-        if on_epoch and rank == 0:
-            on_epoch(row)
-
-    result = None
-    if rank == 0:
-        cost = {"train_seconds": round(train_seconds, 3), "tuned_tower_params": n_tuned, "precision": precision}
-        result = _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, cost)
-    result = distributed.broadcast(result)
-    if cfg.reextract:  # every process takes part, as in a multi-process `vlmcache extract`
-        result["cache"] = reextract(cfg, Path(result["weights"]), log)
-    if rank == 0:
-        cache.write_json_atomic(run_dir / "metrics.json", result)  # last: a run with metrics.json is complete
-        (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the final weights are in the run; the checkpoint is spent
-    distributed.barrier()
-    return result
+            **{name: part.state_dict() for name, part in parts.items()},
+            "history": history,
+            "train_seconds": train_seconds,
+        },
+        run_dir / CHECKPOINT,
+    )
+    faults.hit("epoch_saved")
 
 
 def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, cost) -> dict:

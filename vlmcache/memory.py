@@ -1,4 +1,4 @@
-"""Peak memory of this process."""
+"""Peak memory of this process, and of one run in it."""
 
 from __future__ import annotations
 
@@ -33,3 +33,18 @@ def reset_peak() -> None:
     """Start the peak (VmHWM) again from the current RSS (Linux 4.0+: write 5 to /proc/self/clear_refs)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def start_peak_memory(device) -> str:
+    """Reset the process's peak RSS (and the device's peak allocation), so that a run's peak is its own, not an
+    earlier run's in the same process (ablate, tests). Returns what the recorded peak covers: "run", or
+    "process" where the kernel cannot reset it."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        reset_peak()
+    except OSError:
+        return "process"
+    return "run"

@@ -41,7 +41,7 @@ from vlmcache.heads import (
     upgrade_head_file,
 )
 from vlmcache.losses import build_loss
-from vlmcache.memory import peak_rss_mb, reset_peak
+from vlmcache.memory import peak_rss_mb, start_peak_memory
 from vlmcache.metrics import Evaluator
 from vlmcache.recipe import (
     OPTIMIZERS,
@@ -217,19 +217,6 @@ def post_hoc(model: RunModel, tau_norm: float | None) -> RunModel:
         return model
     _check_tau_norm(model)
     return RunModel(model.head, None, tau_normalized(model.head.classifier, tau_norm))
-
-
-def start_peak_memory(device: torch.device) -> str:
-    """Reset the process's peak RSS (and the device's peak allocation), so that a run's peak is its own, not an
-    earlier run's in the same process (ablate, tests). Returns what the recorded peak covers: "run", or
-    "process" where the kernel cannot reset it."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        reset_peak()
-    except OSError:
-        return "process"
-    return "run"
 
 
 def _peak_memory(device: torch.device, scope: str) -> dict:
