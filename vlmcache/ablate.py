@@ -228,6 +228,38 @@ def load_pipeline(path: str | Path, max_runs: int = MAX_RUNS) -> Pipeline:
         raise VlmcacheError(f"{source}{line}: not valid YAML ({getattr(e, 'problem', e)}).") from None
     if root is None:
         raise VlmcacheError(f"{source}: the pipeline is empty.")
+    methods_node = _check_shapes(root, source)
+    size = grid_size(data)
+    if size > max_runs:
+        raise VlmcacheError(
+            f"{source}: the grid expands to {size:,} runs, more than --max-runs {max_runs:,}. Shrink the grid, or "
+            f"raise --max-runs if you mean it."
+        )
+    methods = _methods(methods_node, data, source)
+    datasets, models, seeds = _axes(root, data, source)
+    pipe = Pipeline(
+        source,
+        str(data.get("name", path.stem)),
+        [str(d) for d in datasets],
+        models,
+        seeds,
+        dict(data.get("defaults") or {}),
+        methods,
+        str(data.get("cache_dir", "cache")),
+        str(data.get("runs_dir", f"runs/{path.stem}")),
+        str(data.get("description", "")),
+    )
+    for run in plan(pipe):  # every expanded config must resolve: names, parameters, values
+        try:
+            run.config(stage2_from="(first stage)" if run.from_method else None).resolve()
+        except VlmcacheError as e:
+            raise VlmcacheError(f"{source}: method '{run.method}': {e}") from None
+    return pipe
+
+
+def _check_shapes(root, source: str):
+    """Keys, duplicates and the shape of every value, from the YAML nodes (so errors name their line); returns
+    the `methods` node."""
     _check_keys(root, TOP_KEYS, "the pipeline", source)
     _check_duplicate_keys(root, source)
     _check_list_of_mappings(_child(root, "models"), MODEL_KEYS, "models", source)
@@ -254,13 +286,11 @@ def load_pipeline(path: str | Path, max_runs: int = MAX_RUNS) -> Pipeline:
         node = _child(root, key)
         if node is not None and not isinstance(node, yaml.ScalarNode):
             raise VlmcacheError(f"{source}, line {node.start_mark.line + 1}: '{key}' takes one value.")
-    size = grid_size(data)
-    if size > max_runs:
-        raise VlmcacheError(
-            f"{source}: the grid expands to {size:,} runs, more than --max-runs {max_runs:,}. Shrink the grid, or "
-            f"raise --max-runs if you mean it."
-        )
+    return methods_node
 
+
+def _methods(methods_node, data: dict, source: str) -> list[Method]:
+    """The methods, named once each, with `from` naming a method above and going with `stage2`."""
     methods, names = [], set()
     for node, item in zip(methods_node.value, data["methods"], strict=True):
         line = node.start_mark.line + 1
@@ -276,7 +306,11 @@ def load_pipeline(path: str | Path, max_runs: int = MAX_RUNS) -> Pipeline:
         if (frm is None) != ("stage2" not in settings and "stage2" not in (data.get("defaults") or {})):
             raise VlmcacheError(f"{source}, line {line}: a method has 'stage2' and 'from' together, or neither.")
         methods.append(Method(str(item["name"]), settings, frm))
+    return methods
 
+
+def _axes(root, data: dict, source: str) -> tuple[list, list, list]:
+    """The grid's datasets, models (each checked) and seeds."""
     datasets = data.get("datasets")
     if not datasets or not isinstance(datasets, list):
         raise VlmcacheError(f"{source}: 'datasets' must list at least one dataset.")
@@ -291,24 +325,7 @@ def load_pipeline(path: str | Path, max_runs: int = MAX_RUNS) -> Pipeline:
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not all(type(s) is int and 0 <= s <= SEED_MAX for s in seeds):
         raise VlmcacheError(f"{source}: 'seeds' must be a list of integers in [0, {SEED_MAX}], got {seeds!r}.")
-    pipe = Pipeline(
-        source,
-        str(data.get("name", path.stem)),
-        [str(d) for d in datasets],
-        models,
-        seeds,
-        dict(data.get("defaults") or {}),
-        methods,
-        str(data.get("cache_dir", "cache")),
-        str(data.get("runs_dir", f"runs/{path.stem}")),
-        str(data.get("description", "")),
-    )
-    for run in plan(pipe):  # every expanded config must resolve: names, parameters, values
-        try:
-            run.config(stage2_from="(first stage)" if run.from_method else None).resolve()
-        except VlmcacheError as e:
-            raise VlmcacheError(f"{source}: method '{run.method}': {e}") from None
-    return pipe
+    return datasets, models, seeds
 
 
 # --------------------------------------------------------------------------- planning

@@ -342,50 +342,64 @@ def _benchmark(name: str, root, split_files: Mapping[str, str], **_) -> Dataset:
     return Dataset(name, bench.classnames(), splits, root, notes)
 
 
+def _scan_classes(base: Path, root: Path, train: bool) -> dict[str, list[str]]:
+    """{class folder: its images, relative to root}; images outside class folders and empty training classes
+    are refused, since either would silently give another dataset than the one on disk."""
+    loose = sorted(p.name for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if loose:
+        raise VlmcacheError(
+            f"'{base}' holds {len(loose)} images outside class folders (for example '{loose[0]}'); imagefolder "
+            f"reads one sub-folder per class. Move them into class folders."
+        )
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = {
+        c: sorted(
+            str(p.relative_to(root).as_posix())
+            for p in (base / c).rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        for c in classes
+    }
+    empty = [c for c, f in files.items() if not f]
+    if train and empty:
+        raise VlmcacheError(
+            f"The class folder(s) {empty[:5]} under '{base}' hold no images ({', '.join(IMAGE_EXTENSIONS)}); "
+            f"a class without training images cannot be learned. Remove them or add images."
+        )
+    return files
+
+
+def _folder_split(split: str, files: dict[str, list[str]], classes: list[str], origin: str, root: Path) -> Split:
+    unknown = sorted(set(files) - set(classes))
+    if unknown:
+        raise VlmcacheError(f"{origin}: class folders {unknown} do not exist in the train split.")
+    rel = [p for c in classes for p in files.get(c, [])]
+    labels = np.asarray([i for i, c in enumerate(classes) for _ in files.get(c, [])], dtype=np.int64)
+    digest = hashlib.sha256("\n".join(f"{p} {lbl}" for p, lbl in zip(rel, labels, strict=True)).encode()).hexdigest()
+    return Split(split, FileSource(root, rel), labels, origin, digest)
+
+
+def _holdout(files: dict[str, list[str]], holdout: float, seed: int) -> tuple[dict, dict]:
+    """(train, test) files per class: a seeded share `holdout` of each class, at least one image of every class
+    that has two. Written out rather than sklearn's train_test_split(stratify=...), which refuses a class of one
+    image and may hold out none of a small class."""
+    rng = np.random.default_rng(seed)
+    train_files, test_files = {}, {}
+    for c in sorted(files):
+        order = rng.permutation(len(files[c]))
+        n_test = int(round(holdout * len(order))) if len(order) > 1 else 0
+        n_test = max(n_test, 1) if len(order) > 1 else 0
+        test_files[c] = sorted(files[c][i] for i in order[:n_test])
+        train_files[c] = sorted(files[c][i] for i in order[n_test:])
+    return train_files, test_files
+
+
 def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float = 0.2, seed: int = 0, **_):
     if root is None:
         raise VlmcacheError("The imagefolder dataset needs --root: a folder with one sub-folder per class.")
     if split_files:
         raise VlmcacheError("The imagefolder dataset takes its splits from folders; --split-file is not used.")
     root = _check_root(root, name)
-
-    def scan(base: Path, train: bool) -> dict[str, list[str]]:
-        """{class folder: its images}; images outside class folders and empty training classes are refused,
-        since either would silently give another dataset than the one on disk."""
-        loose = sorted(p.name for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if loose:
-            raise VlmcacheError(
-                f"'{base}' holds {len(loose)} images outside class folders (for example '{loose[0]}'); imagefolder "
-                f"reads one sub-folder per class. Move them into class folders."
-            )
-        classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-        files = {
-            c: sorted(
-                str(p.relative_to(root).as_posix())
-                for p in (base / c).rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            )
-            for c in classes
-        }
-        empty = [c for c, f in files.items() if not f]
-        if train and empty:
-            raise VlmcacheError(
-                f"The class folder(s) {empty[:5]} under '{base}' hold no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                f"a class without training images cannot be learned. Remove them or add images."
-            )
-        return files
-
-    def make(split: str, files: dict[str, list[str]], classes: list[str], origin: str) -> Split:
-        unknown = sorted(set(files) - set(classes))
-        if unknown:
-            raise VlmcacheError(f"{origin}: class folders {unknown} do not exist in the train split.")
-        rel = [p for c in classes for p in files.get(c, [])]
-        labels = np.asarray([i for i, c in enumerate(classes) for _ in files.get(c, [])], dtype=np.int64)
-        digest = hashlib.sha256(
-            "\n".join(f"{p} {lbl}" for p, lbl in zip(rel, labels, strict=True)).encode()
-        ).hexdigest()
-        return Split(split, FileSource(root, rel), labels, origin, digest)
-
     eval_dirs = [d for d in ("val", "test") if (root / d).is_dir()]
     if (root / "train").is_dir() != bool(eval_dirs):
         have = "train/" if (root / "train").is_dir() else " and ".join(f"{d}/" for d in eval_dirs)
@@ -395,24 +409,17 @@ def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float
         )
     notes = []
     if (root / "train").is_dir() and eval_dirs:
-        train = scan(root / "train", True)
+        train = _scan_classes(root / "train", root, True)
         classes = sorted(train)
-        splits = {"train": make("train", train, classes, str(root / "train"))}
+        splits = {"train": _folder_split("train", train, classes, str(root / "train"), root)}
         for d in eval_dirs:
-            splits[d] = make(d, scan(root / d, False), classes, str(root / d))
+            splits[d] = _folder_split(d, _scan_classes(root / d, root, False), classes, str(root / d), root)
     else:
         if not 0 < holdout < 1:
             raise VlmcacheError(f"--holdout must be between 0 and 1 (exclusive), got {holdout}.")
-        files = scan(root, True)
+        files = _scan_classes(root, root, True)
         classes = sorted(files)
-        rng = np.random.default_rng(seed)
-        train_files, test_files = {}, {}
-        for c in classes:
-            order = rng.permutation(len(files[c]))
-            n_test = int(round(holdout * len(order))) if len(order) > 1 else 0
-            n_test = max(n_test, 1) if len(order) > 1 else 0
-            test_files[c] = sorted(files[c][i] for i in order[:n_test])
-            train_files[c] = sorted(files[c][i] for i in order[n_test:])
+        train_files, test_files = _holdout(files, holdout, seed)
         if not any(test_files.values()):
             raise VlmcacheError(
                 f"The hold-out test split of '{root}' would be empty: every class has fewer than 2 images. "
@@ -420,8 +427,8 @@ def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float
             )
         origin = f"{root} (stratified hold-out {holdout:.0%}, seed {seed})"
         splits = {
-            "train": make("train", train_files, classes, origin),
-            "test": make("test", test_files, classes, origin),
+            "train": _folder_split("train", train_files, classes, origin, root),
+            "test": _folder_split("test", test_files, classes, origin, root),
         }
         notes.append(
             f"No train/ and val/ or test/ folders under '{root}': held out {holdout:.0%} of each class "

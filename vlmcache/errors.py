@@ -19,10 +19,14 @@ def unknown_choice(what: str, given: str, choices: Iterable[str]) -> VlmcacheErr
 
 
 def checked_params(what: str, given: dict, defaults: dict) -> dict:
-    """`given` with every value converted to the type of its default; an unknown key or bad value is an error.
+    """`given` with every string value converted to the type of its default (pydantic's lax coercion: "1.5" to
+    a float, "true" / "no" to a bool); an unknown key or a value that does not convert is an error.
 
-    Values may be strings from the command line (`--loss-param gamma=1.5`), so "true"/"false" become bools.
+    Values may be strings from the command line (`--loss-param gamma=1.5`); values that are not strings (from a
+    pipeline's YAML) are kept as they are.
     """
+    from pydantic import TypeAdapter, ValidationError
+
     out = {}
     for key, value in given.items():
         if key not in defaults:
@@ -31,13 +35,8 @@ def checked_params(what: str, given: dict, defaults: dict) -> dict:
         default = defaults[key]
         if isinstance(value, str) and not isinstance(default, str) and default is not None:
             try:
-                if isinstance(default, bool):
-                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                        raise ValueError(value)
-                    value = value.lower() in ("true", "1", "yes")
-                else:
-                    value = type(default)(value)
-            except ValueError:
+                value = TypeAdapter(type(default)).validate_python(value)
+            except ValidationError:
                 raise VlmcacheError(
                     f"The {what} parameter {key}={value!r} is not a {type(default).__name__}."
                 ) from None

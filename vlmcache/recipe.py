@@ -148,7 +148,11 @@ def make_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimiz
 
 def lr_factor(schedule: str, total: int, warmup: int = 0) -> Callable[[int], float]:
     """The learning rate's factor at step s: linear warm-up over `warmup` steps, then `cosine` (0.5 (1 + cos(pi t)),
-    to zero at the end) or `seed_cosine` (cos(7 pi / 16 t), the seed's: it ends at about 0.2 of the peak)."""
+    to zero at the end) or `seed_cosine` (cos(7 pi / 16 t), the seed's: it ends at about 0.2 of the peak).
+
+    One closed form for a LambdaLR rather than torch's LinearLR + CosineAnnealingLR in a SequentialLR: LinearLR
+    cannot start at 0 as the seed's warm-up does, CosineAnnealingLR's recursive form drifts from the closed form
+    in the last bits, and torch has no cos(7 pi t / 16)."""
     cycles = 0.5 if schedule == "cosine" else 7 / 16
 
     def factor(step: int) -> float:

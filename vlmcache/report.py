@@ -195,7 +195,10 @@ def _cell(mean, std) -> str:
 
 
 def paper_table(summary: pd.DataFrame) -> str:
-    """Markdown laid out as the seed paper's tables: a row per method, many / medium / few / overall per dataset."""
+    """Markdown laid out as the seed paper's tables: a row per method, many / medium / few / overall per dataset.
+
+    Written out, not through DataFrame.to_markdown: tabulate pads every cell to its column's width, and this
+    table is read as text (printed by `ablate`, diffed between runs), where one fixed layout per row is kinder."""
     if summary.empty:
         return "(no finished runs)\n"
     # a row per (method, model, weights): the model and weights are named when a method has several

@@ -51,21 +51,7 @@ def ablate(
     runs = plan(pipe)
     missing = missing_caches(pipe)
     if dry_run:
-        listing = [{"dataset": r.dataset, "model": r.model, "seed": r.seed, "method": r.method} for r in runs]
-        commands = [m.command(pipe.cache_dir) for m in missing]
-        if as_json:
-            print_json({"pipeline": pipe.source, "runs": listing, "missing_caches": commands})
-            return
-        out.print(f"{pipe.source}: valid, {len(runs)} runs.", highlight=False)
-        for r in listing:
-            out.print(
-                f"{r['dataset']}  {r['model']['model']} ({r['model'].get('pretrained')})  seed {r['seed']}  "
-                f"{r['method']}",
-                highlight=False,
-                markup=False,  # grid labels are in brackets, which rich would take for markup
-            )
-        for c in commands:
-            out.print(f"cache missing; make it with: {c}", highlight=False)
+        _print_dry_run(pipe, runs, missing, as_json)
         return
     if missing and extract:
         with RichProgress() as progress:
@@ -99,6 +85,24 @@ def ablate(
         out.print(f"{counts}. Table: {runs_dir / 'results.csv'}. Report: vlmcache report {runs_dir}", highlight=False)
     if counts.get("failed"):  # the grid went on and wrote its table; the exit code still says a run failed
         raise typer.Exit(1)
+
+
+def _print_dry_run(pipe, runs: list, missing: list, as_json: bool) -> None:
+    """The grid's runs by their real names, and the caches it lacks with their extract commands."""
+    listing = [{"dataset": r.dataset, "model": r.model, "seed": r.seed, "method": r.method} for r in runs]
+    commands = [m.command(pipe.cache_dir) for m in missing]
+    if as_json:
+        print_json({"pipeline": pipe.source, "runs": listing, "missing_caches": commands})
+        return
+    out.print(f"{pipe.source}: valid, {len(runs)} runs.", highlight=False)
+    for r in listing:
+        out.print(
+            f"{r['dataset']}  {r['model']['model']} ({r['model'].get('pretrained')})  seed {r['seed']}  {r['method']}",
+            highlight=False,
+            markup=False,  # grid labels are in brackets, which rich would take for markup
+        )
+    for c in commands:
+        out.print(f"cache missing; make it with: {c}", highlight=False)
 
 
 @app.command(rich_help_panel="Grids and reports")

@@ -1,4 +1,8 @@
-"""`vlmcache finetune`: the one stage that streams images again."""
+"""`vlmcache finetune`: the one stage that streams images again.
+
+A command is as long as its list of options, one per line (typer reads them from the signature); its body is
+a few lines that build the job's config and print the result.
+"""
 
 from __future__ import annotations
 

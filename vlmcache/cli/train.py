@@ -1,4 +1,8 @@
-"""`vlmcache train-head`, `eval`, `zero-shot` and `knn`: stage 2 on one cache."""
+"""`vlmcache train-head`, `eval`, `zero-shot` and `knn`: stage 2 on one cache.
+
+A command is as long as its list of options, one per line (typer reads them from the signature); its body is
+a few lines that build the job's config and print the result.
+"""
 
 from __future__ import annotations
 
