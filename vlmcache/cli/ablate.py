@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from vlmcache.cli.common import JSON, RichProgress, RunProgress, app, log, out, print_json, user_errors
+from vlmcache.cli.common import JSON, RichProgress, RunProgress, app, log, out, print_json, switch, user_errors
 from vlmcache.errors import VlmcacheError
 
 
@@ -17,17 +17,9 @@ def ablate(
     pipeline: str = typer.Argument(..., help="A pipeline YAML file, or the name of a shipped one (demo, quick, ...)."),
     runs_dir: Path = typer.Option(None, "--runs-dir", help="Where run folders go (default: the pipeline's runs_dir)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Cache root (default: the pipeline's cache_dir)."),
-    dry_run: bool = typer.Option(
-        False,
-        "--dry-run/--no-dry-run",
-        metavar="",
-        help="Validate the pipeline and list its runs by name; train nothing.",
-    ),
-    extract: bool = typer.Option(
-        False,
-        "--extract/--no-extract",
-        metavar="",
-        help="Make the caches the grid needs first, for datasets that need no images of yours (digits_lt).",
+    dry_run: bool = switch("dry-run", "Validate the pipeline and list its runs by name; train nothing."),
+    extract: bool = switch(
+        "extract", "Make the caches the grid needs first, for datasets that need no images of yours (digits_lt)."
     ),
     max_runs: int = typer.Option(5000, "--max-runs", help="Refuse a grid of more runs than this (counted first)."),
     as_json: bool = JSON,

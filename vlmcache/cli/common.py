@@ -114,7 +114,13 @@ def metrics_table(title: str, metrics: dict) -> Table:
 # evaluate on and --splits the splits to extract, --workers is image-loading processes (default min(8, CPUs)),
 # and every switch has its --no- form.
 
-JSON = typer.Option(False, "--json/--no-json", metavar="", help="Print one JSON object on stdout instead of tables.")
+
+def switch(name: str, help: str, default: bool | None = False):
+    """A boolean option with its --no- form (`--tokens/--no-tokens`), shown without a type."""
+    return typer.Option(default, f"--{name}/--no-{name}", metavar="", help=help)
+
+
+JSON = switch("json", "Print one JSON object on stdout instead of tables.")
 CACHE_DIR = typer.Option("cache", "--cache-dir", help="Root of the feature cache.")
 ROOT = typer.Option(None, "--root", help="Image folder that the split files' paths start from.")
 SPLIT_FILES = typer.Option(
@@ -190,19 +196,12 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed:,.1f} img/s" if task.speed else "- img/s", style="cyan")
 
 
-class RichProgress:
-    """The extraction's progress bar (images/s and ETA), on stderr so that --json stays clean."""
+class _Bar:
+    """A rich progress bar on stderr (so that --json stays clean), used as a context manager."""
 
-    def __init__(self, console: Console = err):
+    def __init__(self, *columns, **kw):
         self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _RateColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            speed_estimate_period=10,
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *columns, console=err, **kw
         )
         self.task = None
 
@@ -212,6 +211,13 @@ class RichProgress:
 
     def __exit__(self, *exc):
         self.bar.stop()
+
+
+class RichProgress(_Bar):
+    """The extraction's progress: images done of the split's, images/s and ETA."""
+
+    def __init__(self):
+        super().__init__(_RateColumn(), TextColumn("ETA"), TimeRemainingColumn(), speed_estimate_period=10)
 
     def start(self, split: str, total: int, completed: int = 0) -> None:
         self.task = self.bar.add_task(f"extract {split}", total=total, completed=completed)
@@ -220,26 +226,11 @@ class RichProgress:
         self.bar.advance(self.task, n)
 
 
-class RunProgress:
-    """Runs done of total, with an ETA, on stderr."""
+class RunProgress(_Bar):
+    """A grid's progress: runs done of total, with an ETA."""
 
-    def __init__(self, console: Console = err):
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("runs ETA"),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        self.task = None
-
-    def __enter__(self):
-        self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.stop()
+    def __init__(self):
+        super().__init__(TextColumn("runs ETA"), TimeRemainingColumn())
 
     def start(self, total: int) -> None:
         self.task = self.bar.add_task("ablate", total=total)

@@ -35,6 +35,7 @@ from vlmcache.cli.common import (
     out,
     print_json,
     size,
+    switch,
     user_errors,
 )
 from vlmcache.errors import VlmcacheError
@@ -71,9 +72,7 @@ def extract(
         "std, Resize 256 + CenterCrop 224); seed is a cache of its own, named <model>__<weights>+seedprep__<hash>.",
     ),
     cache_dir: Path = CACHE_DIR,
-    tokens: bool = typer.Option(
-        False, "--tokens/--no-tokens", metavar="", help="Also cache the final block's tokens (for the decoder head)."
-    ),
+    tokens: bool = switch("tokens", "Also cache the final block's tokens (for the decoder head)."),
     views: int = typer.Option(0, "--views", help="Augmented views (random resized crop + flip) per training image."),
     view_seed: int = typer.Option(0, "--view-seed", help="Seed of the augmented views."),
     templates: str = typer.Option(
@@ -86,15 +85,8 @@ def extract(
     workers: int = WORKERS,
     device: str = DEVICE,
     precision: str = PRECISION,
-    overwrite: bool = typer.Option(
-        False,
-        "--overwrite/--no-overwrite",
-        metavar="",
-        help="Discard a cache made with other settings and start again.",
-    ),
-    verify: bool = typer.Option(
-        False, "--verify/--no-verify", metavar="", help="On resume, re-hash finished shards instead of trusting sizes."
-    ),
+    overwrite: bool = switch("overwrite", "Discard a cache made with other settings and start again."),
+    verify: bool = switch("verify", "On resume, re-hash finished shards instead of trusting sizes."),
     nproc: int = NPROC,
     holdout: float = HOLDOUT,
     seed: int = typer.Option(0, "--seed", help="Seed of generated splits (imagefolder hold-out, digits_lt)."),
@@ -317,12 +309,7 @@ def cache_info(
 def cache_verify(
     ref: str = typer.Argument(None, help="A cache (path, DATASET/KEY or key prefix); default: every cache."),
     cache_dir: Path = CACHE_DIR,
-    repair: bool = typer.Option(
-        False,
-        "--repair/--no-repair",
-        metavar="",
-        help="Extract the damaged or missing shards again, into this cache (needs the images).",
-    ),
+    repair: bool = switch("repair", "Extract the damaged or missing shards again, into this cache (needs the images)."),
     root: Path = typer.Option(None, "--root", help="With --repair: the images' folder, if it moved since extraction."),
     as_json: bool = JSON,
 ):

@@ -47,6 +47,7 @@ from vlmcache.cli.common import (
     metrics_table,
     out,
     print_json,
+    switch,
     user_errors,
 )
 
@@ -85,28 +86,16 @@ def finetune(
     split: str = EVAL_SPLIT,
     device: str = DEVICE,
     precision: str = PRECISION,
-    grad_checkpointing: bool = typer.Option(
-        False,
-        "--grad-checkpointing/--no-grad-checkpointing",
-        metavar="",
-        help="Recompute the tower's activations in backward: less memory, more time.",
+    grad_checkpointing: bool = switch(
+        "grad-checkpointing", "Recompute the tower's activations in backward: less memory, more time."
     ),
     workers: int = WORKERS,
     nproc: int = NPROC,
     runs_dir: Path = RUNS_DIR,
     out_dir: Path = OUT_RUN,
-    overwrite: bool = typer.Option(
-        False, "--overwrite/--no-overwrite", metavar="", help="Start again even if the run has a checkpoint."
-    ),
-    reextract: bool = typer.Option(
-        False,
-        "--reextract/--no-reextract",
-        metavar="",
-        help="Afterwards, extract a new cache with the tuned tower (a new key).",
-    ),
-    reextract_tokens: bool = typer.Option(
-        False, "--reextract-tokens/--no-reextract-tokens", metavar="", help="With --reextract: cache tokens too."
-    ),
+    overwrite: bool = switch("overwrite", "Start again even if the run has a checkpoint."),
+    reextract: bool = switch("reextract", "Afterwards, extract a new cache with the tuned tower (a new key)."),
+    reextract_tokens: bool = switch("reextract-tokens", "With --reextract: cache tokens too."),
     cache_dir: Path = CACHE_DIR,
     holdout: float = HOLDOUT,
     holdout_seed: int = typer.Option(

@@ -45,6 +45,7 @@ from vlmcache.cli.common import (
     metrics_table,
     out,
     print_json,
+    switch,
     user_errors,
 )
 
@@ -93,31 +94,24 @@ def train_head(
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Samples per step (default: 256)."),
     weight_decay: float = WEIGHT_DECAY,
     optimizer: str = typer.Option(None, "--optimizer", help="adamw or sgd (default protocol: adamw)."),
-    nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov", metavar="", help="SGD with Nesterov momentum."),
+    nesterov: bool = switch("nesterov", "SGD with Nesterov momentum.", None),
     seed: int = SEED,
     split: str = EVAL_SPLIT,
     device: str = DEVICE,
     runs_dir: Path = RUNS_DIR,
     out_dir: Path = OUT_RUN,
-    overwrite: bool = typer.Option(
-        False, "--overwrite/--no-overwrite", metavar="", help="Run again even if this run folder is finished."
-    ),
-    stream_tokens: bool = typer.Option(
-        False, "--stream-tokens/--no-stream-tokens", metavar="", help="Read tokens from disk even if they fit in RAM."
-    ),
-    stream: bool = typer.Option(
-        False,
-        "--stream/--no-stream",
-        metavar="",
-        help="Baseline: encode the cached rows' images again with the frozen tower on every step, as the seed's "
+    overwrite: bool = switch("overwrite", "Run again even if this run folder is finished."),
+    stream_tokens: bool = switch("stream-tokens", "Read tokens from disk even if they fit in RAM."),
+    stream: bool = switch(
+        "stream",
+        "Baseline: encode the cached rows' images again with the frozen tower on every step, as the seed's "
         "code does (same metrics as the cache for the same seed, slower by the tower's time).",
     ),
-    augment: bool = typer.Option(
-        None,
-        "--augment/--no-augment",
-        metavar="",
-        help="Train on augmented views: one of the cache's --views per row and epoch (the default when the cache has "
+    augment: bool = switch(
+        "augment",
+        "Train on augmented views: one of the cache's --views per row and epoch (the default when the cache has "
         "them), or with --stream a fresh crop and flip every epoch, as the seed's code does.",
+        None,
     ),
     workers: int = WORKERS,
     tau_norm: float = TAU_NORM,
@@ -220,9 +214,7 @@ def knn(
     cache_key: str = CACHE_KEY,
     k: int = typer.Option(20, "--k", help="Neighbours per query."),
     temperature: float = typer.Option(0.07, "--temperature", help="Votes are exp(cosine / temperature)."),
-    balanced: bool = typer.Option(
-        False, "--balanced/--no-balanced", metavar="", help="Divide each class's votes by its training images."
-    ),
+    balanced: bool = switch("balanced", "Divide each class's votes by its training images."),
     blend: Path = typer.Option(None, "--blend", help="A run whose softmax is blended with the kNN votes."),
     blend_weight: float = typer.Option(0.5, "--blend-weight", help="Weight of the kNN votes in the blend."),
     split: str = EVAL_SPLIT,
