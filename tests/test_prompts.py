@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmcache.bench import prompt_step_memory
+from vlmcache.bench.prompts import prompt_step_memory
 from vlmcache.errors import VlmcacheError
 from vlmcache.prompts import CoOpHead
 from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import sys
 from enum import Enum
@@ -100,6 +101,15 @@ def build_config(cls, params: dict, **overrides):
     return cls(**{**kw, **overrides})
 
 
+def print_result(result: dict, as_json: bool, title: str) -> None:
+    """An evaluation's result as one JSON object (less its per-class table) or as a metrics table."""
+    result = {k: v for k, v in result.items() if k != "per_class"}
+    if as_json:
+        print_json(result)
+    else:
+        out.print(metrics_table(title, result["metrics"]))
+
+
 def metrics_table(title: str, metrics: dict) -> Table:
     table = Table(title=title)
     cols = ("overall", "many", "medium", "few", "top5", "mean_per_class")
@@ -155,6 +165,53 @@ CACHE_PREPROCESS = typer.Option(
     "--preprocess",
     help="Which cache: model (the weights' own preprocessing) or seed (extract --preprocess seed).",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheRef:
+    """Which cache a command reads: each part may be left out when only one cache matches the rest."""
+
+    dataset: str | None
+    model: str | None
+    pretrained: str | None
+    cache_dir: Path
+    cache_key: str | None
+
+
+_CACHE_OPTIONS = {
+    "dataset": (str, CACHE_DATASET),
+    "model": (str, CACHE_MODEL),
+    "pretrained": (str, CACHE_PRETRAINED),
+    "cache_dir": (Path, CACHE_DIR),
+    "cache_key": (str, CACHE_KEY),
+}
+
+
+def cache_options(fn):
+    """Give a command the options that pick a cache (--dataset, --model, --pretrained, --cache-dir, --cache-key),
+    defined here once, and hand them to it as one `cache: CacheRef` argument."""
+    sig = inspect.signature(fn)
+    own = [p for name, p in sig.parameters.items() if name != "cache"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+        for name, (kind, option) in _CACHE_OPTIONS.items()
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(**kw):
+        return fn(cache=CacheRef(**{name: kw.pop(name) for name in _CACHE_OPTIONS}), **kw)
+
+    wrapper.__signature__ = sig.replace(
+        parameters=added + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+    )
+    wrapper.__annotations__ = {
+        **{k: v for k, v in fn.__annotations__.items() if k != "cache"},
+        **{name: kind for name, (kind, _) in _CACHE_OPTIONS.items()},
+    }
+    del wrapper.__wrapped__  # typer reads the signature above, not fn's
+    return wrapper
+
+
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 PRECISION = typer.Option("auto", "--precision", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16, bf16.")
 EVAL_SPLIT = typer.Option(None, "--split", help="Split to evaluate on (default: test, else val).")

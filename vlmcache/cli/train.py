@@ -6,17 +6,13 @@ a few lines that build the job's config and print the result.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
 
 from vlmcache.cli.common import (
-    CACHE_DATASET,
-    CACHE_DIR,
-    CACHE_KEY,
-    CACHE_MODEL,
     CACHE_PREPROCESS,
-    CACHE_PRETRAINED,
     DEVICE,
     EVAL_SPLIT,
     HEAD_HELP,
@@ -39,12 +35,15 @@ from vlmcache.cli.common import (
     WARMUP_ITERS,
     WEIGHT_DECAY,
     WORKERS,
+    CacheRef,
     app,
     build_config,
+    cache_options,
     log,
     metrics_table,
     out,
     print_json,
+    print_result,
     switch,
     user_errors,
 )
@@ -52,15 +51,12 @@ from vlmcache.cli.common import (
 
 @app.command("train-head", rich_help_panel="Stage 2: heads")
 @user_errors
+@cache_options
 def train_head(
-    dataset: str = CACHE_DATASET,
+    cache: CacheRef,
     root: Path = typer.Option(
         None, "--root", help="With --stream: the image folder, if it moved since extraction (else unused)."
     ),
-    model: str = CACHE_MODEL,
-    pretrained: str = CACHE_PRETRAINED,
-    cache_dir: Path = CACHE_DIR,
-    cache_key: str = CACHE_KEY,
     preprocess: str = CACHE_PREPROCESS,
     head: str = typer.Option("linear", "--head", help=HEAD_HELP),
     head_param: list[str] = HEAD_PARAM,
@@ -129,8 +125,8 @@ def train_head(
     from vlmcache.train import train_head as run
 
     cfg = build_config(
-        TrainConfig, locals(), from_run=str(from_run) if from_run else None, eval_split=split,
-        out=str(out_dir) if out_dir else None,
+        TrainConfig, {**locals(), **dataclasses.asdict(cache)}, from_run=str(from_run) if from_run else None,
+        eval_split=split, out=str(out_dir) if out_dir else None,
     )  # fmt: skip
 
     def on_epoch(row: dict) -> None:
@@ -170,20 +166,14 @@ def eval_run(
     from vlmcache.runs import evaluate_run
 
     result = evaluate_run(run, tau_norm, logit_adjust, split, device)
-    if as_json:
-        print_json(result)
-        return
-    out.print(metrics_table(f"{run} ({result['split']})", result["metrics"]))
+    print_result(result, as_json, f"{run} ({result['split']})")
 
 
 @app.command("zero-shot", rich_help_panel="Stage 2: heads")
 @user_errors
+@cache_options
 def zero_shot(
-    dataset: str = CACHE_DATASET,
-    model: str = CACHE_MODEL,
-    pretrained: str = CACHE_PRETRAINED,
-    cache_dir: Path = CACHE_DIR,
-    cache_key: str = CACHE_KEY,
+    cache: CacheRef,
     templates: str = typer.Option("openai", "--templates", help="Template set of the class texts."),
     split: str = EVAL_SPLIT,
     device: str = DEVICE,
@@ -195,23 +185,17 @@ def zero_shot(
     """
     from vlmcache.zeroshot import zero_shot as run
 
-    result = run(str(cache_dir), dataset, model, pretrained, cache_key, templates, split, device)
-    result.pop("per_class")
-    if as_json:
-        print_json(result)
-        return
-    title = f"zero-shot {result['dataset']} ({result['split']}, templates {templates})"
-    out.print(metrics_table(title, result["metrics"]))
+    result = run(
+        str(cache.cache_dir), cache.dataset, cache.model, cache.pretrained, cache.cache_key, templates, split, device
+    )
+    print_result(result, as_json, f"zero-shot {result['dataset']} ({result['split']}, templates {templates})")
 
 
 @app.command("knn", rich_help_panel="Stage 2: heads")
 @user_errors
+@cache_options
 def knn(
-    dataset: str = CACHE_DATASET,
-    model: str = CACHE_MODEL,
-    pretrained: str = CACHE_PRETRAINED,
-    cache_dir: Path = CACHE_DIR,
-    cache_key: str = CACHE_KEY,
+    cache: CacheRef,
     k: int = typer.Option(20, "--k", help="Neighbours per query."),
     temperature: float = typer.Option(0.07, "--temperature", help="Votes are exp(cosine / temperature)."),
     balanced: bool = switch("balanced", "Divide each class's votes by its training images."),
@@ -228,12 +212,8 @@ def knn(
     from vlmcache.knn import knn as run
 
     result = run(
-        str(cache_dir), dataset, model, pretrained, cache_key, k, temperature, balanced,
+        str(cache.cache_dir), cache.dataset, cache.model, cache.pretrained, cache.cache_key, k, temperature, balanced,
         str(blend) if blend else None, blend_weight, split, device,
     )  # fmt: skip
-    result.pop("per_class")
-    if as_json:
-        print_json(result)
-        return
-    title = f"kNN {result['dataset']} (k={k}, T={temperature}{', balanced' if balanced else ''})"
-    out.print(metrics_table(title, result["metrics"]))
+    balance = ", balanced" if balanced else ""
+    print_result(result, as_json, f"kNN {result['dataset']} (k={k}, T={temperature}{balance})")
