@@ -1,4 +1,4 @@
-"""torch.distributed for extraction under torchrun: rank and world size, and the few collectives it needs.
+"""torch.distributed under torchrun (extraction, ablation grids): rank and world size, and the few collectives.
 
 Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op for one process.
 """
@@ -50,6 +50,16 @@ def gather(obj, dst: int = 0) -> list | None:
         return [obj]
     out = [None] * world if rank == dst else None
     dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def all_gather(obj) -> list:
+    """Every rank's `obj` on every rank (a list in rank order)."""
+    rank, world = rank_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
     return out
 
 

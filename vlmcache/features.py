@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,57 @@ def view_choice(n: int, k: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randint(k, (n,), generator=g)
 
 
+def block_order(n_blocks: int, epoch: int) -> np.ndarray:
+    """The order in which an epoch of token streaming visits the cache's blocks: drawn from the epoch alone."""
+    return np.random.default_rng(np.random.SeedSequence([epoch, n_blocks, 0x70CE5])).permutation(n_blocks)
+
+
+class BlockReader:
+    """Whole blocks of token rows read from the cache, shared by the runs of a group: with `keep` > 0 the last
+    `keep` blocks read stay in memory, so runs that visit the blocks in the same order read each from disk once
+    (and a block being read by one run's thread is waited for by another, not read twice). `bytes_read` counts
+    what came from disk."""
+
+    def __init__(self, split: cache.SplitCache, block_rows: int, name: str = "tokens", keep: int = 0):
+        self.split, self.block_rows, self.name, self.keep = split, block_rows, name, keep
+        self.bytes_read = 0
+        self._kept: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._reading: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def get(self, b: int) -> np.ndarray:
+        if not self.keep:
+            return self._read(b)
+        while True:
+            with self._lock:
+                if b in self._kept:
+                    self._kept.move_to_end(b)
+                    return self._kept[b]
+                pending = self._reading.get(b)
+                if pending is None:
+                    event = self._reading[b] = threading.Event()
+                    break
+            pending.wait()  # another run's thread is reading it: use its read (or, if it failed, try again)
+        try:
+            block = self._read(b)
+            with self._lock:
+                self._kept[b] = block
+                while len(self._kept) > self.keep:
+                    self._kept.popitem(last=False)
+            return block
+        finally:
+            with self._lock:
+                del self._reading[b]
+            event.set()
+
+    def _read(self, b: int) -> np.ndarray:
+        lo = b * self.block_rows
+        block = self.split.read_tokens(lo, min(lo + self.block_rows, len(self.split)), self.name)
+        with self._lock:
+            self.bytes_read += block.nbytes
+        return block
+
+
 class Tokens:
     """Token rows (N, T, W) float16. Held in memory when they fit, else read in contiguous blocks.
 
@@ -187,11 +239,14 @@ class Tokens:
         self.data = torch.from_numpy(split.read_tokens(0, len(split))).to(device) if in_memory else None
         # the augmented views' tokens (N, K, T, W): training shows one view per row and epoch (set_epoch)
         self.views, self.choice = views, None
+        self.epoch = 0  # set_epoch's; the order in which streaming visits blocks depends on it alone
         self.view_data = None
         if views and in_memory:
             self.view_data = torch.from_numpy(split.read_tokens(0, len(split), "view_tokens")).to(device)
+        self.blocks = BlockReader(split, block_rows, "view_tokens" if views else "tokens")
 
     def set_epoch(self, seed: int, epoch: int) -> None:
+        self.epoch = epoch
         if self.views:
             self.choice = view_choice(len(self.y), int(self.split.fingerprint["views"]), seed, epoch)  # CPU: blocks
             self.choice_on_device = self.choice.to(self.device)  # in memory: indexed per batch on the device
@@ -222,11 +277,14 @@ class Tokens:
                 else:
                     yield self.data[j], self.y[j]
             return
-        # One numpy generator per epoch, drawn from the torch one, so the same seed gives the same order.
+        # One numpy generator per epoch, drawn from the torch one, so the same seed gives the same order of rows.
+        # The order of blocks depends on the epoch alone, so that the runs of a group (`group.train_group`), each
+        # with its own seed and sampler, read the same block at about the same time and share the read.
         rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator, device=generator.device)))
         idx = indices.cpu().numpy()
         blocks = idx // self.block_rows
-        order = rng.permutation(np.unique(blocks))
+        order = block_order(-(-len(self.y) // self.block_rows), self.epoch)
+        order = order[np.isin(order, np.unique(blocks))]
         windows = [order[i : i + self.window_blocks] for i in range(0, len(order), self.window_blocks)]
         by_block = {int(b): idx[blocks == b] for b in order}
         labels = self.y.cpu().numpy()
@@ -247,11 +305,12 @@ class Tokens:
         parts, sels = [], []
         for b in window:
             sel = by_block[int(b)]
-            lo, hi = int(sel.min()), int(sel.max()) + 1  # one contiguous slice per block
-            if self.choice is not None:  # the block's views, then each sampled row's view of this epoch
-                parts.append(self.split.read_tokens(lo, hi, "view_tokens")[sel - lo, self.choice.numpy()[sel]])
+            block = self.blocks.get(int(b))  # the whole block: a group's runs sample different rows of it
+            rows = sel - int(b) * self.block_rows
+            if self.choice is not None:  # each sampled row's view of this epoch
+                parts.append(block[rows, self.choice.numpy()[sel]])
             else:
-                parts.append(self.split.read_tokens(lo, hi)[sel - lo])
+                parts.append(block[rows])
             sels.append(sel)
         return np.concatenate(parts), np.concatenate(sels)
 

@@ -7,12 +7,13 @@ can evaluate it again, with or without post-hoc corrections.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from vlmcache.encoders import RANDOM, pick_device
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.features import (
     Pooled,
+    Tokens,
     cache_parts,
     default_eval_split,
     find_cache,
@@ -249,6 +251,29 @@ def fit(
 
     `select(epoch, step)` (model selection) scores the module after each epoch; the best epoch's weights are
     loaded back at the end, and the selection (epoch, step, score) is returned with the per-epoch history.
+    """
+    steps = fit_steps(module, data, loss_fn, sampler, cfg, device, on_epoch, select)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def fit_steps(
+    module: nn.Module,
+    data,
+    loss_fn: nn.Module,
+    sampler,
+    cfg: TrainConfig,
+    device: torch.device,
+    on_epoch: Callable[[dict], None] | None = None,
+    select: Callable[[int, int], float] | None = None,
+) -> Generator[float, None, tuple[list[dict], dict | None]]:
+    """`fit` one optimiser step at a time: a generator that yields after every step and returns (history,
+    selection). `fit` drives one to its end; `group.train_group` drives a grid's runs in lock-step, each run's
+    steps exactly the ones it takes alone. Time spent paused at a yield is left out of the run's seconds.
+
     Per-step losses stay on the device and are checked once per epoch, so a non-finite loss stops the
     run naming its epoch and step without a host sync on every step.
     """
@@ -269,6 +294,7 @@ def fit(
             data.set_epoch(cfg.seed, epoch)
         t0 = time.perf_counter()
         k = seen = 0
+        paused = 0.0
         for x, y in data.batches(sampler.epoch(gen), cfg.batch_size, gen):
             if cfg.iters and done >= cfg.iters:
                 break
@@ -281,6 +307,9 @@ def fit(
             k += 1
             done += 1
             seen += len(y)
+            t_pause = time.perf_counter()
+            yield epoch - 1 + seen / sampler.size  # how far along: a group advances the run furthest behind
+            paused += time.perf_counter() - t_pause
         stacked = step_losses[:k]
         finite = torch.isfinite(stacked)
         if not bool(finite.all()):
@@ -291,7 +320,7 @@ def fit(
             )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 - paused
         row = {
             "epoch": epoch,
             "step": done,
@@ -377,12 +406,30 @@ def frozen_features(head: nn.Module, data) -> Pooled:
 
 
 def _inputs(
-    cfg: TrainConfig, head: str, splits: list[cache.SplitCache], device: torch.device, augment: bool = False
+    cfg: TrainConfig,
+    head: str,
+    splits: list[cache.SplitCache],
+    device: torch.device,
+    augment: bool = False,
+    shared: dict | None = None,
 ) -> list:
     """What the head reads from each split: cached features, or (--stream) the images encoded on every pass.
-    `augment` applies to the first split (training): its augmented views instead of its plain embeddings."""
+    `augment` applies to the first split (training): its augmented views instead of its plain embeddings.
+    With `shared` (a group's), a split loaded once is handed to every run as its own shallow copy: the arrays
+    are shared, the per-epoch view choice (`set_epoch`) is each run's."""
     if not cfg.stream:
-        return [load_inputs(s, head, device, cfg.stream_tokens, augment and i == 0) for i, s in enumerate(splits)]
+        out = []
+        for i, s in enumerate(splits):
+            key = (str(s.dir), HEADS[head].input, cfg.stream_tokens, augment and i == 0, str(device))
+            if shared is None:
+                out.append(load_inputs(s, head, device, cfg.stream_tokens, augment and i == 0))
+                continue
+            if key not in shared:
+                shared[key] = load_inputs(s, head, device, cfg.stream_tokens, augment and i == 0)
+                if isinstance(shared[key], Tokens):  # streamed: the group's runs read each block once
+                    shared[key].blocks.keep = 3 * shared[key].window_blocks
+            out.append(copy.copy(shared[key]))
+        return out
     encoder = streaming.encoder_of(splits[0], str(device))
     tokens = HEADS[head].input == "tokens"
     return [
@@ -499,12 +546,53 @@ def train_head(
     cfg: TrainConfig, log: Callable[[str], None] = print, on_epoch: Callable[[dict], None] | None = None
 ) -> dict:
     """Train, evaluate and save one run; returns the run's summary (metrics, cost, where it is)."""
+    job = prepare_run(cfg, log)
+    t0 = time.perf_counter()
+    history, selection = fit(
+        job.fit_model, job.fit_data, job.loss_fn, job.sampler, cfg, job.device, on_epoch, job.select
+    )
+    job.times["train_seconds"] = time.perf_counter() - t0
+    return finish_run(job, history, selection)
+
+
+@dataclass
+class RunJob:
+    """A run between its set-up and its end: what `fit` trains and what `finish_run` evaluates and saves."""
+
+    cfg: TrainConfig
+    device: torch.device
+    model_dir: Path
+    run_dir: Path
+    eval_name: str
+    eval_data: object
+    counts: np.ndarray
+    classnames: list[str]
+    in_dim: int
+    num_classes: int
+    model: RunModel
+    fit_model: nn.Module
+    fit_data: object
+    head_params: dict
+    loss_fn: nn.Module
+    sampler: object
+    select: Callable[[int, int], float] | None
+    times: dict
+    t_start: float
+    memory_scope: str
+    group_size: int = 1  # the runs trained together in this process's group (group.train_group)
+
+
+def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: dict | None = None, memory_scope=None):
+    """Everything before the training loop: the config resolved, the cache found, inputs loaded, the model, loss,
+    sampler and selection built. `shared` (a dict kept across runs: `group.train_group`) holds inputs already
+    loaded by an earlier run of the same cache, so a group reads each split once; `memory_scope` is the
+    group's peak-memory scope (None: this run starts its own)."""
     t_start = time.perf_counter()
     cfg.resolve()
     for warning in double_corrections(cfg):
         log(f"warning: {warning}")
     device = pick_device(cfg.device)
-    memory_scope = start_peak_memory(device)
+    memory_scope = memory_scope or start_peak_memory(device)
     first = None
     if cfg.stage2:
         inherit_first_stage(cfg)
@@ -519,55 +607,64 @@ def train_head(
 
     t_load = time.perf_counter()
     augment = use_views(cfg, train_split, log)
-    train_data, eval_data = _inputs(cfg, cfg.head, [train_split, eval_split], device, augment)
+    train_data, eval_data = _inputs(cfg, cfg.head, [train_split, eval_split], device, augment, shared)
     counts = np.bincount(train_data.y.cpu().numpy(), minlength=num_classes)
     times = {"load_seconds": time.perf_counter() - t_load}
 
     torch.manual_seed(cfg.seed)
     t_features = time.perf_counter()
-    model, fit_model, fit_data, head_params = _build_model(cfg, first, train_data, train_split, text, device)
+    model, fit_model, fit_data, head_params = _build_model(cfg, first, train_data, train_split, text, device, shared)
     loss_fn = build_loss(cfg.loss, counts, **cfg.loss_params).to(device)
     if cfg.loss == "ldam" and not cfg.stage2 and isinstance(model.head.classifier, CosineClassifier):
         loss_fn = OnRawCosines(loss_fn, model.head.classifier)
     sampler = build_sampler(cfg.sampler, fit_data.y, **cfg.sampler_params)
-    select = _selector(cfg, model, eval_data, eval_name, model_dir, counts, device)
+    select = _selector(cfg, model, eval_data, eval_name, model_dir, counts, device, shared)
     times["features_seconds"] = time.perf_counter() - t_features
-
-    if device.type == "cuda":
+    if device.type == "cuda" and memory_scope != "group":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    history, selection = fit(fit_model, fit_data, loss_fn, sampler, cfg, device, on_epoch, select)
+    return RunJob(
+        cfg, device, model_dir, run_dir, eval_name, eval_data, counts, text.classnames, train_data.dim, num_classes,
+        model, fit_model, fit_data, head_params, loss_fn, sampler, select, times, t_start, memory_scope,
+    )  # fmt: skip
+
+
+def finish_run(job: RunJob, history: list[dict], selection: dict | None) -> dict:
+    """Evaluate the trained run, check it, and save its folder; returns its summary. `job.times` holds the
+    training loop's seconds by now."""
+    cfg = job.cfg
     if selection is not None:
         selection = {"split": cfg.select_on, **selection}
-    times["train_seconds"] = time.perf_counter() - t0
-
     t_eval = time.perf_counter()
-    eval_model = post_hoc(model, cfg.tau_norm)
-    metrics, table = evaluate(eval_model, eval_data, counts, text.classnames, cfg.logit_adjust, cfg.many, cfg.few)
-    times["eval_seconds"] = time.perf_counter() - t_eval
-    times["total_seconds"] = time.perf_counter() - t_start
-    cost = _cost(cfg, times, history, device, memory_scope)
+    eval_model = post_hoc(job.model, cfg.tau_norm)
+    metrics, table = evaluate(
+        eval_model, job.eval_data, job.counts, job.classnames, cfg.logit_adjust, cfg.many, cfg.few
+    )
+    job.times["eval_seconds"] = time.perf_counter() - t_eval
+    job.times["total_seconds"] = time.perf_counter() - job.t_start
+    cost = _cost(cfg, job.times, history, job.device, job.memory_scope)
+    if job.group_size > 1:  # seconds are this run's own; memory is the group's process's
+        cost["group_size"] = job.group_size
 
-    check_finite_parameters(model)
+    check_finite_parameters(job.model)
     saved = {
         "head": cfg.head,
-        "in_dim": train_data.dim,
-        "num_classes": num_classes,
-        "head_params": head_params,
-        "head_state": model.head.state_dict(),
+        "in_dim": job.in_dim,
+        "num_classes": job.num_classes,
+        "head_params": job.head_params,
+        "head_state": job.model.head.state_dict(),
         "stage2": cfg.stage2,
         "stage2_params": dict(cfg.stage2_params),
-        "stage2_state": model.stage2.state_dict() if model.stage2 is not None else None,
+        "stage2_state": job.model.stage2.state_dict() if job.model.stage2 is not None else None,
     }
     config = {
         "config": asdict(cfg),
-        "cache": str(model_dir),
-        "eval_split": eval_name,
-        "train_counts": counts.tolist(),
+        "cache": str(job.model_dir),
+        "eval_split": job.eval_name,
+        "train_counts": job.counts.tolist(),
         "argv": sys.argv,
     }
-    result = {"run": str(run_dir), "metrics": metrics, "cost": cost, "history": history, "selection": selection}
-    _save_run(run_dir, saved, table, config, result)
+    result = {"run": str(job.run_dir), "metrics": metrics, "cost": cost, "history": history, "selection": selection}
+    _save_run(job.run_dir, saved, table, config, result)
     return result
 
 
@@ -582,7 +679,7 @@ def _locate_cache(cfg: TrainConfig) -> Path:
     return model_dir
 
 
-def _build_model(cfg: TrainConfig, first, train_data, train_split, text, device: torch.device):
+def _build_model(cfg: TrainConfig, first, train_data, train_split, text, device: torch.device, shared=None):
     """(the run's model, the module that trains, the data it trains on, the head's full settings). A second
     stage trains on the frozen first-stage head's features; a first stage builds its head, fits its input
     statistics and, with --text-init, starts from the class texts."""
@@ -598,8 +695,15 @@ def _build_model(cfg: TrainConfig, first, train_data, train_split, text, device:
     if hasattr(head, "bind_text"):
         _bind_text(head, train_split, text, device)
     if getattr(head, "needs_input_stats", False):
-        x = train_data.x if isinstance(train_data, Pooled) else torch.cat([x for x, _ in train_data.chunks()])
-        head.fit_input(x)
+        key = ("input statistics", id(getattr(train_data, "x", train_data)), head.normalize)
+        if shared is not None and key in shared:  # a group's runs on the same rows: computed once
+            head.shift.copy_(shared[key][0])
+            head.scale.copy_(shared[key][1])
+        else:
+            x = train_data.x if isinstance(train_data, Pooled) else torch.cat([x for x, _ in train_data.chunks()])
+            head.fit_input(x)
+            if shared is not None:
+                shared[key] = (head.shift.clone(), head.scale.clone())
     if cfg.text_init:
         if cfg.text_init not in text.sets:
             raise unknown_choice("template set of --text-init", cfg.text_init, text.sets)
@@ -608,14 +712,16 @@ def _build_model(cfg: TrainConfig, first, train_data, train_split, text, device:
     return model, model, train_data, head_params
 
 
-def _selector(cfg: TrainConfig, model: RunModel, eval_data, eval_name: str, model_dir: Path, counts, device):
+def _selector(
+    cfg: TrainConfig, model: RunModel, eval_data, eval_name: str, model_dir: Path, counts, device, shared=None
+):
     """With --select-on SPLIT, the function that scores the model on that split after each epoch; else None."""
     if not cfg.select_on:
         return None
     select_data = (
         eval_data
         if cfg.select_on == eval_name
-        else _inputs(cfg, cfg.head, [_selection_split(model_dir, cfg.select_on)], device)[0]
+        else _inputs(cfg, cfg.head, [_selection_split(model_dir, cfg.select_on)], device, shared=shared)[0]
     )
 
     def select(epoch: int, step: int) -> float:

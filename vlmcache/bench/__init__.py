@@ -7,6 +7,8 @@
 - cached against streaming: one epoch of `train-head` against `train-head --stream`, next to the limit
   (tower time + head time) / head time from the tower's bare passes and the cached epoch.
 - prompt tuning: peak memory of a CoOp step over 1,000 to 8,142 class prompts, chunked and all at once.
+- grouped grid: 27 linear runs trained as one group (`ablate`'s default) against one run and against the 27
+  one by one; 4 decoders on streamed tokens: bytes read per epoch, group against one run.
 - memory: peak RSS of train-head, zero-shot and kNN on a synthetic cache, each in a fresh process.
 - cache size: bytes per image of pooled and tokens in float16, raw, gzip and blosc (hdf5plugin), and read speed.
 
@@ -21,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from vlmcache.bench import cache_size, common, extraction, finetune, loop, memory, prompts, streaming
+from vlmcache.bench import cache_size, common, extraction, finetune, grouped, loop, memory, prompts, streaming
 from vlmcache.bench.cache_size import bench_cache_size
 from vlmcache.bench.common import SCALES, machine
 from vlmcache.bench.extraction import bench_extraction
 from vlmcache.bench.finetune import bench_finetune
+from vlmcache.bench.grouped import bench_grouped
 from vlmcache.bench.loop import _looped, bench_loop, bench_token_read
 from vlmcache.bench.memory import bench_memory
 from vlmcache.bench.prompts import bench_prompts, prompt_step
@@ -35,23 +38,62 @@ from vlmcache.errors import unknown_choice
 __all__ = ["SCALES", "prompt_step", "run_bench", "to_markdown"]
 
 
-def run_bench(scale: str = "default", device: str = "auto", log=print) -> dict:
+SECTIONS = ("extraction", "loop", "grouped", "memory", "cache_size", "streaming", "finetune", "prompts")
+
+
+def run_bench(scale: str = "default", device: str = "auto", log=print, only: list[str] | None = None) -> dict:
+    """Every section's figures (or, with `only`, those sections' alone)."""
     if scale not in SCALES:
         raise unknown_choice("scale", scale, SCALES)
+    for name in only or ():
+        if name not in SECTIONS:
+            raise unknown_choice("benchmark section", name, SECTIONS)
     s = SCALES[scale]
-    from vlmcache.features import Pooled
-    from vlmcache.heads import build_head
+
+    def want(name: str) -> bool:
+        return not only or name in only
 
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    results = {"scale": scale, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
-    log("extraction ...")
-    results["extraction"] = [bench_extraction(m, n, device=str(dev)) for m, n in s.extract_models]
-    results["extraction"].append(
-        bench_extraction(s.extract_models[-1][0], max(16, s.extract_models[-1][1] // 2), device=str(dev), tokens=True)
-    )
-    log("stage-2 loop ...")
+    results = {"scale": scale, "machine": machine(), "date": time.strftime("%Y-%m-%d"), "only": list(only or [])}
+    if want("extraction"):
+        log("extraction ...")
+        results["extraction"] = [bench_extraction(m, n, device=str(dev)) for m, n in s.extract_models]
+        last, n = s.extract_models[-1]
+        results["extraction"].append(bench_extraction(last, max(16, n // 2), device=str(dev), tokens=True))
+    with tempfile.TemporaryDirectory() as tmp:
+        if want("loop"):
+            log("stage-2 loop ...")
+            results.update(_loop(s, dev, Path(tmp) / "tokens"))
+        if want("grouped"):
+            log("grouped grid ...")
+            results["grouped"] = bench_grouped(*s.grouped, Path(tmp) / "grouped", device=str(dev))
+        if want("memory"):
+            log("memory ...")
+            results["memory"] = bench_memory(*s.memory, Path(tmp) / "memory")
+        if want("cache_size"):
+            log("cache size ...")
+            (Path(tmp) / "size").mkdir()
+            results["cache_size"] = bench_cache_size(s.size_rows, 512, s.token_shape, Path(tmp) / "size")
+    if want("streaming"):
+        log("cached against streaming ...")
+        results["cached_vs_streaming"] = bench_streaming(*s.stream, device=str(dev))
+    if want("finetune"):
+        log("fine-tuning ...")
+        results["finetune"] = bench_finetune(*s.finetune, device=str(dev))
+    if want("prompts"):
+        log("prompt tuning memory ...")
+        model, classes, chunk, whole, limit = s.prompts
+        results["prompts"] = bench_prompts(model, classes, chunk, whole, limit)
+    return results
+
+
+def _loop(s, dev: torch.device, token_folder: Path) -> dict:
+    """Section 2: the loop against the bare step (linear, decoder), an ImageNet-LT-sized epoch, token reads."""
+    from vlmcache.features import Pooled
+    from vlmcache.heads import build_head
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(s.loop_rows, 512, generator=g).to(dev)
     y = torch.randint(0, 1000, (s.loop_rows,), generator=g).to(dev)
@@ -62,38 +104,44 @@ def run_bench(scale: str = "default", device: str = "auto", log=print) -> dict:
     # tokens held in memory are gathered by index exactly as pooled rows are
     decoder = bench_loop("decoder", lambda: build_head("decoder", w, 1000).to(dev), Pooled(xt, yt), xt, 64, 1, 1000)
     decoder["token_shape"] = [t, w]
-    results["loop"] = [linear, decoder]
     xe = torch.randn(s.epoch_rows, 512, generator=g).to(dev)
     ye = torch.randint(0, 1000, (s.epoch_rows,), generator=g).to(dev)
     t0 = time.perf_counter()
     _looped(build_head("linear", 512, 1000).to(dev), Pooled(xe, ye), 256, 1, 1000)
-    results["epoch"] = {
+    epoch = {
         "rows": s.epoch_rows,
         "dim": 512,
         "classes": 1000,
         "head": "linear",
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        log("token reads ...")
-        results["token_read"] = bench_token_read(s.token_rows, s.token_shape, Path(tmp) / "tokens")
-        log("memory ...")
-        results["memory"] = bench_memory(*s.memory, Path(tmp) / "memory")
-        log("cache size ...")
-        (Path(tmp) / "size").mkdir()
-        results["cache_size"] = bench_cache_size(s.size_rows, 512, s.token_shape, Path(tmp) / "size")
-    log("cached against streaming ...")
-    results["cached_vs_streaming"] = bench_streaming(*s.stream, device=str(dev))
-    log("fine-tuning ...")
-    results["finetune"] = bench_finetune(*s.finetune, device=str(dev))
-    log("prompt tuning memory ...")
-    model, classes, chunk, whole, limit = s.prompts
-    results["prompts"] = bench_prompts(model, classes, chunk, whole, limit)
-    return results
+    log_read = bench_token_read(s.token_rows, s.token_shape, token_folder)
+    return {"loop": [linear, decoder], "epoch": epoch, "token_read": log_read}
 
 
-def to_markdown(r: dict) -> str:
-    """BENCHMARKS.md: a title, the machine, then each section's table and prose, in the order of its number."""
+def _sections(r: dict) -> list[list[str]]:
+    """Each section's Markdown, in the order of its number (a section not measured gives none)."""
+    parts = [
+        (None, lambda r: common.machine_section(r)),
+        ("extraction", extraction.markdown),
+        ("loop", loop.markdown),
+        ("grouped", grouped.markdown),
+        ("streaming", streaming.markdown),
+        ("prompts", prompts.markdown),
+        ("finetune", finetune.markdown),
+        ("memory", memory.markdown),
+        ("cache_size", cache_size.markdown),
+        (None, common.gpu_section),
+    ]
+    only = r.get("only") or []
+    return [fn(r) for name, fn in parts if not only or name in only]
+
+
+def to_markdown(r: dict, existing: str | None = None) -> str:
+    """BENCHMARKS.md: a title, the machine, then each section's table and prose, in the order of its number.
+    A run of some sections (`--only`) replaces those sections in `existing` and keeps the rest."""
+    if r.get("only"):
+        return splice(existing or "# vlmcache benchmarks\n", _sections(r), r)
     parts = [
         [
             "# vlmcache benchmarks",
@@ -101,14 +149,35 @@ def to_markdown(r: dict) -> str:
             f"Measured by `vlmcache bench --scale {r['scale']}` on {r['date']}. Each figure stands next to its "
             "limit, both measured in the same run. Random weights everywhere (speed does not depend on them).",
         ],
-        common.machine_section(r),
-        extraction.markdown(r),
-        loop.markdown(r),
-        streaming.markdown(r),
-        prompts.markdown(r),
-        finetune.markdown(r),
-        memory.markdown(r),
-        cache_size.markdown(r),
-        common.gpu_section(r),
+        *_sections({**r, "only": []}),
     ]
     return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
+
+
+def _number(heading: str) -> tuple[int, str] | None:
+    """"## 2b. ..." -> (2, "b"); an unnumbered heading (Machine) -> None."""
+    label = heading.removeprefix("## ").split(".")[0].strip()
+    digits = label[: len(label) - len(label.lstrip("0123456789"))]
+    return (int(digits), label[len(digits) :]) if digits else None
+
+
+def splice(existing: str, sections: list[list[str]], r: dict) -> str:
+    """`existing` with each of `sections` in place of the section of its number ("## 2b. ..."), or inserted
+    before the first section that sorts after it; each says when and how it was measured."""
+    blocks = existing.rstrip("\n").split("\n## ")
+    head, body = blocks[0], ["## " + b for b in blocks[1:]]
+    for lines in sections:
+        if not lines:
+            continue
+        number = _number(lines[0])
+        if number is None:
+            continue
+        note = f"(Measured by `vlmcache bench --scale {r['scale']} --only {','.join(r['only'])}` on {r['date']}.)"
+        text = "\n".join([*lines, "", note])
+        found = [i for i, b in enumerate(body) if _number(b.split("\n")[0]) == number]
+        if found:
+            body[found[0]] = text
+            continue
+        after = [i for i, b in enumerate(body) if (_number(b.split("\n")[0]) or (-1, "")) > number]
+        body.insert(after[0] if after else len(body), text)
+    return "\n\n".join([head.rstrip("\n"), *(b.rstrip("\n") for b in body)]) + "\n"

@@ -27,6 +27,7 @@ class Scale:
     stream: tuple  # (model, images) of cached against --stream
     finetune: tuple  # (model, images, batch size)
     prompts: tuple  # (model, class counts, chunk, class counts all at once, address-space limit MB)
+    grouped: tuple = ()  # ((rows, dim, classes, test rows) pooled, (rows, (T, W), classes, test rows, decoders))
 
 
 SCALES = {
@@ -42,6 +43,7 @@ SCALES = {
         ("vlmcache-tiny", 64),
         ("vlmcache-tiny", 64, 32),
         ("vlmcache-tiny", (100, 400, 800), 50, (20, 40, 100), 8000),
+        ((5000, 64, 100, 500), (256, (17, 64), 10, 64, 2)),
     ),
     "default": Scale(
         (("vlmcache-tiny", 2000), ("ViT-B-16", 128)),
@@ -55,6 +57,7 @@ SCALES = {
         ("ViT-B-16", 128),
         ("ViT-B-16", 64, 32),
         ("ViT-B-16", (1000, 4000, 8142), 256, (50, 200, 1000), 16_000),
+        ((115_846, 512, 1000, 20_000), (2048, (50, 768), 1000, 256, 4)),
     ),
     "full": Scale(
         (("vlmcache-tiny", 2000), ("ViT-B-16", 256), ("ViT-L-14", 64)),
@@ -68,6 +71,7 @@ SCALES = {
         ("ViT-B-16", 256),
         ("ViT-B-16", 128, 32),
         ("ViT-B-16", (1000, 4000, 8142), 256, (50, 200, 1000), 16_000),
+        ((115_846, 512, 1000, 20_000), (2048, (50, 768), 1000, 256, 4)),
     ),
 }
 

@@ -7,7 +7,19 @@ from pathlib import Path
 
 import typer
 
-from vlmcache.cli.common import JSON, RichProgress, RunProgress, app, log, out, print_json, switch, user_errors
+from vlmcache.cli.common import (
+    JSON,
+    NPROC,
+    RichProgress,
+    RunProgress,
+    app,
+    check_nproc,
+    log,
+    out,
+    print_json,
+    switch,
+    user_errors,
+)
 from vlmcache.errors import VlmcacheError
 
 
@@ -22,6 +34,13 @@ def ablate(
         "extract", "Make the caches the grid needs first, for datasets that need no images of yours (digits_lt)."
     ),
     max_runs: int = typer.Option(5000, "--max-runs", help="Refuse a grid of more runs than this (counted first)."),
+    group: bool = switch(
+        "group",
+        "Train the runs that read the same cache together, each as it trains alone (--no-group: one by one).",
+        True,
+    ),
+    group_size: int = typer.Option(32, "--group-size", help="Most runs trained together in one group."),
+    nproc: int = NPROC,
     as_json: bool = JSON,
 ):
     """Run a grid of heads x losses x samplers x second stages x seeds (x models) and write one table.
@@ -30,11 +49,15 @@ def ablate(
 
     Every cache the grid reads is checked before the first run (missing ones are named with their extract
     commands). A re-run skips finished runs; a failed run is recorded with its error and the grid goes on.
+    The runs that read the same cache train together in one pass over it, with the results they have alone.
+    Many GPUs: [bold]--nproc 4[/] or [bold]torchrun --nproc_per_node 4 -m vlmcache ablate ...[/] spreads the
+    groups over the processes.
     """
     import dataclasses
 
     from vlmcache.ablate import extract_missing, load_pipeline, missing_caches, plan, run_pipeline
 
+    check_nproc("ablate", nproc)
     pipe = load_pipeline(pipeline, max_runs)
     if cache_dir:
         pipe = dataclasses.replace(pipe, cache_dir=str(cache_dir))
@@ -59,7 +82,9 @@ def ablate(
     from vlmcache.report import paper_table, summarize
 
     with RunProgress() as progress:
-        table = run_pipeline(pipe, None, progress, log=log)
+        table = run_pipeline(pipe, None, progress, log=log, group=group, group_size=group_size)
+    if table is None:  # a torchrun process other than rank 0: its runs are in rank 0's table
+        return
     runs_dir = Path(pipe.runs_dir)
     summary = summarize(table)
     counts = table["status"].value_counts().to_dict()

@@ -28,20 +28,29 @@ def bench(
     scale: str = typer.Option("default", "--scale", help="smoke (seconds), default (minutes on a CPU), full."),
     markdown: Path = typer.Option("BENCHMARKS.md", "--markdown", help="The Markdown file the figures go to."),
     device: str = DEVICE,
+    only: list[str] = typer.Option(
+        None,
+        "--only",
+        help="Run these sections alone and replace them in the Markdown file, keeping the rest (repeat it): "
+        "extraction, loop, grouped, memory, cache_size, streaming, finetune, prompts.",
+    ),
     as_json: bool = JSON,
 ):
     """Speed, memory and cache size, each figure as a ratio to its limit measured in the same run.
 
     Example: [bold]vlmcache bench --scale default --markdown BENCHMARKS.md[/]
+    (one section: [bold]vlmcache bench --only grouped[/])
     """
     from vlmcache.bench import run_bench, to_markdown
 
-    results = run_bench(scale, device, log=log)
-    Path(markdown).write_text(to_markdown(results))
+    results = run_bench(scale, device, log=log, only=only)
+    existing = Path(markdown).read_text() if only and Path(markdown).is_file() else None
+    text = to_markdown(results, existing)
+    Path(markdown).write_text(text)
     if as_json:
         print_json({**results, "markdown": str(markdown)})
         return
-    out.print(to_markdown(results), markup=False, highlight=False)
+    out.print(text, markup=False, highlight=False)
     out.print(f"written: {markdown}", highlight=False)
 
 
