@@ -163,6 +163,16 @@ def write_shard(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> dict
     return {"file": final.name, "bytes": len(image), "sha256": hashlib.sha256(image).hexdigest()}
 
 
+def encode_paths(paths: list[str]) -> np.ndarray:
+    """Image paths as a shard stores them: fixed-length UTF-8 bytes (so HDF5's checksum covers them too)."""
+    encoded = [p.encode("utf-8") for p in paths]
+    return np.array(encoded, dtype=f"S{max([len(e) for e in encoded], default=0) or 1}")
+
+
+def decode_paths(arr: np.ndarray) -> list[str]:
+    return [bytes(b).decode("utf-8") for b in arr]
+
+
 def write_arrays(
     split_dir: Path,
     pooled: np.ndarray,
@@ -171,6 +181,7 @@ def write_arrays(
     tokens: np.ndarray | None = None,
     shard_size: int = 1024,
     origin: str = "arrays",
+    paths: list[str] | None = None,
 ) -> Path:
     """A complete split written from in-memory arrays, in the same format extraction writes (synthetic
     caches for tests and benchmarks). `fingerprint` must hold at least num_classes."""
@@ -191,6 +202,8 @@ def write_arrays(
         arrays = {"rows": np.arange(lo, hi), "labels": labels[lo:hi], "pooled": pooled[lo:hi].astype(np.float16)}
         if tokens is not None:
             arrays["tokens"] = tokens[lo:hi].astype(np.float16)
+        if paths is not None:
+            arrays["paths"] = encode_paths(paths[lo:hi])
         entry = write_shard(split_dir / shard_name(i), arrays, {})
         entry.update(index=i, start=lo, stop=hi, rows=hi - lo, skipped=[])
         manifest["shards"].append(entry)
@@ -338,6 +351,20 @@ class SplitCache:
 
     def rows(self) -> np.ndarray:
         return self.load("rows")
+
+    def has_paths(self) -> bool:
+        """Whether every shard stores its rows' image paths (caches written before paths were stored do not)."""
+        return all("paths" in self._file(i) for i in range(len(self.shards)))
+
+    def shard_paths(self, i: int) -> list[str]:
+        """Shard i's rows' image paths, relative to the root the images were read from."""
+        return decode_paths(self._read(i, "paths"))
+
+    def paths(self) -> list[str] | None:
+        """Every row's image path in row order, or None for a cache without them."""
+        if not self.has_paths():
+            return None
+        return [p for i in range(len(self.shards)) for p in self.shard_paths(i)]
 
     def token_shape(self) -> tuple[int, int]:
         if not self.fingerprint.get("tokens"):
@@ -488,7 +515,12 @@ def read_text(path: Path) -> TextCache:
             raise VlmcacheError(
                 f"'{path}' is not a valid class-text file ({e}); extract again to rewrite it."
             ) from None
-    if not isinstance(fingerprint, dict) or not (np.isfinite(logit_scale) and logit_scale > 0) or not sets:
+    imported = isinstance(fingerprint, dict) and "imported_from" in fingerprint  # class names only: no texts
+    if (
+        not isinstance(fingerprint, dict)
+        or not (np.isfinite(logit_scale) and logit_scale > 0)
+        or not (sets or imported)
+    ):
         raise VlmcacheError(f"'{path}' is not a valid class-text file (fingerprint, logit_scale or template sets).")
     return TextCache(fingerprint, classnames, sets, logit_scale)
 

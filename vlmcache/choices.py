@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 
-DATASETS = ("imagenet_lt", "places_lt", "inat18", "imagefolder", "split", "digits_lt")
-USER_DATASETS = ("imagefolder", "split")  # the user's own images: their caches are named by --name
+DATASETS = ("imagenet_lt", "places_lt", "inat18", "imagefolder", "split", "wds", "digits_lt")
+USER_DATASETS = ("imagefolder", "split", "wds")  # the user's own images: their caches are named by --name
 LOSSES = ("ce", "focal", "cbw", "cb", "balanced_softmax", "grw", "lade", "ldam", "logit_adjust")
 SAMPLERS = ("instance", "class_balanced", "sqrt")
 HEADS = ("linear", "cosine", "decoder", "coop")

@@ -466,6 +466,99 @@ def _split(name: str, root, split_files: Mapping[str, str], classnames_file: str
     return Dataset(name, classnames, splits, root, notes)
 
 
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
+
+
+def _tar_index(shard: Path, relname: str, label_key: str) -> tuple[list[tuple], list[int]]:
+    """One webdataset shard's samples, from its headers: [(shard, key, image offset, image size)] and labels.
+    Members group into samples by key as webdataset groups them (`base_plus_ext`); a sample's image is its first
+    member with an image extension, its label the integer text of its `.{label_key}` member. A sample without an
+    image is kept as a row that extraction skips with the reason; one without a label is an error."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    samples: dict[str, dict] = {}
+    try:
+        with tarfile.open(shard, "r:") as tar:  # uncompressed: images are read back by offset
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = base_plus_ext(member.name)
+                if key is None:
+                    continue
+                sample = samples.setdefault(key, {"exts": []})
+                sample["exts"].append(ext)
+                last = ext.lower().rsplit(".", 1)[-1]
+                if last in WDS_IMAGE_EXTENSIONS and "image" not in sample:
+                    sample["image"] = (member.offset_data, member.size)
+                if ext == label_key:
+                    sample["label"] = tar.extractfile(member).read(64).decode("utf-8", "replace").strip()
+    except (tarfile.TarError, OSError) as e:
+        raise VlmcacheError(f"The shard '{shard}' is not a readable (uncompressed) tar file: {e}.") from None
+    members, labels = [], []
+    for key, sample in samples.items():
+        text = sample.get("label")
+        if text is None:
+            raise VlmcacheError(
+                f"{shard}: the sample '{key}' has no .{label_key} member (it has: {', '.join(sample['exts'])}); "
+                f"name the label's extension with --label-key."
+            )
+        if not (text.isascii() and text.isdigit()) or int(text) >= MAX_CLASSES:
+            raise VlmcacheError(f"{shard}: the sample '{key}' has the label '{text[:40]}', not a class index.")
+        offset, size = sample.get("image", (-1, 0))
+        members.append((relname, key, offset, size))
+        labels.append(int(text))
+    return members, labels
+
+
+def _wds_split(name: str, pattern: str, root: Path | None, label_key: str) -> Split:
+    import braceexpand
+
+    from vlmcache.images import TarSource
+
+    shards = list(braceexpand.braceexpand(pattern))
+    base = root or Path(".")
+    for relname in shards:  # every shard there before any is read
+        if not (base / relname).is_file():
+            raise VlmcacheError(
+                f"--shards {name}={pattern}: the shard '{base / relname}' does not exist"
+                + (" (paths are relative to --root)." if root else ".")
+            )
+    members, labels = [], []
+    for relname in shards:
+        m, y = _tar_index(base / relname, relname, label_key)
+        members += m
+        labels += y
+    if not members:
+        raise VlmcacheError(f"--shards {name}={pattern}: the shards hold no samples.")
+    digest = hashlib.sha256(json.dumps([members, labels]).encode()).hexdigest()
+    return Split(name, TarSource(base, members), np.asarray(labels, np.int64), f"webdataset {pattern}", digest)
+
+
+def _webdataset(
+    name: str, root, split_files: Mapping[str, str], classnames_file: str | None = None, label_key: str = "cls", **_
+) -> Dataset:
+    """webdataset tar shards, one brace pattern per split (`--shards train=train-{000000..000099}.tar`)."""
+    if not split_files:
+        raise VlmcacheError(
+            "The wds dataset needs at least one --shards SPLIT=PATTERN (for example train='train-{000..099}.tar')."
+        )
+    root = Path(root) if root else None
+    if root is not None and not root.is_dir():
+        raise VlmcacheError(f"--root '{root}' is not a folder.")
+    splits = {s: _wds_split(s, p, root, label_key) for s, p in split_files.items()}
+    classnames = read_classnames(classnames_file) if classnames_file else None
+    top = max(int(s.labels.max()) for s in splits.values())
+    notes = []
+    if classnames is None:
+        classnames = [f"class {i}" for i in range(top + 1)]
+        notes.append("No --classnames file: classes are named 'class 0', 'class 1', ...; zero-shot texts mean nothing.")
+    elif top >= len(classnames):
+        raise VlmcacheError(f"A sample's label {top} is beyond the {len(classnames)} names of '{classnames_file}'.")
+    return Dataset(name, classnames, splits, root, notes)
+
+
 DIGITS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGITS_IMBALANCE = 10  # largest / smallest training class
 DIGITS_MAX_PER_CLASS = 140
@@ -525,6 +618,9 @@ DATASETS: dict[str, DatasetInfo] = {
     "split": DatasetInfo(
         "your split files (--split-file NAME=PATH, lines 'relative/path label') under --root", _split, True
     ),
+    "wds": DatasetInfo(
+        "your webdataset tar shards (--shards SPLIT=PATTERN, the label in each sample's .cls)", _webdataset, False
+    ),
     "digits_lt": DatasetInfo(
         "built in: scikit-learn digits made long-tailed (10 classes, ratio 10), for the demo", _digits_lt, False
     ),
@@ -538,25 +634,28 @@ def load_dataset(
     classnames_file: str | None = None,
     holdout: float = 0.2,
     seed: int = 0,
+    label_key: str = "cls",
 ) -> Dataset:
     """Build a dataset by name. `root` may be None to inspect split definitions without images."""
     if name not in DATASETS:
         raise unknown_choice("dataset", name, DATASETS)
-    if classnames_file and name != "split":
-        raise VlmcacheError(f"--classnames is for the 'split' dataset; {name} has its own class names.")
+    if classnames_file and name not in ("split", "wds"):
+        raise VlmcacheError(f"--classnames is for the 'split' and 'wds' datasets; {name} has its own class names.")
     return DATASETS[name].build(
-        name, root, dict(split_files or {}), classnames_file=classnames_file, holdout=holdout, seed=seed
-    )
+        name, root, dict(split_files or {}), classnames_file=classnames_file, holdout=holdout, seed=seed,
+        label_key=label_key,
+    )  # fmt: skip
 
 
-def parse_split_files(values: list[str] | None) -> dict[str, str]:
+def parse_split_files(values: list[str] | None, option: str = "--split-file") -> dict[str, str]:
     """`["train=a.txt", "test=b.txt"]` -> `{"train": "a.txt", "test": "b.txt"}`."""
     out: dict[str, str] = {}
+    example = "train=train.txt" if option == "--split-file" else "train='train-{000..009}.tar'"
     for value in values or []:
         split, sep, path = value.partition("=")
         if not sep or not split or not path:
-            raise VlmcacheError(f"--split-file takes NAME=PATH (for example train=train.txt), got '{value}'.")
+            raise VlmcacheError(f"{option} takes NAME=PATH (for example {example}), got '{value}'.")
         if split in out:
-            raise VlmcacheError(f"--split-file names the split '{split}' twice.")
+            raise VlmcacheError(f"{option} names the split '{split}' twice.")
         out[split] = path
     return out

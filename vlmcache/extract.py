@@ -55,6 +55,7 @@ class ExtractConfig:
     verify: bool = False  # on resume, also re-hash the finished shards
     holdout: float = 0.2
     seed: int = 0
+    label_key: str = "cls"  # wds: the extension of each sample's label member
 
     def validate(self) -> None:
         for name in ("shard_size", "batch_size"):
@@ -463,6 +464,8 @@ def _write(buf: ShardBuffer, split: Split, split_dir: Path, dims: dict, cfg: Ext
         "rows": rows[order],
         "labels": split.labels[rows[order]],
         "pooled": _cat(buf.parts["pooled"], (0, dims["pooled"]))[order],
+        # each row's image, as the split names it (relative to --root): embeddings join back to their files
+        "paths": cache.encode_paths([split.source.describe(int(r)) for r in rows[order]]),
     }
     if cfg.tokens:
         arrays["tokens"] = _cat(buf.parts["tokens"], (0, *dims["tokens"]))[order]
@@ -512,7 +515,9 @@ def extract_text(encoder: Encoder, dataset: Dataset, template_sets: list[str], m
 
 def _load_dataset(cfg: ExtractConfig) -> Dataset:
     """The dataset to extract, named as its cache folder (`cfg.name`)."""
-    dataset = load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed)
+    dataset = load_dataset(
+        cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed, cfg.label_key
+    )
     dataset.name = cfg.name or cache_name(cfg.dataset, cfg.root, None)
     return dataset
 
@@ -614,6 +619,11 @@ def _recorded_config(split_dir: Path, manifest: dict, root: str | None) -> Extra
     from vlmcache.schemas import describe
 
     recorded = manifest.get("extract_config")
+    if str(manifest.get("origin", "")).startswith("import:"):
+        raise VlmcacheError(
+            f"'{split_dir}' was imported ({manifest['origin']}), not extracted: there is nothing to re-extract. "
+            f"Import it again with `vlmcache import ... --overwrite`."
+        )
     if not recorded:
         raise VlmcacheError(f"'{split_dir}' does not record how it was extracted; re-extract it with --overwrite.")
     unknown = sorted(set(recorded) - {f.name for f in fields(ExtractConfig)})

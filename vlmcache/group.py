@@ -84,6 +84,8 @@ def train_group(
 
     def fail(i: int, e: BaseException) -> None:
         outcomes[i] = Outcome(error=e, trace=traceback.format_exc())
+        if i in jobs and jobs[i].epoch_log is not None:
+            jobs[i].epoch_log.close()
         for table in (jobs, steps, rngs, active):
             table.pop(i, None)
         if on_done:
@@ -99,7 +101,7 @@ def train_group(
             jobs[i] = job
             rngs[i] = _RngState(job.device)
             steps[i] = fit_steps(
-                job.fit_model, job.fit_data, job.loss_fn, job.sampler, job.cfg, job.device, None, job.select
+                job.fit_model, job.fit_data, job.loss_fn, job.sampler, job.cfg, job.device, job.on_epoch(), job.select
             )
             active[i] = 0.0
         except Exception as e:  # noqa: BLE001 - the run fails, the group goes on

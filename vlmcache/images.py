@@ -111,3 +111,48 @@ class ArraySource:
 
     def load(self, i: int) -> Image.Image:
         return to_rgb(Image.fromarray(self.images[i]))
+
+
+class TarSource:
+    """Images inside webdataset tar shards, read by offset: row i is `members[i]` = (shard, key, offset, size),
+    indexed once from the tar headers (the images themselves are not read until extracted). Each worker opens
+    the shards itself; the source pickles without open files."""
+
+    def __init__(self, root: str | os.PathLike, members: Sequence[tuple[str, str, int, int]]):
+        self.root = str(root)
+        self.members = list(members)  # (shard path relative to root, sample key, data offset, size)
+        self._open: dict[str, object] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_open": {}}
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def describe(self, i: int) -> str:
+        shard, key, _, _ = self.members[i]
+        return f"{shard}/{key}"
+
+    def load(self, i: int) -> Image.Image:
+        import io
+
+        shard, _, offset, size = self.members[i]
+        f = self._open.get(shard)
+        if f is None:
+            try:
+                f = self._open[shard] = open(os.path.join(self.root, shard), "rb")  # noqa: SIM115 - kept per worker
+            except OSError as e:
+                raise BadImage(f"cannot open the shard: {e}") from None
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise BadImage(f"the shard ends early ({len(data)} of {size} bytes)")
+        if size == 0:
+            raise BadImage("empty file (0 bytes)")
+        return decode(io.BytesIO(data))
+
+    def first_missing(self, probe: int = 20) -> str | None:
+        for shard in dict.fromkeys(m[0] for m in self.members[:1]):
+            if not os.path.isfile(os.path.join(self.root, shard)):
+                return shard
+        return None

@@ -7,6 +7,8 @@ trained run's softmax: p = (1 - w) * p_head + w * p_knn.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import faiss
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError
 from vlmcache.features import Pooled, default_eval_split, find_cache, load_inputs, open_split
 from vlmcache.metrics import Evaluator
+from vlmcache.predictions import PredictionWriter
 
 
 def build_index(train: np.ndarray, use_gpu: bool | None = None):
@@ -64,6 +67,7 @@ def knn(
     chunk: int = 1024,
     many: int = 100,
     few: int = 20,
+    predictions: str | None = None,  # a parquet file for the per-image predictions
 ) -> dict:
     if k < 1:
         raise VlmcacheError(f"--k must be at least 1, got {k}.")
@@ -99,23 +103,36 @@ def knn(
             )
         run_model.eval()
         head_chunks = load_inputs(open_split(model_dir, split), run_cfg.head, dev, run_cfg.stream_tokens).chunks(chunk)
-    evaluator = Evaluator(counts, text.classnames)
-    for x, y in test.chunks(chunk):
-        q = F.normalize(x, dim=-1).float().cpu().numpy()
-        sims, ids = index.search(np.ascontiguousarray(q), k)
-        probs = knn_probs(
-            torch.from_numpy(sims).to(dev),
-            torch.from_numpy(ids).to(dev),
-            labels,
-            num_classes,
-            temperature,
-            class_weights,
-        )
-        if head_chunks is not None:
-            hx, _ = next(head_chunks)
-            probs = (1 - blend_weight) * torch.softmax(run_model(hx).float(), dim=1) + blend_weight * probs
-        evaluator.update(torch.log(probs.clamp(min=1e-12)), y)
+
+    def votes():  # each test chunk's log class probabilities from its neighbours (blended with a run's softmax)
+        for x, y in test.chunks(chunk):
+            q = F.normalize(x, dim=-1).float().cpu().numpy()
+            sims, ids = index.search(np.ascontiguousarray(q), k)
+            probs = knn_probs(
+                torch.from_numpy(sims).to(dev),
+                torch.from_numpy(ids).to(dev),
+                labels,
+                num_classes,
+                temperature,
+                class_weights,
+            )
+            if head_chunks is not None:
+                hx, _ = next(head_chunks)
+                probs = (1 - blend_weight) * torch.softmax(run_model(hx).float(), dim=1) + blend_weight * probs
+            yield torch.log(probs.clamp(min=1e-12)), y
+
+    writer = PredictionWriter(Path(predictions), open_split(model_dir, split), text.classnames) if predictions else None
+    evaluator = Evaluator(counts, text.classnames, predictions=writer)
+    try:
+        for log_probs, y in votes():
+            evaluator.update(log_probs, y)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     metrics, table = evaluator.compute(many, few)
+    if writer is not None:
+        writer.close()
     return {
         "dataset": dataset,
         "cache": str(model_dir),
@@ -127,4 +144,5 @@ def knn(
         "blend_weight": blend_weight if blend_run else None,
         "metrics": metrics,
         "per_class": table,
+        **({"predictions": str(predictions)} if predictions else {}),
     }

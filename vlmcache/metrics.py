@@ -50,17 +50,21 @@ def shot_accuracy(logits_or_preds, labels, train_class_counts, many: int = 100, 
 class Evaluator:
     """Accumulates top-k predictions from logits chunk by chunk, then computes every metric at once."""
 
-    def __init__(self, train_class_counts, classnames: list[str] | None = None, k: int = 5):
+    def __init__(self, train_class_counts, classnames: list[str] | None = None, k: int = 5, predictions=None):
         self.counts = _as_numpy(train_class_counts)
         self.classnames = classnames
         self.k = min(k, len(self.counts))
         self.top_k_means_something = len(self.counts) > k  # top-5 of 5 classes or fewer is always 1
         self.topk: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
+        self.predictions = predictions  # a predictions.PredictionWriter: each chunk's top-k, with its scores
 
     def update(self, logits: torch.Tensor, labels) -> None:
-        self.topk.append(_as_numpy(logits.topk(self.k, dim=1).indices))
+        top = logits.topk(self.k, dim=1)
+        self.topk.append(_as_numpy(top.indices))
         self.labels.append(_as_numpy(labels))
+        if self.predictions is not None:
+            self.predictions.write(self.topk[-1], _as_numpy(top.values.float()), self.labels[-1])
 
     def compute(self, many: int = 100, few: int = 20) -> tuple[dict, pd.DataFrame]:
         topk, labels = np.concatenate(self.topk), np.concatenate(self.labels)

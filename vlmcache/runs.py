@@ -99,13 +99,21 @@ def evaluate_run(
     logit_adjust: float | None = None,
     split: str | None = None,
     device: str = "auto",
+    save_predictions: bool = False,
 ) -> dict:
-    """Evaluate a saved run of any kind again (`vlmcache eval`), optionally with post-hoc corrections."""
+    """Evaluate a saved run of any kind again (`vlmcache eval`), optionally with post-hoc corrections and
+    (train-head runs) the per-image predictions written to the run folder."""
     import importlib
 
     check_post_hoc(tau_norm, logit_adjust)
-    module, name = RUN_KINDS[read_kind(Path(run_dir))].split(":")
-    return getattr(importlib.import_module(module), name)(run_dir, tau_norm, logit_adjust, split, device)
+    kind = read_kind(Path(run_dir))
+    module, name = RUN_KINDS[kind].split(":")
+    if save_predictions and kind != "head":
+        raise VlmcacheError(
+            "--save-predictions: train-head runs write per-image predictions; fine-tuning runs not yet."
+        )
+    extra = {"save_predictions": True} if save_predictions else {}
+    return getattr(importlib.import_module(module), name)(run_dir, tau_norm, logit_adjust, split, device, **extra)
 
 
 def read_config(run_dir: Path, config_type: type) -> tuple[dict, object]:
@@ -147,6 +155,8 @@ NOT_IDENTITY = {
     "from_run",
     "reextract",
     "reextract_tokens",
+    "save_predictions",
+    "log",
 }
 
 

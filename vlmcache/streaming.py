@@ -57,7 +57,7 @@ class StreamedImages:
         made = cache.read_manifest(split.dir)["extract_config"]
         dataset = load_dataset(
             made["dataset"], root or made["root"], made["split_files"], made["classnames_file"], made["holdout"],
-            made["seed"],
+            made["seed"], made.get("label_key", "cls"),
         )  # fmt: skip
         name = split.fingerprint["split"]
         if dataset.splits[name].sha256 != split.fingerprint["split_sha256"]:

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Generator
@@ -23,6 +24,7 @@ from torch import nn
 
 from vlmcache import cache, runs, streaming
 from vlmcache.encoders import RANDOM, pick_device
+from vlmcache.epochlog import LOGS, EpochLog, live_folder
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.features import (
     Pooled,
@@ -45,6 +47,8 @@ from vlmcache.heads import (
 from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb, start_peak_memory
 from vlmcache.metrics import Evaluator
+from vlmcache.predictions import FILE as PREDICTIONS
+from vlmcache.predictions import PredictionWriter
 from vlmcache.recipe import (
     OPTIMIZERS,
     PROTOCOLS,
@@ -112,6 +116,8 @@ class TrainConfig:
     logit_adjust: float | None = None
     many: int = 100
     few: int = 20
+    save_predictions: bool = False  # the run folder gets predictions.parquet: per test image, its top-5
+    log: str | None = None  # per-epoch curves: tensorboard or csv (epochlog.EpochLog), into the run's logs/
 
     def resolve(self) -> TrainConfig:
         if self.protocol not in PROTOCOLS:
@@ -159,6 +165,8 @@ class TrainConfig:
             )
         if self.select_on == "none":
             self.select_on = ""
+        if self.log is not None and self.log not in LOGS:
+            raise unknown_choice("--log", self.log, LOGS)
         self.sampler_params = checked_params(
             f"sampler '{self.sampler}'", self.sampler_params, sampler_params(self.sampler)
         )
@@ -373,10 +381,12 @@ def evaluate(
     logit_adjust: float | None = None,
     many: int = 100,
     few: int = 20,
+    predictions=None,
 ):
-    """Metrics and the per-class table, logits reduced to top-5 chunk by chunk."""
+    """Metrics and the per-class table, logits reduced to top-5 chunk by chunk (and, with a
+    `predictions.PredictionWriter`, written per image as they come)."""
     model.eval()
-    evaluator = Evaluator(train_counts, classnames)
+    evaluator = Evaluator(train_counts, classnames, predictions=predictions)
     log_prior = None
     if logit_adjust is not None:
         counts = torch.as_tensor(train_counts, dtype=torch.float64).clamp(min=1)
@@ -549,7 +559,7 @@ def train_head(
     job = prepare_run(cfg, log)
     t0 = time.perf_counter()
     history, selection = fit(
-        job.fit_model, job.fit_data, job.loss_fn, job.sampler, cfg, job.device, on_epoch, job.select
+        job.fit_model, job.fit_data, job.loss_fn, job.sampler, cfg, job.device, job.on_epoch(on_epoch), job.select
     )
     job.times["train_seconds"] = time.perf_counter() - t0
     return finish_run(job, history, selection)
@@ -580,6 +590,20 @@ class RunJob:
     t_start: float
     memory_scope: str
     group_size: int = 1  # the runs trained together in this process's group (group.train_group)
+    epoch_log: EpochLog | None = None  # --log
+
+    def on_epoch(self, also: Callable[[dict], None] | None = None) -> Callable[[dict], None] | None:
+        """What each epoch's row goes to: the run's --log, and `also` (a command's progress line)."""
+        if self.epoch_log is None:
+            return also
+        if also is None:
+            return self.epoch_log
+
+        def both(row: dict) -> None:
+            self.epoch_log(row)
+            also(row)
+
+        return both
 
 
 def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: dict | None = None, memory_scope=None):
@@ -622,9 +646,11 @@ def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: di
     times["features_seconds"] = time.perf_counter() - t_features
     if device.type == "cuda" and memory_scope != "group":
         torch.cuda.reset_peak_memory_stats(device)
+    epoch_log = EpochLog(cfg.log, live_folder(run_dir), cfg.select_on) if cfg.log else None
     return RunJob(
         cfg, device, model_dir, run_dir, eval_name, eval_data, counts, text.classnames, train_data.dim, num_classes,
         model, fit_model, fit_data, head_params, loss_fn, sampler, select, times, t_start, memory_scope,
+        epoch_log=epoch_log,
     )  # fmt: skip
 
 
@@ -636,9 +662,21 @@ def finish_run(job: RunJob, history: list[dict], selection: dict | None) -> dict
         selection = {"split": cfg.select_on, **selection}
     t_eval = time.perf_counter()
     eval_model = post_hoc(job.model, cfg.tau_norm)
-    metrics, table = evaluate(
-        eval_model, job.eval_data, job.counts, job.classnames, cfg.logit_adjust, cfg.many, cfg.few
-    )
+    writer = None
+    if cfg.save_predictions:  # beside the run folder until the run is published with it
+        spot = job.run_dir.parent / f".{job.run_dir.name}.{PREDICTIONS}"
+        writer = PredictionWriter(spot, open_split(job.model_dir, job.eval_name), job.classnames)
+    try:
+        metrics, table = evaluate(
+            eval_model, job.eval_data, job.counts, job.classnames, cfg.logit_adjust, cfg.many, cfg.few, writer
+        )
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    extra = {PREDICTIONS: writer.close()} if writer is not None else {}
+    if job.epoch_log is not None:
+        extra["logs"] = job.epoch_log.close()
     job.times["eval_seconds"] = time.perf_counter() - t_eval
     job.times["total_seconds"] = time.perf_counter() - job.t_start
     cost = _cost(cfg, job.times, history, job.device, job.memory_scope)
@@ -664,7 +702,7 @@ def finish_run(job: RunJob, history: list[dict], selection: dict | None) -> dict
         "argv": sys.argv,
     }
     result = {"run": str(job.run_dir), "metrics": metrics, "cost": cost, "history": history, "selection": selection}
-    _save_run(job.run_dir, saved, table, config, result)
+    _save_run(job.run_dir, saved, table, config, result, extra)
     return result
 
 
@@ -756,10 +794,12 @@ def _cost(cfg: TrainConfig, times: dict, history: list[dict], device: torch.devi
     return cost
 
 
-def _save_run(run_dir: Path, saved: dict, table, config: dict, result: dict) -> None:
-    """head.pt, per_class.csv, config.json and, last, metrics.json, built in a staging folder that replaces
-    `run_dir` only once complete."""
+def _save_run(run_dir: Path, saved: dict, table, config: dict, result: dict, extra: dict | None = None) -> None:
+    """head.pt, per_class.csv, config.json, the `extra` files ({name: a finished file}, moved in) and, last,
+    metrics.json, built in a staging folder that replaces `run_dir` only once complete."""
     staging = runs.staging_dir(run_dir)
+    for name, path in (extra or {}).items():
+        os.replace(path, staging / name)
     cache.save_torch_atomic(saved, staging / "head.pt")
     cache.write_bytes_atomic(staging / "per_class.csv", table.to_csv(index=False).encode())
     cache.write_json_atomic(staging / "config.json", config)
@@ -773,9 +813,11 @@ def evaluate_run(
     logit_adjust: float | None = None,
     split: str | None = None,
     device: str = "auto",
+    save_predictions: bool = False,
 ) -> dict:
     """Evaluate a saved train-head run again, optionally with post-hoc tau-normalisation or logit adjustment
-    (`runs.evaluate_run` takes a run of any kind)."""
+    (`runs.evaluate_run` takes a run of any kind); `save_predictions` writes this evaluation's per-image
+    predictions to the run folder's predictions.parquet."""
     runs.check_post_hoc(tau_norm, logit_adjust)
     dev = pick_device(device)
     cfg, model, saved = load_run(run_dir, dev)
@@ -792,11 +834,22 @@ def evaluate_run(
     tau_norm = cfg.tau_norm if tau_norm is None else tau_norm
     logit_adjust = cfg.logit_adjust if logit_adjust is None else logit_adjust
     text = cache.read_text(model_dir / cache.TEXT_FILE)
-    metrics, table = evaluate(post_hoc(model, tau_norm), data, counts, text.classnames, logit_adjust, cfg.many, cfg.few)
+    writer = None
+    if save_predictions:
+        writer = PredictionWriter(Path(run_dir) / PREDICTIONS, open_split(model_dir, eval_name), text.classnames)
+    try:
+        metrics, _ = evaluate(
+            post_hoc(model, tau_norm), data, counts, text.classnames, logit_adjust, cfg.many, cfg.few, writer
+        )
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     return {
         "run": str(run_dir),
         "split": eval_name,
         "tau_norm": tau_norm,
         "logit_adjust": logit_adjust,
         "metrics": metrics,
+        **({"predictions": str(writer.close())} if writer is not None else {}),
     }

@@ -155,7 +155,7 @@ def to_markdown(r: dict, existing: str | None = None) -> str:
 
 
 def _number(heading: str) -> tuple[int, str] | None:
-    """"## 2b. ..." -> (2, "b"); an unnumbered heading (Machine) -> None."""
+    """ "## 2b. ..." -> (2, "b"); an unnumbered heading (Machine) -> None."""
     label = heading.removeprefix("## ").split(".")[0].strip()
     digits = label[: len(label) - len(label.lstrip("0123456789"))]
     return (int(digits), label[len(digits) :]) if digits else None

@@ -108,6 +108,8 @@ def print_result(result: dict, as_json: bool, title: str) -> None:
         print_json(result)
     else:
         out.print(metrics_table(title, result["metrics"]))
+        if result.get("predictions"):
+            out.print(f"predictions: {result['predictions']}", highlight=False)
 
 
 def metrics_table(title: str, metrics: dict) -> Table:

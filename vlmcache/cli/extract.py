@@ -59,6 +59,13 @@ def extract(
     name: str = NAME,
     split_file: list[str] = SPLIT_FILES,
     classnames: Path = CLASSNAMES,
+    shards: list[str] = typer.Option(
+        None,
+        "--shards",
+        help="wds: SPLIT=PATTERN of webdataset tar shards, braces expanded (train='train-{000000..000099}.tar'), "
+        "relative to --root if given; repeat for each split.",
+    ),
+    label_key: str = typer.Option("cls", "--label-key", help="wds: the extension of each sample's label member."),
     splits: list[str] = typer.Option(
         None, "--splits", help="Extract only this split; repeat for several. Default: all."
     ),
@@ -101,14 +108,13 @@ def extract(
     [bold]torchrun --nproc_per_node 4 -m vlmcache extract ...[/]
     """
     from vlmcache.choices import default_workers
-    from vlmcache.datasets import parse_split_files
     from vlmcache.extract import ExtractConfig, run_extract
 
     check_nproc("extract", nproc)
     cfg = build_config(
         ExtractConfig,
         locals(),
-        split_files=parse_split_files(split_file),
+        split_files=_split_definitions(dataset, split_file, shards),
         classnames_file=str(classnames) if classnames else None,
         splits=splits or None,
         templates=[t.strip() for t in templates.split(",") if t.strip()],
@@ -122,6 +128,20 @@ def extract(
         print_json(summary)
         return
     print_extract_summary(summary)
+
+
+def _split_definitions(dataset, split_file: list[str] | None, shards: list[str] | None) -> dict[str, str]:
+    """--split-file for the split dataset, --shards for wds; each refused where it does not apply."""
+    from vlmcache.datasets import parse_split_files
+
+    name = getattr(dataset, "value", dataset)
+    if shards and name != "wds":
+        raise VlmcacheError(f"--shards names webdataset tar shards: use it with --dataset wds, not {name}.")
+    if name == "wds":
+        if split_file:
+            raise VlmcacheError("--dataset wds reads --shards SPLIT=PATTERN, not --split-file.")
+        return parse_split_files(shards, "--shards")
+    return parse_split_files(split_file)
 
 
 def print_extract_summary(summary: dict) -> None:
@@ -259,11 +279,12 @@ def cache_ls(cache_dir: Path = CACHE_DIR, as_json: bool = JSON):
 def cache_info(
     ref: str = typer.Argument(..., help="A cache: its path, DATASET/KEY, or a unique key prefix."),
     cache_dir: Path = CACHE_DIR,
+    paths: int = typer.Option(0, "--paths", help="Also list each split's first N rows: row, label, image path."),
     as_json: bool = JSON,
 ):
     """Fingerprint, splits, shards and skipped images of one cache.
 
-    Example: [bold]vlmcache cache info digits_lt/vlmcache-tiny__random__50f14ae9[/]
+    Example: [bold]vlmcache cache info digits_lt/vlmcache-tiny__random__50f14ae9 --paths 5[/]
     """
     from vlmcache import cache
 
@@ -272,8 +293,10 @@ def cache_info(
     manifests = {s: cache.read_manifest(model_dir / s) for s in summary["splits"]}
     skipped = {s: [x for e in m["shards"] for x in e["skipped"]] for s, m in manifests.items() if m}
     fingerprint = next((m["fingerprint"]["encoder"] for m in manifests.values() if m), None)
+    listed = {s: _first_rows(model_dir / s, paths) for s, m in manifests.items() if m and m.get("complete")}
     if as_json:
-        print_json({**summary, "encoder": fingerprint, "skipped_images": skipped})
+        extra = {"paths": listed} if paths else {}
+        print_json({**summary, "encoder": fingerprint, "skipped_images": skipped, **extra})
         return
     out.print(f"[bold]{summary['dataset']} / {summary['key']}[/]  ({size(summary['bytes'])})  {summary['path']}")
     if fingerprint:
@@ -302,6 +325,28 @@ def cache_info(
             out.print(f"skipped {s} row {x['row']}: {x['path']}: {x['reason']}", highlight=False)
         if len(items) > 20:
             out.print(f"... and {len(items) - 20} more skipped in {s} (see --json)")
+    for s, rows in listed.items():
+        if rows is None:
+            out.print(f"{s}: this cache stores no image paths (extracted before vlmcache stored them)")
+        for r in rows or []:
+            out.print(f"{s} row {r['row']}  label {r['label']}  {r['path']}", highlight=False, markup=False)
+
+
+def _first_rows(split_dir: Path, n: int) -> list[dict] | None:
+    """The first n rows of a split with their labels and image paths (None: the cache has no paths)."""
+    from vlmcache import cache
+
+    if n <= 0:
+        return []
+    split = cache.SplitCache(split_dir)
+    if not split.has_paths():
+        return None
+    rows, labels, paths = split.load("rows")[:n], split.labels()[:n], split.shard_paths(0)[:n]
+    for i in range(1, len(split.shards)):
+        if len(paths) >= n:
+            break
+        paths += split.shard_paths(i)[: n - len(paths)]
+    return [{"row": int(r), "label": int(y), "path": p} for r, y, p in zip(rows, labels, paths, strict=False)]
 
 
 @cache_app.command("verify")

@@ -112,6 +112,15 @@ def train_head(
     workers: int = WORKERS,
     tau_norm: float = TAU_NORM,
     logit_adjust: float = LOGIT_ADJUST,
+    save_predictions: bool = switch(
+        "save-predictions", "Write predictions.parquet into the run folder: per test image, its top-5 and scores."
+    ),
+    log_to: str = typer.Option(
+        None,
+        "--log",
+        help="Per-epoch loss, learning rate and (with --select-on) accuracy: tensorboard or csv, into the run's "
+        "logs/ (live under RUNS/.logs/ while it trains).",
+    ),
     as_json: bool = JSON,
 ):
     """Train a head (and optionally a second stage) on cached features; evaluate overall / many / medium / few.
@@ -126,7 +135,7 @@ def train_head(
 
     cfg = build_config(
         TrainConfig, {**locals(), **dataclasses.asdict(cache)}, from_run=str(from_run) if from_run else None,
-        eval_split=split, out=str(out_dir) if out_dir else None,
+        eval_split=split, out=str(out_dir) if out_dir else None, log=log_to,
     )  # fmt: skip
 
     def on_epoch(row: dict) -> None:
@@ -157,6 +166,9 @@ def eval_run(
     logit_adjust: float = LOGIT_ADJUST,
     split: str = EVAL_SPLIT,
     device: str = DEVICE,
+    save_predictions: bool = switch(
+        "save-predictions", "Write this evaluation's per-image predictions to the run folder's predictions.parquet."
+    ),
     as_json: bool = JSON,
 ):
     """Evaluate a saved run again, optionally with post-hoc corrections.
@@ -165,8 +177,13 @@ def eval_run(
     """
     from vlmcache.runs import evaluate_run
 
-    result = evaluate_run(run, tau_norm, logit_adjust, split, device)
+    result = evaluate_run(run, tau_norm, logit_adjust, split, device, save_predictions)
     print_result(result, as_json, f"{run} ({result['split']})")
+
+
+PREDICTIONS_FILE = typer.Option(
+    None, "--save-predictions", help="A parquet file for the per-image predictions (row, path, label, top-5, scores)."
+)
 
 
 @app.command("zero-shot", rich_help_panel="Stage 2: heads")
@@ -177,6 +194,7 @@ def zero_shot(
     templates: str = typer.Option("openai", "--templates", help="Template set of the class texts."),
     split: str = EVAL_SPLIT,
     device: str = DEVICE,
+    save_predictions: Path = PREDICTIONS_FILE,
     as_json: bool = JSON,
 ):
     """Zero-shot accuracy from the cached image and class-text embeddings.
@@ -186,8 +204,9 @@ def zero_shot(
     from vlmcache.zeroshot import zero_shot as run
 
     result = run(
-        str(cache.cache_dir), cache.dataset, cache.model, cache.pretrained, cache.cache_key, templates, split, device
-    )
+        str(cache.cache_dir), cache.dataset, cache.model, cache.pretrained, cache.cache_key, templates, split, device,
+        predictions=str(save_predictions) if save_predictions else None,
+    )  # fmt: skip
     print_result(result, as_json, f"zero-shot {result['dataset']} ({result['split']}, templates {templates})")
 
 
@@ -203,6 +222,7 @@ def knn(
     blend_weight: float = typer.Option(0.5, "--blend-weight", help="Weight of the kNN votes in the blend."),
     split: str = EVAL_SPLIT,
     device: str = DEVICE,
+    save_predictions: Path = PREDICTIONS_FILE,
     as_json: bool = JSON,
 ):
     """k-nearest-neighbour classification over the cached training features (faiss, cosine).
@@ -214,6 +234,7 @@ def knn(
     result = run(
         str(cache.cache_dir), cache.dataset, cache.model, cache.pretrained, cache.cache_key, k, temperature, balanced,
         str(blend) if blend else None, blend_weight, split, device,
+        predictions=str(save_predictions) if save_predictions else None,
     )  # fmt: skip
     balance = ", balanced" if balanced else ""
     print_result(result, as_json, f"kNN {result['dataset']} (k={k}, T={temperature}{balance})")
