@@ -17,7 +17,7 @@ def export(
     ref: str = typer.Argument(..., help="A cache: its path, DATASET/KEY, or a unique key prefix."),
     fmt: str = typer.Option("parquet", "--format", help="parquet (one file per split) or npy (clip-retrieval's)."),
     out_dir: Path = typer.Option(..., "--out", help="The folder the files go to."),
-    splits: list[str] = typer.Option(None, "--split", help="A split to export (repeat it; default: every split)."),
+    splits: list[str] = typer.Option(None, "--splits", help="A split to export (repeat it; default: every split)."),
     dtype: str = typer.Option("float32", "--dtype", help="The embeddings' type in the files: float32 or float16."),
     cache_dir: Path = CACHE_DIR,
     as_json: bool = JSON,
