@@ -154,6 +154,24 @@ def test_knn_equals_brute_force_and_balanced_votes_help_the_tail(synthetic):
     assert got["metrics"]["overall"] == pytest.approx(want)
     bal = knn(str(synthetic), "synth", "synthetic", "random", k=5, temperature=0.1, balanced=True, device="cpu")
     assert bal["metrics"]["few"] > got["metrics"]["few"]
+    # torch's exact search (the GPU index) is the brute force too, and says which index it is
+    by_torch = knn(str(synthetic), "synth", "synthetic", "random", k=5, temperature=0.1, device="cpu", index="torch")
+    assert by_torch["metrics"] == got["metrics"]
+    assert got["index"].startswith("faiss") and by_torch["index"].startswith("torch")
+
+
+def test_torch_index_returns_faiss_neighbours_across_chunks():
+    from vlmcache.knn import TorchIndex, build_index
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 24)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[:200] + rng.normal(scale=0.3, size=(200, 24)).astype(np.float32)
+    faiss_index, _ = build_index(x, torch.device("cpu"), "faiss")
+    want_s, want_i = faiss_index.search(q, 10)
+    got_s, got_i = TorchIndex(x, torch.device("cpu"), chunk=700).search(q, 10)  # five chunks, a short last one
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- heads, stages, runs

@@ -1,4 +1,4 @@
-"""k-nearest-neighbour classification over cached training features with faiss (cosine similarity).
+"""k-nearest-neighbour classification over cached training features (cosine similarity; faiss, or torch on a GPU).
 
 Each of the k neighbours votes exp(similarity / temperature) for its class; with `balanced`, a class's votes
 are divided by its number of training images. Votes become probabilities, which can be blended with a
@@ -9,28 +9,58 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vlmcache import cache
 from vlmcache.encoders import pick_device
-from vlmcache.errors import VlmcacheError
+from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.features import Pooled, default_eval_split, find_cache, load_inputs, open_split
 from vlmcache.metrics import Evaluator
 from vlmcache.predictions import PredictionWriter
 
+INDEXES = ("auto", "faiss", "torch")
 
-def build_index(train: np.ndarray, use_gpu: bool | None = None):
-    """An exact inner-product index over unit-norm rows; on the GPU when faiss has one (the `gpu` extra)."""
-    index = faiss.IndexFlatIP(train.shape[1])
-    if use_gpu is None:
-        use_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if use_gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(train)
-    return index
+
+class TorchIndex:
+    """Exact inner-product search with torch on the features' device: what faiss's IndexFlatIP computes (every
+    training row scored, the k best kept), over chunks of the training rows with a running top-k. On a CUDA GPU
+    this is the GPU kNN: `pip install 'vlmcache[gpu]'` needs no faiss-gpu, which installs the same `faiss` module
+    as faiss-cpu so that one package would silently shadow the other."""
+
+    def __init__(self, train: np.ndarray, device: torch.device, chunk: int = 65536):
+        self.train, self.chunk = torch.from_numpy(train).to(device), chunk
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.from_numpy(q).to(self.train.device)
+        best_s = torch.empty(len(q), 0, device=q.device)
+        best_i = torch.empty(len(q), 0, dtype=torch.long, device=q.device)
+        for lo in range(0, len(self.train), self.chunk):
+            s = q @ self.train[lo : lo + self.chunk].T
+            top = s.topk(min(k, s.shape[1]), dim=1)
+            cand_s, cand_i = torch.cat([best_s, top.values], 1), torch.cat([best_i, top.indices + lo], 1)
+            keep = cand_s.topk(min(k, cand_s.shape[1]), dim=1).indices
+            best_s, best_i = cand_s.gather(1, keep), cand_i.gather(1, keep)
+        return best_s.cpu().numpy(), best_i.cpu().numpy()
+
+
+def build_index(train: np.ndarray, device: torch.device, index: str = "auto") -> tuple[object, str]:
+    """An exact inner-product index over unit-norm rows, and what it is. `auto`: faiss's GPU index when a faiss
+    with GPUs is installed and the device is CUDA, torch's search on a CUDA device otherwise, faiss on the CPU."""
+    if index not in INDEXES:
+        raise unknown_choice("--index", index, INDEXES)
+    import faiss
+
+    faiss_gpus = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if index == "torch" or (index == "auto" and device.type == "cuda" and not faiss_gpus):
+        return TorchIndex(train, device), f"torch exact inner product on {device}"
+    flat = faiss.IndexFlatIP(train.shape[1])
+    where = "CPU"
+    if faiss_gpus and device.type == "cuda":
+        flat, where = faiss.index_cpu_to_all_gpus(flat), f"{faiss.get_num_gpus()} GPU(s)"
+    flat.add(train)
+    return flat, f"faiss {faiss.__version__} IndexFlatIP on {where}"
 
 
 def knn_probs(
@@ -68,6 +98,7 @@ def knn(
     many: int = 100,
     few: int = 20,
     predictions: str | None = None,  # a parquet file for the per-image predictions
+    index: str = "auto",  # INDEXES: faiss (CPU, or its GPU build) or torch's exact search on the device
 ) -> dict:
     if k < 1:
         raise VlmcacheError(f"--k must be at least 1, got {k}.")
@@ -86,7 +117,7 @@ def knn(
     counts = np.bincount(train_split.labels(), minlength=num_classes)
     if k > len(train):
         raise VlmcacheError(f"--k {k} is more than the {len(train)} cached training images.")
-    index = build_index(np.ascontiguousarray(train))
+    index, index_name = build_index(np.ascontiguousarray(train), dev, index)
     class_weights = torch.from_numpy(1.0 / np.maximum(counts, 1)).float().to(dev) if balanced else None
 
     split = split or default_eval_split(model_dir)
@@ -138,6 +169,7 @@ def knn(
         "cache": str(model_dir),
         "split": split,
         "k": k,
+        "index": index_name,
         "temperature": temperature,
         "balanced": balanced,
         "blend_run": blend_run,

@@ -223,9 +223,12 @@ def knn(
     split: str = EVAL_SPLIT,
     device: str = DEVICE,
     save_predictions: Path = PREDICTIONS_FILE,
+    index: str = typer.Option(
+        "auto", "--index", help="auto (torch's exact search on a GPU, faiss on the CPU), faiss, or torch."
+    ),
     as_json: bool = JSON,
 ):
-    """k-nearest-neighbour classification over the cached training features (faiss, cosine).
+    """k-nearest-neighbour classification over the cached training features (cosine; faiss, or torch on a GPU).
 
     Example: [bold]vlmcache knn -d places_lt -m ViT-B-16 --k 20 --balanced --blend runs/<run>[/]
     """
@@ -234,7 +237,7 @@ def knn(
     result = run(
         str(cache.cache_dir), cache.dataset, cache.model, cache.pretrained, cache.cache_key, k, temperature, balanced,
         str(blend) if blend else None, blend_weight, split, device,
-        predictions=str(save_predictions) if save_predictions else None,
+        predictions=str(save_predictions) if save_predictions else None, index=index,
     )  # fmt: skip
     balance = ", balanced" if balanced else ""
-    print_result(result, as_json, f"kNN {result['dataset']} (k={k}, T={temperature}{balance})")
+    print_result(result, as_json, f"kNN {result['dataset']} (k={k}, T={temperature}{balance}; {result['index']})")
