@@ -65,9 +65,9 @@ def publish(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_bytes_atomic(path: Path, data: bytes, fault: str | None = None) -> None:
-    """The one write path: a temporary name, fsync, rename, fsync the folder. A full disk is one clear error
-    and leaves the previous version (or nothing) in place, never a half-written file under the final name."""
+def stage_bytes(path: Path, data: bytes, fault: str | None = None) -> Path:
+    """The first half of the one write path: `data` in a temporary file beside `path`, flushed and fsynced;
+    returns the temporary file, for `commit` to rename. A full disk is one clear error, the temporary removed."""
     tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as out:
@@ -76,15 +76,30 @@ def write_bytes_atomic(path: Path, data: bytes, fault: str | None = None) -> Non
             os.fsync(out.fileno())
         if fault:
             faults.hit(fault)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
     except OSError as e:
+        tmp.unlink(missing_ok=True)
         raise VlmcacheError(
             f"Could not write '{path}': {e}. Is the disk full? Nothing was published and the temporary file is "
             f"removed; free space and run the same command again."
         ) from None
+    return tmp
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """The second half: the staged file under its final name, durably (the folder fsynced)."""
+    try:
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise VlmcacheError(f"Could not publish '{path}': {e}.") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes, fault: str | None = None) -> None:
+    """The one write path: a temporary name, fsync, rename, fsync the folder. A full disk is one clear error
+    and leaves the previous version (or nothing) in place, never a half-written file under the final name."""
+    commit(stage_bytes(path, data, fault), path)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -143,8 +158,9 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
 
 
-def write_shard(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> dict:
-    """Write one shard atomically (`write_bytes_atomic`). Returns its manifest entry fields.
+def write_shard(final: Path, arrays: dict[str, np.ndarray], attrs: dict, staged: bool = False) -> dict:
+    """Write one shard atomically (`write_bytes_atomic`). Returns its manifest entry fields; with `staged`, the
+    shard is left in its fsynced temporary file, named by the entry's `staged` key, for `commit` to publish.
 
     Every dataset is chunked with HDF5's fletcher32 checksum, so a corrupted chunk fails when it is read
     instead of passing silently into training.
@@ -159,8 +175,11 @@ def write_shard(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> dict
             f.attrs[k] = v
 
     image = h5_image(build)
+    entry = {"file": final.name, "bytes": len(image), "sha256": hashlib.sha256(image).hexdigest()}
+    if staged:
+        return {**entry, "staged": stage_bytes(final, image, fault="shard_written")}
     write_bytes_atomic(final, image, fault="shard_written")
-    return {"file": final.name, "bytes": len(image), "sha256": hashlib.sha256(image).hexdigest()}
+    return entry
 
 
 def encode_paths(paths: list[str]) -> np.ndarray:

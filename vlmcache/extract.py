@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -346,12 +347,29 @@ def extract_split(
         )
         loader = image_loader(data, cfg.batch_size, cfg.workers, encoder.device.type == "cuda")
         buffers: dict[int, ShardBuffer] = {}
-        for batch in loader:
-            _add_batch(buffers, batch, _encode_batch(encoder, batch, cfg.tokens), split, size, n)
+        writer = ShardWriter(lambda buf: _write(buf, split, split_dir, manifest["dims"], cfg), publisher)
+
+        def file_batch(batch: dict, outputs: Callable[[], dict]) -> None:
+            """A batch whose encoding is done (or waited for here) into its shards; full shards to the writer."""
+            _add_batch(buffers, batch, outputs(), split, size, n)
             for index in sorted(i for i, b in buffers.items() if b.full):
-                publisher.publish(_write(buffers.pop(index), split, split_dir, manifest["dims"], cfg))
+                writer.submit(buffers.pop(index))
+            writer.publish_ready()
             if progress is not None and rank == 0:
                 progress.advance(len(batch["rows"]) + len(batch["bad"]))
+
+        try:  # batch k+1 is queued on the device before batch k's outputs are waited for
+            pending = None
+            for batch in loader:
+                outputs = _encode_batch(encoder, batch, cfg.tokens)
+                if pending is not None:
+                    file_batch(*pending)
+                pending = (batch, outputs)
+            if pending is not None:
+                file_batch(*pending)
+            writer.drain()
+        finally:
+            writer.close()
         if buffers:  # cannot happen unless the loader lost rows; never publish a partial shard
             raise RuntimeError(f"rows missing from shards {sorted(buffers)} of {split_dir}")
     publisher.finish(-(-len(todo) // world))
@@ -408,22 +426,98 @@ def _open_manifest(
     return state[1]
 
 
-def _encode_batch(encoder: Encoder, batch: dict, tokens: bool) -> dict:
-    """A batch's outputs as float16 arrays: pooled (B, D), and as asked tokens (B, T, W), views (B, K, D) and
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A device output's float16 copy into pinned host memory, started without waiting for it (CUDA); a CPU
+    output as it is (converted to float16 by numpy, as before)."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=torch.float16, pin_memory=True)
+    host.copy_(t.to(torch.float16), non_blocking=True)
+    return host
+
+
+def device_done(encoder: Encoder) -> Callable[[], None]:
+    """What waits for the work queued so far on the encoder's device: a CUDA event's synchronize, nothing on the
+    CPU, or the encoder's own `mark()` (the benchmark's simulated encoder)."""
+    mark = getattr(encoder, "mark", None)
+    if mark is not None:
+        return mark()
+    if encoder.device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record()
+        return event.synchronize
+    return lambda: None
+
+
+def _encode_batch(encoder: Encoder, batch: dict, tokens: bool) -> Callable[[], dict]:
+    """Queue a batch's encoding and its copies to the host; returns the function that waits for them (one sync
+    per batch) and gives the float16 arrays: pooled (B, D), and as asked tokens (B, T, W), views (B, K, D) and
     their tokens (B, K, T, W); empty when every image of the batch was skipped."""
     if batch["images"] is None:
-        return {}
+        return dict
     pooled, tok = encoder.encode_images(batch["images"], tokens=tokens)
-    out = {"pooled": pooled.cpu().numpy().astype(np.float16)}
+    out = {"pooled": _to_host(pooled)}
     if tok is not None:
-        out["tokens"] = tok.cpu().numpy().astype(np.float16)
+        out["tokens"] = _to_host(tok)
+    shapes = {}
     if batch["views"] is not None:
         b, k = batch["views"].shape[:2]
         flat, flat_tok = encoder.encode_images(batch["views"].flatten(0, 1), tokens=tokens)
-        out["views"] = flat.cpu().numpy().astype(np.float16).reshape(b, k, -1)  # (B*K, D) -> (B, K, D)
+        out["views"], shapes["views"] = _to_host(flat), (b, k, -1)  # (B*K, D) -> (B, K, D)
         if flat_tok is not None:  # (B*K, T, W) -> (B, K, T, W)
-            out["view_tokens"] = flat_tok.cpu().numpy().astype(np.float16).reshape(b, k, *flat_tok.shape[1:])
-    return out
+            out["view_tokens"], shapes["view_tokens"] = _to_host(flat_tok), (b, k, *flat_tok.shape[1:])
+    done = device_done(encoder)
+
+    def outputs() -> dict:
+        done()
+        arrays = {name: t.numpy().astype(np.float16, copy=False) for name, t in out.items()}
+        return {name: a.reshape(shapes[name]) if name in shapes else a for name, a in arrays.items()}
+
+    return outputs
+
+
+class ShardWriter:
+    """Builds, checksums, writes and fsyncs full shards to temporary files in a background thread while the next
+    batches encode; the extraction's thread renames each into place and lists it in the manifest, in the order
+    they were handed over (under torchrun each publish is a round of the manifest's gather, so the order is
+    every rank's). At most `depth` shards wait, so memory stays flat; a failed write raises in the extraction's
+    thread, with that shard not published."""
+
+    def __init__(self, write: Callable[[ShardBuffer], dict], publisher: Publisher, depth: int = 2):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.write, self.publisher, self.depth = write, publisher, depth
+        self.split_dir = publisher.split_dir
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmcache-shard-writer")
+        self.pending: deque = deque()
+
+    def submit(self, buf: ShardBuffer) -> None:
+        self.pending.append(self.pool.submit(self.write, buf))
+        while len(self.pending) > self.depth:
+            self._publish_next()
+
+    def publish_ready(self) -> None:
+        while self.pending and self.pending[0].done():
+            self._publish_next()
+
+    def _publish_next(self) -> None:
+        entry = self.pending.popleft().result()
+        staged = entry.pop("staged")
+        cache.commit(staged, self.split_dir / entry["file"])  # a shard's file appears when it is listed
+        self.publisher.publish(entry)
+
+    def drain(self) -> None:
+        while self.pending:
+            self._publish_next()
+
+    def close(self) -> None:
+        """Stop: a write in progress finishes and its staged file is removed (a resume extracts it again)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for future in self.pending:
+            if not future.cancelled() and future.exception() is None:
+                future.result()["staged"].unlink(missing_ok=True)
+        self.pending.clear()
 
 
 def _add_batch(buffers: dict, batch: dict, arrays: dict, split: Split, size: int, n: int) -> None:
@@ -478,7 +572,8 @@ def _write(buf: ShardBuffer, split: Split, split_dir: Path, dims: dict, cfg: Ext
         if name in arrays:
             _check_finite(name, arrays[name], arrays["rows"], split)
     final = split_dir / cache.shard_name(buf.index)
-    entry = cache.write_shard(final, arrays, {"split": split.name, "start": buf.start, "stop": buf.stop})
+    attrs = {"split": split.name, "start": buf.start, "stop": buf.stop}
+    entry = cache.write_shard(final, arrays, attrs, staged=True)  # renamed into place when it is published
     entry.update(index=buf.index, start=buf.start, stop=buf.stop, rows=len(rows), skipped=buf.skipped)
     return entry
 
