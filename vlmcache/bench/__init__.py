@@ -2,6 +2,8 @@
 
 - extraction: `extract` images/s over the bare encoder's images/s on the same batches (JPEG files, default
   loader workers); the loader alone says which of the two bounds it.
+- extraction pipeline at GPU rates: a simulated encoder of a set throughput (2,000 and 10,000 img/s) fed by the
+  real loader and writer, pooled and with ViT-L/14-sized tokens, against the slowest stage alone.
 - stage-2 loop: `fit` samples/s over the same head's bare forward and backward on in-memory tensors; token
   streaming from HDF5 over a plain sequential read of the same file.
 - cached against streaming: one epoch of `train-head` against `train-head --stream`, next to the limit
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from vlmcache.bench import cache_size, common, extraction, finetune, grouped, loop, memory, prompts, streaming
+from vlmcache.bench import cache_size, common, extraction, finetune, grouped, loop, memory, pipeline, prompts, streaming
 from vlmcache.bench.cache_size import bench_cache_size
 from vlmcache.bench.common import SCALES, machine
 from vlmcache.bench.extraction import bench_extraction
@@ -31,6 +33,7 @@ from vlmcache.bench.finetune import bench_finetune
 from vlmcache.bench.grouped import bench_grouped
 from vlmcache.bench.loop import _looped, bench_loop, bench_token_read
 from vlmcache.bench.memory import bench_memory
+from vlmcache.bench.pipeline import bench_pipeline
 from vlmcache.bench.prompts import bench_prompts, prompt_step
 from vlmcache.bench.streaming import bench_streaming
 from vlmcache.errors import unknown_choice
@@ -38,7 +41,7 @@ from vlmcache.errors import unknown_choice
 __all__ = ["SCALES", "prompt_step", "run_bench", "to_markdown"]
 
 
-SECTIONS = ("extraction", "loop", "grouped", "memory", "cache_size", "streaming", "finetune", "prompts")
+SECTIONS = ("extraction", "pipeline", "loop", "grouped", "memory", "cache_size", "streaming", "finetune", "prompts")
 
 
 def run_bench(scale: str = "default", device: str = "auto", log=print, only: list[str] | None = None) -> dict:
@@ -62,6 +65,9 @@ def run_bench(scale: str = "default", device: str = "auto", log=print, only: lis
         results["extraction"] = [bench_extraction(m, n, device=str(dev)) for m, n in s.extract_models]
         last, n = s.extract_models[-1]
         results["extraction"].append(bench_extraction(last, max(16, n // 2), device=str(dev), tokens=True))
+    if want("pipeline"):
+        log("extraction pipeline at GPU rates (simulated encoder) ...")
+        results["pipeline"] = bench_pipeline(*s.pipeline)
     with tempfile.TemporaryDirectory() as tmp:
         if want("loop"):
             log("stage-2 loop ...")
@@ -124,6 +130,7 @@ def _sections(r: dict) -> list[list[str]]:
     parts = [
         (None, lambda r: common.machine_section(r)),
         ("extraction", extraction.markdown),
+        ("pipeline", pipeline.markdown),
         ("loop", loop.markdown),
         ("grouped", grouped.markdown),
         ("streaming", streaming.markdown),

@@ -28,6 +28,7 @@ class Scale:
     finetune: tuple  # (model, images, batch size)
     prompts: tuple  # (model, class counts, chunk, class counts all at once, address-space limit MB)
     grouped: tuple = ()  # ((rows, dim, classes, test rows) pooled, (rows, (T, W), classes, test rows, decoders))
+    pipeline: tuple = ()  # (JPEGs, ((simulated encoder img/s, tokens), ...))
 
 
 SCALES = {
@@ -44,6 +45,7 @@ SCALES = {
         ("vlmcache-tiny", 64, 32),
         ("vlmcache-tiny", (100, 400, 800), 50, (20, 40, 100), 8000),
         ((5000, 64, 100, 500), (256, (17, 64), 10, 64, 2)),
+        (64, ((2000, False), (2000, True))),
     ),
     "default": Scale(
         (("vlmcache-tiny", 2000), ("ViT-B-16", 128)),
@@ -58,6 +60,7 @@ SCALES = {
         ("ViT-B-16", 64, 32),
         ("ViT-B-16", (1000, 4000, 8142), 256, (50, 200, 1000), 16_000),
         ((115_846, 512, 1000, 20_000), (2048, (50, 768), 1000, 256, 4)),
+        (1024, ((2000, False), (10_000, False), (2000, True))),
     ),
     "full": Scale(
         (("vlmcache-tiny", 2000), ("ViT-B-16", 256), ("ViT-L-14", 64)),
@@ -72,6 +75,7 @@ SCALES = {
         ("ViT-B-16", 128, 32),
         ("ViT-B-16", (1000, 4000, 8142), 256, (50, 200, 1000), 16_000),
         ((115_846, 512, 1000, 20_000), (2048, (50, 768), 1000, 256, 4)),
+        (1024, ((2000, False), (10_000, False), (2000, True))),
     ),
 }
 
