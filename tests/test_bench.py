@@ -23,11 +23,16 @@ def test_bench_smoke_writes_every_section(tmp_path):
     assert body["finetune"]["ratio"] > 0 and body["finetune"]["tuned_params"] > 0
     assert all(body["memory"][k]["peak_rss_mb"] > 0 for k in ("train_head_linear_1_epoch", "zero_shot", "knn_k20"))
     assert {"none", "gzip-4"} <= set(body["cache_size"]["codecs"])
+    assert [p["outputs"].split()[0] for p in body["pipeline"]] == ["pooled", "tokens"]
+    assert all(p["ratio"] > 0 and p["slowest_stage"] in ("loader", "encoder", "writer") for p in body["pipeline"])
+    assert body["grouped"]["pooled"]["runs"] == 27 and body["grouped"]["tokens"]["grouped_train_passes"] > 0
     text = out.read_text()
     for heading in (
         "## Machine",
         "## 1. Extraction",
+        "## 1b. The extraction pipeline at GPU rates",
         "## 2. Stage-2 loop",
+        "## 2b. An ablation grid trained as a group",
         "## 3. Cached against streaming",
         "## 3b. Prompt tuning memory",
         "## 3c. Fine-tuning",
@@ -38,3 +43,17 @@ def test_bench_smoke_writes_every_section(tmp_path):
         assert heading in text
     bad = CliRunner().invoke(app, ["bench", "--scale", "huge", "--markdown", str(out)])
     assert bad.exit_code == 2 and "Choose one of: smoke, default, full" in bad.output
+
+
+def test_only_replaces_its_sections_and_keeps_the_rest():
+    from vlmcache.bench import splice
+
+    md = "# t\n\nintro\n\n## Machine\n\nm\n\n## 2. Loop\n\nold 2\n\n## 3. X\n\nx\n"
+    r = {"scale": "smoke", "date": "today", "only": ["grouped"]}
+    once = splice(md, [["## 2b. Grouped", "", "first"]], r)
+    assert once.index("## 2. Loop") < once.index("## 2b. Grouped") < once.index("## 3. X")
+    assert "old 2" in once and "intro" in once and "--only grouped` on today" in once
+    twice = splice(once, [["## 2b. Grouped", "", "second"]], r)
+    assert "second" in twice and "first" not in twice and twice.count("## 2b.") == 1
+    early = splice(md, [["## 1b. Early", "", "e"]], r)
+    assert early.index("## Machine") < early.index("## 1b.") < early.index("## 2.")

@@ -304,3 +304,23 @@ def test_write_arrays_reads_back_equal_across_shards(tmp_path):
     np.testing.assert_array_equal(split.labels(), labels)
     np.testing.assert_array_equal(split.read_tokens(5, 16), tokens[5:16])
     assert cache.verify_split(split_dir) == []
+
+
+def test_shards_build_in_several_threads_at_once(tmp_path):
+    """Extraction's writer threads build HDF5 images concurrently: each in its own in-memory file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlmcache import cache
+
+    rng = np.random.default_rng(0)
+    arrays = {"rows": np.arange(512), "labels": np.zeros(512, np.int64), "pooled": rng.normal(size=(512, 64))}
+
+    def write(i: int) -> dict:
+        entry = cache.write_shard(tmp_path / cache.shard_name(i), arrays, {}, staged=True)
+        cache.commit(entry.pop("staged"), tmp_path / entry["file"])
+        return entry
+
+    with ThreadPoolExecutor(4) as pool:
+        entries = list(pool.map(write, range(16)))
+    assert len({e["sha256"] for e in entries}) == 1  # the same arrays, the same bytes
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == [cache.shard_name(i) for i in range(16)]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +123,10 @@ def save_torch_atomic(obj, path: Path) -> None:
 
 def h5_image(build) -> bytes:
     """An HDF5 file built in memory by `build(f)` (the core driver), as bytes: written with plain file I/O, a full
-    disk is then an ordinary OSError, never a failure inside HDF5's own close, which can take the process down."""
-    with h5py.File("image.h5", "w", driver="core", backing_store=False) as f:
+    disk is then an ordinary OSError, never a failure inside HDF5's own close, which can take the process down.
+    Each image gets its own name: HDF5 refuses to create a file whose name is open, and extraction's writer
+    threads build two at once."""
+    with h5py.File(f"image-{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False) as f:
         build(f)
         f.flush()
         return f.id.get_file_image()
