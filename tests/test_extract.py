@@ -324,3 +324,37 @@ def test_shards_build_in_several_threads_at_once(tmp_path):
         entries = list(pool.map(write, range(16)))
     assert len({e["sha256"] for e in entries}) == 1  # the same arrays, the same bytes
     assert sorted(p.name for p in tmp_path.glob("*.h5")) == [cache.shard_name(i) for i in range(16)]
+
+
+def test_draft_decoding_is_smaller_only_for_large_jpegs_and_a_cache_of_its_own(tmp_path):
+    from PIL import Image
+
+    from vlmcache import cache
+    from vlmcache.bench.common import write_jpegs
+    from vlmcache.extract import ExtractConfig, run_extract
+    from vlmcache.images import decode
+
+    split_file = write_jpegs(tmp_path / "data", 24, size=(500, 375))
+    first = tmp_path / "data" / "img" / "train000000.jpg"
+    assert decode(first).size == (500, 375)
+    small = decode(first, (64, 64))
+    assert small.size == (125, 94)  # libjpeg's 1/4 scale: 1/8 would make a side shorter than 64
+    Image.open(first).save(tmp_path / "same.png")
+    assert decode(tmp_path / "same.png", (64, 64)).size == (500, 375)  # not a JPEG: decoded whole
+
+    common = dict(
+        dataset="split", root=str(tmp_path / "data"), name="data", split_files={"train": str(split_file)},
+        model="vlmcache-tiny", pretrained="none", device="cpu", workers=0, cache_dir=str(tmp_path / "c"),
+    )  # fmt: skip
+    pil = run_extract(ExtractConfig(**common), log=lambda *_: None)
+    draft = run_extract(ExtractConfig(**common, decode="draft"), log=lambda *_: None)
+    assert pil["key"] != draft["key"]  # side by side, never mixed on resume
+    a = cache.SplitCache(Path(pil["splits"][0]["path"])).pooled().astype(np.float32)
+    b = cache.SplitCache(Path(draft["splits"][0]["path"])).pooled().astype(np.float32)
+    assert not np.array_equal(a, b)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.9  # a 32-pixel input from a 1/8-scale decode: close to the full decode's
+    manifest = cache.read_manifest(Path(draft["splits"][0]["path"]))
+    assert manifest["fingerprint"]["encoder"]["decode"] == "draft"
+    with pytest.raises(Exception, match="--decode"):
+        ExtractConfig(**{**common, "decode": "gpu"}).validate()

@@ -57,6 +57,7 @@ class ExtractConfig:
     holdout: float = 0.2
     seed: int = 0
     label_key: str = "cls"  # wds: the extension of each sample's label member
+    decode: str = "pil"  # DECODE_MODES: how JPEGs are decoded (draft: at a reduced DCT scale; its own cache)
 
     def validate(self) -> None:
         for name in ("shard_size", "batch_size"):
@@ -66,6 +67,8 @@ class ExtractConfig:
             raise VlmcacheError(f"--workers must be 0 or more, got {self.workers}.")
         if self.views < 0:
             raise VlmcacheError(f"--views must be 0 or more, got {self.views}.")
+        if self.decode not in DECODE_MODES:
+            raise unknown_choice("--decode", self.decode, DECODE_MODES)
         if not self.templates:
             raise VlmcacheError(f"--templates needs at least one template set: {', '.join(TEMPLATE_SETS)}.")
         for t in self.templates:
@@ -302,6 +305,17 @@ class Publisher:
             self.publish(None)
 
 
+DECODE_MODES = ("pil", "draft")
+
+
+def use_decode(source, encoder: Encoder, mode: str) -> None:
+    """Set how a split's image source decodes (`draft`: JPEGs at a reduced DCT scale, no smaller than the
+    encoder's input size on either side)."""
+    if hasattr(source, "draft"):
+        size = encoder.preprocess_cfg["size"]
+        source.draft = ((size, size) if isinstance(size, int) else tuple(size)) if mode == "draft" else None
+
+
 def _shard_rows(shards: list[int], size: int, n: int) -> int:
     return sum(min((i + 1) * size, n) - i * size for i in shards)
 
@@ -335,6 +349,7 @@ def extract_split(
         gb = n * fingerprint["views"] * t * w * 2 / 1e9
         log(f"note: caching the tokens of {fingerprint['views']} views per training image takes about {gb:,.1f} GB.")
     if mine:
+        use_decode(split.source, encoder, cfg.decode)
         rows = np.concatenate([np.arange(i * size, min((i + 1) * size, n)) for i in mine])
         views = fingerprint["views"]
         data = ImageRows(
@@ -640,6 +655,8 @@ def run_extract(cfg: ExtractConfig, progress=None, log=print, model_dir: Path | 
     encoder = load_encoder(
         cfg.model, cfg.pretrained, device, cfg.precision, cfg.preprocess_from, preprocess_mode=cfg.preprocess
     )
+    if cfg.decode != "pil":  # its numbers differ: a cache (a key) of its own, as another preprocessing would be
+        encoder.fingerprint = {**encoder.fingerprint, "decode": cfg.decode}
     if cfg.tokens and not encoder.supports_tokens:
         raise VlmcacheError(
             f"--tokens needs a ViT image tower (open_clip VisionTransformer); {cfg.model} has "

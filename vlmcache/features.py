@@ -81,9 +81,19 @@ def cache_flags(model_dir: Path) -> str:
     dataset, model, source = cache_parts(model_dir)
     seed = source.endswith(SEED_PREPROCESS_SUFFIX)
     weights = source.removesuffix(SEED_PREPROCESS_SUFFIX)
-    if weights.startswith("file-"):
+    if weights.startswith("file-") or _decode_of(model_dir) != "pil":
         return f"-d {dataset} --cache-key {model_dir.name}"
     return f"-d {dataset} -m {model} -p {weights}" + (" --preprocess seed" if seed else "")
+
+
+def _decode_of(model_dir: Path) -> str:
+    """How the cache's images were decoded (`extract --decode`), from a split's manifest; pil when unsaid."""
+    for manifest in model_dir.glob("*/" + cache.MANIFEST):
+        try:
+            return cache.read_manifest(manifest.parent)["fingerprint"]["encoder"].get("decode", "pil")
+        except (VlmcacheError, KeyError, TypeError):
+            continue
+    return "pil"
 
 
 def _matches(model_dir: Path, dataset: str | None, model: str | None, pretrained: str | None, preprocess: str) -> bool:

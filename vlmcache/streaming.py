@@ -17,7 +17,7 @@ from vlmcache import cache
 from vlmcache.datasets import load_dataset
 from vlmcache.encoders import Encoder, load_encoder
 from vlmcache.errors import VlmcacheError
-from vlmcache.extract import ImageRows, default_workers, image_loader, probe_dims
+from vlmcache.extract import ImageRows, default_workers, image_loader, probe_dims, use_decode
 from vlmcache.features import view_choice
 
 
@@ -63,6 +63,7 @@ class StreamedImages:
         if dataset.splits[name].sha256 != split.fingerprint["split_sha256"]:
             raise VlmcacheError(f"The {name} split file changed since '{split.dir}' was extracted; extract it again.")
         self.source = dataset.splits[name].source
+        use_decode(self.source, encoder, made.get("decode", "pil"))  # decoded as the cache was
         self.encoder, self.tokens = encoder, tokens
         self.workers = default_workers() if workers is None else workers
         self.rows = split.rows()

@@ -33,7 +33,7 @@ from vlmcache.bench.finetune import bench_finetune
 from vlmcache.bench.grouped import bench_grouped
 from vlmcache.bench.loop import _looped, bench_loop, bench_token_read
 from vlmcache.bench.memory import bench_memory
-from vlmcache.bench.pipeline import bench_pipeline
+from vlmcache.bench.pipeline import bench_decode, bench_pipeline
 from vlmcache.bench.prompts import bench_prompts, prompt_step
 from vlmcache.bench.streaming import bench_streaming
 from vlmcache.errors import unknown_choice
@@ -68,6 +68,8 @@ def run_bench(scale: str = "default", device: str = "auto", log=print, only: lis
     if want("pipeline"):
         log("extraction pipeline at GPU rates (simulated encoder) ...")
         results["pipeline"] = bench_pipeline(*s.pipeline)
+        log("decoding modes ...")
+        results["decode"] = bench_decode(*s.decode)
     with tempfile.TemporaryDirectory() as tmp:
         if want("loop"):
             log("stage-2 loop ...")

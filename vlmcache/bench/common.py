@@ -29,6 +29,7 @@ class Scale:
     prompts: tuple  # (model, class counts, chunk, class counts all at once, address-space limit MB)
     grouped: tuple = ()  # ((rows, dim, classes, test rows) pooled, (rows, (T, W), classes, test rows, decoders))
     pipeline: tuple = ()  # (JPEGs, ((simulated encoder img/s, tokens), ...))
+    decode: tuple = ()  # (model, JPEGs) of the --decode modes' speed and agreement
 
 
 SCALES = {
@@ -46,6 +47,7 @@ SCALES = {
         ("vlmcache-tiny", (100, 400, 800), 50, (20, 40, 100), 8000),
         ((5000, 64, 100, 500), (256, (17, 64), 10, 64, 2)),
         (64, ((2000, False), (2000, True))),
+        ("vlmcache-tiny", 32),
     ),
     "default": Scale(
         (("vlmcache-tiny", 2000), ("ViT-B-16", 128)),
@@ -61,6 +63,7 @@ SCALES = {
         ("ViT-B-16", (1000, 4000, 8142), 256, (50, 200, 1000), 16_000),
         ((115_846, 512, 1000, 20_000), (2048, (50, 768), 1000, 256, 4)),
         (1024, ((2000, False), (10_000, False), (2000, True))),
+        ("ViT-B-16", 64),
     ),
     "full": Scale(
         (("vlmcache-tiny", 2000), ("ViT-B-16", 256), ("ViT-L-14", 64)),
@@ -76,6 +79,7 @@ SCALES = {
         ("ViT-B-16", (1000, 4000, 8142), 256, (50, 200, 1000), 16_000),
         ((115_846, 512, 1000, 20_000), (2048, (50, 768), 1000, 256, 4)),
         (1024, ((2000, False), (10_000, False), (2000, True))),
+        ("ViT-B-16", 64),
     ),
 }
 

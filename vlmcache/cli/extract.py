@@ -66,6 +66,12 @@ def extract(
         "relative to --root if given; repeat for each split.",
     ),
     label_key: str = typer.Option("cls", "--label-key", help="wds: the extension of each sample's label member."),
+    decode: str = typer.Option(
+        "pil",
+        "--decode",
+        help="pil (full decode, the reference) or draft (JPEGs at a reduced DCT scale, not below the encoder's "
+        "input size: faster on large photos, slightly different numbers, a cache of its own).",
+    ),
     splits: list[str] = typer.Option(
         None, "--splits", help="Extract only this split; repeat for several. Default: all."
     ),
