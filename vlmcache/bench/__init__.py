@@ -181,7 +181,8 @@ def splice(existing: str, sections: list[list[str]], r: dict) -> str:
         number = _number(lines[0])
         if number is None:
             continue
-        note = f"(Measured by `vlmcache bench --scale {r['scale']} --only {','.join(r['only'])}` on {r['date']}.)"
+        only = " ".join(f"--only {name}" for name in r["only"])
+        note = f"(Measured by `vlmcache bench --scale {r['scale']} {only}` on {r['date']}.)"
         text = "\n".join([*lines, "", note])
         found = [i for i, b in enumerate(body) if _number(b.split("\n")[0]) == number]
         if found:
