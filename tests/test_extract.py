@@ -316,9 +316,7 @@ def test_shards_build_in_several_threads_at_once(tmp_path):
     arrays = {"rows": np.arange(512), "labels": np.zeros(512, np.int64), "pooled": rng.normal(size=(512, 64))}
 
     def write(i: int) -> dict:
-        entry = cache.write_shard(tmp_path / cache.shard_name(i), arrays, {}, staged=True)
-        cache.commit(entry.pop("staged"), tmp_path / entry["file"])
-        return entry
+        return cache.write_shard(tmp_path / cache.shard_name(i), arrays, {})
 
     with ThreadPoolExecutor(4) as pool:
         entries = list(pool.map(write, range(16)))

@@ -66,9 +66,9 @@ def publish(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def stage_bytes(path: Path, data: bytes, fault: str | None = None) -> Path:
-    """The first half of the one write path: `data` in a temporary file beside `path`, flushed and fsynced;
-    returns the temporary file, for `commit` to rename. A full disk is one clear error, the temporary removed."""
+def write_bytes_atomic(path: Path, data: bytes, fault: str | None = None) -> None:
+    """The one write path: a temporary name, fsync, rename, fsync the folder. A full disk is one clear error
+    and leaves the previous version (or nothing) in place, never a half-written file under the final name."""
     tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as out:
@@ -77,30 +77,15 @@ def stage_bytes(path: Path, data: bytes, fault: str | None = None) -> Path:
             os.fsync(out.fileno())
         if fault:
             faults.hit(fault)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise VlmcacheError(
             f"Could not write '{path}': {e}. Is the disk full? Nothing was published and the temporary file is "
             f"removed; free space and run the same command again."
         ) from None
-    return tmp
-
-
-def commit(tmp: Path, path: Path) -> None:
-    """The second half: the staged file under its final name, durably (the folder fsynced)."""
-    try:
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        raise VlmcacheError(f"Could not publish '{path}': {e}.") from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def write_bytes_atomic(path: Path, data: bytes, fault: str | None = None) -> None:
-    """The one write path: a temporary name, fsync, rename, fsync the folder. A full disk is one clear error
-    and leaves the previous version (or nothing) in place, never a half-written file under the final name."""
-    commit(stage_bytes(path, data, fault), path)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -161,9 +146,8 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
 
 
-def write_shard(final: Path, arrays: dict[str, np.ndarray], attrs: dict, staged: bool = False) -> dict:
-    """Write one shard atomically (`write_bytes_atomic`). Returns its manifest entry fields; with `staged`, the
-    shard is left in its fsynced temporary file, named by the entry's `staged` key, for `commit` to publish.
+def shard_image(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> tuple[bytes, dict]:
+    """One shard's HDF5 file as bytes, and its manifest entry fields (file, bytes, sha256).
 
     Every dataset is chunked with HDF5's fletcher32 checksum, so a corrupted chunk fails when it is read
     instead of passing silently into training.
@@ -178,9 +162,12 @@ def write_shard(final: Path, arrays: dict[str, np.ndarray], attrs: dict, staged:
             f.attrs[k] = v
 
     image = h5_image(build)
-    entry = {"file": final.name, "bytes": len(image), "sha256": hashlib.sha256(image).hexdigest()}
-    if staged:
-        return {**entry, "staged": stage_bytes(final, image, fault="shard_written")}
+    return image, {"file": final.name, "bytes": len(image), "sha256": hashlib.sha256(image).hexdigest()}
+
+
+def write_shard(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> dict:
+    """Write one shard atomically (`write_bytes_atomic`). Returns its manifest entry fields."""
+    image, entry = shard_image(final, arrays, attrs)
     write_bytes_atomic(final, image, fault="shard_written")
     return entry
 

@@ -362,7 +362,7 @@ def extract_split(
         )
         loader = image_loader(data, cfg.batch_size, cfg.workers, encoder.device.type == "cuda")
         buffers: dict[int, ShardBuffer] = {}
-        writer = ShardWriter(lambda buf: _write(buf, split, split_dir, manifest["dims"], cfg), publisher)
+        writer = ShardWriter(lambda buf: _build(buf, split, split_dir, manifest["dims"], cfg), publisher)
 
         def file_batch(batch: dict, outputs: Callable[[], dict]) -> None:
             """A batch whose encoding is done (or waited for here) into its shards; full shards to the writer."""
@@ -492,47 +492,45 @@ def _encode_batch(encoder: Encoder, batch: dict, tokens: bool) -> Callable[[], d
 
 
 class ShardWriter:
-    """Builds, checksums, writes and fsyncs full shards to temporary files in a background thread while the next
-    batches encode; the extraction's thread renames each into place and lists it in the manifest, in the order
-    they were handed over (under torchrun each publish is a round of the manifest's gather, so the order is
-    every rank's). At most `depth` shards wait, so memory stays flat; a failed write raises in the extraction's
-    thread, with that shard not published."""
+    """Full shards leave the extraction's thread here. Two threads build and checksum them while the next batches
+    encode; one more writes, fsyncs, renames and lists them in the manifest, strictly in the order they were
+    handed over, so a shard's file appears only once the shards before it are listed (and under torchrun each
+    publish is the same round of the manifest's gather on every rank). At most `depth` shards wait, so memory
+    stays flat; a failed build or write raises in the extraction's thread, with that shard not published."""
 
-    def __init__(self, write: Callable[[ShardBuffer], dict], publisher: Publisher, depth: int = 2):
+    def __init__(self, build: Callable[[ShardBuffer], tuple], publisher: Publisher, depth: int = 2):
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        self.write, self.publisher, self.depth = write, publisher, depth
-        self.split_dir = publisher.split_dir
-        # two: one shard builds and checksums while the last one waits for its fsync
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmcache-shard-writer")
+        self.build, self.publisher, self.depth = build, publisher, depth
+        self.builders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmcache-shard-build")
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmcache-shard-write")
         self.pending: deque = deque()
 
+    def _publish(self, built) -> None:
+        final, image, entry = built.result()
+        cache.write_bytes_atomic(final, image, fault="shard_written")
+        self.publisher.publish(entry)
+
     def submit(self, buf: ShardBuffer) -> None:
-        self.pending.append(self.pool.submit(self.write, buf))
+        built = self.builders.submit(self.build, buf)
+        self.pending.append(self.writer.submit(self._publish, built))
         while len(self.pending) > self.depth:
-            self._publish_next()
+            self.pending.popleft().result()
 
     def publish_ready(self) -> None:
+        """Raise the error of a finished write, if one failed."""
         while self.pending and self.pending[0].done():
-            self._publish_next()
-
-    def _publish_next(self) -> None:
-        entry = self.pending.popleft().result()
-        staged = entry.pop("staged")
-        cache.commit(staged, self.split_dir / entry["file"])  # a shard's file appears when it is listed
-        self.publisher.publish(entry)
+            self.pending.popleft().result()
 
     def drain(self) -> None:
         while self.pending:
-            self._publish_next()
+            self.pending.popleft().result()
 
     def close(self) -> None:
-        """Stop: a write in progress finishes and its staged file is removed (a resume extracts it again)."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        for future in self.pending:
-            if not future.cancelled() and future.exception() is None:
-                future.result()["staged"].unlink(missing_ok=True)
+        """Stop: what is being written finishes (published or not; a resume extracts what is not listed)."""
+        for pool in (self.writer, self.builders):
+            pool.shutdown(wait=True, cancel_futures=True)
         self.pending.clear()
 
 
@@ -566,8 +564,8 @@ def _buffer(buffers: dict, index: int, size: int, n: int) -> ShardBuffer:
     return buffers[index]
 
 
-def _write(buf: ShardBuffer, split: Split, split_dir: Path, dims: dict, cfg: ExtractConfig) -> dict:
-    """Write one full shard (atomically) and return its manifest entry."""
+def _build(buf: ShardBuffer, split: Split, split_dir: Path, dims: dict, cfg: ExtractConfig) -> tuple:
+    """One full shard built in memory: (its final path, its bytes, its manifest entry), for ShardWriter."""
     rows = np.concatenate(buf.parts["rows"]) if buf.parts["rows"] else np.zeros(0, np.int64)
     # rows arrive in order unless loader workers returned batches out of it: then no copy is needed to sort
     order = slice(None) if (np.diff(rows) > 0).all() else np.argsort(rows, kind="stable")
@@ -589,10 +587,9 @@ def _write(buf: ShardBuffer, split: Split, split_dir: Path, dims: dict, cfg: Ext
         if name in arrays:
             _check_finite(name, arrays[name], arrays["rows"], split)
     final = split_dir / cache.shard_name(buf.index)
-    attrs = {"split": split.name, "start": buf.start, "stop": buf.stop}
-    entry = cache.write_shard(final, arrays, attrs, staged=True)  # renamed into place when it is published
+    image, entry = cache.shard_image(final, arrays, {"split": split.name, "start": buf.start, "stop": buf.stop})
     entry.update(index=buf.index, start=buf.start, stop=buf.stop, rows=len(rows), skipped=buf.skipped)
-    return entry
+    return final, image, entry
 
 
 def _cat(parts: list[np.ndarray], empty_shape: tuple) -> np.ndarray:
