@@ -200,9 +200,9 @@ def markdown(r: dict) -> list[str]:
         "",
         f"{rows[0]['images']} photo-sized JPEGs (500 x 375), {rows[0]['workers']} loader workers. The simulated "
         "encoder returns at once and its outputs are ready after batch / rate seconds, as a CUDA stream's are; the "
-        "extractor queues batch k+1 before it waits for batch k, and two writer threads build, checksum and fsync "
-        "each shard while the next batches encode. Each stage alone: the loader over the same files, the set "
-        "encoder rate, the shard write path's MB/s over the bytes per image.",
+        "extractor queues batch k+1 before it waits for batch k; two threads build and checksum each shard and a "
+        "third writes, fsyncs and lists them in order while the next batches encode. Each stage alone: the loader "
+        "over the same files, the set encoder rate, the shard write path's MB/s over the bytes per image.",
     ]
     decode = r.get("decode") or []
     if decode:
