@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlmcache.encoders import openclip
+
+openclip()  # open_clip with the package's model configs (vlmcache-tiny) registered, for tests that call it directly
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

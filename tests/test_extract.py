@@ -304,6 +304,42 @@ def test_write_arrays_reads_back_equal_across_shards(tmp_path):
     np.testing.assert_array_equal(split.labels(), labels)
     np.testing.assert_array_equal(split.read_tokens(5, 16), tokens[5:16])
     assert cache.verify_split(split_dir) == []
+    # read as float32 into one array, shard by shard; into a reused buffer across shard boundaries
+    as32 = split.load("pooled", np.float32)
+    assert as32.dtype == np.float32 and np.array_equal(as32, pooled.astype(np.float32))
+    buf = np.full((16, 3, 4), np.nan, np.float16)
+    got = split.read_tokens(5, 16, out=buf)
+    assert np.shares_memory(got, buf) and np.array_equal(got, tokens[5:16]) and np.isnan(buf[11:]).all()
+    with pytest.raises(ValueError, match="out must be float16"):
+        split.read_tokens(0, 20, out=buf)
+
+
+def test_loading_a_split_as_float32_peaks_at_the_result_and_one_shard(tmp_path):
+    """An iNaturalist-sized pooled cache read for training: the float16 shards, their concatenation and the
+    float32 copy were all alive at once (twice the result). Measured in a child process's own peak RSS."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    rows, dim = 60_000, 512
+    cache.write_arrays(
+        tmp_path / "s", rng.normal(size=(rows, dim)).astype(np.float16), np.zeros(rows, np.int64), {"num_classes": 1},
+        shard_size=8192,
+    )  # fmt: skip
+    code = (
+        "import sys, numpy as np\n"
+        "from vlmcache import cache\n"
+        "from vlmcache.memory import current_rss_mb, peak_rss_mb, reset_peak\n"
+        "split = cache.SplitCache(sys.argv[1]); split.labels()\n"
+        "reset_peak(); before = current_rss_mb()\n"
+        "x = split.load('pooled', np.float32)\n"
+        "print(peak_rss_mb() - before, current_rss_mb() - before)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True, check=True)
+    peak, kept = map(float, res.stdout.split())  # kept: the result (117 MB) and what HDF5 keeps of the files
+    # before: the float16 shards and their concatenation on top (peak 210.3 MB against 151.7 MB kept); now a shard
+    # (8 MB) and HDF5's read buffers (151.6 against 135.2 measured)
+    assert peak - kept < 0.25 * rows * dim * 4 / 2**20, (peak, kept)
 
 
 def test_shards_build_in_several_threads_at_once(tmp_path):
@@ -355,4 +391,55 @@ def test_draft_decoding_is_smaller_only_for_large_jpegs_and_a_cache_of_its_own(t
     manifest = cache.read_manifest(Path(draft["splits"][0]["path"]))
     assert manifest["fingerprint"]["encoder"]["decode"] == "draft"
     with pytest.raises(Exception, match="--decode"):
-        ExtractConfig(**{**common, "decode": "gpu"}).validate()
+        ExtractConfig(**{**common, "decode": "nvjpeg"}).validate()
+
+
+def test_device_decoding_matches_the_cpu_transform_and_falls_back_per_image(tmp_path, monkeypatch):
+    """--decode gpu's path, run on the CPU (torchvision's decode_jpeg and resize on the encoder's device): JPEGs
+    decoded together, a PNG and a CMYK JPEG through the CPU's decoder, a broken JPEG skipped with its reason, and
+    the embeddings next to --decode pil's. On a CPU the command itself refuses --decode gpu."""
+    from PIL import Image
+
+    from vlmcache import extract
+    from vlmcache.bench.common import write_jpegs
+    from vlmcache.device_decode import DeviceDecoder
+    from vlmcache.encoders import load_encoder
+    from vlmcache.extract import ExtractConfig, run_extract
+
+    split_file = write_jpegs(tmp_path / "data", 12, size=(120, 90))
+    img = tmp_path / "data" / "img"
+    Image.open(img / "train000003.jpg").save(img / "train000003.png")
+    Image.open(img / "train000005.jpg").convert("CMYK").save(img / "train000005.jpg")
+    (img / "train000007.jpg").write_bytes((img / "train000007.jpg").read_bytes()[:300])  # cut short
+    lines = split_file.read_text().replace("train000003.jpg", "train000003.png")
+    split_file.write_text(lines)
+
+    encoder = load_encoder("vlmcache-tiny", "none", "cpu")
+    on_device = DeviceDecoder(encoder.preprocess_cfg, encoder.device)
+    from torchvision.io import decode_jpeg
+
+    rgb = Image.open(img / "train000000.jpg").convert("RGB")
+    ours = on_device.transform(
+        decode_jpeg(torch.frombuffer(bytearray((img / "train000000.jpg").read_bytes()), dtype=torch.uint8))
+    )
+    assert ours.shape == encoder.preprocess(rgb).shape
+    assert (ours - encoder.preprocess(rgb)).abs().mean() < 0.05  # another resize: close, not equal
+
+    common = dict(
+        dataset="split", root=str(tmp_path / "data"), name="data", split_files={"train": str(split_file)},
+        model="vlmcache-tiny", pretrained="none", device="cpu", workers=0, cache_dir=str(tmp_path / "c"),
+    )  # fmt: skip
+    with pytest.raises(VlmcacheError, match="CUDA device"):
+        run_extract(ExtractConfig(**common, decode="gpu"), log=lambda *_: None)
+    monkeypatch.setattr(extract, "check_device_decode", lambda cfg, enc: None)  # the CPU stands in for the GPU
+    gpu = run_extract(ExtractConfig(**common, decode="gpu", batch_size=5), log=lambda *_: None)
+    pil = run_extract(ExtractConfig(**common), log=lambda *_: None)
+    assert gpu["key"] != pil["key"] and gpu["splits"][0]["cpu_decoded"] == 2
+    g, p = (cache.SplitCache(Path(r["splits"][0]["path"])) for r in (gpu, pil))
+    assert np.array_equal(g.rows(), p.rows()) and 7 not in g.rows()
+    skipped = cache.read_manifest(g.dir)["shards"][0]["skipped"]
+    assert [x["row"] for x in skipped] == [7] and "cannot decode" in skipped[0]["reason"]
+    a, b = g.pooled().astype(np.float32), p.pooled().astype(np.float32)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99, cos
+    assert cache.read_manifest(g.dir)["fingerprint"]["encoder"]["decode"] == "gpu"

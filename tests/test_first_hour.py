@@ -192,14 +192,15 @@ def test_report_cells_keep_a_zero_std_and_the_full_table_is_in_percent():
 
 
 def test_peak_memory_is_each_runs_own(digits_cache, tmp_path):
-    big = np.ones(400 * 2**20 // 8)  # 400 MB touched, then freed: the process's peak, not the run's
+    from vlmcache.memory import current_rss_mb
+
+    before = current_rss_mb()
+    big = np.ones(1000 * 2**20 // 8)  # 1,000 MB touched, then freed: the process's peak, not the run's
     del big
     cfg = TrainConfig(dataset=None, cache_dir=str(digits_cache), runs_dir=str(tmp_path), device="cpu", epochs=1)
     cost = train_head(cfg, log=_quiet)["cost"]
-    from vlmcache.memory import current_rss_mb
-
     assert cost["peak_rss_scope"] == "run"
-    assert cost["peak_rss_mb"] < current_rss_mb() + 300
+    assert cost["peak_rss_mb"] < before + 600  # the run's own: its imports and steps (about 400 MB here)
 
 
 def test_per_class_plot_has_a_panel_per_method_at_a_thousand_classes(tmp_path, monkeypatch):

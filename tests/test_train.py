@@ -202,6 +202,52 @@ def test_streamed_tokens_visit_each_sampled_row_once(synthetic):
     np.testing.assert_array_equal(np.sort(torch.cat(ys).numpy()), np.sort(memory.y[idx].numpy()))
 
 
+def test_input_statistics_are_float64_over_chunks_of_the_float16_features(synthetic):
+    """The standardisation's mean and std (Bessel) from the float16 cache in chunks equal numpy's float64 ones;
+    training and evaluation see each row upcast as the whole split would be."""
+    from vlmcache.heads import build_head
+
+    split = cache.SplitCache(synthetic / "synth" / "synthetic__random__00000000" / "train")
+    data = load_inputs(split, "linear", torch.device("cpu"), stream=False)
+    assert data.x.dtype == torch.float16
+    x = split.pooled().astype(np.float64)
+    head = build_head("linear", data.dim, len(TAIL), normalize="standardize")
+    head.fit_input(x for x, _ in data.chunks(size=37))
+    np.testing.assert_allclose(head.shift.numpy(), x.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(head.scale.numpy(), x.std(0, ddof=1), rtol=1e-6)
+    j = torch.tensor([5, 0, 311])
+    (xb, _), *_ = data.batches(j, 3)
+    assert xb.dtype == torch.float32 and torch.equal(xb, torch.from_numpy(x[j.numpy()]).float())
+
+
+@pytest.mark.parametrize("batch_size", [7, 50, 400])
+def test_streamed_token_batches_follow_the_documented_order(synthetic, batch_size):
+    """The order streaming gives, written out plainly on the rows in memory: blocks in the epoch's order, windows
+    of window_blocks blocks, each window's sampled rows (block by block, in sampled order) permuted by the
+    epoch's numpy generator, the windows laid end to end and cut into minibatches. Pins the row order (and so
+    every streamed run's numbers) across changes to how the blocks are read and copied."""
+    from vlmcache.features import block_order
+
+    split = cache.SplitCache(synthetic / "synth" / "synthetic__random__00000000" / "train")
+    stream = Tokens(split, torch.device("cpu"), in_memory=False, block_rows=16, window_blocks=3)
+    stream.set_epoch(0, 4)
+    memory = Tokens(split, torch.device("cpu"), in_memory=True)
+    idx = build_sampler("class_balanced", stream.y).epoch(torch.Generator().manual_seed(0))
+    got = list(stream.batches(idx, batch_size, torch.Generator().manual_seed(1)))
+
+    rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=torch.Generator().manual_seed(1))))
+    i = idx.numpy()
+    order = [b for b in block_order(-(-len(split) // 16), 4) if (i // 16 == b).any()]
+    rows = []
+    for w in range(0, len(order), 3):
+        sel = np.concatenate([i[i // 16 == b] for b in order[w : w + 3]])
+        rows.append(sel[rng.permutation(len(sel))])
+    rows = np.concatenate(rows)
+    assert [len(y) for _, y in got] == [len(rows[k : k + batch_size]) for k in range(0, len(rows), batch_size)]
+    torch.testing.assert_close(torch.cat([x for x, _ in got]), memory.data[rows], rtol=0, atol=0)
+    assert torch.equal(torch.cat([y for _, y in got]), memory.y[rows])
+
+
 @pytest.mark.parametrize("stage2", ["crt", "lws", "disalign", "marc"])
 def test_second_stages_train_only_what_they_must(synthetic, tmp_path, stage2):
     first = train_head(_cfg(synthetic, tmp_path, head="decoder", epochs=2, head_params={"depth": 1}))

@@ -187,10 +187,10 @@ class Pipeline:
 
 def _check_model(entry: dict, where: str) -> None:
     """The model is an open_clip model, and its weights a tag of it, 'none', or a file (which may be elsewhere)."""
-    import open_clip
-
-    from vlmcache.encoders import RANDOM
+    from vlmcache.encoders import RANDOM, openclip
     from vlmcache.errors import unknown_choice
+
+    open_clip = openclip()
 
     model, pretrained = str(entry["model"]), entry.get("pretrained")
     if model not in open_clip.list_models():

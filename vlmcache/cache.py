@@ -347,10 +347,36 @@ class SplitCache:
                 f"`vlmcache cache verify --repair {self.dir.parent}` to extract it again."
             ) from None
 
-    def load(self, name: str) -> np.ndarray:
-        """One dataset of every shard, concatenated in row order (for pooled, labels, rows, views)."""
-        parts = [self._read(i, name) for i in range(len(self.shards))]
-        return np.concatenate(parts) if parts else np.zeros((0,))
+    def _read_into(self, i: int, name: str, rows: slice, out: np.ndarray) -> None:
+        try:
+            dset = self._file(i)[name]
+            if dset.shape[1:] != out.shape[1:] or dset.dtype != out.dtype:
+                raise KeyError(f"'{name}' is {dset.dtype} {dset.shape}, not {out.dtype} (n, {out.shape[1:]})")
+            dset.read_direct(out, np.s_[rows], np.s_[0 : len(out)])
+        except (OSError, KeyError) as e:  # as _read's
+            raise VlmcacheError(
+                f"The shard '{self.shards[i].path}' cannot be read ({e}); it is damaged. Run "
+                f"`vlmcache cache verify --repair {self.dir.parent}` to extract it again."
+            ) from None
+
+    def load(self, name: str, dtype=None) -> np.ndarray:
+        """One dataset of every shard in row order (for pooled, labels, rows, views), as `dtype` when given. The
+        result is allocated once and each shard converted into its rows as it is read: the peak is the result
+        and one shard, not the shards, their concatenation and a converted copy (an iNaturalist-sized pooled
+        cache read as float32 peaked at twice its size before)."""
+        if not self.shards:
+            return np.zeros((0,))
+        first = self._file(0)[name]
+        out = np.empty((self.n, *first.shape[1:]), dtype=dtype or first.dtype)
+        for i, s in enumerate(self.shards):
+            part = self._read(i, name)
+            if part.shape != (s.rows, *first.shape[1:]):
+                raise VlmcacheError(
+                    f"The shard '{s.path}' holds '{name}' of shape {part.shape}, not {(s.rows, *first.shape[1:])} "
+                    f"as the split's first shard does; run `vlmcache cache verify`."
+                )
+            out[s.start : s.start + s.rows] = part
+        return out
 
     def pooled(self) -> np.ndarray:
         return self.load("pooled")
@@ -383,9 +409,10 @@ class SplitCache:
             )
         return tuple(self.manifest["dims"]["tokens"])
 
-    def read_tokens(self, start: int, stop: int, name: str = "tokens") -> np.ndarray:
+    def read_tokens(self, start: int, stop: int, name: str = "tokens", out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) of `tokens` as one (n, T, W) float16 array (`view_tokens`: (n, K, T, W)), read slice
-        by slice across shards."""
+        by slice across shards; into `out[: stop - start]` when given (a buffer read into again and again is not
+        page-faulted in afresh, as a new array of many MB is)."""
         shape = self.token_shape()
         if name == "view_tokens":
             if not self.fingerprint.get("view_tokens"):
@@ -395,6 +422,10 @@ class SplitCache:
             shape = (int(self.fingerprint["views"]), *shape)
         if not 0 <= start <= stop <= self.n:
             raise IndexError(f"token rows [{start}, {stop}) outside [0, {self.n})")
+        if out is not None:
+            if out.dtype != np.float16 or out.shape[1:] != shape or len(out) < stop - start:
+                raise ValueError(f"out must be float16 of shape (>= {stop - start}, {shape}), not {out.shape}")
+            out = out[: stop - start]
         parts = []
         first = int(np.searchsorted(self._starts, start, side="right") - 1)
         for i in range(max(first, 0), len(self.shards)):
@@ -402,8 +433,12 @@ class SplitCache:
             if s.start >= stop:
                 break
             lo, hi = max(start, s.start) - s.start, min(stop, s.start + s.rows) - s.start
-            if hi > lo:
+            if hi > lo and out is not None:
+                self._read_into(i, name, slice(lo, hi), out[s.start + lo - start : s.start + hi - start])
+            elif hi > lo:
                 parts.append(self._read(i, name, slice(lo, hi)))
+        if out is not None:
+            return out
         if not parts:
             return np.zeros((0, *shape), dtype=np.float16)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import open_clip
 import torch
 
 from vlmcache.errors import VlmcacheError, unknown_choice
@@ -22,11 +22,19 @@ RANDOM_INIT_SEED = 0  # random weights are seeded so that a resumed extraction s
 PREPROCESS_KEYS = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
-open_clip.add_model_config(Path(str(resources.files("vlmcache") / "model_configs")))
+
+@functools.cache
+def openclip():
+    """open_clip, imported on first use (225 MB of resident memory with timm and torchvision: a head trained on a
+    cache never needs it), with the package's own model configs registered."""
+    import open_clip
+
+    open_clip.add_model_config(Path(str(resources.files("vlmcache") / "model_configs")))
+    return open_clip
 
 
 def list_models() -> list[str]:
-    return open_clip.list_models()
+    return openclip().list_models()
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -38,7 +46,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def _tag_preprocess(model: str, tag: str) -> dict:
-    cfg = open_clip.get_pretrained_cfg(model, tag)
+    cfg = openclip().get_pretrained_cfg(model, tag)
     keys = ("mean", "std", "interpolation", "resize_mode")
     out = {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in keys if k in cfg}
     out["quick_gelu"] = bool(cfg.get("quick_gelu", False))
@@ -54,9 +62,9 @@ def resolve_weights(model: str, pretrained: str | None, preprocess_from: str | N
     named by `preprocess_from`, else the tag whose published sha256 matches the file, else the
     one setting shared by all of the model's tags; if the tags disagree, the user must choose.
     """
-    if model not in open_clip.list_models():
-        raise unknown_choice("model", model, open_clip.list_models())
-    tags = open_clip.list_pretrained_tags_by_model(model)
+    if model not in openclip().list_models():
+        raise unknown_choice("model", model, openclip().list_models())
+    tags = openclip().list_pretrained_tags_by_model(model)
     if preprocess_from is not None and preprocess_from not in tags:
         raise unknown_choice(f"pretrained tag for --preprocess-from of {model}", preprocess_from, tags or ["(none)"])
 
@@ -75,7 +83,7 @@ def resolve_weights(model: str, pretrained: str | None, preprocess_from: str | N
         )
     digest = sha256_file(pretrained)
     if preprocess_from is None:
-        matching = [t for t in tags if digest in (open_clip.get_pretrained_url(model, t) or "")]
+        matching = [t for t in tags if digest in (openclip().get_pretrained_url(model, t) or "")]
         settings = {repr(_tag_preprocess(model, t)): t for t in tags}
         if matching:
             preprocess_from = matching[0]
@@ -123,7 +131,7 @@ def _seed_preprocess(model: str, cfg: dict):
 
 def model_config_sha256(model: str) -> str:
     """A hash of the model's open_clip config (its architecture), so that editing a config changes the key."""
-    cfg = open_clip.get_model_config(model) or {}
+    cfg = openclip().get_model_config(model) or {}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -282,7 +290,7 @@ def load_encoder(
         # open_clip logs "initialized randomly" on the root logger; we state it in our own summary.
         with torch.random.fork_rng(devices=[]), _quiet_root_logger():
             torch.manual_seed(RANDOM_INIT_SEED)
-            net, _, preprocess = open_clip.create_model_and_transforms(
+            net, _, preprocess = openclip().create_model_and_transforms(
                 model,
                 pretrained=source,
                 device="cpu",
@@ -305,7 +313,7 @@ def load_encoder(
             ) from None
         raise
     net = net.to(dev).eval().requires_grad_(False)
-    pcfg = open_clip.get_model_preprocess_cfg(net)
+    pcfg = openclip().get_model_preprocess_cfg(net)
     preprocess_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pcfg.items() if k in PREPROCESS_KEYS}
     if preprocess_mode == "seed":
         preprocess, preprocess_cfg = _seed_preprocess(model, preprocess_cfg)
@@ -319,7 +327,7 @@ def load_encoder(
         "quick_gelu": quick_gelu,
         "preprocess": preprocess_cfg,
         "precision": prec,
-        "open_clip": open_clip.__version__,
+        "open_clip": openclip().__version__,
         "torch": torch.__version__,
     }
     label = weights["pretrained"]
@@ -327,5 +335,5 @@ def load_encoder(
         label = "file-" + weights["weights_sha256"][:12]
     if preprocess_mode == "seed":  # its own cache beside the weights' own preprocessing, found by this name
         label += SEED_PREPROCESS_SUFFIX
-    tokenizer = open_clip.get_tokenizer(model)
+    tokenizer = openclip().get_tokenizer(model)
     return Encoder(model, net, tokenizer, preprocess, preprocess_cfg, dev, prec, fingerprint, label)

@@ -16,12 +16,13 @@ from torch.utils.data import DataLoader
 from vlmcache import cache, distributed, faults, runs
 from vlmcache.choices import DATASETS, USER_DATASETS, default_workers
 from vlmcache.datasets import Dataset, Split, load_dataset, where_data
+from vlmcache.device_decode import DeviceDecoder, EncodedRows, collate_encoded
 from vlmcache.encoders import Encoder, list_models, load_encoder, math_mode
 from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.images import BadImage, FileSource
 from vlmcache.memory import peak_rss_mb
 from vlmcache.schemas import SEED_MAX
-from vlmcache.templates import DEFAULT_TEMPLATE_SETS, TEMPLATE_SETS, get_templates
+from vlmcache.templates import DEFAULT_TEMPLATE_SETS, get_templates, template_sets
 
 TOKEN_TAP = "visual.transformer output, before ln_post (includes the class token)"
 VIEW_SCALE = (0.08, 1.0)
@@ -70,7 +71,7 @@ class ExtractConfig:
         if self.decode not in DECODE_MODES:
             raise unknown_choice("--decode", self.decode, DECODE_MODES)
         if not self.templates:
-            raise VlmcacheError(f"--templates needs at least one template set: {', '.join(TEMPLATE_SETS)}.")
+            raise VlmcacheError(f"--templates needs at least one template set: {', '.join(template_sets())}.")
         for t in self.templates:
             get_templates(t)
         if self.model not in list_models():
@@ -160,13 +161,13 @@ def collate(items):
     }
 
 
-def image_loader(data: ImageRows, batch_size: int, workers: int, pin: bool = False) -> DataLoader:
+def image_loader(data, batch_size: int, workers: int, pin: bool = False, collate_fn=collate) -> DataLoader:
     """Batches of `data` in order (`collate`'s dicts), decoded by `workers` processes ahead of use."""
     return DataLoader(
         data,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=pin,
         prefetch_factor=4 if workers else None,
     )
@@ -305,7 +306,7 @@ class Publisher:
             self.publish(None)
 
 
-DECODE_MODES = ("pil", "draft")
+DECODE_MODES = ("pil", "draft", "gpu")
 
 
 def use_decode(source, encoder: Encoder, mode: str) -> None:
@@ -314,6 +315,20 @@ def use_decode(source, encoder: Encoder, mode: str) -> None:
     if hasattr(source, "draft"):
         size = encoder.preprocess_cfg["size"]
         source.draft = ((size, size) if isinstance(size, int) else tuple(size)) if mode == "draft" else None
+
+
+def check_device_decode(cfg: ExtractConfig, encoder: Encoder) -> None:
+    """--decode gpu needs a CUDA encoder and the plain eval transform (augmented views are made on the CPU)."""
+    if encoder.device.type != "cuda":
+        raise VlmcacheError(
+            f"--decode gpu decodes JPEGs on a CUDA device (nvJPEG); this run's device is {encoder.device}. Use "
+            f"--decode pil (the reference) or --decode draft on a CPU."
+        )
+    if cfg.views:
+        raise VlmcacheError(
+            "--decode gpu makes the eval transform only; --views are cropped on the CPU: use --decode pil."
+        )
+    DeviceDecoder(encoder.preprocess_cfg, encoder.device)  # refuses a preprocessing it cannot reproduce
 
 
 def _shard_rows(shards: list[int], size: int, n: int) -> int:
@@ -348,19 +363,25 @@ def extract_split(
         t, w = manifest["dims"]["tokens"]
         gb = n * fingerprint["views"] * t * w * 2 / 1e9
         log(f"note: caching the tokens of {fingerprint['views']} views per training image takes about {gb:,.1f} GB.")
+    on_device = None  # --decode gpu: the workers read the files, the device decodes and resizes
     if mine:
         use_decode(split.source, encoder, cfg.decode)
         rows = np.concatenate([np.arange(i * size, min((i + 1) * size, n)) for i in mine])
         views = fingerprint["views"]
-        data = ImageRows(
-            split.source,
-            rows,
-            encoder.preprocess,
-            views,
-            encoder.train_transform(VIEW_SCALE) if views else None,
-            cfg.view_seed,
-        )
-        loader = image_loader(data, cfg.batch_size, cfg.workers, encoder.device.type == "cuda")
+        if cfg.decode == "gpu":
+            on_device = DeviceDecoder(encoder.preprocess_cfg, encoder.device)
+            data, collate_fn = EncodedRows(split.source, rows), collate_encoded
+        else:
+            data = ImageRows(
+                split.source,
+                rows,
+                encoder.preprocess,
+                views,
+                encoder.train_transform(VIEW_SCALE) if views else None,
+                cfg.view_seed,
+            )
+            collate_fn = collate
+        loader = image_loader(data, cfg.batch_size, cfg.workers, encoder.device.type == "cuda", collate_fn)
         buffers: dict[int, ShardBuffer] = {}
         writer = ShardWriter(lambda buf: _build(buf, split, split_dir, manifest["dims"], cfg), publisher)
 
@@ -376,6 +397,8 @@ def extract_split(
         try:  # batch k+1 is queued on the device before batch k's outputs are waited for
             pending = None
             for batch in loader:
+                if on_device is not None:
+                    batch = on_device(batch)
                 outputs = _encode_batch(encoder, batch, cfg.tokens)
                 if pending is not None:
                     file_batch(*pending)
@@ -407,6 +430,7 @@ def extract_split(
         "seconds": round(seconds, 3),
         "images_per_s": round(_shard_rows(todo, size, n) / seconds, 1) if todo and seconds > 0 else None,
         "path": str(split_dir),
+        **({"cpu_decoded": on_device.cpu_decoded} if on_device is not None else {}),
     }
 
 
@@ -610,7 +634,7 @@ def extract_text(encoder: Encoder, dataset: Dataset, template_sets: list[str], m
     if old is not None:
         if old.fingerprint == fingerprint and old.classnames == dataset.classnames:
             # keep sets whose templates are unchanged; a renamed or edited set is encoded again
-            sets = {k: v for k, v in old.sets.items() if k in TEMPLATE_SETS and v[0] == TEMPLATE_SETS[k]}
+            sets = {k: v for k, v in old.sets.items() if k in template_sets() and v[0] == template_sets()[k]}
     missing = [t for t in template_sets if t not in sets]
     if not missing:
         return path
@@ -652,8 +676,14 @@ def run_extract(cfg: ExtractConfig, progress=None, log=print, model_dir: Path | 
     encoder = load_encoder(
         cfg.model, cfg.pretrained, device, cfg.precision, cfg.preprocess_from, preprocess_mode=cfg.preprocess
     )
+    if cfg.decode == "gpu":
+        check_device_decode(cfg, encoder)
     if cfg.decode != "pil":  # its numbers differ: a cache (a key) of its own, as another preprocessing would be
         encoder.fingerprint = {**encoder.fingerprint, "decode": cfg.decode}
+    if cfg.decode == "gpu":  # torchvision's decoder and resize
+        import torchvision
+
+        encoder.fingerprint["torchvision"] = torchvision.__version__
     if cfg.tokens and not encoder.supports_tokens:
         raise VlmcacheError(
             f"--tokens needs a ViT image tower (open_clip VisionTransformer); {cfg.model} has "

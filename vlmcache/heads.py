@@ -90,12 +90,21 @@ class PooledHead(nn.Module):
         return self.normalize in ("center_l2", "standardize")
 
     @torch.no_grad()
-    def fit_input(self, x: torch.Tensor) -> None:
-        """Training-split statistics for `center_l2` and `standardize` (a no-op for the others)."""
-        if self.normalize in ("center_l2", "standardize"):
-            self.shift.copy_(x.mean(0))
+    def fit_input(self, chunks) -> None:
+        """Training-split statistics for `center_l2` and `standardize` (a no-op for the others), from the rows
+        in chunks (an iterable of (n, D) tensors: the split is never upcast whole): the mean, and the standard
+        deviation with Bessel's correction, accumulated in float64."""
+        if not self.needs_input_stats:
+            return
+        n, total, squares = 0, 0.0, 0.0
+        for x in chunks:
+            x = x.double()
+            n, total, squares = n + len(x), total + x.sum(0), squares + (x * x).sum(0)
+        mean = total / n
+        self.shift.copy_(mean)
         if self.normalize == "standardize":
-            self.scale.copy_(x.std(0).clamp(min=1e-6))
+            var = (squares - n * mean * mean) / max(n - 1, 1)
+            self.scale.copy_(var.clamp(min=0).sqrt().clamp(min=1e-6))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize == "none":

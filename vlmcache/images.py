@@ -82,7 +82,7 @@ class FileSource:
     def describe(self, i: int) -> str:
         return self.relpaths[i]
 
-    def load(self, i: int) -> Image.Image:
+    def _path(self, i: int) -> str:
         path = os.path.join(self.root, self.relpaths[i])
         if self._real_root is None:
             self._real_root = os.path.realpath(self.root)
@@ -92,7 +92,20 @@ class FileSource:
             raise BadImage(f"refused: the path leads outside --root (to {real})")
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise BadImage("empty file (0 bytes)")
-        return decode(path, self.draft)
+        return path
+
+    def load(self, i: int) -> Image.Image:
+        return decode(self._path(i), self.draft)
+
+    def read_bytes(self, i: int) -> bytes:
+        """The file as stored (`--decode gpu` decodes it on the device)."""
+        try:
+            with open(self._path(i), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise BadImage("file not found") from None
+        except OSError as e:
+            raise BadImage(f"cannot read: {e}") from None
 
     def first_missing(self, probe: int = 20) -> str | None:
         """The first of up to `probe` evenly spread paths, if none of them exist (a wrong --root)."""
@@ -144,6 +157,9 @@ class TarSource:
     def load(self, i: int) -> Image.Image:
         import io
 
+        return decode(io.BytesIO(self.read_bytes(i)), self.draft)
+
+    def read_bytes(self, i: int) -> bytes:
         shard, _, offset, size = self.members[i]
         f = self._open.get(shard)
         if f is None:
@@ -157,7 +173,7 @@ class TarSource:
             raise BadImage(f"the shard ends early ({len(data)} of {size} bytes)")
         if size == 0:
             raise BadImage("empty file (0 bytes)")
-        return decode(io.BytesIO(data), self.draft)
+        return data
 
     def first_missing(self, probe: int = 20) -> str | None:
         for shard in dict.fromkeys(m[0] for m in self.members[:1]):

@@ -112,7 +112,8 @@ def knn(
     text = cache.read_text(model_dir / cache.TEXT_FILE)
     train_split = open_split(model_dir, "train")
     num_classes = int(train_split.fingerprint["num_classes"])
-    train = F.normalize(torch.from_numpy(train_split.pooled().astype(np.float32)), dim=-1).numpy()
+    train = torch.from_numpy(train_split.load("pooled", np.float32))
+    train = train.div_(train.norm(dim=-1, keepdim=True).clamp_min(1e-12)).numpy()  # F.normalize's, in place
     labels = torch.from_numpy(train_split.labels().astype(np.int64)).to(dev)
     counts = np.bincount(train_split.labels(), minlength=num_classes)
     if k > len(train):

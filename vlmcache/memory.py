@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import platform
 import resource
 
 
@@ -48,3 +52,56 @@ def start_peak_memory(device) -> str:
     except OSError:
         return "process"
     return "run"
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_heap_kept = False
+
+
+def keep_heap() -> bool:
+    """Keep freed memory in the heap instead of handing it back to the kernel (glibc only), for the CPU forward
+    and backward passes of a tower (extraction, fine-tuning on CPU).
+
+    With glibc's defaults, each large activation buffer of a ViT is a fresh mmap that is unmapped when freed,
+    so every pass page-faults it in again, and how often depends on the process's history: identical encoder
+    passes differ by up to a fifth. mallopt(M_MMAP_MAX, 0) and an unreachable trim threshold (what
+    `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967295` set) reuse the same pages pass after pass; the
+    process keeps its peak for good (glibc's dynamic thresholds cannot be restored), so the `extract` and
+    `finetune` commands set it for their own process, the library never does. A user's own MALLOC_ settings
+    are left as they are. Returns whether the setting is in force."""
+    global _heap_kept
+    if _heap_kept:
+        return True
+    if os.environ.get("MALLOC_MMAP_MAX_") is not None or os.environ.get("MALLOC_TRIM_THRESHOLD_") is not None:
+        return False
+    libc = _libc()
+    if libc is None:
+        return False
+    _heap_kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _heap_kept
+
+
+@functools.cache
+def _libc():
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def trim() -> None:
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim; elsewhere nothing). Between the chunks
+    of an evaluation, whose logits glibc would otherwise place on fresh heap pages chunk after chunk."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def keep_heap_on_cpu(device: str) -> bool:
+    """keep_heap() when `device` ("auto", "cpu", "cuda:1" ...) resolves to the CPU, where the tower's passes run."""
+    from vlmcache.encoders import pick_device
+
+    return pick_device(device).type == "cpu" and keep_heap()

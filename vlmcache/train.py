@@ -45,7 +45,7 @@ from vlmcache.heads import (
     upgrade_head_file,
 )
 from vlmcache.losses import build_loss
-from vlmcache.memory import peak_rss_mb, start_peak_memory
+from vlmcache.memory import peak_rss_mb, start_peak_memory, trim
 from vlmcache.metrics import Evaluator
 from vlmcache.predictions import FILE as PREDICTIONS
 from vlmcache.predictions import PredictionWriter
@@ -398,6 +398,8 @@ def evaluate(
         if log_prior is not None:
             logits = logit_adjusted(logits, log_prior.to(logits.device), logit_adjust)
         evaluator.update(logits, y)
+        del logits
+        trim()
     return evaluator.compute(many, few)
 
 
@@ -738,8 +740,7 @@ def _build_model(cfg: TrainConfig, first, train_data, train_split, text, device:
             head.shift.copy_(shared[key][0])
             head.scale.copy_(shared[key][1])
         else:
-            x = train_data.x if isinstance(train_data, Pooled) else torch.cat([x for x, _ in train_data.chunks()])
-            head.fit_input(x)
+            head.fit_input(x for x, _ in train_data.chunks())
             if shared is not None:
                 shared[key] = (head.shift.clone(), head.scale.clone())
     if cfg.text_init:

@@ -3,6 +3,7 @@ read of the same file."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -57,35 +58,64 @@ def bench_loop(name: str, make_head, data, x, batch_size: int, epochs: int, clas
     }
 
 
-def bench_token_read(rows: int, shape: tuple, folder: Path, block_rows: int = 256) -> dict:
-    """Streaming an epoch's tokens in shuffled blocks against one plain sequential pass over the same file."""
+def drop_page_cache(split) -> bool:
+    """Ask the kernel to drop the split's shard files from the page cache (posix_fadvise DONTNEED; the files are
+    written and fsynced, so their pages are clean): the next read comes from the disk. False where unsupported."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    split.close()
+    for shard in split.shards:
+        fd = os.open(shard.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def bench_token_read(rows: int, shape: tuple, folder: Path, block_rows: int = 256, repeats: int = 2) -> dict:
+    """Streaming an epoch's tokens in shuffled blocks (`Tokens.batches`, as training reads them) against one
+    plain sequential pass over the same file, with the page cache warm (the file just read) and cold (dropped
+    before each pass); passes interleaved, best of `repeats` on each side."""
     from vlmcache import cache
     from vlmcache.features import Tokens
     from vlmcache.samplers import build_sampler
 
-    split_dir = _synthetic_tokens(folder, rows, shape)
-    split = cache.SplitCache(split_dir)
-    t0 = time.perf_counter()
-    for i in range(0, rows, 4096):
-        split.read_tokens(i, min(i + 4096, rows))
-    sequential = rows / (time.perf_counter() - t0)
-    stream = Tokens(split, torch.device("cpu"), in_memory=False, block_rows=block_rows)
-    gen = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    n = sum(len(y) for _, y in stream.batches(build_sampler("instance", stream.y).epoch(gen), 256, gen))
-    streamed = n / (time.perf_counter() - t0)
+    split = cache.SplitCache(_synthetic_tokens(folder, rows, shape))
+
+    def sequential() -> float:
+        t0 = time.perf_counter()
+        for i in range(0, rows, 4096):
+            split.read_tokens(i, min(i + 4096, rows))
+        return rows / (time.perf_counter() - t0)
+
+    def streamed() -> float:
+        stream = Tokens(split, torch.device("cpu"), in_memory=False, block_rows=block_rows)
+        gen = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        n = sum(len(y) for _, y in stream.batches(build_sampler("instance", stream.y).epoch(gen), 256, gen))
+        return n / (time.perf_counter() - t0)
+
     mb = shape[0] * shape[1] * 2 / 2**20
-    return {
-        "rows": rows,
-        "token_shape": list(shape),
-        "block_rows": block_rows,
-        "stream_rows_per_s": round(streamed, 1),
-        "sequential_rows_per_s": round(sequential, 1),
-        "stream_mb_per_s": round(streamed * mb, 1),
-        "sequential_mb_per_s": round(sequential * mb, 1),
-        "ratio": round(streamed / sequential, 3),
-        "note": "warm page cache: the file was just written",
-    }
+    out = {"rows": rows, "token_shape": list(shape), "block_rows": block_rows, "file_mb": round(rows * mb, 1)}
+    for state in ("warm", "cold"):
+        seq, stream = [], []
+        for _ in range(repeats):
+            for side, fn in ((seq, sequential), (stream, streamed)):
+                if state == "cold" and not drop_page_cache(split):
+                    break
+                if state == "warm":
+                    sequential()  # the file's pages in memory
+                side.append(fn())
+        if not seq:
+            continue
+        out[state] = {
+            "stream_mb_per_s": round(max(stream) * mb, 1),
+            "sequential_mb_per_s": round(max(seq) * mb, 1),
+            "ratio": round(max(stream) / max(seq), 3),
+        }
+    split.close()
+    return out
 
 
 def _synthetic_tokens(folder: Path, rows: int, shape: tuple, shard_size: int = 1024) -> Path:
@@ -125,7 +155,24 @@ def markdown(r: dict) -> list[str]:
         f"One epoch of the linear head on a pooled set of {e['rows']:,} x {e['dim']}{sized}, "
         f"{e['classes']:,} classes: {e['seconds']} s.",
         "",
-        f"Token streaming ({t['rows']:,} rows of {t['token_shape']}, blocks of {t['block_rows']}, shuffled "
-        f"windows): {t['stream_mb_per_s']} MB/s against a plain sequential read's {t['sequential_mb_per_s']} "
-        f"MB/s, ratio {t['ratio']} ({t['note']}).",
+        f"Token streaming ({t['rows']:,} rows of {t['token_shape']}, {t['file_mb']} MB, blocks of "
+        f"{t['block_rows']}, shuffled windows, as training reads them) against a plain sequential read of the "
+        "same file, best of two passes each (goal 0.9):",
+        "",
+        table(
+            [
+                {
+                    "page cache": state
+                    + (" (the file just read)" if state == "warm" else " (dropped before each pass: fadvise DONTNEED)"),
+                    "streamed MB/s": t[state]["stream_mb_per_s"],
+                    "sequential MB/s": t[state]["sequential_mb_per_s"],
+                    "ratio": t[state]["ratio"],
+                }
+                for state in ("warm", "cold")
+                if state in t
+            ]
+        ),
+        "",
+        "Each block is read into one buffer reused block after block, and its sampled rows are copied once, "
+        "straight to their shuffled places in the window; only a minibatch that spans two windows is copied again.",
     ]

@@ -69,8 +69,9 @@ def extract(
     decode: str = typer.Option(
         "pil",
         "--decode",
-        help="pil (full decode, the reference) or draft (JPEGs at a reduced DCT scale, not below the encoder's "
-        "input size: faster on large photos, slightly different numbers, a cache of its own).",
+        help="pil (full decode, the reference), draft (JPEGs at a reduced DCT scale, not below the encoder's "
+        "input size: faster on large photos) or gpu (JPEGs decoded, resized and normalised on the CUDA device). "
+        "draft and gpu give slightly different numbers: each a cache of its own.",
     ),
     splits: list[str] = typer.Option(
         None, "--splits", help="Extract only this split; repeat for several. Default: all."
@@ -115,6 +116,7 @@ def extract(
     """
     from vlmcache.choices import default_workers
     from vlmcache.extract import ExtractConfig, run_extract
+    from vlmcache.memory import keep_heap_on_cpu
 
     check_nproc("extract", nproc)
     cfg = build_config(
@@ -126,6 +128,7 @@ def extract(
         templates=[t.strip() for t in templates.split(",") if t.strip()],
         workers=default_workers() if workers is None else workers,
     )
+    keep_heap_on_cpu(cfg.device)
     with RichProgress() as progress:
         summary = run_extract(cfg, progress=progress, log=log)
     if summary["rank"] != 0:  # under torchrun, rank 0 speaks for all

@@ -116,6 +116,7 @@ def finetune(
     from vlmcache.datasets import parse_split_files
     from vlmcache.finetune import FinetuneConfig
     from vlmcache.finetune import finetune as run
+    from vlmcache.memory import keep_heap_on_cpu
 
     check_nproc("finetune", nproc)
     cfg = build_config(
@@ -134,6 +135,7 @@ def finetune(
     def on_epoch(row: dict) -> None:
         log(f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f}  {row['samples_per_s']:>10,.1f} img/s")
 
+    keep_heap_on_cpu(cfg.device)
     result = run(cfg, log=log, on_epoch=on_epoch)
     if distributed.rank_world()[0] != 0:
         return
