@@ -244,7 +244,7 @@ def test_predictions_at_8142_classes_are_written_chunk_by_chunk(tmp_path):
     out = tmp_path / "p.parquet"
     result = zero_shot(str(tmp_path), "inat_like", None, None, templates="photo", device="cpu", predictions=str(out))
     f = pq.ParquetFile(out)
-    assert f.num_row_groups == 3 and f.metadata.num_rows == rows  # one per 4,096-row chunk: top-5 only in memory
+    assert f.num_row_groups == 9 and f.metadata.num_rows == rows  # one per 1,024-row chunk: top-5 only in memory
     assert np.mean(f.read().column("correct").to_pylist()) == pytest.approx(result["metrics"]["overall"])
 
 

@@ -22,7 +22,8 @@ from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.images import BadImage, FileSource
 from vlmcache.memory import peak_rss_mb
 from vlmcache.schemas import SEED_MAX
-from vlmcache.templates import DEFAULT_TEMPLATE_SETS, get_templates, template_sets
+from vlmcache.templates import DEFAULT_TEMPLATE_SETS, get_templates
+from vlmcache.templates import template_sets as known_template_sets
 
 TOKEN_TAP = "visual.transformer output, before ln_post (includes the class token)"
 VIEW_SCALE = (0.08, 1.0)
@@ -71,7 +72,7 @@ class ExtractConfig:
         if self.decode not in DECODE_MODES:
             raise unknown_choice("--decode", self.decode, DECODE_MODES)
         if not self.templates:
-            raise VlmcacheError(f"--templates needs at least one template set: {', '.join(template_sets())}.")
+            raise VlmcacheError(f"--templates needs at least one template set: {', '.join(known_template_sets())}.")
         for t in self.templates:
             get_templates(t)
         if self.model not in list_models():
@@ -634,7 +635,8 @@ def extract_text(encoder: Encoder, dataset: Dataset, template_sets: list[str], m
     if old is not None:
         if old.fingerprint == fingerprint and old.classnames == dataset.classnames:
             # keep sets whose templates are unchanged; a renamed or edited set is encoded again
-            sets = {k: v for k, v in old.sets.items() if k in template_sets() and v[0] == template_sets()[k]}
+            known = known_template_sets()
+            sets = {k: v for k, v in old.sets.items() if k in known and v[0] == known[k]}
     missing = [t for t in template_sets if t not in sets]
     if not missing:
         return path
