@@ -15,7 +15,8 @@ def test_bench_smoke_writes_every_section(tmp_path):
     assert {e["tokens"] for e in body["extraction"]} == {False, True}
     for row in body["extraction"] + body["loop"]:
         assert row["ratio"] > 0
-    assert body["token_read"]["ratio"] > 0
+    assert body["token_read"]["warm"]["ratio"] > 0 and body["token_read"]["cold"]["ratio"] > 0
+    assert [d["decode"].split()[0] for d in body["decode"]] == ["pil", "draft", "gpu"]
     assert [c["head"] for c in body["cached_vs_streaming"]] == ["linear", "decoder"]
     assert all(c["limit_speedup"] >= 1 and c["stream_epoch_s"] > 0 for c in body["cached_vs_streaming"])
     assert [c["classes"] for c in body["prompts"]["chunked"]] == [100, 400]
