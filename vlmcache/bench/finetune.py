@@ -106,6 +106,7 @@ def markdown(r: dict) -> list[str]:
         "Identical bare passes differ by up to a third on this shared CPU. A profile of `finetune` (py-spy, 20 "
         "samples/s, ViT-B-16, 64 JPEGs, 2 epochs, 2026-11-25) puts 99% of the training epochs' main thread in "
         "the forward (32% of all samples), backward (45%) and optimizer step (2.3%), and 0.2% waiting for the "
-        "loader: the epoch is the same arithmetic as the bare step, and what separates the two figures is how "
-        "fast this CPU runs it at the time. Loader workers kept across epochs would save that 0.2%.",
+        "loader, so loader workers kept across epochs would save at most that. The rest of the gap lies inside "
+        "the same forward and backward passes; on this shared CPU, where the bare passes alone differ by up to "
+        "a third, it is not explained yet (a GPU's figure is the one that counts).",
     ]
