@@ -186,8 +186,9 @@ def block_order(n_blocks: int, epoch: int) -> np.ndarray:
 class BlockReader:
     """Whole blocks of token rows read from the cache, shared by the runs of a group: with `keep` > 0 the last
     `keep` blocks read stay in memory, so runs that visit the blocks in the same order read each from disk once
-    (and a block being read by one run's thread is waited for by another, not read twice). `bytes_read` counts
-    what came from disk."""
+    (and a block being read by one run's thread is waited for by another, not read twice). With `keep` 0 a block
+    is read into one buffer per thread, valid until that thread's next `get`. `bytes_read` counts what came from
+    disk."""
 
     def __init__(self, split: cache.SplitCache, block_rows: int, name: str = "tokens", keep: int = 0):
         self.split, self.block_rows, self.name, self.keep = split, block_rows, name, keep
@@ -335,9 +336,9 @@ class Tokens:
             yield self._to_device(carry_x), self._to_device(carry_y)
 
     def _read_window(self, window: list[int], by_block: dict, labels: np.ndarray, rng) -> tuple:
-        """The sampled rows of a window's blocks, shuffled together: (tokens (S, T, W), labels (S,)). Each block's
-        rows are copied once, straight to their shuffled places (the rows in block order, permuted by
-        `rng.permutation(S)`)."""
+        """The sampled rows of a window's blocks, shuffled together: (tokens (S, T, W), labels (S,)): the rows in
+        block order, permuted by `rng.permutation(S)`. Each block's sampled rows are gathered and put straight
+        into their shuffled places, with no concatenation or second permutation of the window."""
         sels = [by_block[int(b)] for b in window]
         sel = np.concatenate(sels)
         perm = rng.permutation(len(sel))
