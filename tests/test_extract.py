@@ -431,6 +431,10 @@ def test_device_decoding_matches_the_cpu_transform_and_falls_back_per_image(tmp_
     )  # fmt: skip
     with pytest.raises(VlmcacheError, match="CUDA device"):
         run_extract(ExtractConfig(**common, decode="gpu"), log=lambda *_: None)
+    with pytest.raises(VlmcacheError, match="--views are cropped on the CPU"):
+        run_extract(ExtractConfig(**common, decode="gpu", views=2), log=lambda *_: None)
+    with pytest.raises(VlmcacheError, match="'longest' at"):
+        DeviceDecoder({**encoder.preprocess_cfg, "resize_mode": "longest"}, encoder.device)
     monkeypatch.setattr(extract, "check_device_decode", lambda cfg, enc: None)  # the CPU stands in for the GPU
     gpu = run_extract(ExtractConfig(**common, decode="gpu", batch_size=5), log=lambda *_: None)
     pil = run_extract(ExtractConfig(**common), log=lambda *_: None)
@@ -443,3 +447,11 @@ def test_device_decoding_matches_the_cpu_transform_and_falls_back_per_image(tmp_
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.99, cos
     assert cache.read_manifest(g.dir)["fingerprint"]["encoder"]["decode"] == "gpu"
+    from vlmcache.train import TrainConfig, train_head
+
+    stream = TrainConfig(
+        dataset="data", cache_key=gpu["key"], cache_dir=str(tmp_path / "c"), stream=True, epochs=1,
+        runs_dir=str(tmp_path / "runs"), device="cpu", select_on="none", eval_split="train",
+    )  # fmt: skip
+    with pytest.raises(VlmcacheError, match="decode: 'gpu' -> None.*streaming would not reproduce"):
+        train_head(stream, log=lambda *_: None)

@@ -211,6 +211,23 @@ def test_peak_memory_is_each_runs_own(digits_cache, tmp_path):
     assert float(peak) < float(before) + 600  # the run's own: its imports and steps (about 400 MB here)
 
 
+def test_keep_heap_is_set_on_glibc_and_leaves_a_users_malloc_settings_alone():
+    """memory.keep_heap (set by `extract` and `finetune` on a CPU): in force in a fresh process on glibc, not when
+    the user set MALLOC_ variables of their own."""
+    import os
+    import platform
+
+    code = "from vlmcache.memory import keep_heap_on_cpu; print(keep_heap_on_cpu('cpu'))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert plain.stdout.strip() == str(platform.libc_ver()[0] == "glibc")
+    own = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "MALLOC_MMAP_MAX_": "65536"},
+        check=True,
+    )  # fmt: skip
+    assert own.stdout.strip() == "False"
+
+
 def test_per_class_plot_has_a_panel_per_method_at_a_thousand_classes(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 

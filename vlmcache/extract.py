@@ -319,17 +319,18 @@ def use_decode(source, encoder: Encoder, mode: str) -> None:
 
 
 def check_device_decode(cfg: ExtractConfig, encoder: Encoder) -> None:
-    """--decode gpu needs a CUDA encoder and the plain eval transform (augmented views are made on the CPU)."""
-    if encoder.device.type != "cuda":
-        raise VlmcacheError(
-            f"--decode gpu decodes JPEGs on a CUDA device (nvJPEG); this run's device is {encoder.device}. Use "
-            f"--decode pil (the reference) or --decode draft on a CPU."
-        )
+    """--decode gpu needs the plain eval transform (augmented views are made on the CPU), a preprocessing it can
+    reproduce on the device, and a CUDA encoder."""
     if cfg.views:
         raise VlmcacheError(
             "--decode gpu makes the eval transform only; --views are cropped on the CPU: use --decode pil."
         )
     DeviceDecoder(encoder.preprocess_cfg, encoder.device)  # refuses a preprocessing it cannot reproduce
+    if encoder.device.type != "cuda":
+        raise VlmcacheError(
+            f"--decode gpu decodes JPEGs on a CUDA device (nvJPEG); this run's device is {encoder.device}. Use "
+            f"--decode pil (the reference) or --decode draft on a CPU."
+        )
 
 
 def _shard_rows(shards: list[int], size: int, n: int) -> int:

@@ -63,11 +63,6 @@ class StreamedImages:
         if dataset.splits[name].sha256 != split.fingerprint["split_sha256"]:
             raise VlmcacheError(f"The {name} split file changed since '{split.dir}' was extracted; extract it again.")
         self.source = dataset.splits[name].source
-        if made.get("decode") == "gpu":
-            raise VlmcacheError(
-                f"'{split.dir}' was extracted with --decode gpu; --stream decodes on the CPU (pil or draft) and "
-                f"would not reproduce it. Extract with --decode pil to compare against streaming."
-            )
         use_decode(self.source, encoder, made.get("decode", "pil"))  # decoded as the cache was
         self.encoder, self.tokens = encoder, tokens
         self.workers = default_workers() if workers is None else workers
