@@ -220,19 +220,22 @@ def test_input_statistics_are_float64_over_chunks_of_the_float16_features(synthe
     assert xb.dtype == torch.float32 and torch.equal(xb, torch.from_numpy(x[j.numpy()]).float())
 
 
-@pytest.mark.parametrize("batch_size", [7, 50, 400])
-def test_streamed_token_batches_follow_the_documented_order(synthetic, batch_size):
+@pytest.mark.parametrize(
+    ("sampler", "batch_size"), [("class_balanced", 7), ("class_balanced", 50), ("class_balanced", 400), ("instance", 50)]
+)
+def test_streamed_token_batches_follow_the_documented_order(synthetic, sampler, batch_size):
     """The order streaming gives, written out plainly on the rows in memory: blocks in the epoch's order, windows
     of window_blocks blocks, each window's sampled rows (block by block, in sampled order) permuted by the
     epoch's numpy generator, the windows laid end to end and cut into minibatches. Pins the row order (and so
-    every streamed run's numbers) across changes to how the blocks are read and copied."""
+    every streamed run's numbers) across changes to how the blocks are read and copied; the instance sampler
+    takes every row of a block once (copied from the block as it is), class-balanced sampling some rows twice."""
     from vlmcache.features import block_order
 
     split = cache.SplitCache(synthetic / "synth" / "synthetic__random__00000000" / "train")
     stream = Tokens(split, torch.device("cpu"), in_memory=False, block_rows=16, window_blocks=3)
     stream.set_epoch(0, 4)
     memory = Tokens(split, torch.device("cpu"), in_memory=True)
-    idx = build_sampler("class_balanced", stream.y).epoch(torch.Generator().manual_seed(0))
+    idx = build_sampler(sampler, stream.y).epoch(torch.Generator().manual_seed(0))
     got = list(stream.batches(idx, batch_size, torch.Generator().manual_seed(1)))
 
     rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=torch.Generator().manual_seed(1))))
@@ -246,6 +249,30 @@ def test_streamed_token_batches_follow_the_documented_order(synthetic, batch_siz
     assert [len(y) for _, y in got] == [len(rows[k : k + batch_size]) for k in range(0, len(rows), batch_size)]
     torch.testing.assert_close(torch.cat([x for x, _ in got]), memory.data[rows], rtol=0, atol=0)
     assert torch.equal(torch.cat([y for _, y in got]), memory.y[rows])
+
+
+def test_a_stream_closed_mid_epoch_stops_its_threads_and_a_failed_read_reaches_the_trainer(synthetic, monkeypatch):
+    """An iteration budget that ends mid-epoch closes the batches early: the window and block threads stop
+    (before, the window thread stayed blocked on its full queue, holding its windows). A block read that fails
+    in the block thread is raised where the batches are taken."""
+    import threading
+
+    split = cache.SplitCache(synthetic / "synth" / "synthetic__random__00000000" / "train")
+    stream = Tokens(split, torch.device("cpu"), in_memory=False, block_rows=16, window_blocks=2)
+    idx = build_sampler("instance", stream.y).epoch(torch.Generator().manual_seed(0))
+    before = set(threading.enumerate())
+    batches = stream.batches(idx, 8, torch.Generator().manual_seed(1))
+    next(batches)
+    batches.close()
+    assert set(threading.enumerate()) == before
+
+    def broken(start, stop, name="tokens", out=None):
+        raise OSError(f"cannot read rows {start}:{stop}")
+
+    monkeypatch.setattr(split, "read_tokens", broken)
+    with pytest.raises(OSError, match="cannot read rows"):
+        list(stream.batches(idx, 8, torch.Generator().manual_seed(1)))
+    assert set(threading.enumerate()) == before
 
 
 @pytest.mark.parametrize("stage2", ["crt", "lws", "disalign", "marc"])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,8 +188,7 @@ class BlockReader:
     """Whole blocks of token rows read from the cache, shared by the runs of a group: with `keep` > 0 the last
     `keep` blocks read stay in memory, so runs that visit the blocks in the same order read each from disk once
     (and a block being read by one run's thread is waited for by another, not read twice). With `keep` 0 a block
-    is read into one buffer per thread, valid until that thread's next `get`. `bytes_read` counts what came from
-    disk."""
+    is read into the caller's buffer (`out`, from `buffer()`). `bytes_read` counts what came from disk."""
 
     def __init__(self, split: cache.SplitCache, block_rows: int, name: str = "tokens", keep: int = 0):
         self.split, self.block_rows, self.name, self.keep = split, block_rows, name, keep
@@ -196,11 +196,19 @@ class BlockReader:
         self._kept: OrderedDict[int, np.ndarray] = OrderedDict()
         self._reading: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
-        self._local = threading.local()
 
-    def get(self, b: int) -> np.ndarray:
+    def buffer(self) -> np.ndarray | None:
+        """A buffer that `get` can read a block into; None when blocks are kept (each is an array of its own)."""
+        if self.keep:
+            return None
+        shape = self.split.token_shape()
+        if self.name == "view_tokens":
+            shape = (int(self.split.fingerprint["views"]), *shape)
+        return np.empty((self.block_rows, *shape), np.float16)
+
+    def get(self, b: int, out: np.ndarray | None = None) -> np.ndarray:
         if not self.keep:
-            return self._read(b)
+            return self._read(b, out)
         while True:
             with self._lock:
                 if b in self._kept:
@@ -212,7 +220,7 @@ class BlockReader:
                     break
             pending.wait()  # another run's thread is reading it: use its read (or, if it failed, try again)
         try:
-            block = self._read(b)
+            block = self._read(b, None)
             with self._lock:
                 self._kept[b] = block
                 while len(self._kept) > self.keep:
@@ -223,22 +231,26 @@ class BlockReader:
                 del self._reading[b]
             event.set()
 
-    def _read(self, b: int) -> np.ndarray:
+    def _read(self, b: int, out: np.ndarray | None) -> np.ndarray:
         lo = b * self.block_rows
         hi = min(lo + self.block_rows, len(self.split))
-        if self.keep:  # kept for other runs: an array of its own
-            block = self.split.read_tokens(lo, hi, self.name)
-        else:  # used before the next block is read (Tokens._read_window): one buffer per reading thread
-            buf = getattr(self._local, "buffer", None)
-            if buf is None:
-                shape = self.split.token_shape()
-                if self.name == "view_tokens":
-                    shape = (int(self.split.fingerprint["views"]), *shape)
-                buf = self._local.buffer = np.empty((self.block_rows, *shape), np.float16)
-            block = self.split.read_tokens(lo, hi, self.name, out=buf)
+        block = self.split.read_tokens(lo, hi, self.name, out=out)
         with self._lock:
             self.bytes_read += block.nbytes
         return block
+
+    def ahead(self, order: list[int], depth: int = 2) -> Iterator[np.ndarray]:
+        """The blocks of `order`, read in a thread of their own up to `depth` blocks ahead of the one in use
+        (depth + 1 buffers, taken in turn): the disk's reads and the caller's gather overlap, and a gather that
+        runs long does not leave the reader idle. A block stays valid until the next is asked for."""
+        buffers = [self.buffer() for _ in range(depth + 1)]
+        with ThreadPoolExecutor(1, thread_name_prefix="vlmcache-blocks") as reader:
+            pending = deque(reader.submit(self.get, b, buffers[k]) for k, b in enumerate(order[:depth]))
+            for k in range(len(order)):
+                block = pending.popleft().result()
+                if k + depth < len(order):  # into the buffer of block k - 1, which its caller is done with
+                    pending.append(reader.submit(self.get, order[k + depth], buffers[(k + depth) % (depth + 1)]))
+                yield block
 
 
 class Tokens:
@@ -335,10 +347,11 @@ class Tokens:
         if carry_y is not None and len(carry_y):
             yield self._to_device(carry_x), self._to_device(carry_y)
 
-    def _read_window(self, window: list[int], by_block: dict, labels: np.ndarray, rng) -> tuple:
-        """The sampled rows of a window's blocks, shuffled together: (tokens (S, T, W), labels (S,)): the rows in
-        block order, permuted by `rng.permutation(S)`. Each block's sampled rows are gathered and put straight
-        into their shuffled places, with no concatenation or second permutation of the window."""
+    def _read_window(self, window: list[int], blocks: Iterator, by_block: dict, labels: np.ndarray, rng) -> tuple:
+        """The sampled rows of a window's blocks (the next ones from `blocks`), shuffled together: (tokens
+        (S, T, W), labels (S,)): the rows in block order, permuted by `rng.permutation(S)`. Each block's sampled
+        rows are gathered and put straight into their shuffled places, with no concatenation or second
+        permutation of the window."""
         sels = [by_block[int(b)] for b in window]
         sel = np.concatenate(sels)
         perm = rng.permutation(len(sel))
@@ -347,35 +360,59 @@ class Tokens:
         x = np.empty((len(sel), *self.split.token_shape()), np.float16)
         at = 0
         for b, rows_sel in zip(window, sels, strict=True):
-            block = self.blocks.get(int(b))  # the whole block: a group's runs sample different rows of it
+            block = next(blocks)  # the whole block b: a group's runs sample different rows of it
             rows = rows_sel - int(b) * self.block_rows
             to = place[at : at + len(rows)]
+            at += len(rows)
             if self.choice is not None:  # each sampled row's view of this epoch
                 x[to] = block[rows, self.choice.numpy()[rows_sel]]
+                continue
+            by = np.argsort(rows)
+            if len(rows) == len(block) and np.array_equal(rows[by], np.arange(len(block))):
+                x[to[by]] = block  # every row of the block once (the instance sampler): one copy, from the block
             else:
-                x[to] = block[rows]
-            at += len(rows)
+                x[to] = block[rows]  # block[rows] is a copy of its own, then scattered: two passes
         return x, labels[sel[perm]]
 
     def _prefetch(self, windows: list[list[int]], by_block: dict, labels: np.ndarray, rng) -> Iterator[tuple]:
-        """Read the next window in a background thread while the current one trains."""
+        """The windows, made in a background thread while the current one trains; under it a second thread
+        reads the next block while this one gathers the last (BlockReader.ahead). Closing the iterator early (an
+        iteration budget that ends mid-epoch) stops both threads rather than leaving them blocked."""
         q: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
         failure: list[BaseException] = []
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def work():
             try:
-                for w in windows:
-                    q.put(self._read_window(w, by_block, labels, rng))
+                blocks = self.blocks.ahead([int(b) for w in windows for b in w])
+                try:
+                    for w in windows:
+                        if not put(self._read_window(w, blocks, by_block, labels, rng)):
+                            return
+                finally:
+                    blocks.close()  # waits for a read in flight
             except BaseException as e:  # handed to the consumer, never swallowed
                 failure.append(e)
             finally:
-                q.put(None)
+                put(None)
 
-        thread = threading.Thread(target=work, daemon=True)
+        thread = threading.Thread(target=work, daemon=True, name="vlmcache-windows")
         thread.start()
-        while (item := q.get()) is not None:
-            yield item
-        thread.join()
+        try:
+            while (item := q.get()) is not None:
+                yield item
+        finally:
+            stop.set()
+            thread.join()
         if failure:
             raise failure[0]
 
