@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import open_clip
 import pytest
@@ -455,3 +456,41 @@ def test_device_decoding_matches_the_cpu_transform_and_falls_back_per_image(tmp_
     )  # fmt: skip
     with pytest.raises(VlmcacheError, match="decode: 'gpu' -> None.*streaming would not reproduce"):
         train_head(stream, log=lambda *_: None)
+
+
+def test_shards_leave_the_page_cache_once_durable_and_parts_are_written_without_a_copy(
+    tmp_path, split_dataset, monkeypatch
+):
+    """Each published shard is dropped from the page cache after its fsync (fadvise DONTNEED on the shard's own
+    file); a dataset handed to the shard builder as parts (extraction's batches, views with no concatenated copy)
+    is written as the same chunked, checksummed dataset as the whole array."""
+    import os
+
+    dropped = []
+    real = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_DONTNEED:
+            dropped.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    summary = _extract(tmp_path, split_dataset, tokens=True, shard_size=8, batch_size=3)
+    for s in summary["splits"]:
+        split_dir = Path(s["path"])
+        shards = cache.read_manifest(split_dir)["shards"]
+        assert s["shards"] > 1 and cache.damaged_shards(split_dir, {"shards": shards}) == {}
+        names = sorted(Path(p).name.split(cache.TMP_MARK)[0] for p in dropped if Path(p).parent == split_dir)
+        assert names == sorted(e["file"] for e in shards)
+
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(7, 5, 4)).astype(np.float16)
+    pooled = rng.normal(size=(7, 3)).astype(np.float16)
+    images = {}
+    for how, value in (("whole", tokens), ("parts", [tokens[:3], tokens[3:4], tokens[4:]])):
+        image, _ = cache.shard_image(tmp_path / f"{how}.h5", {"pooled": pooled, "tokens": value}, {"start": 0})
+        (tmp_path / f"{how}.h5").write_bytes(image)
+        with h5py.File(tmp_path / f"{how}.h5", "r") as f:
+            images[how] = (f["tokens"][:], f["tokens"].chunks, f["tokens"].fletcher32, f["pooled"][:])
+    np.testing.assert_array_equal(images["parts"][0], tokens)
+    assert images["parts"][1:3] == images["whole"][1:3] == ((1, 5, 4), True)

@@ -274,6 +274,30 @@ def test_decompression_bomb_is_skipped_with_bounded_memory(tmp_path):
     assert "decompression bomb" in manifest["shards"][0]["skipped"][0]["reason"]
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, -np.nan])
+def test_the_float16_finite_check_finds_every_non_finite_value_and_passes_the_extremes(bad):
+    """The bit test (exponent all ones) against numpy's isfinite: the largest finite float16 values, subnormals
+    and signed zeros pass; inf, -inf and NaN of either sign anywhere in a token array are found, naming the row."""
+    from types import SimpleNamespace
+
+    from vlmcache.extract import _check_finite
+
+    split = SimpleNamespace(source=SimpleNamespace(describe=lambda row: f"img/{row}.jpg"))
+    tokens = np.random.default_rng(0).normal(size=(5, 7, 3)).astype(np.float16)
+    tokens[0, 0, :] = [np.finfo(np.float16).max, np.finfo(np.float16).min, np.finfo(np.float16).smallest_subnormal]
+    tokens[1, 0, :] = [0.0, -0.0, -np.finfo(np.float16).smallest_subnormal]
+    rows = np.arange(10, 15)
+    _check_finite("tokens", tokens, rows, split)
+    for where in [(0, 0, 0), (4, 6, 2), (2, 3, 1)]:
+        broken = tokens.copy()
+        broken[where] = bad
+        assert not np.isfinite(broken).all()
+        with pytest.raises(
+            VlmcacheError, match=rf"tokens embedding of row {10 + where[0]} \('img/{10 + where[0]}.jpg'\)"
+        ):
+            _check_finite("tokens", broken, rows, split)
+
+
 def test_non_finite_embeddings_are_rejected_at_write_naming_the_row(split_dataset, tmp_path, monkeypatch):
     from vlmcache.encoders import Encoder
 

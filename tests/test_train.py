@@ -221,7 +221,8 @@ def test_input_statistics_are_float64_over_chunks_of_the_float16_features(synthe
 
 
 @pytest.mark.parametrize(
-    ("sampler", "batch_size"), [("class_balanced", 7), ("class_balanced", 50), ("class_balanced", 400), ("instance", 50)]
+    ("sampler", "batch_size"),
+    [("class_balanced", 7), ("class_balanced", 50), ("class_balanced", 400), ("instance", 50)],
 )
 def test_streamed_token_batches_follow_the_documented_order(synthetic, sampler, batch_size):
     """The order streaming gives, written out plainly on the rows in memory: blocks in the epoch's order, windows

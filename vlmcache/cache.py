@@ -66,15 +66,22 @@ def publish(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_bytes_atomic(path: Path, data: bytes, fault: str | None = None) -> None:
+def write_bytes_atomic(path: Path, data: bytes, fault: str | None = None, drop_cache: bool = False) -> None:
     """The one write path: a temporary name, fsync, rename, fsync the folder. A full disk is one clear error
-    and leaves the previous version (or nothing) in place, never a half-written file under the final name."""
+    and leaves the previous version (or nothing) in place, never a half-written file under the final name.
+
+    `drop_cache` (shards): once the file is durable its pages leave the page cache (fadvise DONTNEED), as bulk
+    writers do. An extraction writes gigabytes it will not read again; kept, they fill memory, and every write then
+    needs fresh pages: on this project's VMs a 135 MB shard's write() took 0.30 s of CPU from the third shard on,
+    against 0.024 s with the pages dropped (each fresh page is a fault on the host)."""
     tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
+            if drop_cache and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         if fault:
             faults.hit(fault)
         os.replace(tmp, path)
@@ -146,8 +153,10 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
 
 
-def shard_image(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> tuple[bytes, dict]:
-    """One shard's HDF5 file as bytes, and its manifest entry fields (file, bytes, sha256).
+def shard_image(final: Path, arrays: dict[str, np.ndarray | list[np.ndarray]], attrs: dict) -> tuple[bytes, dict]:
+    """One shard's HDF5 file as bytes, and its manifest entry fields (file, bytes, sha256). A dataset may be given
+    as a list of parts (its rows in order, e.g. extraction's batches): each is written into its rows, with no
+    concatenated copy of the whole.
 
     Every dataset is chunked with HDF5's fletcher32 checksum, so a corrupted chunk fails when it is read
     instead of passing silently into training.
@@ -155,9 +164,18 @@ def shard_image(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> tupl
 
     def build(f: h5py.File) -> None:
         for name, arr in arrays.items():
+            parts = arr if isinstance(arr, list) else [arr]
+            shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
             # Tokens are read in contiguous row slices; one row (one view of a row) per chunk keeps any slice cheap.
-            chunks = {"tokens": (1, *arr.shape[1:]), "view_tokens": (1, 1, *arr.shape[2:])}.get(name, True)
-            f.create_dataset(name, data=arr, chunks=chunks if len(arr) else None, fletcher32=len(arr) > 0)
+            chunks = {"tokens": (1, *shape[1:]), "view_tokens": (1, 1, *shape[2:])}.get(name, True)
+            if len(parts) == 1:
+                f.create_dataset(name, data=parts[0], chunks=chunks if shape[0] else None, fletcher32=shape[0] > 0)
+                continue
+            dset = f.create_dataset(name, shape, parts[0].dtype, chunks=chunks, fletcher32=True)
+            at = 0
+            for part in parts:
+                dset[at : at + len(part)] = part
+                at += len(part)
         for k, v in attrs.items():
             f.attrs[k] = v
 
@@ -168,7 +186,7 @@ def shard_image(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> tupl
 def write_shard(final: Path, arrays: dict[str, np.ndarray], attrs: dict) -> dict:
     """Write one shard atomically (`write_bytes_atomic`). Returns its manifest entry fields."""
     image, entry = shard_image(final, arrays, attrs)
-    write_bytes_atomic(final, image, fault="shard_written")
+    write_bytes_atomic(final, image, fault="shard_written", drop_cache=True)
     return entry
 
 

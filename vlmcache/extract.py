@@ -194,6 +194,8 @@ class ShardBuffer:
 def _check_finite(name: str, arr: np.ndarray, rows: np.ndarray, split: Split) -> None:
     if arr.size == 0:
         return
+    if arr.dtype == np.float16 and np.left_shift(arr.view(np.uint16), 1).max() < 0xF800:
+        return  # no exponent of all ones (inf, NaN) once the sign bit is shifted out: 8x numpy's float16 isfinite
     bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
     if bad.any():
         row = int(rows[np.argmax(bad)])
@@ -535,7 +537,7 @@ class ShardWriter:
 
     def _publish(self, built) -> None:
         final, image, entry = built.result()
-        cache.write_bytes_atomic(final, image, fault="shard_written")
+        cache.write_bytes_atomic(final, image, fault="shard_written", drop_cache=True)
         self.publisher.publish(entry)
 
     def submit(self, buf: ShardBuffer) -> None:
@@ -569,11 +571,14 @@ def _add_batch(buffers: dict, batch: dict, arrays: dict, split: Split, size: int
         buf.seen += 1
     for shard in np.unique(good_rows // size):
         sel = good_rows // size == shard
+        at = np.flatnonzero(sel)
+        if at[-1] - at[0] + 1 == len(at):  # the loader's rows come in order: the shard's part is a view, no copy
+            sel = slice(int(at[0]), int(at[-1]) + 1)
         buf = _buffer(buffers, int(shard), size, n)
         buf.parts["rows"].append(good_rows[sel])
         for name, values in arrays.items():  # pooled, tokens, views, view_tokens
             buf.parts[name].append(values[sel])
-        buf.seen += int(sel.sum())
+        buf.seen += len(at)
 
 
 def probe_dims(encoder: Encoder, tokens: bool) -> dict:
@@ -602,24 +607,34 @@ def _build(buf: ShardBuffer, split: Split, split_dir: Path, dims: dict, cfg: Ext
         # each row's image, as the split names it (relative to --root): embeddings join back to their files
         "paths": cache.encode_paths([split.source.describe(int(r)) for r in rows[order]]),
     }
-    if cfg.tokens:
-        arrays["tokens"] = _cat(buf.parts["tokens"], (0, *dims["tokens"]))[order]
+    if cfg.tokens:  # the large ones: handed to HDF5 part by part when in order, never concatenated
+        arrays["tokens"] = _cat(buf.parts["tokens"], (0, *dims["tokens"]), order)
     views = cfg.views if split.name == "train" else 0
     if views:  # also for a shard whose every row was skipped, so that every shard has the same datasets
         arrays["views"] = _cat(buf.parts["views"], (0, views, dims["pooled"]))[order]
         if cfg.tokens:
-            arrays["view_tokens"] = _cat(buf.parts["view_tokens"], (0, views, *dims["tokens"]))[order]
+            arrays["view_tokens"] = _cat(buf.parts["view_tokens"], (0, views, *dims["tokens"]), order)
     for name in ("pooled", "tokens", "views", "view_tokens"):
         if name in arrays:
-            _check_finite(name, arrays[name], arrays["rows"], split)
+            parts = arrays[name] if isinstance(arrays[name], list) else [arrays[name]]
+            at = 0
+            for part in parts:
+                _check_finite(name, part, arrays["rows"][at : at + len(part)], split)
+                at += len(part)
     final = split_dir / cache.shard_name(buf.index)
     image, entry = cache.shard_image(final, arrays, {"split": split.name, "start": buf.start, "stop": buf.stop})
     entry.update(index=buf.index, start=buf.start, stop=buf.stop, rows=len(rows), skipped=buf.skipped)
     return final, image, entry
 
 
-def _cat(parts: list[np.ndarray], empty_shape: tuple) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(empty_shape, dtype=np.float16)
+def _cat(parts: list[np.ndarray], empty_shape: tuple, order=None) -> np.ndarray | list[np.ndarray]:
+    """A shard's parts as one array; with `order` a slice (rows already in order) and several parts, the parts
+    themselves, for `cache.shard_image` to write one by one."""
+    if not parts:
+        return np.zeros(empty_shape, dtype=np.float16)
+    if isinstance(order, slice):
+        return parts if len(parts) > 1 else parts[0]
+    return np.concatenate(parts) if order is None else np.concatenate(parts)[order]
 
 
 def extract_text(encoder: Encoder, dataset: Dataset, template_sets: list[str], model_dir: Path, log=print) -> Path:
