@@ -28,14 +28,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from vlmcache import cache, distributed, faults, runs
 from vlmcache.choices import TUNE
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
-from vlmcache.extract import ExtractConfig, ImageRows, default_workers, image_loader, probe_dims, run_extract
+from vlmcache.extract import (
+    ExtractConfig,
+    ImageRows,
+    collate,
+    default_workers,
+    image_loader,
+    probe_dims,
+    run_extract,
+)
 from vlmcache.heads import build_head, full_head_params, upgrade_head_file
+from vlmcache.images import BadImage
 from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb, start_peak_memory
 from vlmcache.metrics import Evaluator
@@ -221,19 +231,59 @@ def select_trainable(visual: nn.Module, tune: str, last_k: int = 1) -> list[str]
 
 
 class AugmentedRows(ImageRows):
-    """One epoch's samples in order; sample k's crop and flip are seeded by (seed, epoch, k). An unreadable image
-    is a skipped sample, counted per epoch in the run's history."""
+    """Training samples of any epoch: item (epoch, k, row) is sample k of that epoch, image `row`, its crop and flip
+    seeded by (seed, epoch, k). The items carry their epoch, so one set of loader workers, started once per run,
+    serves every epoch (EpochBatches says which items an epoch has). An unreadable image is a skipped sample,
+    counted per epoch in the run's history."""
 
-    def __init__(self, split: Split, rows: np.ndarray, positions: np.ndarray, transform, seed: int, epoch: int):
-        super().__init__(split.source, rows, transform)
-        self.positions, self.seed, self.epoch = positions, seed, epoch
+    def __init__(self, split: Split, transform, seed: int):
+        super().__init__(split.source, np.zeros(0, np.int64), transform)
+        self.seed = seed
 
-    def tensors(self, i: int, row: int, img) -> tuple:
+    def __getitem__(self, item: tuple[int, int, int]):
+        epoch, k, row = item
+        try:
+            img = self.source.load(row)
+        except BadImage as e:
+            return row, None, None, str(e)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(
-                int(np.random.SeedSequence([self.seed, self.epoch, int(self.positions[i])]).generate_state(1)[0])
-            )
-            return self.transform(img), None
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, k]).generate_state(1)[0]))
+            return row, self.transform(img), None, None
+
+
+class EpochBatches:
+    """The batches of (epoch, k, row) items of the epoch set last (`set_epoch`), in order. It lives in the main
+    process, which hands each batch's items to the loader's workers, so the workers never need the epoch's order."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.items = batch_size, []
+
+    def set_epoch(self, epoch: int, rows: np.ndarray, positions: np.ndarray) -> None:
+        self.items = [(epoch, int(k), int(r)) for k, r in zip(positions, rows, strict=True)]
+
+    def __iter__(self):
+        for i in range(0, len(self.items), self.batch_size):
+            yield self.items[i : i + self.batch_size]
+
+    def __len__(self) -> int:
+        return -(-len(self.items) // self.batch_size)
+
+
+def training_loader(data: AugmentedRows, batches: EpochBatches, workers: int, pin: bool) -> DataLoader:
+    """One loader for a whole run: its workers are started once and kept across epochs (persistent). Workers forked
+    anew each epoch share the process's memory copy-on-write, and while they live every page that the training
+    step writes (weights, gradients, optimiser state, the activations' heap) is copied first: ViT-B-16 on a CPU
+    trained at 1.2 to 1.4 img/s beside two idle forked workers against 1.9 without them. Kept, that cost is paid in
+    the first epoch only."""
+    return DataLoader(
+        data,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=workers > 0,
+    )
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -322,14 +372,18 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    batches = EpochBatches(cfg.batch_size)
+    loader = training_loader(
+        AugmentedRows(train_split, transform, cfg.seed), batches, cfg.workers, device.type == "cuda"
+    )
     for epoch in range(start, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))
         order = sampler.epoch(gen).numpy()[: sampler.size // world * world]
         mine = np.arange(rank, len(order), world)
-        data = AugmentedRows(train_split, order[mine], mine, transform, cfg.seed, epoch)
-        mean_loss, seen, skipped = _train_epoch(step, data, train_split, cfg, epoch)
+        batches.set_epoch(epoch, order[mine], mine)
+        mean_loss, seen, skipped = _train_epoch(step, loader, train_split, epoch, cfg.lr)
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         row = {
@@ -447,12 +501,13 @@ class _Step:
         return loss.detach()
 
 
-def _train_epoch(step: _Step, data, train_split: Split, cfg: FinetuneConfig, epoch: int) -> tuple[float, int, int]:
-    """One pass over this process's rows: (mean loss, images trained on, images skipped)."""
+def _train_epoch(step: _Step, loader: DataLoader, train_split: Split, epoch: int, lr: float) -> tuple[float, int, int]:
+    """One pass over this process's rows of the epoch (the loader's batches): (mean loss, images trained on,
+    images skipped)."""
     world = distributed.rank_world()[1]
     device = step.device
     losses, seen, skipped = [], 0, 0
-    for batch in image_loader(data, cfg.batch_size, cfg.workers, device.type == "cuda"):
+    for batch in loader:
         skipped += len(batch["bad"])
         if batch["images"] is None:
             if world > 1:  # one process skipping a step would leave the others waiting in all-reduce
@@ -467,7 +522,7 @@ def _train_epoch(step: _Step, data, train_split: Split, cfg: FinetuneConfig, epo
         seen += len(y)
     mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
     if not math.isfinite(mean_loss):
-        raise VlmcacheError(f"The loss became {mean_loss} in epoch {epoch}; lower --lr (now {cfg.lr}).")
+        raise VlmcacheError(f"The loss became {mean_loss} in epoch {epoch}; lower --lr (now {lr}).")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return mean_loss, seen, skipped

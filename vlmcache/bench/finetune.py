@@ -21,8 +21,8 @@ def bench_finetune(model: str, images: int, batch_size: int, device: str = "auto
     whether decoding could bound it."""
     from vlmcache.datasets import load_dataset
     from vlmcache.encoders import load_encoder
-    from vlmcache.extract import default_workers, image_loader, probe_dims
-    from vlmcache.finetune import AugmentedRows, FinetuneConfig, TunedModel, finetune
+    from vlmcache.extract import default_workers, probe_dims
+    from vlmcache.finetune import AugmentedRows, EpochBatches, FinetuneConfig, TunedModel, finetune, training_loader
     from vlmcache.heads import build_head
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,9 +58,11 @@ def bench_finetune(model: str, images: int, batch_size: int, device: str = "auto
         passes = [before, bare()]
         split = load_dataset("split", str(root), split_files, None).split("train")
         rows = np.arange(len(split))
-        data = AugmentedRows(split, rows, rows, encoder.train_transform(), 0, 1)
+        batches = EpochBatches(batch_size)
+        batches.set_epoch(1, rows, rows)
+        loader = training_loader(AugmentedRows(split, encoder.train_transform(), 0), batches, default_workers(), False)
         t0 = time.perf_counter()
-        n = sum(len(b["rows"]) for b in image_loader(data, batch_size, default_workers()))
+        n = sum(len(b["rows"]) for b in loader)
         loader = n / (time.perf_counter() - t0)
     epochs = [h["samples_per_s"] for h in result["history"]]
     rate = max(epochs[1:])  # warm epochs, as the bare passes are; best of two, as the bare passes are
