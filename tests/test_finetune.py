@@ -248,3 +248,21 @@ def test_training_workers_are_started_once_per_run_and_give_each_epoch_what_no_w
         for (r1, x1), (r2, x2) in zip(one, two, strict=True):
             assert torch.equal(r1, r2) and torch.equal(x1, x2)
     assert not torch.equal(alone[0][0][1], alone[1][0][1])  # the same rows in epochs 1 and 2, cropped anew
+
+
+def test_the_training_workers_end_with_training(tmp_path, monkeypatch):
+    """No training worker outlives the epochs: evaluation and re-extraction run beside none of them."""
+    import multiprocessing
+
+    from vlmcache import finetune as ft
+
+    alive = []
+    real = ft._finish
+
+    def spy(*args, **kwargs):
+        alive.extend(p for p in multiprocessing.active_children() if p.is_alive())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "_finish", spy)
+    finetune(_cfg(tmp_path, workers=2, epochs=2), log=lambda *a: None)
+    assert alive == []

@@ -401,6 +401,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
         distributed.barrier()
         if on_epoch and rank == 0:
             on_epoch(row)
+    del loader  # its workers end here: left alive, they would share evaluation's and re-extraction's memory too
 
     result = None
     if rank == 0:
