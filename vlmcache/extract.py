@@ -162,15 +162,21 @@ def collate(items):
     }
 
 
-def image_loader(data, batch_size: int, workers: int, pin: bool = False, collate_fn=collate) -> DataLoader:
-    """Batches of `data` in order (`collate`'s dicts), decoded by `workers` processes ahead of use."""
+def image_loader(
+    data, batch_size: int | None, workers: int, pin: bool = False, collate_fn=collate, batch_sampler=None,
+    persistent: bool = False,
+) -> DataLoader:  # fmt: skip
+    """Batches of `data` in order (`collate`'s dicts; or those of `batch_sampler`), decoded by `workers` processes
+    ahead of use; `persistent` keeps the workers from one pass over the loader to the next."""
     return DataLoader(
         data,
-        batch_size=batch_size,
+        batch_size=1 if batch_sampler is not None else batch_size,
+        batch_sampler=batch_sampler,
         num_workers=workers,
         collate_fn=collate_fn,
         pin_memory=pin,
         prefetch_factor=4 if workers else None,
+        persistent_workers=persistent and workers > 0,
     )
 
 

@@ -38,7 +38,6 @@ from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.extract import (
     ExtractConfig,
     ImageRows,
-    collate,
     default_workers,
     image_loader,
     probe_dims,
@@ -275,15 +274,7 @@ def training_loader(data: AugmentedRows, batches: EpochBatches, workers: int, pi
     step writes (weights, gradients, optimiser state, the activations' heap) is copied first: ViT-B-16 on a CPU
     trained at 1.2 to 1.4 img/s beside two idle forked workers against 1.9 without them. Kept, that cost is paid in
     the first epoch only."""
-    return DataLoader(
-        data,
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=pin,
-        prefetch_factor=4 if workers else None,
-        persistent_workers=workers > 0,
-    )
+    return image_loader(data, None, workers, pin, batch_sampler=batches, persistent=True)
 
 
 # --------------------------------------------------------------------------- checkpoints
