@@ -35,14 +35,7 @@ from vlmcache.choices import TUNE
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
-from vlmcache.extract import (
-    ExtractConfig,
-    ImageRows,
-    default_workers,
-    image_loader,
-    probe_dims,
-    run_extract,
-)
+from vlmcache.extract import ExtractConfig, ImageRows, default_workers, image_loader, probe_dims, run_extract
 from vlmcache.heads import build_head, full_head_params, upgrade_head_file
 from vlmcache.images import BadImage
 from vlmcache.losses import build_loss
@@ -229,15 +222,14 @@ def select_trainable(visual: nn.Module, tune: str, last_k: int = 1) -> list[str]
 # --------------------------------------------------------------------------- the data
 
 
-class AugmentedRows(ImageRows):
+class AugmentedRows(torch.utils.data.Dataset):
     """Training samples of any epoch: item (epoch, k, row) is sample k of that epoch, image `row`, its crop and flip
     seeded by (seed, epoch, k). The items carry their epoch, so one set of loader workers, started once per run,
     serves every epoch (EpochBatches says which items an epoch has). An unreadable image is a skipped sample,
     counted per epoch in the run's history."""
 
     def __init__(self, split: Split, transform, seed: int):
-        super().__init__(split.source, np.zeros(0, np.int64), transform)
-        self.seed = seed
+        self.source, self.transform, self.seed = split.source, transform, seed
 
     def __getitem__(self, item: tuple[int, int, int]):
         epoch, k, row = item
@@ -255,17 +247,21 @@ class EpochBatches:
     process, which hands each batch's items to the loader's workers, so the workers never need the epoch's order."""
 
     def __init__(self, batch_size: int):
-        self.batch_size, self.items = batch_size, []
+        self.batch_size, self.epoch = batch_size, 0
+        self.rows = self.positions = np.zeros(0, np.int64)
 
     def set_epoch(self, epoch: int, rows: np.ndarray, positions: np.ndarray) -> None:
-        self.items = [(epoch, int(k), int(r)) for k, r in zip(positions, rows, strict=True)]
+        if len(rows) != len(positions):
+            raise ValueError(f"{len(rows)} rows and {len(positions)} positions")
+        self.epoch, self.rows, self.positions = epoch, rows, positions
 
     def __iter__(self):
-        for i in range(0, len(self.items), self.batch_size):
-            yield self.items[i : i + self.batch_size]
+        for i in range(0, len(self.rows), self.batch_size):
+            j = slice(i, i + self.batch_size)
+            yield [(self.epoch, int(k), int(r)) for k, r in zip(self.positions[j], self.rows[j], strict=True)]
 
     def __len__(self) -> int:
-        return -(-len(self.items) // self.batch_size)
+        return -(-len(self.rows) // self.batch_size)
 
 
 def training_loader(data: AugmentedRows, batches: EpochBatches, workers: int, pin: bool) -> DataLoader:
