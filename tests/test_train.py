@@ -237,6 +237,8 @@ def test_streamed_token_batches_follow_the_documented_order(synthetic, sampler, 
     stream.set_epoch(0, 4)
     memory = Tokens(split, torch.device("cpu"), in_memory=True)
     idx = build_sampler(sampler, stream.y).epoch(torch.Generator().manual_seed(0))
+    read, real_get = [], stream.blocks.get
+    stream.blocks.get = lambda b, out=None: read.append(b) or real_get(b, out)
     got = list(stream.batches(idx, batch_size, torch.Generator().manual_seed(1)))
 
     rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=torch.Generator().manual_seed(1))))
@@ -247,6 +249,7 @@ def test_streamed_token_batches_follow_the_documented_order(synthetic, sampler, 
         sel = np.concatenate([i[i // 16 == b] for b in order[w : w + 3]])
         rows.append(sel[rng.permutation(len(sel))])
     rows = np.concatenate(rows)
+    assert read == [b for w in range(0, len(order), 3) for b in sorted(order[w : w + 3])]  # each window in file order
     assert [len(y) for _, y in got] == [len(rows[k : k + batch_size]) for k in range(0, len(rows), batch_size)]
     torch.testing.assert_close(torch.cat([x for x, _ in got]), memory.data[rows], rtol=0, atol=0)
     assert torch.equal(torch.cat([y for _, y in got]), memory.y[rows])

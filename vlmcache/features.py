@@ -351,19 +351,19 @@ class Tokens:
         """The sampled rows of a window's blocks (the next ones from `blocks`), shuffled together: (tokens
         (S, T, W), labels (S,)): the rows in block order, permuted by `rng.permutation(S)`. Each block's sampled
         rows are gathered and put straight into their shuffled places, with no concatenation or second
-        permutation of the window."""
+        permutation of the window; the blocks come in file order, each to its place in the window's order."""
         sels = [by_block[int(b)] for b in window]
         sel = np.concatenate(sels)
         perm = rng.permutation(len(sel))
         place = np.empty_like(perm)
         place[perm] = np.arange(len(perm))  # row k of the blocks' rows goes to place[k]
         x = np.empty((len(sel), *self.split.token_shape()), np.float16)
-        at = 0
-        for b, rows_sel in zip(window, sels, strict=True):
+        starts = np.cumsum([0] + [len(r) for r in sels])  # where each block's rows begin among the window's
+        for i in np.argsort(window, kind="stable"):  # the blocks in file order (as `blocks` reads them)
+            b, rows_sel = window[i], sels[i]
             block = next(blocks)  # the whole block b: a group's runs sample different rows of it
             rows = rows_sel - int(b) * self.block_rows
-            to = place[at : at + len(rows)]
-            at += len(rows)
+            to = place[starts[i] : starts[i + 1]]
             if self.choice is not None:  # each sampled row's view of this epoch
                 x[to] = block[rows, self.choice.numpy()[rows_sel]]
                 continue
@@ -393,7 +393,9 @@ class Tokens:
 
         def work():
             try:
-                blocks = self.blocks.ahead([int(b) for w in windows for b in w])
+                # within a window the blocks are read in file order (the disk's readahead carries on from one to
+                # the next); which rows go where does not depend on it
+                blocks = self.blocks.ahead([int(b) for w in windows for b in sorted(w)])
                 try:
                     for w in windows:
                         if not put(self._read_window(w, blocks, by_block, labels, rng)):
