@@ -251,8 +251,6 @@ class EpochBatches:
         self.rows = self.positions = np.zeros(0, np.int64)
 
     def set_epoch(self, epoch: int, rows: np.ndarray, positions: np.ndarray) -> None:
-        if len(rows) != len(positions):
-            raise ValueError(f"{len(rows)} rows and {len(positions)} positions")
         self.epoch, self.rows, self.positions = epoch, rows, positions
 
     def __iter__(self):
