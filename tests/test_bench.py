@@ -58,3 +58,10 @@ def test_only_replaces_its_sections_and_keeps_the_rest():
     assert "second" in twice and "first" not in twice and twice.count("## 2b.") == 1
     early = splice(md, [["## 1b. Early", "", "e"]], r)
     assert early.index("## Machine") < early.index("## 1b.") < early.index("## 2.")
+
+
+def test_only_help_names_every_section():
+    from vlmcache.bench import SECTIONS
+
+    text = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "400"}).output
+    assert all(name in text for name in SECTIONS), [name for name in SECTIONS if name not in text]
