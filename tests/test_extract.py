@@ -494,3 +494,56 @@ def test_shards_leave_the_page_cache_once_durable_and_parts_are_written_without_
             images[how] = (f["tokens"][:], f["tokens"].chunks, f["tokens"].fletcher32, f["pooled"][:])
     np.testing.assert_array_equal(images["parts"][0], tokens)
     assert images["parts"][1:3] == images["whole"][1:3] == ((1, 5, 4), True)
+
+
+def test_in_memory_hdf5_image_reads_back_as_the_file_hdf5_writes_to_disk(tmp_path):
+    """cache.h5_image builds through h5py's fileobj driver into a MemoryFile. Its bytes are an HDF5 file holding
+    what HDF5's default driver writes to disk for the same build (strings, groups, attributes, chunked fletcher32
+    datasets written in parts), also when the file outgrows its expected size. (The layout may differ: that
+    driver does not aggregate metadata.)"""
+    rng = np.random.default_rng(0)
+    tokens, emb = rng.normal(size=(9, 5, 4)).astype(np.float16), rng.normal(size=(3, 6)).astype(np.float32)
+    names = ["a", "bé", "c" * 300]
+
+    def build(f):
+        f.attrs["fingerprint"] = json.dumps({"model": "m"})
+        f.create_dataset("names", data=np.array(names, dtype=h5py.string_dtype()))
+        f.create_group("set").create_dataset("embeddings", data=emb)
+        d = f.create_dataset("tokens", tokens.shape, tokens.dtype, chunks=(1, 5, 4), fletcher32=True)
+        d[:4], d[4:] = tokens[:4], tokens[4:]
+
+    def content(path):
+        with h5py.File(path, "r") as f:
+            d = f["tokens"]
+            return (
+                dict(f.attrs), [s.decode() for s in f["names"][:]], f["set/embeddings"][:].tolist(),
+                d[:].tolist(), d.chunks, d.fletcher32, sorted(f), sorted(f["set"]),
+            )  # fmt: skip
+
+    with h5py.File(tmp_path / "disk.h5", "w") as f:
+        build(f)
+    reference = content(tmp_path / "disk.h5")
+    assert reference[1] == names and reference[3] == tokens.tolist()
+    for expected in (1 << 20, 100):  # room for all of it; far too little, so the buffer grows as HDF5 writes
+        image = cache.h5_image(build, expected=expected)
+        (tmp_path / f"image{expected}.h5").write_bytes(image)
+        assert content(tmp_path / f"image{expected}.h5") == reference
+    assert bytes(cache.h5_image(build)) == bytes(image)  # the same build, the same bytes (and sha256)
+
+
+def test_memory_file_reads_unwritten_bytes_as_zeros():
+    """As a file does: a write past the end, or a truncate that lengthens it, leaves zeros in the gap (the buffer
+    is allocated uninitialised)."""
+    f = cache.MemoryFile(16)
+    f.buf[:] = 0xFF
+    f.seek(4)
+    f.write(b"ab")
+    assert bytes(f.view()) == b"\0\0\0\0ab"
+    f.truncate(40)  # beyond the buffer: it grows
+    f.seek(0)
+    assert f.read() == b"\0\0\0\0ab" + b"\0" * 34 and f.tell() == 40
+    f.seek(-2, 2)
+    f.write(b"xyz")
+    assert f.size == 41 and bytes(f.view())[-4:] == b"\0xyz"
+    f.truncate(3)
+    assert bytes(f.view()) == b"\0\0\0"
