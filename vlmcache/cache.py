@@ -598,7 +598,8 @@ def write_text(path: Path, text: TextCache) -> None:
             g.create_dataset("embeddings", data=emb.astype(np.float32))
             g.create_dataset("templates", data=np.array(templates, dtype=h5py.string_dtype()))
 
-    write_bytes_atomic(path, h5_image(build))
+    embeddings = sum(len(emb) * emb.shape[-1] * 4 for _, emb in text.sets.values())
+    write_bytes_atomic(path, h5_image(build, expected=embeddings + (1 << 20)))
 
 
 def read_text(path: Path) -> TextCache:

@@ -175,8 +175,9 @@ def markdown(r: dict) -> list[str]:
             ]
         ),
         "",
-        "The sequential read goes into one reused buffer of 4,096 rows. Streaming reads each block into one of two "
-        "buffers taken in turn, in a thread of its own, while the window's thread copies the block before it: its "
+        f"The sequential read goes into one reused buffer of {t['rows']:,} rows. Streaming reads up to two blocks "
+        "ahead, into three buffers taken in turn, in a thread of its own, while the window's thread copies the "
+        "block before: its "
         "sampled rows are copied once, straight to their shuffled places in the window, so the disk's read and the "
         "copy overlap; only a minibatch that spans two windows is copied again. Within a window the blocks are "
         "read in file order, so the disk's readahead runs on from one block to the next where a window holds "
