@@ -547,3 +547,27 @@ def test_memory_file_reads_unwritten_bytes_as_zeros():
     assert f.size == 41 and bytes(f.view())[-4:] == b"\0xyz"
     f.truncate(3)
     assert bytes(f.view()) == b"\0\0\0"
+
+
+def _stacked_in_shared_memory(items):
+    from vlmcache.extract import collate
+
+    batch = collate(items)
+    return {"rows": batch["rows"], "shared": (batch["images"].is_shared(), batch["views"].is_shared())}
+
+
+def test_loader_workers_stack_batches_straight_into_shared_memory(split_dataset, tiny_encoder):
+    """In a worker, collate makes the batch's images and views in shared memory (so the loader need not copy
+    them there to hand them over); the images are the transform's, in order."""
+    from vlmcache.datasets import load_dataset
+    from vlmcache.extract import ImageRows, collate, image_loader
+
+    root, files = split_dataset
+    source = load_dataset("split", root, {s: str(p) for s, p in files.items()}).splits["train"].source
+    data = ImageRows(source, np.arange(6), tiny_encoder.preprocess, 2, tiny_encoder.train_transform(), 0)
+    seen = list(image_loader(data, 3, 1, collate_fn=_stacked_in_shared_memory))
+    assert [b["shared"] for b in seen] == [(True, True)] * 2
+    assert torch.cat([b["rows"] for b in seen]).tolist() == list(range(6))
+    batch = collate([data[i] for i in range(3)])  # in the main process: an ordinary stack
+    expected = torch.stack([tiny_encoder.preprocess(source.load(i)) for i in range(3)])
+    assert torch.equal(batch["images"], expected) and batch["views"].shape[:2] == (3, 2)

@@ -153,11 +153,15 @@ def seeded_view(transform, img, view_seed: int, row: int, k: int) -> torch.Tenso
 
 
 def collate(items):
+    """A batch of ImageRows items. The images (and views) are stacked by torch's default_collate, which in a
+    loader worker stacks straight into shared memory: torch.stack would make the batch in the worker's memory,
+    and the loader copy it into shared memory to hand it over (for 224 px images 0.1 ms of CPU per image)."""
     good = [it for it in items if it[3] is None]
+    stack = torch.utils.data.default_collate
     return {
         "rows": torch.tensor([it[0] for it in good], dtype=torch.int64),
-        "images": torch.stack([it[1] for it in good]) if good else None,
-        "views": torch.stack([it[2] for it in good]) if good and good[0][2] is not None else None,
+        "images": stack([it[1] for it in good]) if good else None,
+        "views": stack([it[2] for it in good]) if good and good[0][2] is not None else None,
         "bad": [(it[0], it[3]) for it in items if it[3] is not None],
     }
 
