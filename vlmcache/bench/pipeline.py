@@ -1,11 +1,12 @@
 """Section 1b: the extraction pipeline at GPU rates, proven on a CPU with a simulated encoder.
 
-A `SimulatedEncoder` stands in for a GPU encoder of a set throughput: `encode_images` returns at once with
-outputs of the real shapes, and the wait it hands the extractor (`mark`) ends when the simulated device has
-spent batch / rate seconds on everything queued so far, as a CUDA stream works off the main thread. The real
-loader (JPEG decoding in worker processes) feeds it, and the real writer builds, checksums, writes and fsyncs
-the shards. Figure: extraction images/s over the slowest stage alone (the loader over the same files; the
-encoder's set rate; the writer's MB/s over the bytes per image). Goal 0.9.
+A `SimulatedEncoder` stands in for a GPU ViT-L/14 of a set throughput: the loader resizes the images to its
+input size (224 px), `encode_images` returns at once with outputs of its shapes, and the wait it hands the
+extractor (`mark`) ends when the simulated device has spent batch / rate seconds on everything queued so far,
+as a CUDA stream works off the main thread. The real loader (JPEG decoding in worker processes) feeds it, and
+the real writer builds, checksums, writes and fsyncs the shards. Figure: extraction images/s over the slowest
+stage alone (the loader over the same files; the encoder's set rate; the writer's MB/s over the bytes per
+image). Goal 0.9.
 """
 
 from __future__ import annotations
@@ -24,15 +25,25 @@ from vlmcache.bench.common import sync, table, write_jpegs
 
 
 class SimulatedEncoder:
-    """The tiny encoder's preprocessing and fingerprint, with an encoder of `rate` images/s behind them."""
+    """An encoder of `rate` images/s taking images of `image_size` (the preprocessing of the model it stands in
+    for: the loader decodes and resizes to what that model takes, and hands over tensors of that size), with the
+    tiny encoder's fingerprint and device."""
 
-    def __init__(self, real, rate: float, pooled_dim: int, token_shape: tuple[int, int]):
+    def __init__(self, real, rate: float, pooled_dim: int, token_shape: tuple[int, int], image_size: int):
+        import open_clip
+
         self._real, self.rate = real, rate
         self.pooled_dim, self.token_shape = pooled_dim, token_shape
+        cfg = real.preprocess_cfg
+        self.preprocess_cfg = {**cfg, "size": [image_size, image_size]}
+        self.preprocess = open_clip.image_transform(
+            image_size, is_train=False, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+            resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"], fill_color=cfg["fill_color"],
+        )  # fmt: skip
         self.busy_until = 0.0
         self._outputs: dict[tuple, torch.Tensor] = {}
 
-    def __getattr__(self, name):  # preprocess, device, fingerprint, ...: the real encoder's
+    def __getattr__(self, name):  # device, fingerprint, ...: the real encoder's
         return getattr(self._real, name)
 
     def encode_images(self, images: torch.Tensor, tokens: bool = False):
@@ -108,14 +119,15 @@ def _writer_rate(
 def bench_pipeline(
     images: int, cases: tuple, batch_size: int = 64, shard_size: int = 256, repeats: int = 2
 ) -> list[dict]:
-    """cases: (rate img/s, tokens) pairs; pooled 768 wide, tokens ViT-L/14-sized (257, 1024)."""
+    """cases: (rate img/s, tokens) pairs; ViT-L/14's sizes: images of 224 px in, pooled 768 wide and tokens
+    (257, 1024) out."""
     from vlmcache.choices import default_workers
     from vlmcache.datasets import load_dataset
     from vlmcache.encoders import load_encoder
     from vlmcache.extract import ExtractConfig, extract_split
 
     workers = default_workers()
-    pooled_dim, token_shape = 768, (257, 1024)
+    pooled_dim, token_shape, image_size = 768, (257, 1024), 224  # ViT-L/14's
     real = load_encoder("vlmcache-tiny", "none", "cpu")
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,12 +135,13 @@ def bench_pipeline(
         split_file = write_jpegs(root, images)
         dataset = load_dataset("split", root, {"train": str(split_file)})
         split = dataset.splits["train"]
-        loader, loader_cpu = _loader_rate(root, split_file, real, batch_size, workers)
+        simulated = SimulatedEncoder(real, 1.0, pooled_dim, token_shape, image_size)
+        loader, loader_cpu = _loader_rate(root, split_file, simulated, batch_size, workers)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         for k, (rate, tokens) in enumerate(cases):
             runs = []
             for attempt in range(repeats):  # the better of `repeats` extractions, each into a cache of its own
-                encoder = SimulatedEncoder(real, rate, pooled_dim, token_shape)
+                encoder = SimulatedEncoder(real, rate, pooled_dim, token_shape, image_size)
                 folder = root / f"cache{k}-{attempt}"
                 cfg = ExtractConfig(
                     dataset="split", name="split", root=str(root), split_files={"train": str(split_file)},
@@ -168,6 +181,7 @@ def bench_pipeline(
                     "cpu_bound_images_per_s": round(cpu_bound, 1),
                     "ratio_to_bound": round(extract / min(stages[slowest], cpu_bound), 3),
                     "images": images,
+                    "image_size": image_size,
                     "workers": workers,
                 }
             )
@@ -275,12 +289,18 @@ def markdown(r: dict) -> list[str]:
         "",
         table(shown),
         "",
-        f"{rows[0]['images']} photo-sized JPEGs (500 x 375), {rows[0]['workers']} loader workers. The simulated "
-        "encoder returns at once and its outputs are ready after batch / rate seconds, as a CUDA stream's are; the "
-        "extractor queues batch k+1 before it waits for batch k; two threads build and checksum each shard and a "
-        "third writes, fsyncs and lists them in order while the next batches encode. Each stage alone: the loader "
-        "over the same files, the set encoder rate, the shard write path's MB/s over the bytes per image. "
-        "Extraction is the better of two runs.",
+        f"{rows[0]['images']} photo-sized JPEGs (500 x 375), {rows[0]['workers']} loader workers"
+        + (
+            f", each image decoded and resized to {rows[0]['image_size']} px as ViT-L/14's preprocessing does (the "
+            "outputs are ViT-L/14's sizes too)"
+            if "image_size" in rows[0]
+            else ""
+        )
+        + ". The simulated encoder returns at once and its outputs are ready after batch / rate seconds, as a CUDA "
+        "stream's are; the extractor queues batch k+1 before it waits for batch k; two threads build and checksum "
+        "each shard and a third writes, fsyncs and lists them in order while the next batches encode. Each stage "
+        "alone: the loader over the same files, the set encoder rate, the shard write path's MB/s over the bytes "
+        "per image. Extraction is the better of two runs.",
     ]
     if "cpu_bound_images_per_s" in rows[0]:
         out += [
