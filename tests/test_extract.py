@@ -571,3 +571,57 @@ def test_loader_workers_stack_batches_straight_into_shared_memory(split_dataset,
     batch = collate([data[i] for i in range(3)])  # in the main process: an ordinary stack
     expected = torch.stack([tiny_encoder.preprocess(source.load(i)) for i in range(3)])
     assert torch.equal(batch["images"], expected) and batch["views"].shape[:2] == (3, 2)
+
+
+def test_uint8_handover_finishes_to_the_whole_transforms_numbers_bit_for_bit(tiny_encoder):
+    """handover.cut: the workers' part ends in uint8 pixels and `finish` (on a batch) gives exactly the floats of
+    the whole transform, for open_clip's eval transform at 32 and 224 px, the seed study's, and a seeded training
+    view (the random crop and flip draw the same numbers); a transform that does not end in ToTensor, Normalize
+    is left whole."""
+    import open_clip
+    from torchvision import transforms as T
+
+    from vlmcache import handover
+    from vlmcache.encoders import _seed_preprocess
+    from vlmcache.extract import seeded_view
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((375, 500), (300, 260))]
+    seed, _ = _seed_preprocess("m", {"size": 224})
+    transforms = {
+        "open_clip 32": tiny_encoder.preprocess,
+        "open_clip 224": open_clip.image_transform(224, is_train=False),
+        "seed": seed,
+        "view": tiny_encoder.train_transform(),
+    }
+    for name, whole in transforms.items():
+        part, finish = handover.cut(whole)
+        assert finish is not None, name
+        if name == "view":
+            reference = torch.stack([seeded_view(whole, img, 3, row, 1) for row, img in enumerate(images)])
+            handed = torch.stack([seeded_view(part, img, 3, row, 1) for row, img in enumerate(images)])
+        else:
+            reference = torch.stack([whole(img) for img in images])
+            handed = torch.stack([part(img) for img in images])
+        assert handed.dtype == torch.uint8 and handed.shape == reference.shape, name
+        assert torch.equal(finish(handed), reference), name
+        batch = handover.finished({"images": handed, "views": handed[:, None]}, torch.device("cpu"), finish, finish)
+        assert torch.equal(batch["images"], reference) and torch.equal(batch["views"][:, 0], reference), name
+    plain = T.Compose([T.ToTensor()])
+    assert handover.cut(plain) == (plain, None)
+
+
+def test_extraction_through_the_uint8_handover_equals_the_whole_transform(tmp_path, split_dataset, monkeypatch):
+    """The cache made with the workers handing over uint8 images equals, bit for bit, the one made with the whole
+    transform in the workers (pooled, tokens and views)."""
+    from vlmcache import handover
+
+    handed = _extract(tmp_path / "handed", split_dataset, tokens=True, views=2, shard_size=20, workers=1)
+    monkeypatch.setattr(handover, "cut", lambda transform: (transform, None))
+    whole = _extract(tmp_path / "whole", split_dataset, tokens=True, views=2, shard_size=20, workers=1)
+    for split in ("train", "test"):
+        a, b = cache.SplitCache(f"{handed['cache']}/{split}"), cache.SplitCache(f"{whole['cache']}/{split}")
+        np.testing.assert_array_equal(a.pooled(), b.pooled())
+        np.testing.assert_array_equal(a.read_tokens(0, len(a)), b.read_tokens(0, len(b)))
+        if split == "train":
+            np.testing.assert_array_equal(a.load("views"), b.load("views"))

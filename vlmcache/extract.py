@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlmcache import cache, distributed, faults, runs
+from vlmcache import cache, distributed, faults, handover, runs
 from vlmcache.choices import DATASETS, USER_DATASETS, default_workers
 from vlmcache.datasets import Dataset, Split, load_dataset, where_data
 from vlmcache.device_decode import DeviceDecoder, EncodedRows, collate_encoded
@@ -385,15 +385,10 @@ def extract_split(
         if cfg.decode == "gpu":
             on_device = DeviceDecoder(encoder.preprocess_cfg, encoder.device)
             data, collate_fn = EncodedRows(split.source, rows), collate_encoded
-        else:
-            data = ImageRows(
-                split.source,
-                rows,
-                encoder.preprocess,
-                views,
-                encoder.train_transform(VIEW_SCALE) if views else None,
-                cfg.view_seed,
-            )
+        else:  # the workers hand over uint8 images, made float and normalised on the encoder's device
+            transform, finish = handover.cut(encoder.preprocess)
+            view_transform, finish_views = handover.cut(encoder.train_transform(VIEW_SCALE)) if views else (None, None)
+            data = ImageRows(split.source, rows, transform, views, view_transform, cfg.view_seed)
             collate_fn = collate
         loader = image_loader(data, cfg.batch_size, cfg.workers, encoder.device.type == "cuda", collate_fn)
         buffers: dict[int, ShardBuffer] = {}
@@ -413,6 +408,8 @@ def extract_split(
             for batch in loader:
                 if on_device is not None:
                     batch = on_device(batch)
+                else:
+                    batch = handover.finished(batch, encoder.device, finish, finish_views)
                 outputs = _encode_batch(encoder, batch, cfg.tokens)
                 if pending is not None:
                     file_batch(*pending)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from vlmcache import cache
+from vlmcache import cache, handover
 from vlmcache.datasets import load_dataset
 from vlmcache.encoders import Encoder, load_encoder
 from vlmcache.errors import VlmcacheError
@@ -95,11 +95,17 @@ class StreamedImages:
 
     def _encode(self, order: np.ndarray, batch_size: int, augment: bool = False) -> Iterator[torch.Tensor]:
         views = self.choice[order] if augment and self.choice is not None else None
+        # the workers hand over uint8 images, finished on the encoder's device as extraction's are
+        transform, finish = handover.cut(self.encoder.preprocess)
+        view_transform = None
+        if views is not None:  # every image of the batch is a view
+            view_transform, finish = handover.cut(self.view_transform)
         data = ImageRows(
-            self.source, self.rows[order], self.encoder.preprocess, view_transform=self.view_transform,
-            view_seed=self.view_seed, view_index=views,
+            self.source, self.rows[order], transform, view_transform=view_transform, view_seed=self.view_seed,
+            view_index=views,
         )  # fmt: skip
         for batch in image_loader(data, batch_size, self.workers, self.encoder.device.type == "cuda"):
+            batch = handover.finished(batch, self.encoder.device, finish)
             if batch["bad"]:
                 row, reason = batch["bad"][0]
                 raise VlmcacheError(

@@ -19,6 +19,7 @@ def bench_extraction(
     model: str, images: int, device: str = "auto", precision: str = "auto", batch_size: int = 64, tokens: bool = False
 ) -> dict:
 
+    from vlmcache import handover
     from vlmcache.datasets import read_split_file
     from vlmcache.encoders import load_encoder
     from vlmcache.extract import ExtractConfig, ImageRows, default_workers, image_loader, run_extract
@@ -71,11 +72,11 @@ def bench_extraction(
         split = summary["splits"][0]
         per_image = split["bytes"] / split["rows"]
         encoder_rate = max(passes)
-        loader = image_loader(
-            ImageRows(FileSource(root, relpaths), np.arange(len(relpaths)), encoder.preprocess), batch_size, workers
-        )
+        part, finish = handover.cut(encoder.preprocess)  # as extraction's loader: uint8 images, finished on the device
+        rows = ImageRows(FileSource(root, relpaths), np.arange(len(relpaths)), part)
+        loader = image_loader(rows, batch_size, workers)
         t0 = time.perf_counter()
-        n = sum(len(b["rows"]) for b in loader)
+        n = sum(len(handover.finished(b, encoder.device, finish)["rows"]) for b in loader)
         loader_rate = n / (time.perf_counter() - t0)
     rate = max(runs)
     return {

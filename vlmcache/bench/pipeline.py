@@ -27,7 +27,9 @@ from vlmcache.bench.common import sync, table, write_jpegs
 class SimulatedEncoder:
     """An encoder of `rate` images/s taking images of `image_size` (the preprocessing of the model it stands in
     for: the loader decodes and resizes to what that model takes, and hands over tensors of that size), with the
-    tiny encoder's fingerprint and device."""
+    tiny encoder's fingerprint. Its device is `meta`: what the extractor does on the encoder's device (the loader's
+    uint8 images made float and normalised) takes no CPU time, as on a GPU, and no time at all (an encoder's
+    batch takes far longer)."""
 
     def __init__(self, real, rate: float, pooled_dim: int, token_shape: tuple[int, int], image_size: int):
         import open_clip
@@ -40,10 +42,11 @@ class SimulatedEncoder:
             image_size, is_train=False, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
             resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"], fill_color=cfg["fill_color"],
         )  # fmt: skip
+        self.device = torch.device("meta")
         self.busy_until = 0.0
         self._outputs: dict[tuple, torch.Tensor] = {}
 
-    def __getattr__(self, name):  # device, fingerprint, ...: the real encoder's
+    def __getattr__(self, name):  # fingerprint, train_transform, ...: the real encoder's
         return getattr(self._real, name)
 
     def encode_images(self, images: torch.Tensor, tokens: bool = False):
@@ -80,12 +83,14 @@ def _cpu_seconds() -> float:
 
 def _loader_rate(root: Path, split_file: Path, encoder, batch_size: int, workers: int) -> tuple[float, float]:
     """(images/s, CPU seconds per image) of the loader alone over the split's files."""
+    from vlmcache import handover
     from vlmcache.datasets import read_split_file
     from vlmcache.extract import ImageRows, image_loader
     from vlmcache.images import FileSource
 
     relpaths, _ = read_split_file(split_file)
-    rows = ImageRows(FileSource(root, relpaths), np.arange(len(relpaths)), encoder.preprocess)
+    workers_part, _ = handover.cut(encoder.preprocess)  # what extraction's loader workers run
+    rows = ImageRows(FileSource(root, relpaths), np.arange(len(relpaths)), workers_part)
     t0, c0 = time.perf_counter(), _cpu_seconds()
     n = sum(len(b["rows"]) + len(b["bad"]) for b in image_loader(rows, batch_size, workers))
     return n / (time.perf_counter() - t0), (_cpu_seconds() - c0) / n
