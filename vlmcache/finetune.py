@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmcache import cache, distributed, faults, runs
+from vlmcache import cache, distributed, faults, handover, runs
 from vlmcache.choices import TUNE
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
@@ -298,14 +298,16 @@ def _evaluate(model, split: Split, encoder: Encoder, counts, classnames, cfg, pr
     if logit_adjust is not None:
         c = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
         log_prior = (c / c.sum()).log().float().to(encoder.device)
-    data = ImageRows(split.source, np.arange(len(split)), encoder.preprocess)
+    part, finish = handover.cut(encoder.preprocess)  # uint8 from the workers, finished on the device
+    data = ImageRows(split.source, np.arange(len(split)), part)
     skipped = 0
     for batch in image_loader(data, cfg.batch_size * 2, cfg.workers, encoder.device.type == "cuda"):
         skipped += len(batch["bad"])
         if batch["images"] is None:
             continue
+        x = handover.finished(batch, encoder.device, finish)["images"].to(encoder.device, non_blocking=True)
         with _autocast(encoder.device, precision):
-            logits = model(batch["images"].to(encoder.device, non_blocking=True)).float()
+            logits = model(x).float()
         if log_prior is not None:
             logits = logit_adjusted(logits, log_prior, logit_adjust)
         evaluator.update(logits, torch.from_numpy(split.labels[batch["rows"].numpy()]).to(encoder.device))
@@ -345,7 +347,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_fn = build_loss(cfg.loss, counts, **cfg.loss_params).to(device)
     step = _Step(ddp, loss_fn, opt, sched, scaler, device, precision)
-    transform = encoder.train_transform(cfg.crop_scale)
+    transform, finish = handover.cut(encoder.train_transform(cfg.crop_scale))  # the workers' part, the device's
     history, start, train_seconds = [], 1, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -368,7 +370,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
         order = sampler.epoch(gen).numpy()[: sampler.size // world * world]
         mine = np.arange(rank, len(order), world)
         batches.set_epoch(epoch, order[mine], mine)
-        mean_loss, seen, skipped = _train_epoch(step, loader, train_split, epoch, cfg.lr)
+        mean_loss, seen, skipped = _train_epoch(step, loader, finish, train_split, epoch, cfg.lr)
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         row = {
@@ -487,9 +489,11 @@ class _Step:
         return loss.detach()
 
 
-def _train_epoch(step: _Step, loader: DataLoader, train_split: Split, epoch: int, lr: float) -> tuple[float, int, int]:
-    """One pass over this process's rows of the epoch (the loader's batches): (mean loss, images trained on,
-    images skipped)."""
+def _train_epoch(
+    step: _Step, loader: DataLoader, finish, train_split: Split, epoch: int, lr: float
+) -> tuple[float, int, int]:
+    """One pass over this process's rows of the epoch (the loader's batches, their images finished on the device
+    by `finish`, handover.cut's): (mean loss, images trained on, images skipped)."""
     world = distributed.rank_world()[1]
     device = step.device
     losses, seen, skipped = [], 0, 0
@@ -502,7 +506,7 @@ def _train_epoch(step: _Step, loader: DataLoader, train_split: Split, epoch: int
                     f"every process must take every step. Remove the unreadable images from the split."
                 )
             continue
-        x = batch["images"].to(device, non_blocking=True)
+        x = handover.finished(batch, device, finish)["images"].to(device, non_blocking=True)
         y = torch.from_numpy(train_split.labels[batch["rows"].numpy()]).to(device)
         losses.append(step(x, y))
         seen += len(y)
