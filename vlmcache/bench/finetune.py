@@ -19,6 +19,7 @@ def bench_finetune(model: str, images: int, batch_size: int, device: str = "auto
     checkpoint written after each is not counted) against the better of two bare passes (forward, backward and
     AdamW step of the same tower and head on as many images already in memory); the augmenting loader alone says
     whether decoding could bound it."""
+    from vlmcache import handover
     from vlmcache.datasets import load_dataset
     from vlmcache.encoders import load_encoder
     from vlmcache.extract import default_workers, probe_dims
@@ -60,9 +61,10 @@ def bench_finetune(model: str, images: int, batch_size: int, device: str = "auto
         rows = np.arange(len(split))
         batches = EpochBatches(batch_size)
         batches.set_epoch(1, rows, rows)
-        loader = training_loader(AugmentedRows(split, encoder.train_transform(), 0), batches, default_workers(), False)
+        part, finish = handover.cut(encoder.train_transform())  # as finetune's loader: uint8, finished on the device
+        loader = training_loader(AugmentedRows(split, part, 0), batches, default_workers(), False)
         t0 = time.perf_counter()
-        n = sum(len(b["rows"]) for b in loader)
+        n = sum(len(handover.finished(b, encoder.device, finish)["rows"]) for b in loader)
         loader = n / (time.perf_counter() - t0)
     epochs = [h["samples_per_s"] for h in result["history"]]
     rate = max(epochs[1:])  # warm epochs, as the bare passes are; best of two, as the bare passes are
