@@ -625,3 +625,18 @@ def test_extraction_through_the_uint8_handover_equals_the_whole_transform(tmp_pa
         np.testing.assert_array_equal(a.read_tokens(0, len(a)), b.read_tokens(0, len(b)))
         if split == "train":
             np.testing.assert_array_equal(a.load("views"), b.load("views"))
+
+
+def test_handover_finish_makes_its_constants_once_per_device(tiny_encoder, monkeypatch):
+    """The finish's 255, mean and std are made once per device, not per batch (on CUDA, a tensor made from Python
+    numbers waits for the work queued on the stream): a second batch makes no tensor from numbers, and gives the
+    same numbers."""
+    from vlmcache import handover
+
+    _, finish = handover.cut(tiny_encoder.preprocess)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    first = finish(images)
+    made = []
+    real = torch.as_tensor
+    monkeypatch.setattr(torch, "as_tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    assert torch.equal(finish(images), first) and made == []
