@@ -174,7 +174,7 @@ def _is_export(path: Path) -> bool:
 
 
 KINDS = {
-    "run": OutputKind("run folder", True, is_run),
+    "run": OutputKind("run folder", True, lambda p: is_run(p) or _only(p, {"error.txt"})),
     "predictions": OutputKind("predictions file", False, _is_predictions, ".parquet"),
     "export": OutputKind("export folder", True, _is_export),
     "runs": OutputKind("runs folder", True, lambda p: vlmcache_folder(p) is None),
@@ -182,6 +182,14 @@ KINDS = {
     "markdown": OutputKind("Markdown file", False, lambda p: _first_line(p).startswith("<!-- vlmcache"), ".md"),
 }
 CONTAINERS = ("runs", "cache-root")  # hold many outputs: may exist and hold things
+
+
+def _only(folder: Path, names: set[str]) -> bool:
+    """`folder` holds nothing but files among `names` (ablate's error.txt of a failed run)."""
+    try:
+        return all(entry.is_file(follow_symlinks=False) and entry.name in names for entry in os.scandir(folder))
+    except OSError:
+        return False
 
 
 def _first_line(path: Path) -> str:
@@ -192,8 +200,9 @@ def _first_line(path: Path) -> str:
         return ""
 
 
-def check_creatable(path: Path, option: str) -> Path:
-    """A path that can be made: names the system accepts, not under a file or a broken link, a writable folder."""
+def check_creatable(path: Path, option: str, folder: bool = True) -> Path:
+    """A path that can be made: names the system accepts, not under a file or a broken link, in a writable folder;
+    a `folder` path must not be a file itself."""
     for part in path.parts:
         if len(os.fsencode(part)) > 255:
             raise VlmcacheError(f"{option} '{str(path)[:80]}...': a folder name is longer than 255 bytes.")
@@ -201,7 +210,7 @@ def check_creatable(path: Path, option: str) -> Path:
         raise VlmcacheError(f"{option} {str(path)!r}: a path cannot hold a NUL character.")
     if len(os.fsencode(str(path.absolute()))) > 4000:
         raise VlmcacheError(f"{option}: the path is longer than the system allows ({len(str(path))} characters).")
-    existing = path.parent if os.path.lexists(path) else path
+    existing = path.parent if os.path.lexists(path) and not folder else path
     while not existing.exists():
         if existing.is_symlink():
             raise VlmcacheError(f"{option} '{path}': '{existing}' is a broken symbolic link.")
@@ -232,7 +241,7 @@ def check_output(
         raise VlmcacheError(f"{option}: the path is empty.")
     if spec.suffix and path.suffix.lower() != spec.suffix:
         raise VlmcacheError(f"{option} '{path}': a {spec.what} must end in {spec.suffix}.")
-    check_creatable(path, option)
+    check_creatable(path, option, spec.folder)
     holder = _holder(path, Path(within) if within is not None else None)
     if holder is not None:
         what, folder = holder
