@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmcache import cache, distributed, faults, handover, runs
+from vlmcache import cache, distributed, faults, guard, handover, runs
 from vlmcache.choices import TUNE
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
@@ -408,8 +408,12 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
 def _prepare_run_dir(cfg: FinetuneConfig, device: torch.device) -> tuple[Path, dict | None]:
     """The run folder, made (or emptied with --overwrite) by rank 0, and the checkpoint to resume from if any."""
     rank = distributed.rank_world()[0]
-    runs.check_output_dir(cfg.runs_dir, "--runs-dir")
-    run_dir = runs.check_output_dir(cfg.out, "--out") if cfg.out else Path(cfg.runs_dir) / cfg.run_name()
+    if cfg.out:  # the output guard: not inside a cache or run, not someone else's folder (a run of ours resumes)
+        run_dir = guard.check_output(cfg.out, "--out", "run", cfg.overwrite, reuse=True)
+    else:
+        guard.check_output(cfg.runs_dir, "--runs-dir", "runs")
+        run_dir = Path(cfg.runs_dir) / cfg.run_name()
+        guard.check_output(run_dir, "--runs-dir", "run", cfg.overwrite, reuse=True)
     if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
         raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")
     state = None

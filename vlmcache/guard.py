@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -31,6 +33,7 @@ from vlmcache.errors import VlmcacheError
 
 MANIFEST, TEXT_FILE, CONFIG, METRICS = "manifest.json", "text.h5", "config.json", "metrics.json"
 RUN_FILES = ("metrics.json", "head.pt", "checkpoint.pt")  # a config.json beside one of these: a run folder
+# a run folder is also one that holds a fine-tuning checkpoint (a run under way) or only ablate's error.txt
 EXPORT_MARKER = "export.json"  # written last into an export folder: vlmcache wrote it
 PREDICTIONS_MARKER = (b"vlmcache", b"predictions")  # parquet schema metadata of --save-predictions files
 PREDICTION_COLUMNS = ("row", "path", "label", "class_name", "pred", "pred_name", "correct", "topk", "topk_scores")
@@ -174,11 +177,12 @@ def _is_export(path: Path) -> bool:
 
 
 KINDS = {
-    "run": OutputKind("run folder", True, lambda p: is_run(p) or _only(p, {"error.txt"})),
+    "run": OutputKind("run folder", True, lambda p: is_run(p) or _is_file(p / RUN_FILES[2]) or _only(p, {"error.txt"})),
     "predictions": OutputKind("predictions file", False, _is_predictions, ".parquet"),
     "export": OutputKind("export folder", True, _is_export),
     "runs": OutputKind("runs folder", True, lambda p: vlmcache_folder(p) is None),
     "cache-root": OutputKind("cache folder", True, lambda p: vlmcache_folder(p) is None),
+    "cache-split": OutputKind("cache split", True, lambda p: vlmcache_folder(p) == "a cache split"),
     "markdown": OutputKind("Markdown file", False, lambda p: _first_line(p).startswith("<!-- vlmcache"), ".md"),
 }
 CONTAINERS = ("runs", "cache-root")  # hold many outputs: may exist and hold things
@@ -298,3 +302,32 @@ def write_export_marker(folder: Path, info: dict) -> None:
     from vlmcache import cache
 
     cache.write_json_atomic(Path(folder) / EXPORT_MARKER, {"vlmcache": "export", **info})
+
+
+def publish_folder(staging: Path, final: Path) -> None:
+    """Move a complete folder into place; what was there (checked by `check_output`) is removed only after the
+    new one is in, so `final` is the old folder or the new one, whole, never a mixture."""
+    from vlmcache import cache
+
+    old = None
+    if os.path.lexists(final):
+        old = Path(tempfile.mkdtemp(prefix=f"{final.name}.old{cache.TMP_MARK}{os.getpid()}.", dir=final.parent))
+        os.replace(final, old / final.name)
+    os.replace(staging, final)
+    cache.fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def built_aside(final: str | os.PathLike) -> Iterator[Path]:
+    """`with built_aside(out) as staging:` write the whole output into `staging`; on success it replaces `out`
+    whole (an export never keeps an older export's files beside the new ones), on failure it is removed."""
+    final = Path(final)
+    staging = staging_folder(final)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_folder(staging, final)

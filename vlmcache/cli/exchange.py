@@ -20,6 +20,9 @@ def export(
     splits: list[str] = typer.Option(None, "--splits", help="A split to export (repeat it; default: every split)."),
     dtype: str = typer.Option("float32", "--dtype", help="The embeddings' type in the files: float32 or float16."),
     cache_dir: Path = CACHE_DIR,
+    overwrite: bool = typer.Option(
+        False, "--overwrite/--no-overwrite", metavar="", help="Replace an export folder vlmcache wrote, whole."
+    ),
     as_json: bool = JSON,
 ):
     """Write a cache's pooled embeddings with each row's image path, label and class name, shard by shard.
@@ -30,10 +33,20 @@ def export(
     SPLIT/img_emb/img_emb_N.npy and SPLIT/metadata/metadata_N.parquet (image_path, row, label, class_name), the
     layout clip-retrieval writes. Memory holds one shard at a time.
     """
-    from vlmcache import cache
+    from vlmcache import cache, guard
     from vlmcache.exchange import export_cache
 
-    result = export_cache(cache.resolve_cache(cache_dir, ref), fmt, out_dir, splits or None, dtype, log=log)
+    guard.check_output(out_dir, "--out", "export", overwrite)  # before any work
+    model_dir = cache.resolve_cache(cache_dir, ref)
+    with guard.built_aside(out_dir) as staging:  # replaces an older export whole, or leaves it as it was
+
+        def where(text: str) -> str:
+            return text.replace(str(staging), str(out_dir))
+
+        result = export_cache(model_dir, fmt, staging, splits or None, dtype, log=lambda s: log(where(s)))
+        for written in result["splits"].values():
+            written["path"] = where(written["path"])
+        guard.write_export_marker(staging, {"cache": str(model_dir), "format": fmt, "splits": list(result["splits"])})
     if as_json:
         print_json(result)
         return
