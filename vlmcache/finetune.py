@@ -412,7 +412,7 @@ def _prepare_run_dir(cfg: FinetuneConfig, device: torch.device) -> tuple[Path, d
         run_dir = guard.check_output(cfg.out, "--out", "run", cfg.overwrite, reuse=True)
     else:
         guard.check_output(cfg.runs_dir, "--runs-dir", "runs")
-        run_dir = Path(cfg.runs_dir) / cfg.run_name()
+        run_dir = Path(cfg.runs_dir) / guard.check_name(cfg.run_name(), "The run name")
         guard.check_output(run_dir, "--runs-dir", "run", cfg.overwrite, reuse=True)
     if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
         raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")

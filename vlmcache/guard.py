@@ -183,7 +183,7 @@ KINDS = {
     "runs": OutputKind("runs folder", True, lambda p: vlmcache_folder(p) is None),
     "cache-root": OutputKind("cache folder", True, lambda p: vlmcache_folder(p) is None),
     "cache-split": OutputKind("cache split", True, lambda p: vlmcache_folder(p) == "a cache split"),
-    "markdown": OutputKind("Markdown file", False, lambda p: _first_line(p).startswith("<!-- vlmcache"), ".md"),
+    "markdown": OutputKind("Markdown file", False, lambda p: _first_line(p).startswith("# vlmcache"), ".md"),
 }
 CONTAINERS = ("runs", "cache-root")  # hold many outputs: may exist and hold things
 
@@ -282,6 +282,16 @@ def check_output(
         f"{option} '{path}' is {label or found} that is not a {spec.what} vlmcache wrote; "
         f"{'--overwrite replaces only its own kind' if overwrite else 'it is kept'}. Choose another path."
     )
+
+
+def check_own_files(folder: Path, names: tuple[str, ...], what: str) -> None:
+    """The fixed-name files a command rewrites in a folder of its own (report's summary.csv, report.md, plots):
+    each absent or a plain file, never a link (writing through it would change a file elsewhere) or a folder."""
+    for name in names:
+        path = Path(folder) / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            kind = "a symbolic link" if path.is_symlink() else "not a plain file"
+            raise VlmcacheError(f"{what} writes '{path}', which is {kind}; move it away and run again.")
 
 
 # --------------------------------------------------------------------------- building an output aside

@@ -120,6 +120,10 @@ class TrainConfig:
     log: str | None = None  # per-epoch curves: tensorboard or csv (epochlog.EpochLog), into the run's logs/
 
     def resolve(self) -> TrainConfig:
+        names = (("--dataset", self.dataset), ("--cache-key", self.cache_key), ("--split", self.eval_split))
+        for option, name in (*names, ("--select-on", self.select_on), ("the training split", self.train_split)):
+            if name is not None:  # the name rule, for every name that is a folder of the cache or the run
+                guard.check_name(name, option)
         if self.protocol not in PROTOCOLS:
             raise unknown_choice("protocol", self.protocol, PROTOCOLS)
         if self.pretrained is not None and self.pretrained.lower() in RANDOM:
@@ -492,7 +496,7 @@ def _run_dir(cfg: TrainConfig) -> Path:
         run_dir = guard.check_output(cfg.out, "--out", "run", cfg.overwrite, reuse=True)
     else:
         guard.check_output(cfg.runs_dir, "--runs-dir", "runs")
-        run_dir = Path(cfg.runs_dir) / cfg.run_name()
+        run_dir = Path(cfg.runs_dir) / guard.check_name(cfg.run_name(), "The run name")
         guard.check_output(run_dir, "--runs-dir", "run", cfg.overwrite, reuse=True)
     if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
         raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")
