@@ -43,8 +43,8 @@ class PredictionWriter:
                 ("pred", pa.int64()),
                 ("pred_name", pa.string()),
                 ("correct", pa.bool_()),
-                ("topk", pa.list_(pa.int32(), k)),
-                ("topk_scores", pa.list_(pa.float32(), k)),
+                ("topk", pa.list_(pa.int32(), self.k)),
+                ("topk_scores", pa.list_(pa.float32(), self.k)),
             ],
             metadata=dict([guard.PREDICTIONS_MARKER]),  # the guard's mark: --overwrite may replace this file
         )

@@ -1,0 +1,217 @@
+"""The hostile harness: every command that writes, each of its output flags pointed at every artifact of an existing
+cache and run tree, must refuse with exit 2 and one line, and leave the whole tree (and what its links point to)
+byte-identical. A new writer is covered by adding its flag to WRITERS; a new artifact by adding it to TARGETS.
+
+The tree is built once per module (a synthetic cache, one trained run, one export), so each case costs one
+in-process CLI call and two hashes of a small tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import long_tailed_features, write_feature_cache
+from typer.testing import CliRunner
+
+from vlmcache import guard
+from vlmcache.cli import app
+from vlmcache.errors import VlmcacheError
+
+runner = CliRunner()
+DATASET = "hostile"
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """root/cache (a synthetic cache: train and test), root/runs/<run> (one finished train-head run with logs and
+    predictions), root/export (an export vlmcache wrote), a user's file and folder, and links to outside/."""
+    from vlmcache.train import TrainConfig, train_head
+
+    root = tmp_path_factory.mktemp("hostile")
+    outside = tmp_path_factory.mktemp("outside")
+    rng = np.random.default_rng(0)
+    x, y = long_tailed_features(rng, [40, 12, 5], dim=8)
+    xt, yt = long_tailed_features(rng, [6, 6, 6], dim=8)
+    model_dir = write_feature_cache(root / "cache", DATASET, {"train": (x, y, None), "test": (xt, yt, None)}, 3, 32)
+    cfg = TrainConfig(
+        dataset=DATASET, cache_dir=str(root / "cache"), runs_dir=str(root / "runs"), epochs=1, device="cpu",
+        save_predictions=True, log="csv",
+    )  # fmt: skip
+    run = Path(train_head(cfg, log=lambda *a: None)["run"])
+    res = runner.invoke(app, ["export", str(model_dir), "--out", str(root / "export"), "--cache-dir", str(root)])
+    assert res.exit_code == 0, res.output
+    (root / "notes.txt").write_text("someone's notes")
+    (root / "userdir").mkdir()
+    (root / "userdir" / "data.bin").write_bytes(b"\x00\x01")
+    (outside / "secret.parquet").write_bytes(b"not yours")
+    (outside / "secret.md").write_text("# vlmcache benchmarks\nnot yours either")
+    (root / "link.parquet").symlink_to(outside / "secret.parquet")
+    (root / "link.md").symlink_to(outside / "secret.md")
+    (root / "dirlink").symlink_to(outside, target_is_directory=True)
+    return {"root": root, "outside": outside, "cache": root / "cache", "model": model_dir, "run": run}
+
+
+def snapshot(*folders: Path) -> dict:
+    """Every entry under `folders` (links not followed): its kind and, for a file, its sha256; for a link, its
+    target. Two equal snapshots: nothing was created, removed, replaced or changed."""
+    out = {}
+    for folder in folders:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                if p.is_symlink():
+                    out[str(p)] = ("link", os.readlink(p))
+                elif p.is_dir():
+                    out[str(p)] = ("dir",)
+                else:
+                    out[str(p)] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def shard(t) -> Path:
+    return next((t["model"] / "train").glob("shard-*.h5"))
+
+
+# Every artifact a hostile user may point an output flag at: name -> its path in the tree.
+TARGETS = {
+    "a shard": shard,
+    "a split's manifest.json": lambda t: t["model"] / "train" / "manifest.json",
+    "text.h5": lambda t: t["model"] / "text.h5",
+    "a run's head.pt": lambda t: t["run"] / "head.pt",
+    "a run's metrics.json": lambda t: t["run"] / "metrics.json",
+    "a run's predictions": lambda t: t["run"] / "predictions.parquet",
+    "a run folder": lambda t: t["run"],
+    "a run's logs folder": lambda t: t["run"] / "logs",
+    "a split folder": lambda t: t["model"] / "train",
+    "a cache folder": lambda t: t["model"],
+    "a cache's dataset folder": lambda t: t["cache"] / DATASET,
+    "a new file in a run": lambda t: t["run"] / "new.parquet",
+    "a new folder in a run": lambda t: t["run"] / "new",
+    "a new file in a split": lambda t: t["model"] / "train" / "new.parquet",
+    "a new folder in a cache": lambda t: t["model"] / "new",
+    "a user's file": lambda t: t["root"] / "notes.txt",
+    "a file under a file": lambda t: t["root"] / "notes.txt" / "x.parquet",
+    "a link out of the tree": lambda t: t["root"] / "link.parquet",
+    "a Markdown link out of the tree": lambda t: t["root"] / "link.md",
+    "a folder link out of the tree": lambda t: t["root"] / "dirlink",
+    "a new file in a linked run": lambda t: t["root"] / "runs" / t["run"].name / "x.parquet",
+}
+TARGETS["an export folder"] = lambda t: t["root"] / "export"
+TARGETS["an export's file"] = lambda t: t["root"] / "export" / "train.parquet"
+# (writer, target) pairs that are the writer's own kind of output: --overwrite replaces them (tested on their own)
+OWN = {("train-head --out --overwrite", "a run folder"), ("export --out --overwrite", "an export folder")}
+
+
+def cache_args(t) -> list[str]:
+    return ["--cache-dir", str(t["cache"]), "-d", DATASET, "--device", "cpu"]
+
+
+# Every command that writes, one entry per output flag: name -> (argv with the target in it, is a container flag).
+WRITERS = {
+    "train-head --out": lambda t, p: ["train-head", *cache_args(t), "--epochs", "1", "--out", p],
+    "train-head --out --overwrite": lambda t, p: ["train-head", *cache_args(t), "--epochs", "1", "--overwrite", "--out", p],
+    "train-head --runs-dir": lambda t, p: ["train-head", *cache_args(t), "--epochs", "1", "--runs-dir", p],
+    "train-head --log csv --out": lambda t, p: ["train-head", *cache_args(t), "--epochs", "1", "--log", "csv", "--out", p],
+    "zero-shot --save-predictions": lambda t, p: ["zero-shot", *cache_args(t), "--templates", "photo",
+                                                  "--save-predictions", p],
+    "zero-shot --save-predictions --overwrite": lambda t, p: ["zero-shot", *cache_args(t), "--templates", "photo",
+                                                              "--overwrite", "--save-predictions", p],
+    "knn --save-predictions": lambda t, p: ["knn", *cache_args(t), "--k", "3", "--save-predictions", p],
+    "knn --save-predictions --overwrite": lambda t, p: ["knn", *cache_args(t), "--k", "3", "--overwrite",
+                                                        "--save-predictions", p],
+    "export --out": lambda t, p: ["export", str(t["model"]), "--out", p],
+    "export --out --overwrite": lambda t, p: ["export", str(t["model"]), "--overwrite", "--out", p],
+    "import --cache-dir": lambda t, p: ["import", str(t["root"] / "export" / "train.parquet"), "--from", "parquet",
+                                        "-d", "imported", "--cache-dir", p],
+    "extract --cache-dir": lambda t, p: ["extract", "-d", "digits_lt", "-m", "vlmcache-tiny", "-p", "none",
+                                         "--device", "cpu", "--workers", "0", "--cache-dir", p],
+    "finetune --out": lambda t, p: ["finetune", "-d", "digits_lt", "-m", "vlmcache-tiny", "-p", "none", "--device",
+                                    "cpu", "--epochs", "1", "--out", p],
+    "finetune --runs-dir": lambda t, p: ["finetune", "-d", "digits_lt", "-m", "vlmcache-tiny", "-p", "none",
+                                         "--device", "cpu", "--epochs", "1", "--runs-dir", p],
+    "ablate --runs-dir": lambda t, p: ["ablate", "quick", "--runs-dir", p],
+    "report": lambda t, p: ["report", p],
+    "bench --markdown": lambda t, p: ["bench", "--scale", "smoke", "--only", "cache_size", "--markdown", p],
+}  # fmt: skip
+
+
+def refuse(t, argv: list[str], target: Path) -> None:
+    """The harness's one assertion: exit 2, one line that names the target, no traceback, nothing changed."""
+    before = snapshot(t["root"], t["outside"])
+    res = runner.invoke(app, argv)
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2, f"{argv}: exit {res.exit_code}\n{res.output}\n{res.exception!r}"
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert "Traceback" not in res.output
+    assert str(target) in res.output or target.name in res.output, res.output
+    assert snapshot(t["root"], t["outside"]) == before, f"{argv} changed the tree"
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_every_writer_refuses_every_artifact(tree, writer):
+    for name, where in TARGETS.items():
+        target = where(tree)
+        if (writer, name) in OWN:
+            continue
+        refuse(tree, WRITERS[writer](tree, str(target)), target)
+
+
+# Every option that names a folder: name -> argv with the name in it. Each refuses what the name rule refuses.
+NAMED = {
+    "import --dataset": lambda t, n: ["import", str(t["root"] / "export" / "train.parquet"), "--from", "parquet",
+                                      "-d", n, "--cache-dir", str(t["cache"])],
+    "import --split": lambda t, n: ["import", str(t["root"] / "export" / "train.parquet"), "--from", "parquet",
+                                    "-d", "imported", "--split", n, "--cache-dir", str(t["cache"])],
+    "import --model": lambda t, n: ["import", str(t["root"] / "export" / "train.parquet"), "--from", "parquet",
+                                    "-d", "imported", "--model", n, "--cache-dir", str(t["cache"])],
+    "train-head --dataset": lambda t, n: ["train-head", "--cache-dir", str(t["cache"]), "-d", n, "--device", "cpu",
+                                          "--runs-dir", str(t["root"] / "runs")],
+    "train-head --cache-key": lambda t, n: ["train-head", *cache_args(t), "--cache-key", n,
+                                            "--runs-dir", str(t["root"] / "runs")],
+    "train-head --split": lambda t, n: ["train-head", *cache_args(t), "--split", n, "--runs-dir", str(t["root"] / "runs")],
+    "extract --name": lambda t, n: ["extract", "-d", "split", "--split-file", f"train={t['root'] / 'notes.txt'}",
+                                    "--name", n, "--cache-dir", str(t["cache"]), "-m", "vlmcache-tiny", "-p", "none"],
+    "extract --split-file NAME": lambda t, n: ["extract", "-d", "split", "--split-file", f"{n}={t['root'] / 'notes.txt'}",
+                                               "--cache-dir", str(t["cache"]), "-m", "vlmcache-tiny", "-p", "none"],
+}  # fmt: skip
+BAD_NAMES = ["..", ".", "a/b", "../../escape", ".hidden", "tab\there", "nul\x01", "back\\slash"]
+
+
+@pytest.mark.parametrize("option", list(NAMED))
+def test_every_name_option_refuses_what_the_name_rule_refuses(tree, option):
+    for name in BAD_NAMES:
+        before = snapshot(tree["root"], tree["outside"])
+        res = runner.invoke(app, NAMED[option](tree, name))
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert res.exit_code == 2 and len(lines) == 1, f"{option} {name!r}: {res.exit_code}\n{res.output}"
+        assert "Traceback" not in res.output
+        assert snapshot(tree["root"], tree["outside"]) == before
+
+
+@pytest.mark.parametrize("name", [*BAD_NAMES, "", "x" * 256])
+def test_the_name_rule_refuses_names_that_are_not_one_folder(name):
+    with pytest.raises(VlmcacheError, match="--split"):
+        guard.check_name(name, "--split")
+
+
+@pytest.mark.parametrize("name", ["train", "places_lt", "ViT-B-16__openai__3f9a2c1e", "mes données", "a.b"])
+def test_the_name_rule_keeps_plain_names(name):
+    assert guard.check_name(name, "--split") == name
+
+
+def test_eval_save_predictions_refuses_a_link_in_the_run(tree, tmp_path):
+    """eval writes predictions.parquet into the run it evaluates; a link there would write elsewhere."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tree["run"], run)
+    (run / "predictions.parquet").unlink()
+    (run / "predictions.parquet").symlink_to(tree["outside"] / "secret.parquet")
+    before = snapshot(run, tree["outside"])
+    res = runner.invoke(app, ["eval", str(run), "--device", "cpu", "--save-predictions"])
+    assert res.exit_code == 2 and "symbolic link" in res.output, res.output
+    assert snapshot(run, tree["outside"]) == before
