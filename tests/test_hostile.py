@@ -110,12 +110,21 @@ def cache_args(t) -> list[str]:
     return ["--cache-dir", str(t["cache"]), "-d", DATASET, "--device", "cpu"]
 
 
+def train_args(t) -> list[str]:
+    return ["train-head", *cache_args(t), "--epochs", "1"]
+
+
+def split_args(t, name: str = "train") -> list[str]:
+    return ["extract", "-d", "split", "--split-file", f"{name}={t['root'] / 'notes.txt'}", "-m", "vlmcache-tiny",
+            "-p", "none", "--cache-dir", str(t["cache"])]  # fmt: skip
+
+
 # Every command that writes, one entry per output flag: name -> (argv with the target in it, is a container flag).
 WRITERS = {
-    "train-head --out": lambda t, p: ["train-head", *cache_args(t), "--epochs", "1", "--out", p],
-    "train-head --out --overwrite": lambda t, p: ["train-head", *cache_args(t), "--epochs", "1", "--overwrite", "--out", p],
-    "train-head --runs-dir": lambda t, p: ["train-head", *cache_args(t), "--epochs", "1", "--runs-dir", p],
-    "train-head --log csv --out": lambda t, p: ["train-head", *cache_args(t), "--epochs", "1", "--log", "csv", "--out", p],
+    "train-head --out": lambda t, p: [*train_args(t), "--out", p],
+    "train-head --out --overwrite": lambda t, p: [*train_args(t), "--overwrite", "--out", p],
+    "train-head --runs-dir": lambda t, p: [*train_args(t), "--runs-dir", p],
+    "train-head --log csv --out": lambda t, p: [*train_args(t), "--log", "csv", "--out", p],
     "zero-shot --save-predictions": lambda t, p: ["zero-shot", *cache_args(t), "--templates", "photo",
                                                   "--save-predictions", p],
     "zero-shot --save-predictions --overwrite": lambda t, p: ["zero-shot", *cache_args(t), "--templates", "photo",
@@ -172,11 +181,9 @@ NAMED = {
                                           "--runs-dir", str(t["root"] / "runs")],
     "train-head --cache-key": lambda t, n: ["train-head", *cache_args(t), "--cache-key", n,
                                             "--runs-dir", str(t["root"] / "runs")],
-    "train-head --split": lambda t, n: ["train-head", *cache_args(t), "--split", n, "--runs-dir", str(t["root"] / "runs")],
-    "extract --name": lambda t, n: ["extract", "-d", "split", "--split-file", f"train={t['root'] / 'notes.txt'}",
-                                    "--name", n, "--cache-dir", str(t["cache"]), "-m", "vlmcache-tiny", "-p", "none"],
-    "extract --split-file NAME": lambda t, n: ["extract", "-d", "split", "--split-file", f"{n}={t['root'] / 'notes.txt'}",
-                                               "--cache-dir", str(t["cache"]), "-m", "vlmcache-tiny", "-p", "none"],
+    "train-head --split": lambda t, n: [*train_args(t), "--split", n, "--runs-dir", str(t["root"] / "runs")],
+    "extract --name": lambda t, n: [*split_args(t), "--name", n],
+    "extract --split-file NAME": lambda t, n: split_args(t, n),
 }  # fmt: skip
 BAD_NAMES = ["..", ".", "a/b", "../../escape", ".hidden", "tab\there", "nul\x01", "back\\slash"]
 
