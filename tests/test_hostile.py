@@ -222,3 +222,80 @@ def test_eval_save_predictions_refuses_a_link_in_the_run(tree, tmp_path):
     res = runner.invoke(app, ["eval", str(run), "--device", "cpu", "--save-predictions"])
     assert res.exit_code == 2 and "symbolic link" in res.output, res.output
     assert snapshot(run, tree["outside"]) == before
+
+
+# --------------------------------------------------------------------------- what --overwrite may replace
+
+
+@pytest.fixture
+def small_cache(tmp_path):
+    rng = np.random.default_rng(1)
+    x, y = long_tailed_features(rng, [20, 8, 4], dim=8)
+    write_feature_cache(tmp_path / "cache", DATASET, {"train": (x, y, None), "test": (x[::2], y[::2], None)}, 3, 8)
+    return tmp_path
+
+
+def test_export_replaces_an_older_export_whole(small_cache):
+    """An npy export into an older one keeps no stale img_emb_N.npy (import would read it as data)."""
+    out, model_dir = small_cache / "exported", small_cache / "cache" / DATASET / "synthetic__random__00000000"
+    args = ["export", str(model_dir), "--format", "npy", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    stale = out / "train" / "img_emb" / "img_emb_99.npy"
+    stale.write_bytes((out / "train" / "img_emb" / "img_emb_0.npy").read_bytes())
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "--overwrite" in res.output and stale.exists()  # refused, kept as it was
+    res = runner.invoke(app, [*args, "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert not stale.exists() and (out / guard.EXPORT_MARKER).is_file()
+    assert len(list((out / "train" / "img_emb").iterdir())) == 4  # 32 rows in shards of 8
+    assert [p.name for p in small_cache.iterdir()] == ["cache", "exported"]  # no staging folder left
+
+
+def test_overwrite_replaces_only_its_own_kind(small_cache):
+    user = small_cache / "mine"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    common = ["--cache-dir", str(small_cache / "cache"), "--device", "cpu", "--overwrite"]
+    for argv in (
+        ["train-head", *common, "--epochs", "1", "--out", str(user)],
+        [
+            "export",
+            str(small_cache / "cache" / DATASET / "synthetic__random__00000000"),
+            "--out",
+            str(user),
+            "--overwrite",
+        ],
+    ):
+        res = runner.invoke(app, argv)
+        assert res.exit_code == 2 and "not a" in res.output and str(user) in res.output, res.output
+        assert (user / "thesis.tex").read_text() == "years of work"
+    plain = small_cache / "plain.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"a": [1, 2]}), plain)
+    preds = small_cache / "preds.parquet"
+    zs = ["zero-shot", *common[:4], "--templates", "photo", "--save-predictions"]
+    assert runner.invoke(app, [*zs, str(preds)]).exit_code == 0
+    res = runner.invoke(app, [*zs, str(preds)])
+    assert res.exit_code == 2 and "--overwrite" in res.output  # exists: refused without --overwrite
+    assert runner.invoke(app, [*zs, str(preds), "--overwrite"]).exit_code == 0  # its own kind: replaced
+    res = runner.invoke(app, [*zs, str(plain), "--overwrite"])
+    assert res.exit_code == 2 and pq.read_table(plain).column_names == ["a"]  # someone else's parquet: kept
+
+
+def test_live_logs_stay_inside_the_run(small_cache):
+    """--log writes inside the run's own staging folder: a `.logs/<run>` of someone else's is never touched."""
+    runs_dir = small_cache / "runs"
+    argv = ["train-head", "--cache-dir", str(small_cache / "cache"), "--device", "cpu", "--epochs", "2", "--json"]
+    res = runner.invoke(app, [*argv, "--runs-dir", str(runs_dir), "--log", "csv"])
+    assert res.exit_code == 0, res.output
+    run = Path(res.stdout.splitlines()[-1].split('"run": "')[1].split('"')[0])
+    theirs = runs_dir / ".logs" / run.name / "events.out"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("someone's curves")
+    res = runner.invoke(app, [*argv, "--runs-dir", str(runs_dir), "--log", "csv", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert theirs.read_text() == "someone's curves"
+    assert (run / "logs" / "epochs.csv").is_file()
+    assert sorted(p.name for p in runs_dir.iterdir()) == [".logs", run.name]  # no staging folder left

@@ -119,7 +119,7 @@ def train_head(
         None,
         "--log",
         help="Per-epoch loss, learning rate and (with --select-on) accuracy: tensorboard or csv, into the run's "
-        "logs/ (live under RUNS/.logs/ while it trains).",
+        "logs/ (live in its staging folder RUNS/<run>.tmp-* while it trains).",
     ),
     as_json: bool = JSON,
 ):
