@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import long_tailed_features, write_feature_cache
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from vlmcache import guard
@@ -299,3 +301,31 @@ def test_live_logs_stay_inside_the_run(small_cache):
     assert theirs.read_text() == "someone's curves"
     assert (run / "logs" / "epochs.csv").is_file()
     assert sorted(p.name for p in runs_dir.iterdir()) == [".logs", run.name]  # no staging folder left
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=0, max_size=40))
+def test_a_name_the_rule_keeps_is_one_visible_folder_in_its_parent(name):
+    """Whatever the text, a name check_name keeps is exactly one path part, a direct, visible child of its parent."""
+    try:
+        guard.check_name(name, "--name")
+    except VlmcacheError:
+        return
+    root = Path("/cache")
+    child = root / name
+    assert child.parent == root and len(Path(name).parts) == 1 and child.name == name
+    assert os.path.normpath(child) == str(child) and not name.startswith(".")
+
+
+@pytest.mark.parametrize("argv,name", [(["report"], "report.md"), (["ablate", "quick", "--runs-dir"], "results.csv")])
+def test_a_link_among_a_runs_folders_own_files_is_refused(tree, tmp_path, argv, name):
+    """report and ablate rewrite fixed names in the runs folder; one that is a link would write outside it."""
+    import shutil
+
+    runs_dir = tmp_path / "runs"
+    shutil.copytree(tree["run"], runs_dir / tree["run"].name)
+    (runs_dir / name).symlink_to(tree["outside"] / "secret.md")
+    before = snapshot(runs_dir, tree["outside"])
+    res = runner.invoke(app, [*argv, str(runs_dir)])
+    assert res.exit_code == 2 and "symbolic link" in res.output and name in res.output, res.output
+    assert snapshot(runs_dir, tree["outside"]) == before

@@ -532,6 +532,7 @@ def run_pipeline(
         raise VlmcacheError(f"--group-size must be at least 1, got {group_size}.")
     planned = plan(pipe)
     out = guard.check_output(pipe.runs_dir, "the runs folder (--runs-dir or runs_dir)", "runs")
+    guard.check_own_files(out, ("results.csv", "results.parquet"), "ablate")
     out.mkdir(parents=True, exist_ok=True)
     distributed.init_from_env()
     rank, world = distributed.rank_world()

@@ -66,6 +66,7 @@ def ablate(
         pipe = dataclasses.replace(pipe, runs_dir=str(runs_dir))
     if not dry_run:  # the output guard, before --extract or any run
         guard.check_output(pipe.runs_dir, "--runs-dir", "runs")
+        guard.check_own_files(Path(pipe.runs_dir), ("results.csv", "results.parquet"), "ablate")
     runs = plan(pipe)
     missing = missing_caches(pipe)
     if dry_run:
