@@ -106,6 +106,9 @@ TARGETS["an export folder"] = lambda t: t["root"] / "export"
 TARGETS["an export's file"] = lambda t: t["root"] / "export" / "train.parquet"
 # (writer, target) pairs that are the writer's own kind of output: --overwrite replaces them (tested on their own)
 OWN = {("train-head --out --overwrite", "a run folder"), ("export --out --overwrite", "an export folder")}
+# a container flag (a folder of many outputs) follows a link to a folder: a cache or runs folder on a bigger disk
+OWN |= {(w, "a folder link out of the tree") for w in ("train-head --runs-dir", "import --cache-dir",
+        "extract --cache-dir", "finetune --runs-dir", "ablate --runs-dir")}  # fmt: skip
 
 
 def cache_args(t) -> list[str]:
@@ -166,7 +169,7 @@ def refuse(t, argv: list[str], target: Path) -> None:
 def test_every_writer_refuses_every_artifact(tree, writer):
     for name, where in TARGETS.items():
         target = where(tree)
-        if (writer, name) in OWN:
+        if (writer, name) in OWN:  # the writer's own kind of output: replaced with --overwrite, tested below
             continue
         refuse(tree, WRITERS[writer](tree, str(target)), target)
 
@@ -329,3 +332,13 @@ def test_a_link_among_a_runs_folders_own_files_is_refused(tree, tmp_path, argv, 
     res = runner.invoke(app, [*argv, str(runs_dir)])
     assert res.exit_code == 2 and "symbolic link" in res.output and name in res.output, res.output
     assert snapshot(runs_dir, tree["outside"]) == before
+
+
+def test_a_container_may_be_a_link_to_a_folder(small_cache, tmp_path_factory):
+    """--cache-dir and --runs-dir follow a link to a folder (a bigger disk); the run lands in the link's target."""
+    disk = tmp_path_factory.mktemp("disk")
+    (small_cache / "runs").symlink_to(disk, target_is_directory=True)
+    argv = ["train-head", "--cache-dir", str(small_cache / "cache"), "--device", "cpu", "--epochs", "1"]
+    res = runner.invoke(app, [*argv, "--runs-dir", str(small_cache / "runs")])
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in disk.iterdir()][0].startswith(DATASET)

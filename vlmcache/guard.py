@@ -10,8 +10,8 @@ mistake costs nothing and nothing outside the output changes. The rules (docs/ou
   --save-predictions` into the run it evaluates);
 - it must not be a symbolic link, and not an existing file or a non-empty folder, unless `overwrite`, and then
   only a file or folder of the same kind that vlmcache wrote (each kind's marker says so);
-- a container (`--runs-dir`, `--cache-dir`: folders that hold many outputs) may exist and hold things; it must
-  only not be, or lie inside, a cache or run.
+- a container (`--runs-dir`, `--cache-dir`: folders that hold many outputs) may exist, hold things and be a link
+  to a folder (a cache on a bigger disk); it must only not be, or lie inside, a cache or run.
 
 Every name that becomes a folder (dataset, split, run, cache key, `--name`) passes `check_name`.
 """
@@ -253,11 +253,11 @@ def check_output(
             f"{option} '{path}' lies inside {what} ('{folder}'); vlmcache writes its outputs only outside caches "
             f"and runs. Choose another path."
         )
-    if path.is_symlink():
+    if path.is_symlink() and not (kind in CONTAINERS and path.is_dir()):
         raise VlmcacheError(f"{option} '{path}' is a symbolic link; name the real path (links are not followed).")
     if not path.exists():
         return path
-    if kind in CONTAINERS:
+    if kind in CONTAINERS:  # a link to a folder is followed (a cache or runs folder on a bigger disk)
         if not path.is_dir():
             raise VlmcacheError(f"{option} '{path}' is a file, not a folder.")
         if not spec.marker(path):

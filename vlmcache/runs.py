@@ -12,10 +12,9 @@ import json
 import os
 import pickle
 import re
-import shutil
 from pathlib import Path
 
-from vlmcache import cache, guard, schemas
+from vlmcache import guard, schemas
 from vlmcache.errors import VlmcacheError
 
 
@@ -32,14 +31,7 @@ def staging_dir(run_dir: Path) -> Path:
 
 def publish_run(staging: Path, run_dir: Path) -> None:
     """Move a complete run folder into place; an older run there is removed only after the new one is in."""
-    old = None
-    if run_dir.exists():
-        old = run_dir.with_name(f"{run_dir.name}.old{cache.TMP_MARK}{os.getpid()}")
-        os.replace(run_dir, old)
-    os.replace(staging, run_dir)
-    cache.fsync_dir(run_dir.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    guard.publish_folder(staging, run_dir)
 
 
 def read_json(path: Path, what: str):
