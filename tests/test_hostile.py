@@ -187,6 +187,8 @@ NAMED = {
     "train-head --cache-key": lambda t, n: ["train-head", *cache_args(t), "--cache-key", n,
                                             "--runs-dir", str(t["root"] / "runs")],
     "train-head --split": lambda t, n: [*train_args(t), "--split", n, "--runs-dir", str(t["root"] / "runs")],
+    "zero-shot --split": lambda t, n: ["zero-shot", *cache_args(t), "--templates", "photo", "--split", n],
+    "knn --split": lambda t, n: ["knn", *cache_args(t), "--k", "3", "--split", n],
     "extract --name": lambda t, n: [*split_args(t), "--name", n],
     "extract --split-file NAME": lambda t, n: split_args(t, n),
 }  # fmt: skip
