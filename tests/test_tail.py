@@ -2,12 +2,14 @@
 tail head with nothing trained reproduces the cached pooled embeddings, and a run on the cache equals the same run
 with the prefix recomputed from the images (--stream)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from vlmcache import cache
+from vlmcache import cache, runs
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ExtractConfig, run_extract
@@ -118,3 +120,31 @@ def test_tail_mistakes_are_one_clear_error(prefix_cache, split_dataset, tiny_enc
     # another K is another cache: resuming into this one is refused, naming the key
     with pytest.raises(VlmcacheError, match="tail_blocks"):
         run_extract(_extract_cfg(split_dataset, prefix_cache["config"]["cache_dir"], tail_blocks=2, views=2), **QUIET)
+
+
+def test_protocol_lift_sets_lifts_recipe_and_records_it(prefix_cache, tmp_path, tiny_encoder):
+    cfg = TrainConfig(dataset="inat18", head="tail", protocol="lift").resolve()
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.optimizer, cfg.momentum) == (
+        20, 128, 0.01, 5e-4, "sgd", 0.9
+    )  # fmt: skip
+    assert (cfg.loss, cfg.loss_params, cfg.text_init) == ("logit_adjust", {"tau": 1.0}, "photo")
+    assert cfg.head_params == {
+        "tune": "adapter", "classifier": "cosine", "features": "ln_post", "scale": 25.0, "learn_scale": False
+    }  # fmt: skip
+    mine = TrainConfig(dataset="split", head="tail", protocol="lift", tune="lora", epochs=3, lr=0.1).resolve()
+    assert (mine.epochs, mine.lr, mine.head_params["tune"]) == (3, 0.1, "lora")  # what the user says wins
+    with pytest.raises(VlmcacheError, match="--protocol lift tunes the tower's last blocks: use --head tail"):
+        TrainConfig(dataset="split", protocol="lift").resolve()
+    # LIFT's classifier: class texts mapped back through proj^T, unit norm, at a fixed scale of 25
+    head = TailHead(64, 3, **cfg.head_params).bind_tower(tiny_encoder.model.visual, 1)
+    text = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)
+    head.init_from_text(text, 100.0)
+    proj = tiny_encoder.model.visual.proj.detach()
+    torch.testing.assert_close(head.classifier.weight.detach(), torch.nn.functional.normalize(text @ proj.T, dim=-1))
+    assert float(head.classifier.log_scale.exp()) == pytest.approx(25.0)
+    assert not head.classifier.log_scale.requires_grad
+    run = train_head(_cfg(prefix_cache, tmp_path, protocol="lift", epochs=1, lr=None, batch_size=None), **QUIET)
+    recorded = runs.read_json(Path(run["run"]) / "config.json", "run")["config"]
+    assert (recorded["protocol"], recorded["loss"], recorded["head_params"]["features"]) == (
+        "lift", "logit_adjust", "ln_post"
+    )  # fmt: skip

@@ -15,7 +15,7 @@ HEADS = ("linear", "cosine", "decoder", "coop", "tail")
 STAGE2 = ("crt", "lws", "disalign", "marc")
 TEMPLATE_SETS = ("openai", "openai_simple", "photo")
 DEFAULT_TEMPLATE_SETS = ("openai", "photo")
-PROTOCOLS = ("default", "seed")
+PROTOCOLS = ("default", "seed", "lift")
 TAIL_TUNE = ("adapter", "lora", "full", "none")  # train-head --head tail --tune: tail.TUNES
 TUNE = {
     "all": "every parameter of the image tower",

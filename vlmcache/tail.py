@@ -232,6 +232,8 @@ class TailHead(nn.Module):
         features: str = "proj",
         bottleneck: int = 0,
         normalize: str = "l2",
+        scale: float = 0.0,
+        learn_scale: bool = True,
     ):
         super().__init__()
         if tune not in TUNES:
@@ -243,7 +245,10 @@ class TailHead(nn.Module):
         if normalize not in NORMALIZE:
             raise unknown_choice("tail input normalisation (normalize)", normalize, NORMALIZE)
         self.in_dim, self.num_classes = in_dim, num_classes
+        if not (scale >= 0 and math.isfinite(scale)):
+            raise VlmcacheError(f"The tail head's cosine scale must be 0 (1/0.07, learnable) or positive, got {scale}.")
         self.settings = dict(tune=tune, classifier=classifier, features=features, bottleneck=bottleneck)
+        self.scale, self.learn_scale = scale, learn_scale
         self.normalize = normalize
         self.tuner: TailTuner | None = None
         self.classifier: nn.Module | None = None
@@ -256,7 +261,10 @@ class TailHead(nn.Module):
         self.tuner = TailTuner(visual, k, s["tune"], s["features"], self.num_classes, s["bottleneck"], model)
         if self.tuner.width != self.in_dim:
             raise VlmcacheError(f"The prefix has width {self.in_dim}; {model}'s tail blocks take {self.tuner.width}.")
-        self.classifier = make_classifier(s["classifier"], self.tuner.out_dim, self.num_classes)
+        kw = {}
+        if s["classifier"] == "cosine":
+            kw = {"scale": self.scale or 1 / 0.07, "learn_scale": self.learn_scale}
+        self.classifier = make_classifier(s["classifier"], self.tuner.out_dim, self.num_classes, **kw)
         return self
 
     def _bound(self) -> TailTuner:
@@ -274,7 +282,11 @@ class TailHead(nn.Module):
     @torch.no_grad()
     def init_from_text(self, text: torch.Tensor, logit_scale: float) -> None:
         """The classifier from class-text embeddings (C, D); before the projection (features=ln_post) they are
-        mapped back by proj^T and unit-normalised, as LIFT's init_head_text_feat does (trainer.py lines 350-351)."""
+        mapped back by proj^T and unit-normalised, as LIFT's init_head_text_feat does (trainer.py lines 350-351).
+        The scale becomes CLIP's logit scale (step 0 is zero-shot) unless the head's `scale` is set (LIFT: 25)."""
         if self.settings["features"] == "ln_post":
             text = F.normalize(text @ self._bound().proj.T, dim=-1)  # (C, D) -> (C, W)
-        self.classifier.init_from_text(text, logit_scale)
+        if self.scale:
+            self.classifier.weight.copy_(text)
+        else:
+            self.classifier.init_from_text(text, logit_scale)

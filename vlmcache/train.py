@@ -50,6 +50,8 @@ from vlmcache.metrics import Evaluator
 from vlmcache.predictions import FILE as PREDICTIONS
 from vlmcache.predictions import PredictionWriter
 from vlmcache.recipe import (
+    LIFT_EPOCHS,
+    LIFT_SWITCHES,
     OPTIMIZERS,
     PROTOCOLS,
     SCHEDULES,
@@ -127,6 +129,8 @@ class TrainConfig:
             self.pretrained = "random"  # as cache keys and fingerprints say it
         if self.min_steps is None and (self.epochs is not None or self.iters is not None):
             self.min_steps = 0  # a length the user chose is the length
+        if self.protocol == "lift":
+            self._resolve_lift()
         for key, value in PROTOCOLS[self.protocol].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -193,6 +197,24 @@ class TrainConfig:
             # standardised inputs train from a random start; from the class texts, raw ones keep step 0 zero-shot
             self.head_params = {**self.head_params, "normalize": "none" if self.text_init else "standardize"}
         return self
+
+    def _resolve_lift(self) -> None:
+        """LIFT's method settings (recipe.LIFT_SWITCHES) under what the user gave; LIFT tunes the tower, so a tail
+        head on a prefix cache is the only head it applies to."""
+        if self.head != "tail" or self.stage2:
+            raise VlmcacheError(
+                f"--protocol lift tunes the tower's last blocks: use --head tail (on a cache extracted with "
+                f"--tail-blocks K), as a first stage; got --head {self.head}"
+                + (f" --stage2 {self.stage2}." if self.stage2 else ".")
+            )
+        self.head_params = {**LIFT_SWITCHES["head_params"], **self.head_params}
+        if self.tune is not None:
+            self.head_params["tune"] = self.tune
+        if self.loss is None:
+            self.loss, self.loss_params = LIFT_SWITCHES["loss"], {**LIFT_SWITCHES["loss_params"], **self.loss_params}
+        self.text_init = self.text_init or LIFT_SWITCHES["text_init"]
+        if self.epochs is None and self.dataset in LIFT_EPOCHS:
+            self.epochs = LIFT_EPOCHS[self.dataset]
 
     def _resolve_tune(self) -> None:
         """--tune is the tail head's `tune` parameter, named on its own because it says what trains."""
