@@ -80,13 +80,16 @@ def test_lifts_bottleneck_and_the_tuned_modules_start_at_zero(tiny_encoder):
     assert TailHead(64, 3, tune="adapter", bottleneck=5).bind_tower(tiny_encoder.model.visual, 1).tuner.bottleneck == 5
 
 
-@pytest.mark.parametrize(("tune", "augment", "epochs"), [("adapter", True, 2), ("lora", False, 1), ("full", False, 1)])
+@pytest.mark.parametrize(("tune", "augment", "epochs"), [("adapter", None, 2), ("lora", False, 1), ("full", True, 1)])
 def test_a_run_on_the_cached_prefix_equals_the_run_that_recomputes_it_from_images(
     prefix_cache, tmp_path, tune, augment, epochs
 ):
-    kw = dict(tune=tune, augment=augment, epochs=epochs)
-    cached = train_head(_cfg(prefix_cache, tmp_path / "c", **kw), **QUIET)
-    streamed = train_head(_cfg(prefix_cache, tmp_path / "s", stream=True, **kw), **QUIET)
+    kw = dict(tune=tune, augment=augment, epochs=epochs)  # augment None: both read the cached views by default
+    said = {False: [], True: []}
+    cached = train_head(_cfg(prefix_cache, tmp_path / "c", **kw), log=said[False].append)
+    streamed = train_head(_cfg(prefix_cache, tmp_path / "s", stream=True, **kw), log=said[True].append)
+    for lines in said.values():
+        assert any("one of the 2 cached views" in line for line in lines) == (augment is not False), lines
     assert [h["loss"] for h in streamed["history"]] == [h["loss"] for h in cached["history"]]
     assert streamed["metrics"] == cached["metrics"]
     a = torch.load(f"{cached['run']}/head.pt", weights_only=True)["head_state"]

@@ -529,7 +529,9 @@ def use_views(cfg: TrainConfig, split: cache.SplitCache, log) -> bool:
             f"with --stream --augment (a fresh view every epoch). The cache '{split.dir}' has none for the "
             f"{cfg.head} head."
         )
-    if cfg.augment is None and not (have and not cfg.stage2 and not cfg.stream):
+    # a tail run's --stream twin recomputes the cached views by default: the cache is an optimisation of that run
+    streamed_twin = cfg.stream and HEADS[cfg.head].input == "prefix"
+    if cfg.augment is None and not (have and not cfg.stage2 and (not cfg.stream or streamed_twin)):
         return False
     which = f"one of the {cached} cached views" if have else "a fresh view"
     hint = " (--no-augment: the plain inputs)" if cfg.augment is None else ""
