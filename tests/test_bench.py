@@ -22,6 +22,11 @@ def test_bench_smoke_writes_every_section(tmp_path):
     assert [c["classes"] for c in body["prompts"]["chunked"]] == [100, 400]
     assert body["prompts"]["unchunked_mb_per_class"] > 0
     assert body["finetune"]["ratio"] > 0 and body["finetune"]["tuned_params"] > 0
+    assert [e["k"] for e in body["tail"]["epochs"]] == [1, 2]
+    assert all(
+        e["limit_speedup"] >= 1 and e["prefix_bytes_per_image_view"] == 17 * 64 * 2 for e in body["tail"]["epochs"]
+    )
+    assert body["tail"]["disk"][0]["gb_per_view"] == round(115_846 * 197 * 768 * 2 / 1e9, 1)
     assert all(body["memory"][k]["peak_rss_mb"] > 0 for k in ("train_head_linear_1_epoch", "zero_shot", "knn_k20"))
     assert {"none", "gzip-4"} <= set(body["cache_size"]["codecs"])
     assert [p["outputs"].split()[0] for p in body["pipeline"]] == ["pooled", "tokens"]
@@ -37,6 +42,7 @@ def test_bench_smoke_writes_every_section(tmp_path):
         "## 3. Cached against streaming",
         "## 3b. Prompt tuning memory",
         "## 3c. Fine-tuning",
+        "## 3d. Tail tuning from a cached prefix",
         "## 4. Memory",
         "## 5. Cache size",
         "## 6. GPU",

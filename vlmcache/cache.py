@@ -224,7 +224,10 @@ def shard_image(final: Path, arrays: dict[str, np.ndarray | list[np.ndarray]], a
             parts = arr if isinstance(arr, list) else [arr]
             shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
             # Tokens are read in contiguous row slices; one row (one view of a row) per chunk keeps any slice cheap.
-            chunks = {"tokens": (1, *shape[1:]), "view_tokens": (1, 1, *shape[2:])}.get(name, True)
+            chunks = {
+                "tokens": (1, *shape[1:]), "view_tokens": (1, 1, *shape[2:]),
+                "prefix": (1, *shape[1:]), "view_prefix": (1, 1, *shape[2:]),
+            }.get(name, True)  # fmt: skip
             if len(parts) == 1:
                 f.create_dataset(name, data=parts[0], chunks=chunks if shape[0] else None, fletcher32=shape[0] > 0)
                 continue
@@ -485,11 +488,27 @@ class SplitCache:
             )
         return tuple(self.manifest["dims"]["tokens"])
 
+    def prefix_shape(self) -> tuple[int, int]:
+        """(T, W) of the prefix: the residual stream entering the tower's last `tail_blocks` blocks."""
+        if not self.fingerprint.get("tail_blocks"):
+            raise VlmcacheError(
+                f"The cache '{self.dir}' holds no prefix for tail tuning; extract again with --tail-blocks K "
+                f"(and --overwrite, or another --cache-dir)."
+            )
+        return tuple(self.manifest["dims"]["prefix"])
+
     def read_tokens(self, start: int, stop: int, name: str = "tokens", out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) of `tokens` as one (n, T, W) float16 array (`view_tokens`: (n, K, T, W)), read slice
         by slice across shards; into `out[: stop - start]` when given (a buffer read into again and again is not
         page-faulted in afresh, as a new array of many MB is)."""
-        shape = self.token_shape()
+        shape = self.prefix_shape() if name in ("prefix", "view_prefix") else self.token_shape()
+        if name == "view_prefix":
+            if not self.fingerprint.get("view_prefix"):
+                raise VlmcacheError(
+                    f"The cache '{self.dir}' holds no prefix of augmented views; extract with --tail-blocks K "
+                    f"--views V."
+                )
+            shape = (int(self.fingerprint["views"]), *shape)
         if name == "view_tokens":
             if not self.fingerprint.get("view_tokens"):
                 raise VlmcacheError(

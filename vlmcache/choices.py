@@ -11,11 +11,12 @@ DATASETS = ("imagenet_lt", "places_lt", "inat18", "imagefolder", "split", "wds",
 USER_DATASETS = ("imagefolder", "split", "wds")  # the user's own images: their caches are named by --name
 LOSSES = ("ce", "focal", "cbw", "cb", "balanced_softmax", "grw", "lade", "ldam", "logit_adjust")
 SAMPLERS = ("instance", "class_balanced", "sqrt")
-HEADS = ("linear", "cosine", "decoder", "coop")
+HEADS = ("linear", "cosine", "decoder", "coop", "tail")
 STAGE2 = ("crt", "lws", "disalign", "marc")
 TEMPLATE_SETS = ("openai", "openai_simple", "photo")
 DEFAULT_TEMPLATE_SETS = ("openai", "photo")
-PROTOCOLS = ("default", "seed")
+PROTOCOLS = ("default", "seed", "lift")
+TAIL_TUNE = ("adapter", "lora", "full", "none")  # train-head --head tail --tune: tail.TUNES
 TUNE = {
     "all": "every parameter of the image tower",
     "last": "the last --last-k transformer blocks, the final norm and the projection",

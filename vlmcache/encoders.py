@@ -222,6 +222,16 @@ class Encoder:
         return pooled.float(), (tapped[0].float() if tokens else None)
 
     @torch.inference_mode()
+    def encode_with_prefix(self, images: torch.Tensor, tokens: bool, k: int):
+        """`encode_images`' outputs and the prefix (B, T, W) float32: the residual stream entering the tower's last k
+        blocks (vlmcache/tail.py taps it), from the same forward pass."""
+        from vlmcache.tail import prefix_tap
+
+        with prefix_tap(self.model.visual, k, self.name) as tapped:
+            pooled, tok = self.encode_images(images, tokens=tokens)
+        return pooled, tok, tapped[0].float()
+
+    @torch.inference_mode()
     def encode_classnames(self, classnames: list[str], templates: list[str], batch_prompts: int = 1024):
         """Class-text embeddings (C, D), float32, unit norm: open_clip's own zero-shot classifier builder."""
         from open_clip.zero_shot_classifier import build_zero_shot_classifier

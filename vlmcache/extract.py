@@ -49,6 +49,7 @@ class ExtractConfig:
     batch_size: int = 64
     workers: int = field(default_factory=default_workers)
     tokens: bool = False
+    tail_blocks: int = 0  # K > 0: also cache the prefix, the residual stream entering the tower's last K blocks
     views: int = 0
     view_seed: int = 0
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATE_SETS))
@@ -69,6 +70,8 @@ class ExtractConfig:
             raise VlmcacheError(f"--workers must be 0 or more, got {self.workers}.")
         if self.views < 0:
             raise VlmcacheError(f"--views must be 0 or more, got {self.views}.")
+        if self.tail_blocks < 0:
+            raise VlmcacheError(f"--tail-blocks must be 0 (no prefix) or more, got {self.tail_blocks}.")
         if self.decode not in DECODE_MODES:
             raise unknown_choice("--decode", self.decode, DECODE_MODES)
         if not self.templates:
@@ -197,7 +200,7 @@ class ShardBuffer:
     def __init__(self, index: int, start: int, stop: int):
         self.index, self.start, self.stop = index, start, stop
         self.parts: dict[str, list[np.ndarray]] = {
-            "rows": [], "pooled": [], "tokens": [], "views": [], "view_tokens": []
+            "rows": [], "pooled": [], "tokens": [], "views": [], "view_tokens": [], "prefix": [], "view_prefix": []
         }  # fmt: skip
         self.skipped: list[dict] = []
         self.seen = 0
@@ -263,7 +266,15 @@ def _split_fingerprint(encoder: Encoder, dataset: Dataset, split: Split, cfg: Ex
         "view_seed": cfg.view_seed if views else None,
         "view_scale": list(VIEW_SCALE) if views else None,
         "view_flip": True if views else None,  # views made before the flip existed do not resume into this
+        # only when asked, so that every cache made before prefixes existed keeps its fingerprint
+        **(_prefix_fingerprint(cfg.tail_blocks, views) if cfg.tail_blocks else {}),
     }
+
+
+def _prefix_fingerprint(k: int, views: int) -> dict:
+    from vlmcache.tail import PREFIX_TAP
+
+    return {"tail_blocks": k, "prefix_tap": PREFIX_TAP, "view_prefix": bool(views)}
 
 
 def _prepare_split_dir(split_dir: Path, fingerprint: dict, cfg: ExtractConfig, log) -> dict | None:
@@ -383,6 +394,11 @@ def extract_split(
         t, w = manifest["dims"]["tokens"]
         gb = n * fingerprint["views"] * t * w * 2 / 1e9
         log(f"note: caching the tokens of {fingerprint['views']} views per training image takes about {gb:,.1f} GB.")
+    if cfg.tail_blocks and rank == 0 and todo:
+        t, w = manifest["dims"]["prefix"]
+        gb = n * (1 + fingerprint["views"]) * t * w * 2 / 1e9
+        log(f"note: the prefix of {cfg.tail_blocks} tail block(s), {t} x {w} float16 per image and view, takes about "
+            f"{gb:,.1f} GB.")  # fmt: skip
     on_device = None  # --decode gpu: the workers read the files, the device decodes and resizes
     if mine:
         use_decode(split.source, encoder, cfg.decode)
@@ -416,7 +432,7 @@ def extract_split(
                     batch = on_device(batch)
                 else:
                     batch = handover.finished(batch, encoder.device, finish, finish_views)
-                outputs = _encode_batch(encoder, batch, cfg.tokens)
+                outputs = _encode_batch(encoder, batch, cfg.tokens, cfg.tail_blocks)
                 if pending is not None:
                     file_batch(*pending)
                 pending = (batch, outputs)
@@ -468,7 +484,7 @@ def _open_manifest(
                     "n_rows": len(split),
                     "n_shards": n_shards,
                     "complete": False,
-                    "dims": probe_dims(encoder, cfg.tokens),
+                    "dims": probe_dims(encoder, cfg.tokens, cfg.tail_blocks),
                     "shards": [],
                 }
             # how to make this split again: `cache verify --repair` re-extracts damaged shards with it
@@ -505,23 +521,35 @@ def device_done(encoder: Encoder) -> Callable[[], None]:
     return lambda: None
 
 
-def _encode_batch(encoder: Encoder, batch: dict, tokens: bool) -> Callable[[], dict]:
+def _encode(encoder: Encoder, images: torch.Tensor, tokens: bool, prefix: int) -> tuple:
+    """(pooled, tokens or None, prefix or None) of a batch of images: one forward pass."""
+    if prefix:
+        return encoder.encode_with_prefix(images, tokens, prefix)
+    return (*encoder.encode_images(images, tokens=tokens), None)
+
+
+def _encode_batch(encoder: Encoder, batch: dict, tokens: bool, prefix: int = 0) -> Callable[[], dict]:
     """Queue a batch's encoding and its copies to the host; returns the function that waits for them (one sync
-    per batch) and gives the float16 arrays: pooled (B, D), and as asked tokens (B, T, W), views (B, K, D) and
-    their tokens (B, K, T, W); empty when every image of the batch was skipped."""
+    per batch) and gives the float16 arrays: pooled (B, D), and as asked tokens (B, T, W), the prefix entering the
+    last `prefix` blocks (B, T, W), views (B, K, D) and their tokens and prefixes (B, K, T, W); empty when every
+    image of the batch was skipped."""
     if batch["images"] is None:
         return dict
-    pooled, tok = encoder.encode_images(batch["images"], tokens=tokens)
+    pooled, tok, pre = _encode(encoder, batch["images"], tokens, prefix)
     out = {"pooled": _to_host(pooled)}
     if tok is not None:
         out["tokens"] = _to_host(tok)
+    if pre is not None:
+        out["prefix"] = _to_host(pre)
     shapes = {}
     if batch["views"] is not None:
         b, k = batch["views"].shape[:2]
-        flat, flat_tok = encoder.encode_images(batch["views"].flatten(0, 1), tokens=tokens)
+        flat, flat_tok, flat_pre = _encode(encoder, batch["views"].flatten(0, 1), tokens, prefix)
         out["views"], shapes["views"] = _to_host(flat), (b, k, -1)  # (B*K, D) -> (B, K, D)
         if flat_tok is not None:  # (B*K, T, W) -> (B, K, T, W)
             out["view_tokens"], shapes["view_tokens"] = _to_host(flat_tok), (b, k, *flat_tok.shape[1:])
+        if flat_pre is not None:  # (B*K, T, W) -> (B, K, T, W)
+            out["view_prefix"], shapes["view_prefix"] = _to_host(flat_pre), (b, k, *flat_pre.shape[1:])
     done = device_done(encoder)
 
     def outputs() -> dict:
@@ -594,12 +622,17 @@ def _add_batch(buffers: dict, batch: dict, arrays: dict, split: Split, size: int
         buf.seen += len(at)
 
 
-def probe_dims(encoder: Encoder, tokens: bool) -> dict:
-    """Output shapes from one blank image, so that a shard of only skipped rows still has typed datasets."""
+def probe_dims(encoder: Encoder, tokens: bool, prefix: int = 0) -> dict:
+    """Output shapes from one blank image, so that a shard of only skipped rows still has typed datasets; with
+    `prefix` K, also the prefix's (T, W)."""
     size = encoder.preprocess_cfg["size"]
     h, w = (size, size) if isinstance(size, int) else size
-    pooled, tok = encoder.encode_images(torch.zeros(1, 3, h, w), tokens=tokens)
-    return {"pooled": pooled.shape[1], "tokens": list(tok.shape[1:]) if tok is not None else None}
+    if prefix:
+        pooled, tok, pre = encoder.encode_with_prefix(torch.zeros(1, 3, h, w), tokens, prefix)
+    else:
+        pooled, tok = encoder.encode_images(torch.zeros(1, 3, h, w), tokens=tokens)
+    dims = {"pooled": pooled.shape[1], "tokens": list(tok.shape[1:]) if tok is not None else None}
+    return {**dims, "prefix": list(pre.shape[1:])} if prefix else dims
 
 
 def _buffer(buffers: dict, index: int, size: int, n: int) -> ShardBuffer:
@@ -622,12 +655,16 @@ def _build(buf: ShardBuffer, split: Split, split_dir: Path, dims: dict, cfg: Ext
     }
     if cfg.tokens:  # the large ones: handed to HDF5 part by part when in order, never concatenated
         arrays["tokens"] = _cat(buf.parts["tokens"], (0, *dims["tokens"]), order)
+    if cfg.tail_blocks:
+        arrays["prefix"] = _cat(buf.parts["prefix"], (0, *dims["prefix"]), order)
     views = cfg.views if split.name == "train" else 0
     if views:  # also for a shard whose every row was skipped, so that every shard has the same datasets
         arrays["views"] = _cat(buf.parts["views"], (0, views, dims["pooled"]))[order]
         if cfg.tokens:
             arrays["view_tokens"] = _cat(buf.parts["view_tokens"], (0, views, *dims["tokens"]), order)
-    for name in ("pooled", "tokens", "views", "view_tokens"):
+        if cfg.tail_blocks:
+            arrays["view_prefix"] = _cat(buf.parts["view_prefix"], (0, views, *dims["prefix"]), order)
+    for name in ("pooled", "tokens", "views", "view_tokens", "prefix", "view_prefix"):
         if name in arrays:
             parts = arrays[name] if isinstance(arrays[name], list) else [arrays[name]]
             at = 0
@@ -720,6 +757,10 @@ def run_extract(cfg: ExtractConfig, progress=None, log=print, model_dir: Path | 
             f"--tokens needs a ViT image tower (open_clip VisionTransformer); {cfg.model} has "
             f"{type(encoder.model.visual).__name__}. Extract pooled features only, or pick a ViT model."
         )
+    if cfg.tail_blocks:
+        from vlmcache.tail import check_tail_blocks
+
+        check_tail_blocks(encoder.model.visual, cfg.tail_blocks, cfg.model)
     model_dir = Path(model_dir) if model_dir is not None else Path(cfg.cache_dir) / dataset.name / encoder.key
     if rank == 0:
         _note_siblings(model_dir, encoder, log)

@@ -202,8 +202,8 @@ class BlockReader:
         """A buffer that `get` can read a block into; None when blocks are kept (each is an array of its own)."""
         if self.keep:
             return None
-        shape = self.split.token_shape()
-        if self.name == "view_tokens":
+        shape = row_shape(self.split, self.name.removeprefix("view_"))
+        if self.name.startswith("view_"):
             shape = (int(self.split.fingerprint["views"]), *shape)
         return np.empty((self.block_rows, *shape), np.float16)
 
@@ -254,8 +254,14 @@ class BlockReader:
                 yield block
 
 
+def row_shape(split: cache.SplitCache, name: str) -> tuple[int, int]:
+    """(T, W) of one row of `tokens` (the final block's output) or `prefix` (what enters the tail blocks)."""
+    return split.prefix_shape() if name == "prefix" else split.token_shape()
+
+
 class Tokens:
-    """Token rows (N, T, W) float16. Held in memory when they fit, else read in contiguous blocks.
+    """Token rows (N, T, W) float16: the final tokens, or (`name="prefix"`) the prefix entering the tail blocks.
+    Held in memory when they fit, else read in contiguous blocks.
 
     Streaming visits an epoch's sampled indices grouped by block: a window of `window_blocks` random blocks
     is read (each block one contiguous HDF5 slice, in a background thread), the sampled rows that fall in
@@ -271,18 +277,19 @@ class Tokens:
         block_rows: int = 256,
         window_blocks: int = 16,
         views: bool = False,
+        name: str = "tokens",
     ):
-        self.split, self.device = split, device
+        self.split, self.device, self.name = split, device, name
         self.y = torch.from_numpy(split.labels().astype(np.int64)).to(device)
         self.block_rows, self.window_blocks = block_rows, window_blocks
-        self.data = torch.from_numpy(split.read_tokens(0, len(split))).to(device) if in_memory else None
+        self.data = torch.from_numpy(split.read_tokens(0, len(split), name)).to(device) if in_memory else None
         # the augmented views' tokens (N, K, T, W): training shows one view per row and epoch (set_epoch)
         self.views, self.choice = views, None
         self.epoch = 0  # set_epoch's; the order in which streaming visits blocks depends on it alone
         self.view_data = None
         if views and in_memory:
-            self.view_data = torch.from_numpy(split.read_tokens(0, len(split), "view_tokens")).to(device)
-        self.blocks = BlockReader(split, block_rows, "view_tokens" if views else "tokens")
+            self.view_data = torch.from_numpy(split.read_tokens(0, len(split), "view_" + name)).to(device)
+        self.blocks = BlockReader(split, block_rows, "view_" + name if views else name)
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         self.epoch = epoch
@@ -295,11 +302,11 @@ class Tokens:
 
     @property
     def dim(self) -> int:
-        return self.split.token_shape()[1]
+        return row_shape(self.split, self.name)[1]
 
     @staticmethod
-    def fits_in_memory(split: cache.SplitCache, fraction: float = 0.4, views: bool = False) -> bool:
-        t, w = split.token_shape()
+    def fits_in_memory(split: cache.SplitCache, fraction: float = 0.4, views: bool = False, name="tokens") -> bool:
+        t, w = row_shape(split, name)
         need = len(split) * t * w * 2 * (1 + (int(split.fingerprint.get("views") or 0) if views else 0))
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return need <= fraction * total
@@ -358,7 +365,7 @@ class Tokens:
         perm = rng.permutation(len(sel))
         place = np.empty_like(perm)
         place[perm] = np.arange(len(perm))  # row k of the blocks' rows goes to place[k]
-        x = np.empty((len(sel), *self.split.token_shape()), np.float16)
+        x = np.empty((len(sel), *row_shape(self.split, self.name)), np.float16)
         starts = np.cumsum([0] + [len(r) for r in sels])  # where each block's rows begin among the window's
         for i in np.argsort(window, kind="stable"):  # the blocks in file order (as `blocks` reads them)
             b, rows_sel = window[i], sels[i]
@@ -422,7 +429,7 @@ class Tokens:
     def chunks(self, size: int = 1024) -> Iterator[tuple]:
         for i in range(0, len(self.y), size):
             j = min(i + size, len(self.y))
-            x = self.data[i:j] if self.data is not None else self._to_device(self.split.read_tokens(i, j))
+            x = self.data[i:j] if self.data is not None else self._to_device(self.split.read_tokens(i, j, self.name))
             yield x, self.y[i:j]
 
 
@@ -430,6 +437,16 @@ def load_inputs(split: cache.SplitCache, head_name: str, device: torch.device, s
     """What a head reads from a split: pooled features (and their augmented views) in device memory, or tokens."""
     if HEADS[head_name].input == "pooled":
         return Pooled.load(split, device, views)
+    if HEADS[head_name].input == "prefix":
+        if not split.fingerprint.get("tail_blocks"):
+            fp = split.fingerprint
+            raise VlmcacheError(
+                f"The {head_name} head reads the prefix entering the tower's last blocks, and the cache "
+                f"'{split.dir.parent}' holds none. Extract it: vlmcache extract --dataset {fp['dataset']} "
+                f"--model {fp['encoder']['model']} --tail-blocks 1 ... (same --root and --pretrained)."
+            )
+        fits = Tokens.fits_in_memory(split, views=views, name="prefix")
+        return Tokens(split, device, in_memory=not stream and fits, views=views, name="prefix")
     if not split.fingerprint.get("tokens"):
         fp = split.fingerprint
         raise VlmcacheError(

@@ -21,6 +21,7 @@ from torch import nn
 
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.prompts import CoOpHead
+from vlmcache.tail import TailHead
 
 
 class CosineClassifier(nn.Module):
@@ -191,7 +192,7 @@ class DecoderHead(nn.Module):
 @dataclass(frozen=True)
 class HeadInfo:
     cls: type[nn.Module]
-    input: str  # "pooled" or "tokens"
+    input: str  # "pooled", "tokens" or "prefix" (what enters the tower's last K blocks: vlmcache/tail.py)
     description: str
 
 
@@ -200,6 +201,7 @@ HEADS: dict[str, HeadInfo] = {
     "cosine": HeadInfo(CosineHead, "pooled", "cosine classifier, optionally initialised from the class texts"),
     "decoder": HeadInfo(DecoderHead, "tokens", "the seed's transformer decoder over the cached tokens"),
     "coop": HeadInfo(CoOpHead, "pooled", "CoOp prompt tuning: learned prompt context through the frozen text tower"),
+    "tail": HeadInfo(TailHead, "prefix", "the tower's last K blocks (adapter, lora, full or none) on a cached prefix"),
 }
 
 

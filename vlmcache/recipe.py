@@ -51,7 +51,35 @@ PROTOCOLS: dict[str, dict] = {
         schedule="seed_cosine",
         select_on="val",
     ),
+    # LIFT (Shi et al., ICML 2024; GitHub shijxcs/LIFT), read from utils/config.py lines 21-26 and
+    # configs/model/clip_vit_b16.yaml: SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 128, 10 epochs (20 on
+    # iNaturalist: LIFT_EPOCHS). Its method settings (tail head, loss, classifier, text init) are LIFT_SWITCHES.
+    "lift": dict(
+        epochs=10,
+        batch_size=128,
+        lr=0.01,
+        weight_decay=5e-4,
+        optimizer="sgd",
+        momentum=0.9,
+        nesterov=False,
+        iters=0,
+        min_steps=0,
+        warmup_iters=0,
+        schedule="cosine",
+        select_on="",
+    ),
 }
+# LIFT's method, as the tail head's parameters and train-head's settings (FIDELITY.md, "LIFT" table, has each
+# value's file and line): AdaptFormer in the tuned blocks, a cosine classifier at a fixed scale 25 on the class
+# token after ln_post (no projection), initialised from "a photo of a {}." texts, the logit-adjusted loss (tau 1).
+LIFT_SWITCHES: dict[str, object] = {
+    "head_params": {"tune": "adapter", "classifier": "cosine", "features": "ln_post", "scale": 25.0,
+                    "learn_scale": False},
+    "loss": "logit_adjust",
+    "loss_params": {"tau": 1.0},
+    "text_init": "photo",
+}  # fmt: skip
+LIFT_EPOCHS = {"inat18": 20}  # scripts/run_tab1to4_main_results.sh: `num_epochs 20` on iNaturalist 2018
 # The seed's form of each method, as parameters of the method (the papers' form is each default).
 SEED_SWITCHES: dict[str, dict] = {
     "loss": {

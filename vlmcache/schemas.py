@@ -77,11 +77,13 @@ class ShardEntry(_Strict):
 class Dims(_Strict):
     pooled: int = Field(ge=1)
     tokens: list[int] | None = Field(default=None, min_length=2, max_length=2)
+    prefix: list[int] | None = Field(default=None, min_length=2, max_length=2)
 
 
 class Fingerprint(_Strict):
     num_classes: int = Field(ge=1, le=10_000_000)
     tokens: bool = False
+    tail_blocks: int = Field(default=0, ge=0)
     views: int = Field(default=0, ge=0)
     shard_size: int | None = Field(default=None, ge=1)
 
@@ -104,6 +106,8 @@ class Manifest(_Strict):
             raise ValueError(f"n_shards {self.n_shards} does not fit {self.n_rows} rows in shards of {size}")
         if self.fingerprint.tokens and (self.dims.tokens is None or min(self.dims.tokens) < 1):
             raise ValueError("the fingerprint says tokens are cached but dims.tokens gives no (T, W) shape")
+        if self.fingerprint.tail_blocks and (self.dims.prefix is None or min(self.dims.prefix) < 1):
+            raise ValueError("the fingerprint says a prefix is cached but dims.prefix gives no (T, W) shape")
         indices = [e.index for e in self.shards]
         if len(set(indices)) != len(indices):
             raise ValueError(f"a shard is listed twice (indices {sorted(indices)})")

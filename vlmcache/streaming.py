@@ -52,7 +52,7 @@ class StreamedImages:
 
     def __init__(
         self, split: cache.SplitCache, encoder: Encoder, tokens: bool, workers: int | None = None, root=None,
-        augment: bool = False,
+        augment: bool = False, prefix: int = 0,
     ):  # fmt: skip
         made = cache.read_manifest(split.dir)["extract_config"]
         dataset = load_dataset(
@@ -65,6 +65,7 @@ class StreamedImages:
         self.source = dataset.splits[name].source
         use_decode(self.source, encoder, made.get("decode", "pil"))  # decoded as the cache was
         self.encoder, self.tokens = encoder, tokens
+        self.prefix = prefix  # K > 0: yield the prefix entering the tower's last K blocks (the tail head's input)
         self.workers = default_workers() if workers is None else workers
         self.rows = split.rows()
         self.y = torch.from_numpy(split.labels().astype(np.int64)).to(encoder.device)
@@ -90,6 +91,8 @@ class StreamedImages:
 
     @property
     def dim(self) -> int:
+        if self.prefix:
+            return probe_dims(self.encoder, False, self.prefix)["prefix"][1]
         pooled, tokens = probe_dims(self.encoder, self.tokens).values()
         return tokens[1] if self.tokens else pooled
 
@@ -112,6 +115,9 @@ class StreamedImages:
                     f"'{self.source.describe(row)}' (row {row}) was read at extraction but not now: {reason}. "
                     f"If the images moved, name their folder with --root."
                 )
+            if self.prefix:  # float16, as the cache stores it; cloned out of inference mode
+                yield self.encoder.encode_with_prefix(batch["images"], False, self.prefix)[2].half().clone()
+                continue
             pooled, tokens = self.encoder.encode_images(batch["images"], tokens=self.tokens)
             # float16, as the cache stores them; a clone leaves inference mode so autograd may use it
             yield tokens.half().clone() if self.tokens else pooled.half().float().clone()

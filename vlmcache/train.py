@@ -50,6 +50,8 @@ from vlmcache.metrics import Evaluator
 from vlmcache.predictions import FILE as PREDICTIONS
 from vlmcache.predictions import PredictionWriter
 from vlmcache.recipe import (
+    LIFT_EPOCHS,
+    LIFT_SWITCHES,
     OPTIMIZERS,
     PROTOCOLS,
     SCHEDULES,
@@ -77,6 +79,7 @@ class TrainConfig:
     preprocess: str = "model"  # which cache: the weights' own preprocessing, or the seed's (extract --preprocess)
     head: str = "linear"
     head_params: dict = field(default_factory=dict)
+    tune: str | None = None  # the tail head's: what trains in the tower's last K blocks (tail.TUNES); its head_params
     text_init: str | None = None  # template set that initialises the cosine head
     loss: str | None = None  # default: ce, or the second stage's own
     loss_params: dict = field(default_factory=dict)
@@ -130,11 +133,15 @@ class TrainConfig:
             self.pretrained = "random"  # as cache keys and fingerprints say it
         if self.min_steps is None and (self.epochs is not None or self.iters is not None):
             self.min_steps = 0  # a length the user chose is the length
+        if self.protocol == "lift":
+            self._resolve_lift()
         for key, value in PROTOCOLS[self.protocol].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.head not in HEADS:
             raise unknown_choice("head", self.head, HEADS)
+        if self.tune is not None:
+            self._resolve_tune()
         if self.stage2 is not None:
             if self.stage2 not in STAGE2:
                 raise unknown_choice("second stage", self.stage2, STAGE2)
@@ -186,12 +193,46 @@ class TrainConfig:
             raise VlmcacheError(
                 f"--tau-norm applies to a first-stage linear classifier, not a second stage or the {self.head} head."
             )
-        if self.text_init and self.head != "cosine":
-            raise VlmcacheError("--text-init initialises the cosine head; use --head cosine.")
+        if self.text_init and self.head not in ("cosine", "tail"):
+            raise VlmcacheError("--text-init initialises the cosine head (or the tail head's); use --head cosine.")
+        if self.text_init and self.head == "tail" and self.head_params.get("classifier", "cosine") != "cosine":
+            raise VlmcacheError("--text-init initialises a cosine classifier; the tail head's is classifier=linear.")
         if self.head == "cosine" and not self.stage2 and "normalize" not in self.head_params:
             # standardised inputs train from a random start; from the class texts, raw ones keep step 0 zero-shot
             self.head_params = {**self.head_params, "normalize": "none" if self.text_init else "standardize"}
         return self
+
+    def _resolve_lift(self) -> None:
+        """LIFT's method settings (recipe.LIFT_SWITCHES) under what the user gave; LIFT tunes the tower, so a tail
+        head on a prefix cache is the only head it applies to."""
+        if self.head != "tail" or self.stage2:
+            raise VlmcacheError(
+                f"--protocol lift tunes the tower's last blocks: use --head tail (on a cache extracted with "
+                f"--tail-blocks K), as a first stage; got --head {self.head}"
+                + (f" --stage2 {self.stage2}." if self.stage2 else ".")
+            )
+        self.head_params = {**LIFT_SWITCHES["head_params"], **self.head_params}
+        if self.tune is not None:
+            self.head_params["tune"] = self.tune
+        if self.loss is None:
+            self.loss, self.loss_params = LIFT_SWITCHES["loss"], {**LIFT_SWITCHES["loss_params"], **self.loss_params}
+        self.text_init = self.text_init or LIFT_SWITCHES["text_init"]
+        if self.epochs is None and self.dataset in LIFT_EPOCHS:
+            self.epochs = LIFT_EPOCHS[self.dataset]
+
+    def _resolve_tune(self) -> None:
+        """--tune is the tail head's `tune` parameter, named on its own because it says what trains."""
+        from vlmcache.tail import TUNES
+
+        if self.head != "tail":
+            raise VlmcacheError(f"--tune chooses what the tail head trains; it does not apply to --head {self.head}.")
+        if self.tune not in TUNES:
+            raise unknown_choice("--tune", self.tune, TUNES)
+        if self.head_params.get("tune", self.tune) != self.tune:
+            raise VlmcacheError(
+                f"--tune {self.tune} and --head-param tune={self.head_params['tune']} disagree; give one of them."
+            )
+        self.head_params = {**self.head_params, "tune": self.tune}
 
     def run_name(self) -> str:
         parts = [self.head, self.loss, self.sampler] + ([self.stage2] if self.stage2 else [])
@@ -448,10 +489,26 @@ def _inputs(
         return out
     encoder = streaming.encoder_of(splits[0], str(device))
     tokens = HEADS[head].input == "tokens"
+    prefix = tail_blocks_of(splits[0]) if HEADS[head].input == "prefix" else 0
     return [
-        streaming.StreamedImages(s, encoder, tokens, cfg.workers, cfg.root, augment and i == 0)
+        streaming.StreamedImages(s, encoder, tokens, cfg.workers, cfg.root, augment and i == 0, prefix)
         for i, s in enumerate(splits)
     ]
+
+
+def tail_blocks_of(split: cache.SplitCache) -> int:
+    """K, the tower blocks a cache's prefix leaves to the tail head; refused for a cache without a prefix."""
+    split.prefix_shape()  # the error that says how to extract one
+    return int(split.fingerprint["tail_blocks"])
+
+
+def bind_tail(head: nn.Module, split: cache.SplitCache, device: torch.device) -> None:
+    """Give the tail head the last K blocks of the tower that wrote the cache (its fingerprint names the weights
+    and preprocessing; `streaming.encoder_of` refuses a tower that would compute otherwise)."""
+    k = tail_blocks_of(split)
+    encoder = streaming.encoder_of(split, str(device))
+    head.bind_tower(encoder.model.visual, k, encoder.name)
+    head.to(device)
 
 
 def use_views(cfg: TrainConfig, split: cache.SplitCache, log) -> bool:
@@ -460,6 +517,8 @@ def use_views(cfg: TrainConfig, split: cache.SplitCache, log) -> bool:
     cached = int(split.fingerprint.get("views") or 0)
     tokens = HEADS[cfg.head].input == "tokens"
     have = cached and (split.fingerprint.get("view_tokens") if tokens else True)
+    if HEADS[cfg.head].input == "prefix":
+        have = cached and split.fingerprint.get("view_prefix")
     if cfg.augment is False:
         return False
     if cfg.augment and cfg.stage2:
@@ -474,7 +533,9 @@ def use_views(cfg: TrainConfig, split: cache.SplitCache, log) -> bool:
             f"with --stream --augment (a fresh view every epoch). The cache '{split.dir}' has none for the "
             f"{cfg.head} head."
         )
-    if cfg.augment is None and not (have and not cfg.stage2 and not cfg.stream):
+    # a tail run's --stream twin recomputes the cached views by default: the cache is an optimisation of that run
+    streamed_twin = cfg.stream and HEADS[cfg.head].input == "prefix"
+    if cfg.augment is None and not (have and not cfg.stage2 and (not cfg.stream or streamed_twin)):
         return False
     which = f"one of the {cached} cached views" if have else "a fresh view"
     hint = " (--no-augment: the plain inputs)" if cfg.augment is None else ""
@@ -531,7 +592,9 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
     model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key, cfg.preprocess)
     split = open_split(model_dir, cfg.train_split)
     num_classes = int(split.fingerprint["num_classes"])
-    width = split.token_shape()[1] if HEADS[saved["head"]].input == "tokens" else int(split.manifest["dims"]["pooled"])
+    width = {"tokens": split.token_shape, "prefix": split.prefix_shape}.get(
+        HEADS[saved["head"]].input, lambda: (None, int(split.manifest["dims"]["pooled"]))
+    )()[1]
     if (saved["num_classes"], saved["in_dim"]) != (num_classes, width):
         raise VlmcacheError(
             f"'{run_dir}/head.pt' is a head for {saved['num_classes']} classes and inputs of width "
@@ -539,6 +602,8 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
         )
     try:
         head = build_head(saved["head"], saved["in_dim"], saved["num_classes"], **saved["head_params"]).to(device)
+        if hasattr(head, "bind_tower"):
+            bind_tail(head, split, device)
         if hasattr(head, "bind_text"):
             _bind_text(head, split, cache.read_text(model_dir / cache.TEXT_FILE), device)
         stage2 = (
@@ -764,6 +829,8 @@ def _build_model(cfg: TrainConfig, first, train_data, train_split, text, device:
     head_params = full_head_params(cfg.head, cfg.head_params)
     num_classes = int(train_split.fingerprint["num_classes"])
     head = build_head(cfg.head, train_data.dim, num_classes, **head_params).to(device)
+    if hasattr(head, "bind_tower"):
+        bind_tail(head, train_split, device)
     if hasattr(head, "bind_text"):
         _bind_text(head, train_split, text, device)
     if getattr(head, "needs_input_stats", False):
@@ -778,7 +845,8 @@ def _build_model(cfg: TrainConfig, first, train_data, train_split, text, device:
     if cfg.text_init:
         if cfg.text_init not in text.sets:
             raise unknown_choice("template set of --text-init", cfg.text_init, text.sets)
-        head.classifier.init_from_text(torch.from_numpy(text.sets[cfg.text_init][1]).to(device), text.logit_scale)
+        init = head.init_from_text if hasattr(head, "init_from_text") else head.classifier.init_from_text
+        init(torch.from_numpy(text.sets[cfg.text_init][1]).to(device), text.logit_scale)
     model = RunModel(head)
     return model, model, train_data, head_params
 

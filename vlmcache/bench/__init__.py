@@ -8,6 +8,8 @@
   streaming from HDF5 over a plain sequential read of the same file.
 - cached against streaming: one epoch of `train-head` against `train-head --stream`, next to the limit
   (tower time + head time) / head time from the tower's bare passes and the cached epoch.
+- tail tuning: an epoch of the tail head on the cached prefix against the same epoch through --stream, next to
+  the limit (decode + prefix + tail) / tail; the prefix's bytes per image and view, and the benchmarks' disk.
 - prompt tuning: peak memory of a CoOp step over 1,000 to 8,142 class prompts, chunked and all at once.
 - grouped grid: 27 linear runs trained as one group (`ablate`'s default) against one run and against the 27
   one by one; 4 decoders on streamed tokens: bytes read per epoch, group against one run.
@@ -25,7 +27,19 @@ from pathlib import Path
 
 import torch
 
-from vlmcache.bench import cache_size, common, extraction, finetune, grouped, loop, memory, pipeline, prompts, streaming
+from vlmcache.bench import (
+    cache_size,
+    common,
+    extraction,
+    finetune,
+    grouped,
+    loop,
+    memory,
+    pipeline,
+    prompts,
+    streaming,
+    tail,
+)
 from vlmcache.bench.cache_size import bench_cache_size
 from vlmcache.bench.common import SCALES, machine
 from vlmcache.bench.extraction import bench_extraction
@@ -41,7 +55,9 @@ from vlmcache.errors import unknown_choice
 __all__ = ["SCALES", "prompt_step", "run_bench", "to_markdown"]
 
 
-SECTIONS = ("extraction", "pipeline", "loop", "grouped", "memory", "cache_size", "streaming", "finetune", "prompts")
+SECTIONS = (
+    "extraction", "pipeline", "loop", "grouped", "memory", "cache_size", "streaming", "finetune", "prompts", "tail",
+)  # fmt: skip
 
 
 def run_bench(scale: str = "default", device: str = "auto", log=print, only: list[str] | None = None) -> dict:
@@ -92,6 +108,9 @@ def run_bench(scale: str = "default", device: str = "auto", log=print, only: lis
     if want("finetune"):
         log("fine-tuning ...")
         results["finetune"] = bench_finetune(*s.finetune, device=str(dev))
+    if want("tail"):
+        log("tail tuning from a cached prefix ...")
+        results["tail"] = tail.bench_tail(*s.tail, device=str(dev))
     if want("prompts"):
         log("prompt tuning memory ...")
         model, classes, chunk, whole, limit = s.prompts
@@ -140,6 +159,7 @@ def _sections(r: dict) -> list[list[str]]:
         ("streaming", streaming.markdown),
         ("prompts", prompts.markdown),
         ("finetune", finetune.markdown),
+        ("tail", tail.markdown),
         ("memory", memory.markdown),
         ("cache_size", cache_size.markdown),
         (None, common.gpu_section),

@@ -30,6 +30,7 @@ class Scale:
     grouped: tuple = ()  # ((rows, dim, classes, test rows) pooled, (rows, (T, W), classes, test rows, decoders))
     pipeline: tuple = ()  # (JPEGs, ((simulated encoder img/s, tokens), ...))
     decode: tuple = ()  # (model, JPEGs) of the --decode modes' speed and agreement
+    tail: tuple = ()  # (model, JPEGs, (K, ...)) of tail tuning from the prefix cache against --stream
 
 
 SCALES = {
@@ -48,6 +49,7 @@ SCALES = {
         ((5000, 64, 100, 500), (256, (17, 64), 10, 64, 2)),
         (64, ((2000, False), (2000, True))),
         ("vlmcache-tiny", 32),
+        ("vlmcache-tiny", 16, (1, 2)),
     ),
     "default": Scale(
         (("vlmcache-tiny", 2000), ("ViT-B-16", 128)),
@@ -64,6 +66,7 @@ SCALES = {
         ((115_846, 512, 1000, 20_000), (2048, (50, 768), 1000, 256, 4)),
         (1024, ((2000, False), (10_000, False), (2000, True))),
         ("ViT-B-16", 64),
+        ("ViT-B-16", 64, (1, 2)),
     ),
     "full": Scale(
         (("vlmcache-tiny", 2000), ("ViT-B-16", 256), ("ViT-L-14", 64)),
@@ -80,6 +83,7 @@ SCALES = {
         ((115_846, 512, 1000, 20_000), (2048, (50, 768), 1000, 256, 4)),
         (1024, ((2000, False), (10_000, False), (2000, True))),
         ("ViT-B-16", 64),
+        ("ViT-B-16", 128, (1, 2)),
     ),
 }
 

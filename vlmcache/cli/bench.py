@@ -32,7 +32,7 @@ def bench(
         None,
         "--only",
         help="Run these sections alone and replace them in the Markdown file, keeping the rest (repeat it): "
-        "extraction, pipeline, loop, grouped, memory, cache_size, streaming, finetune, prompts.",
+        "extraction, pipeline, loop, grouped, memory, cache_size, streaming, finetune, prompts, tail.",
     ),
     as_json: bool = JSON,
 ):

@@ -87,6 +87,12 @@ def extract(
     ),
     cache_dir: Path = CACHE_DIR,
     tokens: bool = switch("tokens", "Also cache the final block's tokens (for the decoder head)."),
+    tail_blocks: int = typer.Option(
+        0,
+        "--tail-blocks",
+        help="Also cache the prefix entering the ViT tower's last K blocks, for the tail head "
+        "(train-head --head tail; docs/tail.md).",
+    ),
     views: int = typer.Option(0, "--views", help="Augmented views (random resized crop + flip) per training image."),
     view_seed: int = typer.Option(0, "--view-seed", help="Seed of the augmented views."),
     templates: str = typer.Option(

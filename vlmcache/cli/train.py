@@ -60,6 +60,12 @@ def train_head(
     preprocess: str = CACHE_PREPROCESS,
     head: str = typer.Option("linear", "--head", help=HEAD_HELP),
     head_param: list[str] = HEAD_PARAM,
+    tune: str = typer.Option(
+        None,
+        "--tune",
+        help="--head tail: what trains in the tower's last K blocks: adapter (default), lora, full or "
+        "none (docs/tail.md).",
+    ),
     text_init: str = TEXT_INIT,
     loss: str = LOSS,
     loss_param: list[str] = LOSS_PARAM,

@@ -1,0 +1,153 @@
+"""Tail tuning from a cached prefix (issue 28): the prefix is the exact tensor the tower's block L-K receives, the
+tail head with nothing trained reproduces the cached pooled embeddings, and a run on the cache equals the same run
+with the prefix recomputed from the images (--stream)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vlmcache import cache, runs
+from vlmcache.cli import app
+from vlmcache.errors import VlmcacheError
+from vlmcache.extract import ExtractConfig, run_extract
+from vlmcache.tail import TUNES, TailHead, lift_bottleneck, prefix_tap, tower_blocks
+from vlmcache.train import TrainConfig, evaluate_run, train_head
+
+QUIET = dict(log=lambda *a: None)
+
+
+def _extract_cfg(split_dataset, cache_dir, **kw) -> ExtractConfig:
+    root, files = split_dataset
+    splits = {"train": str(files["train"]), "test": str(files["test"])}
+    return ExtractConfig(
+        dataset="split", name="split", root=str(root), split_files=splits, model="vlmcache-tiny", pretrained="none",
+        device="cpu", workers=0, cache_dir=str(cache_dir), **kw,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prefix_cache(split_dataset, tmp_path_factory):
+    """The split_dataset extracted with the tiny model's last block's prefix and 2 views per training image."""
+    return run_extract(_extract_cfg(split_dataset, tmp_path_factory.mktemp("tail"), tail_blocks=1, views=2), **QUIET)
+
+
+def _cfg(summary, tmp_path, **kw) -> TrainConfig:
+    base = dict(
+        dataset="split", model="vlmcache-tiny", pretrained="none", cache_dir=summary["config"]["cache_dir"],
+        runs_dir=str(tmp_path / "runs"), device="cpu", epochs=2, lr=1e-2, batch_size=16, workers=0, head="tail",
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_prefix_is_the_tensor_block_l_minus_k_receives(tiny_encoder, k):
+    visual = tiny_encoder.model.visual
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        x = visual._embeds(images)  # patch embedding, class token, positions, ln_pre
+        for blk in visual.transformer.resblocks[: len(visual.transformer.resblocks) - k]:
+            x = blk(x)
+        pooled, _, prefix = tiny_encoder.encode_with_prefix(images, False, k)
+    torch.testing.assert_close(prefix, x)
+    assert torch.equal(pooled, tiny_encoder.encode_images(images)[0])  # the tap leaves the forward as it was
+
+
+@pytest.mark.parametrize("tune", list(TUNES))
+def test_an_untrained_tail_on_the_cached_prefix_gives_the_cached_pooled_embeddings(prefix_cache, tiny_encoder, tune):
+    split = cache.SplitCache(f"{prefix_cache['cache']}/train")
+    assert split.prefix_shape() == (17, 64) and split.fingerprint["tail_blocks"] == 1
+    head = TailHead(64, 3, tune=tune, normalize="none").bind_tower(tiny_encoder.model.visual, 1)
+    with torch.no_grad():
+        plain = head.features(torch.from_numpy(split.read_tokens(0, len(split), "prefix"))).numpy()
+        views = head.features(torch.from_numpy(split.read_tokens(0, len(split), "view_prefix")).flatten(0, 1))
+    # the prefix is float16 and so is the cached embedding: equal to float16 rounding (2^-10 relative, twice)
+    np.testing.assert_allclose(plain, split.load("pooled").astype(np.float32), rtol=3e-3, atol=3e-3)
+    np.testing.assert_allclose(
+        views.numpy(), split.load("views").reshape(-1, plain.shape[1]).astype(np.float32), rtol=3e-3, atol=3e-3
+    )
+    trainable = {n.split(".")[0] for n, p in head.tuner.named_parameters() if p.requires_grad}
+    assert trainable == {"adapter": {"adapters"}, "lora": {"lora"}, "full": {"blocks"}, "none": set()}[tune]
+
+
+def test_lifts_bottleneck_and_the_tuned_modules_start_at_zero(tiny_encoder):
+    assert [lift_bottleneck(c, 12) for c in (100, 365, 1000, 8142)] == [4, 8, 32, 256]
+    head = TailHead(64, 3, tune="adapter").bind_tower(tiny_encoder.model.visual, 2)
+    assert head.tuner.bottleneck == 1 and len(head.tuner.adapters) == 2  # 3 classes, 2 blocks: 2^max(0, -1)
+    assert all(not a.up.weight.any() and not a.up.bias.any() for a in head.tuner.adapters)
+    assert TailHead(64, 3, tune="adapter", bottleneck=5).bind_tower(tiny_encoder.model.visual, 1).tuner.bottleneck == 5
+
+
+@pytest.mark.parametrize(("tune", "augment", "epochs"), [("adapter", None, 2), ("lora", False, 1), ("full", True, 1)])
+def test_a_run_on_the_cached_prefix_equals_the_run_that_recomputes_it_from_images(
+    prefix_cache, tmp_path, tune, augment, epochs
+):
+    kw = dict(tune=tune, augment=augment, epochs=epochs)  # augment None: both read the cached views by default
+    said = {False: [], True: []}
+    cached = train_head(_cfg(prefix_cache, tmp_path / "c", **kw), log=said[False].append)
+    streamed = train_head(_cfg(prefix_cache, tmp_path / "s", stream=True, **kw), log=said[True].append)
+    for lines in said.values():
+        assert any("one of the 2 cached views" in line for line in lines) == (augment is not False), lines
+    assert [h["loss"] for h in streamed["history"]] == [h["loss"] for h in cached["history"]]
+    assert streamed["metrics"] == cached["metrics"]
+    a = torch.load(f"{cached['run']}/head.pt", weights_only=True)["head_state"]
+    b = torch.load(f"{streamed['run']}/head.pt", weights_only=True)["head_state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_tail_run_evaluates_again_and_takes_a_second_stage(prefix_cache, tmp_path):
+    first = train_head(_cfg(prefix_cache, tmp_path, tune="lora", text_init="openai"), **QUIET)
+    assert evaluate_run(first["run"], device="cpu")["metrics"] == first["metrics"]
+    second = train_head(_cfg(prefix_cache, tmp_path, dataset=None, stage2="crt", from_run=first["run"]), **QUIET)
+    assert 0 <= second["metrics"]["overall"] <= 1
+
+
+def test_tail_mistakes_are_one_clear_error(prefix_cache, split_dataset, tiny_encoder, tmp_path):
+    with pytest.raises(VlmcacheError, match="--tune chooses what the tail head trains"):
+        TrainConfig(dataset="split", head="linear", tune="lora").resolve()
+    with pytest.raises(VlmcacheError, match="--tune.*'lorra'.*adapter, lora, full, none"):
+        TrainConfig(dataset="split", head="tail", tune="lorra").resolve()
+    with pytest.raises(VlmcacheError, match="open_clip ViT image tower"):
+        tower_blocks(torch.nn.Linear(2, 2), "RN50")
+    with pytest.raises(VlmcacheError, match="between 1 and 2"), prefix_tap(tiny_encoder.model.visual, 3):
+        pass
+    # K out of range on the command line: exit 2, one line, before any file is written
+    res = CliRunner().invoke(app, ["extract", "-d", "split", "--root", str(split_dataset[0]), "--split-file",
+                                   f"train={split_dataset[1]['train']}", "-m", "vlmcache-tiny", "-p", "none",
+                                   "--device", "cpu", "--workers", "0", "--cache-dir", str(tmp_path / "c"),
+                                   "--tail-blocks", "3"])  # fmt: skip
+    assert res.exit_code == 2 and "--tail-blocks must be between 1 and 2" in res.output, res.output
+    assert not list((tmp_path / "c").rglob("*.h5"))
+    # another K is another cache: resuming into this one is refused, naming the key
+    with pytest.raises(VlmcacheError, match="tail_blocks"):
+        run_extract(_extract_cfg(split_dataset, prefix_cache["config"]["cache_dir"], tail_blocks=2, views=2), **QUIET)
+
+
+def test_protocol_lift_sets_lifts_recipe_and_records_it(prefix_cache, tmp_path, tiny_encoder):
+    cfg = TrainConfig(dataset="inat18", head="tail", protocol="lift").resolve()
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.optimizer, cfg.momentum) == (
+        20, 128, 0.01, 5e-4, "sgd", 0.9
+    )  # fmt: skip
+    assert (cfg.loss, cfg.loss_params, cfg.text_init) == ("logit_adjust", {"tau": 1.0}, "photo")
+    assert cfg.head_params == {
+        "tune": "adapter", "classifier": "cosine", "features": "ln_post", "scale": 25.0, "learn_scale": False
+    }  # fmt: skip
+    mine = TrainConfig(dataset="split", head="tail", protocol="lift", tune="lora", epochs=3, lr=0.1).resolve()
+    assert (mine.epochs, mine.lr, mine.head_params["tune"]) == (3, 0.1, "lora")  # what the user says wins
+    with pytest.raises(VlmcacheError, match="--protocol lift tunes the tower's last blocks: use --head tail"):
+        TrainConfig(dataset="split", protocol="lift").resolve()
+    # LIFT's classifier: class texts mapped back through proj^T, unit norm, at a fixed scale of 25
+    head = TailHead(64, 3, **cfg.head_params).bind_tower(tiny_encoder.model.visual, 1)
+    text = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)
+    head.init_from_text(text, 100.0)
+    proj = tiny_encoder.model.visual.proj.detach()
+    torch.testing.assert_close(head.classifier.weight.detach(), torch.nn.functional.normalize(text @ proj.T, dim=-1))
+    assert float(head.classifier.log_scale.exp()) == pytest.approx(25.0)
+    assert not head.classifier.log_scale.requires_grad
+    run = train_head(_cfg(prefix_cache, tmp_path, protocol="lift", epochs=1, lr=None, batch_size=None), **QUIET)
+    recorded = runs.read_json(Path(run["run"]) / "config.json", "run")["config"]
+    assert (recorded["protocol"], recorded["loss"], recorded["head_params"]["features"]) == (
+        "lift", "logit_adjust", "ln_post"
+    )  # fmt: skip
