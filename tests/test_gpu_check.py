@@ -92,3 +92,24 @@ def test_gpu_section_replaces_section_6_and_keeps_the_rest():
     assert gpu_check.with_section(once, "## 6. GPU\n\nagain\n").count("## 6. GPU") == 1
     added = gpu_check.with_section("# b\n\n## 5. Size\n\nfive\n\n## 7. Hand\n\nseven\n", "## 6. GPU\n\nnew\n")
     assert added.index("## 5.") < added.index("## 6. GPU") < added.index("## 7.")
+
+
+def test_a_whole_bench_run_keeps_the_gpu_section_and_the_figures_by_hand():
+    """`vlmcache bench` without --only rewrites BENCHMARKS.md: on a CPU it keeps a measured section 6 (it could only
+    write "Not measured") and section 7, which it never writes; on a GPU its own section 6 wins."""
+    from vlmcache.bench import kept_sections, splice
+
+    existing = (
+        "# old\n\n## Machine\n\nold cpu\n\n## 1. Extraction\n\nold rows\n\n## 6. GPU\n\nMeasured by gpu_check.sh: "
+        "H100 rows\n\n## 7. Measured by hand\n\ndemo 16 s\n"
+    )
+    new = "# new\n\n## Machine\n\nnew cpu\n\n## 1. Extraction\n\nnew rows\n\n## 6. GPU\n\nNot measured: no GPU.\n"
+    on_cpu = splice(new, kept_sections(new, existing, gpu=False))
+    assert "new rows" in on_cpu and "old rows" not in on_cpu and "new cpu" in on_cpu
+    assert "H100 rows" in on_cpu and "Not measured" not in on_cpu
+    assert on_cpu.index("## 6. GPU") < on_cpu.index("## 7. Measured by hand") and "demo 16 s" in on_cpu
+    assert "(Measured by" not in on_cpu  # kept as they were, with no note of this run
+    on_gpu = splice(new.replace("Not measured: no GPU.", "ran on the GPU"), kept_sections(new, existing, gpu=True))
+    assert "ran on the GPU" in on_gpu and "H100 rows" not in on_gpu and "demo 16 s" in on_gpu
+    unmeasured = existing.replace("Measured by gpu_check.sh: H100 rows", "Not measured: none")
+    assert [k[0] for k in kept_sections(new, unmeasured, gpu=False)] == ["## 7. Measured by hand"]
