@@ -51,6 +51,7 @@ def test_dry_run_passes_with_every_wheel(tmp_path):
         "scripts parse",
         f"wheels: {pins} pins, each with its wheel",
         "bench: sections pipeline, grouped and --decode pil, draft, gpu exist",
+        "tests marked gpu: 6 in tests/test_gpu.py",
         f"results would go to {tmp_path / 'out'}",
         "dry run passed",
     ):
