@@ -113,8 +113,7 @@ def command_problem(line: str, root=None) -> str | None:
         cmd = sub
     flags = {"--help"}
     for param in cmd.params:
-        flags.update(param.opts)
-        flags.update(param.secondary_opts)
+        flags.update(o for o in [*param.opts, *param.secondary_opts] if o.startswith("-"))
     for word in words:
         if not word.startswith("-") or word == "-" or re.fullmatch(r"-[\d.]+", word):
             continue
