@@ -170,7 +170,8 @@ def _sections(r: dict) -> list[list[str]]:
 
 def to_markdown(r: dict, existing: str | None = None) -> str:
     """BENCHMARKS.md: a title, the machine, then each section's table and prose, in the order of its number.
-    A run of some sections (`--only`) replaces those sections in `existing` and keeps the rest."""
+    A run of some sections (`--only`) replaces those sections in `existing` and keeps the rest; a whole run keeps
+    what it does not measure (`kept_sections`)."""
     if r.get("only"):
         return splice(existing or "# vlmcache benchmarks\n", _sections(r), r)
     parts = [
@@ -182,7 +183,22 @@ def to_markdown(r: dict, existing: str | None = None) -> str:
         ],
         *_sections({**r, "only": []}),
     ]
-    return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
+    text = "\n\n".join("\n".join(p) for p in parts if p) + "\n"
+    return splice(text, kept_sections(text, existing, bool(r["machine"]["gpu"]))) if existing else text
+
+
+def kept_sections(text: str, existing: str, gpu: bool) -> list[list[str]]:
+    """The sections of `existing` that a whole run (`text`) must not drop: those it does not write (7, figures
+    measured by hand), and on a machine without a GPU a GPU section (6) that one measured (benchmarks/gpu_check.sh),
+    which this run could only replace with "Not measured"."""
+    made = {_number(b.split("\n")[0]) for b in text.split("\n## ")[1:]}
+    kept = []
+    for block in existing.rstrip("\n").split("\n## ")[1:]:
+        number = _number(block.split("\n")[0])
+        measured_gpu = number == (6, "") and not block.split("\n", 1)[-1].strip().startswith("Not measured")
+        if number is not None and (number not in made or (measured_gpu and not gpu)):
+            kept.append(("## " + block).split("\n"))
+    return kept
 
 
 def _number(heading: str) -> tuple[int, str] | None:
@@ -192,9 +208,10 @@ def _number(heading: str) -> tuple[int, str] | None:
     return (int(digits), label[len(digits) :]) if digits else None
 
 
-def splice(existing: str, sections: list[list[str]], r: dict) -> str:
+def splice(existing: str, sections: list[list[str]], r: dict | None = None) -> str:
     """`existing` with each of `sections` in place of the section of its number ("## 2b. ..."), or inserted
-    before the first section that sorts after it; each says when and how it was measured."""
+    before the first section that sorts after it; with `r` (a run of some sections), each says when and how it was
+    measured."""
     blocks = existing.rstrip("\n").split("\n## ")
     head, body = blocks[0], ["## " + b for b in blocks[1:]]
     for lines in sections:
@@ -203,9 +220,10 @@ def splice(existing: str, sections: list[list[str]], r: dict) -> str:
         number = _number(lines[0])
         if number is None:
             continue
-        only = " ".join(f"--only {name}" for name in r["only"])
-        note = f"(Measured by `vlmcache bench --scale {r['scale']} {only}` on {r['date']}.)"
-        text = "\n".join([*lines, "", note])
+        text = "\n".join(lines)
+        if r is not None:
+            only = " ".join(f"--only {name}" for name in r["only"])
+            text += f"\n\n(Measured by `vlmcache bench --scale {r['scale']} {only}` on {r['date']}.)"
         found = [i for i, b in enumerate(body) if _number(b.split("\n")[0]) == number]
         if found:
             body[found[0]] = text

@@ -16,8 +16,17 @@ from vlmcache.memory import keep_heap
 
 
 def bench_extraction(
-    model: str, images: int, device: str = "auto", precision: str = "auto", batch_size: int = 64, tokens: bool = False
+    model: str,
+    images: int,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 64,
+    tokens: bool = False,
+    decode: str = "pil",
 ) -> dict:
+    """`extract` with `decode` (extract.DECODE_MODES) against the bare encoder on the same images preprocessed on
+    the CPU, and the CPU loader alone: the GPU check compares the decode modes on one device
+    (benchmarks/gpu_check.py)."""
 
     from vlmcache import handover
     from vlmcache.datasets import read_split_file
@@ -43,6 +52,7 @@ def bench_extraction(
             device=device,
             precision=precision,
             templates=["photo"],
+            decode=decode,
         )
         encoder = load_encoder(model, "none", device, precision)
         if encoder.device.type == "cpu":
@@ -88,6 +98,7 @@ def bench_extraction(
         "batch_size": batch_size,
         "workers": workers,
         "tokens": tokens,
+        "decode": decode,
         "extract_images_per_s": rate,
         "extract_runs_images_per_s": runs,
         "encoder_passes_images_per_s": [round(p, 1) for p in passes],
@@ -97,16 +108,19 @@ def bench_extraction(
         "loader_images_per_s": round(loader_rate, 1),
         "bound_by": "encoder" if encoder_rate < loader_rate else "image decoding (the loader)",
         "cache_bytes_per_image": round(per_image, 1),
+        **({"cpu_decoded": split["cpu_decoded"]} if "cpu_decoded" in split else {}),  # --decode gpu's CPU fallbacks
     }
 
 
 def markdown(r: dict) -> list[str]:
+    decoded = any(e.get("decode", "pil") != "pil" for e in r["extraction"])  # a column only where modes differ
     rows = [
         {
             "model": e["model"],
             "device": e["device"],
             "precision": e["precision"],
             "tokens": e["tokens"],
+            **({"decode": e.get("decode", "pil")} if decoded else {}),
             "extract img/s": e["extract_images_per_s"],
             "encoder img/s": e["encoder_images_per_s"],
             "ratio": e["ratio"],

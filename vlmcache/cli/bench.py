@@ -46,7 +46,7 @@ def bench(
 
     guard.check_output(markdown, "--markdown", "markdown", overwrite=True)  # only a file bench wrote is replaced
     results = run_bench(scale, device, log=log, only=only)
-    existing = Path(markdown).read_text() if only and Path(markdown).is_file() else None
+    existing = Path(markdown).read_text() if Path(markdown).is_file() else None
     text = to_markdown(results, existing)
     Path(markdown).write_text(text)
     if as_json:
