@@ -18,7 +18,9 @@ from vlmcache.metrics import shot_groups
 from vlmcache.recipe import PROTOCOLS, lr_factor, make_optimizer
 from vlmcache.samplers import build_sampler
 from vlmcache.stage2 import build_stage2
+from vlmcache.errors import VlmcacheError
 from vlmcache.train import OnRawCosines, TrainConfig, evaluate_run, fit, train_head
+from vlmcache.train import epoch_steps as train_epoch_steps
 
 COUNTS = np.array([500, 120, 40, 9, 3])
 
@@ -168,20 +170,25 @@ def test_protocol_seed_resolves_to_exactly_the_seeds_values_and_explicit_values_
     assert (cfg.batch_size, cfg.iters, cfg.warmup_iters, cfg.schedule) == (256, 8192, 512, "seed_cosine")
     assert cfg.select_on == "val"
     assert cfg.loss_params == {"reduction": "weighted_mean"}
-    assert cfg.head_params == {"final_norm": False}
-    assert cfg.sampler_params == {"replacement": False, "num_samples": 65536}
+    assert cfg.head_params == {"final_norm": False, "init": "seed"}
+    assert cfg.sampler_params == {"replacement": False, "num_samples": 65536}  # (8192 // 32) * 256
+    assert (cfg.drop_last, cfg.eval_every) == (True, 256)
     lade = TrainConfig(dataset="x", protocol="seed", loss="lade").resolve()
     assert lade.loss_params == {"regularizer_logits": "adjusted"}
     assert TrainConfig(dataset="x", protocol="seed", loss="ldam").resolve().loss_params == {"scale": 1.0}
     crt = TrainConfig(dataset=None, protocol="seed", stage2="crt", from_run="r").resolve()
     assert crt.stage2_params == {"reinit": False} and crt.sampler == "class_balanced"
     assert TrainConfig(dataset=None, protocol="seed", stage2="disalign", from_run="r").resolve().stage2_params == {
-        "init": "seed"
+        "init": "seed",
+        "decay": True,
     }
+    marc = TrainConfig(dataset=None, protocol="seed", stage2="marc", from_run="r").resolve()
+    assert marc.stage2_params == {"decay": True}
     mine = TrainConfig(dataset="x", protocol="seed", lr=0.1, loss="grw", loss_params={"reduction": "mean"}).resolve()
     assert mine.lr == 0.1 and mine.loss_params == {"reduction": "mean"} and mine.optimizer == "sgd"
     default = TrainConfig(dataset="x").resolve()
     assert {k: getattr(default, k) for k in PROTOCOLS["default"]} == PROTOCOLS["default"]
+    assert (default.drop_last, default.eval_every) == (False, 0)
     assert default.loss_params == {} and default.sampler_params == {}
 
 
@@ -252,8 +259,10 @@ def test_a_seed_protocol_run_records_every_value_and_its_selection(tmp_path):
         protocol="seed",
         loss="grw",
         iters=40,
+        epochs=8,
+        batch_size=16,
         warmup_iters=4,
-        sampler_params={"num_samples": 320},
+        eval_every=10,
     )
     result = train_head(cfg, log=lambda *a: None)
     saved = json.loads((tmp_path / "runs" / result["run"].split("/")[-1] / "config.json").read_text())["config"]
@@ -263,20 +272,91 @@ def test_a_seed_protocol_run_records_every_value_and_its_selection(tmp_path):
         "lr": 0.03,
         "nesterov": True,
         "weight_decay": 5e-4,
-        "batch_size": 256,
+        "batch_size": 16,
         "iters": 40,
+        "epochs": 8,
         "warmup_iters": 4,
         "schedule": "seed_cosine",
         "select_on": "val",
+        "drop_last": True,
+        "eval_every": 10,
     }.items():
         assert saved[key] == value, key
     assert saved["loss_params"] == {"reduction": "weighted_mean"}
-    assert saved["sampler_params"] == {"replacement": False, "num_samples": 320}
+    assert saved["sampler_params"] == {"replacement": False, "num_samples": 80}  # (40 // 8) * 16
+    history = result["history"]
+    assert [h["step"] for h in history] == [5, 10, 15, 20, 25, 30, 35, 40]
+    scored = {h["select_step"]: h["select_score"] for h in history if "select_score" in h}
+    assert sorted(scored) == [10, 20, 30, 40]  # every 10 steps, not per epoch
     selection = result["selection"]
-    scores = [h["select_score"] for h in result["history"]]
-    assert selection["split"] == "val" and selection["score"] == max(scores)
-    assert selection["epoch"] == 1 + scores.index(max(scores))
+    assert selection["split"] == "val" and selection["score"] == max(scored.values())
+    assert selection["step"] == min(s for s, v in scored.items() if v == selection["score"])
     assert evaluate_run(result["run"], device="cpu")["metrics"] == result["metrics"]  # the kept head is saved
+
+
+def test_the_seeds_epoch_is_its_share_of_the_step_budget_in_whole_batches():
+    """build.py `get_data_loader` (L127-129): (num_train_iter // epochs) * batch_size draws, drop_last; the
+    issue's cases: --iters 2048 (64 steps an epoch, not 256), batch 512 (256 steps, not 128), batch 300 (no
+    136-row batch)."""
+
+    def resolved(**kw):
+        return TrainConfig(dataset="x", protocol="seed", **kw).resolve()
+
+    assert resolved(iters=2048).sampler_params["num_samples"] == 64 * 256
+    assert resolved(batch_size=512).sampler_params["num_samples"] == 256 * 512
+    cfg = resolved(batch_size=300)
+    assert cfg.sampler_params["num_samples"] == 256 * 300 and cfg.drop_last
+    assert train_epoch_steps(cfg.sampler_params["num_samples"], 300, True) == 256
+    assert resolved(sampler_params={"num_samples": 1000}).sampler_params["num_samples"] == 1000  # explicit wins
+    with pytest.raises(VlmcacheError, match=r"--iters \(1000\) must be a multiple of --epochs \(32\)"):
+        resolved(iters=1000)
+    # drop_last: the seed's DataLoader drops a partial batch; the papers' protocol trains it
+    assert train_epoch_steps(650, 300, True) == 2 and train_epoch_steps(650, 300, False) == 3
+    with pytest.raises(VlmcacheError, match="fewer than one batch"):
+        train_epoch_steps(100, 300, True)
+
+
+def test_eval_every_scores_every_n_steps_and_the_last_across_epochs():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    module = nn.Linear(4, 3)
+    # 3 steps an epoch (48 draws, batch 16), 12 steps in all, scored at 5, 10 and the last, 12
+    cfg = TrainConfig(dataset="x", iters=12, batch_size=16, lr=0.1, eval_every=5, drop_last=True).resolve()
+    seen = []
+    scores = iter([0.2, 0.7, 0.5])
+
+    def select(epoch, step):
+        seen.append((epoch, step))
+        return next(scores)
+
+    sampler = build_sampler("instance", y, num_samples=48)
+    history, best = fit(module, _Data(x, y), nn.CrossEntropyLoss(), sampler, cfg, torch.device("cpu"), select=select)
+    assert seen == [(2, 5), (4, 10), (4, 12)]
+    assert [h.get("select_step") for h in history] == [None, 5, None, 12]  # an epoch's last score
+    assert best == {"epoch": 4, "step": 10, "score": 0.7}
+
+
+def test_the_history_lr_is_the_one_the_epochs_last_step_used(monkeypatch):
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    module = nn.Linear(4, 3)
+    cfg = TrainConfig(
+        dataset="x", epochs=3, batch_size=16, lr=0.1, optimizer="sgd", schedule="seed_cosine", warmup_iters=2
+    ).resolve()  # 3 steps an epoch, 9 in all
+    used = []
+    sgd_step = torch.optim.SGD.step
+
+    def spy(self, *a, **k):  # the lr each optimiser step really applies
+        used.append(self.param_groups[0]["lr"])
+        return sgd_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    sampler = build_sampler("instance", y)
+    history, _ = fit(module, _Data(x, y), nn.CrossEntropyLoss(), sampler, cfg, torch.device("cpu"))
+    assert len(used) == 9
+    assert [h["lr"] for h in history] == [used[2], used[5], used[8]]
+    f = lr_factor("seed_cosine", 9, 2)
+    assert history[0]["lr"] == 0.1 * f(2) and history[-1]["lr"] == 0.1 * f(8)
 
 
 # --------------------------------------------------------------------------- 10. the seed's preprocessing
