@@ -12,13 +12,13 @@ from conftest import long_tailed_features, write_feature_cache
 from torch import nn
 
 from vlmcache.datasets import _package_file, read_split_file
+from vlmcache.errors import VlmcacheError
 from vlmcache.heads import build_head
 from vlmcache.losses import build_loss
 from vlmcache.metrics import shot_groups
 from vlmcache.recipe import PROTOCOLS, lr_factor, make_optimizer
 from vlmcache.samplers import build_sampler
 from vlmcache.stage2 import build_stage2
-from vlmcache.errors import VlmcacheError
 from vlmcache.train import OnRawCosines, TrainConfig, evaluate_run, fit, train_head
 from vlmcache.train import epoch_steps as train_epoch_steps
 
@@ -421,3 +421,95 @@ def test_pipelines_take_the_new_parameter_mappings_as_grids_and_dry_run_names_th
     assert runs[0].config().resolve().loss_params == {"reduction": "weighted_mean"}  # the protocol's switch
     result = CliRunner().invoke(app, ["ablate", str(path), "--dry-run"])
     assert "a[sampler_params.replacement=True]" in result.output  # brackets are not taken for markup
+
+
+# --------------------------------------------------------------------------- 11. the decoder's initialisation
+
+
+def test_the_seeds_decoder_init_is_hf_init_weights_over_timm_blocks():
+    """clip.py L26-33 builds timm Blocks and an nn.Linear inside a Hugging Face model: `_init_weights` zeroes every
+    new Linear bias and leaves the weights at nn.Linear's default, kaiming-uniform with bound 1 / sqrt(fan_in)."""
+    width, heads = 64, 4
+    torch.manual_seed(0)
+    seed = build_head("decoder", width, 5, heads=heads, init="seed")
+    torch.manual_seed(0)
+    torch_init = build_head("decoder", width, 5, heads=heads)
+    bound = width**-0.5  # qkv, proj and fc1 have fan-in W; fc2 fan-in W * mlp_ratio
+    for block in seed.blocks.layers:
+        attn = block.self_attn
+        for bias in (attn.in_proj_bias, attn.out_proj.bias, block.linear1.bias, block.linear2.bias):
+            assert torch.count_nonzero(bias) == 0
+        w = attn.in_proj_weight
+        assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)  # uniform(-b, b)
+        assert block.linear2.weight.abs().max() <= block.linear2.in_features**-0.5
+    assert torch.count_nonzero(seed.classifier.bias) == 0
+    first, second = seed.blocks.layers[0], seed.blocks.layers[1]
+    for name in ("self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"):
+        assert not torch.equal(first.get_parameter(name), second.get_parameter(name))  # drawn block by block
+    # PyTorch's own start (the default): qkv xavier-uniform, sqrt(6 / 4W) = 1.22 / sqrt(W); biases non-zero
+    layer = torch_init.blocks.layers[0]
+    assert layer.self_attn.in_proj_weight.abs().max() > 1.1 * bound
+    assert torch.count_nonzero(layer.linear1.bias) > 0 and torch.count_nonzero(torch_init.classifier.bias) > 0
+    with pytest.raises(VlmcacheError, match="decoder init"):
+        build_head("decoder", width, 5, heads=heads, init="timm")
+
+
+# --------------------------------------------------------------------------- 13. second stages' weight decay
+
+
+def _seed_decayed(module: nn.Module) -> set[str]:
+    """The seed's `param_groups_weight_decay` (imblearn/nets/utils.py L86-93), as a set of decayed names."""
+    return {n for n, p in module.named_parameters() if p.requires_grad and not (p.ndim <= 1 or n.endswith(".bias"))}
+
+
+def _decayed(module: nn.Module, weight_decay: float) -> set[str]:
+    cfg = TrainConfig(dataset="x", optimizer="sgd", weight_decay=weight_decay).resolve()
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    opt = make_optimizer(cfg, [p for _, p in named])
+    ids = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    return {n for n, p in named if id(p) in ids}
+
+
+@pytest.mark.parametrize("name", ["disalign", "marc"])
+def test_disalign_and_marc_class_parameters_are_decayed_as_the_seeds_only_when_asked(name):
+    head = build_head("linear", 8, 5)
+    seed_form = build_stage2(name, head.classifier, decay=True)
+    paper = build_stage2(name, head.classifier)
+    scale, shift = ("alpha", "beta") if name == "disalign" else ("omega", "beta")
+    assert getattr(seed_form, scale).shape == (1, 5) and getattr(paper, scale).shape == (5,)
+    assert _decayed(seed_form, 5e-4) == _seed_decayed(seed_form)  # the seed's groups, name for name
+    assert {scale, shift} <= _decayed(seed_form, 5e-4)
+    assert not {scale, shift} & _decayed(paper, 5e-4)
+    f = torch.randn(16, 8)
+    assert torch.equal(seed_form(f), paper(f)) or name == "disalign"  # (1, C) broadcasts as (C,) does
+    if name == "disalign":  # its confidence layer starts apart; with the same layer, the same logits
+        seed_form.confidence.load_state_dict(paper.confidence.state_dict())
+        assert torch.equal(seed_form(f), paper(f))
+
+
+# --------------------------------------------------------------------------- 2. LDAM on a second stage
+
+
+def test_ldam_on_a_crt_stage_over_a_cosine_head_is_scaled_once(tmp_path):
+    from vlmcache.train import prepare_run
+
+    rng = np.random.default_rng(0)
+    x, y = long_tailed_features(rng, [60, 20, 8, 4])
+    xt, yt = long_tailed_features(np.random.default_rng(1), [5, 5, 5, 5])
+    write_feature_cache(tmp_path / "cache", "synth", {"train": (x, y, None), "test": (xt, yt, None)}, 4)
+    common = dict(cache_dir=str(tmp_path / "cache"), runs_dir=str(tmp_path / "runs"), device="cpu", epochs=1)
+    first = train_head(TrainConfig(dataset="synth", head="cosine", **common), log=lambda *a: None)
+    for stage2 in ("crt", "lws"):
+        cfg = TrainConfig(dataset=None, stage2=stage2, from_run=first["run"], loss="ldam", **common)
+        job = prepare_run(cfg, log=lambda *a: None)
+        f, labels = job.fit_data.x[:64].float(), job.fit_data.y[:64]
+        classifier = job.fit_model.classifier
+        cos = F.normalize(f, dim=-1) @ F.normalize(classifier.weight, dim=-1).T
+        if stage2 == "lws":
+            cos = job.fit_model.scale * cos
+        m = torch.tensor([60, 20, 8, 4], dtype=torch.float64) ** -0.25
+        m = (m * 0.5 / m.max()).float()
+        expected = F.cross_entropy(30.0 * (cos - F.one_hot(labels, 4) * m[labels][:, None]), labels)
+        got = job.loss_fn(job.fit_model(f), labels)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5), stage2  # not 30 * (1 / 0.07) * cos
