@@ -151,7 +151,10 @@ ENCODE_PRETRAINED = typer.Option(
     "openai", "--pretrained", "-p", help="open_clip pretrained tag, a local weights file, or 'random' (alias 'none')."
 )
 PREPROCESS_FROM = typer.Option(
-    None, "--preprocess-from", help="For a local weights file: the pretrained tag whose preprocessing it uses."
+    None,
+    "--preprocess-from",
+    help="For a local weights file: the pretrained tag it was trained as. The tag sets its "
+    "preprocessing (mean, std, resizing) and its activation: QuickGELU for OpenAI's and some other tags.",
 )
 # which cache a command reads: each may be left out when only one cache matches the rest
 CACHE_DATASET = typer.Option(
