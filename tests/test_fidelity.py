@@ -444,6 +444,8 @@ def test_the_seeds_decoder_init_is_hf_init_weights_over_timm_blocks():
         assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)  # uniform(-b, b)
         assert block.linear2.weight.abs().max() <= block.linear2.in_features**-0.5
     assert torch.count_nonzero(seed.classifier.bias) == 0
+    # row 11: timm 0.5.4's Block takes nn.LayerNorm's default eps, 1e-5, as PyTorch's layer does
+    assert {m.eps for m in seed.modules() if isinstance(m, nn.LayerNorm)} == {1e-5}
     first, second = seed.blocks.layers[0], seed.blocks.layers[1]
     for name in ("self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"):
         assert not torch.equal(first.get_parameter(name), second.get_parameter(name))  # drawn block by block

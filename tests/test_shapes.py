@@ -154,3 +154,23 @@ def test_knn_at_every_class_count(shaped):
     saved = _invoke("knn", *_cache_args(d), "--k", str(k), "--save-predictions", str(path))
     assert saved["metrics"] == out["metrics"]
     _check(saved["metrics"], _from_predictions(path, counts, labels))
+
+
+def test_train_head_checks_it_can_save_predictions_before_it_trains(shaped, monkeypatch):
+    """Predictions are written after training: a run that cannot write them fails first, not after the work."""
+    import vlmcache.train as train
+    from vlmcache.errors import VlmcacheError
+
+    d, *_ = shaped
+
+    def no_pyarrow():
+        raise VlmcacheError("--save-predictions writes parquet, which needs pyarrow: pip install pyarrow.")
+
+    def must_not_train(*a, **k):
+        raise AssertionError("trained before checking")
+
+    monkeypatch.setattr(train, "require_pyarrow", no_pyarrow)
+    monkeypatch.setattr(train, "fit", must_not_train)
+    args = ["train-head", *_cache_args(d), "--epochs", "1", "--runs-dir", str(d / "nopa"), "--save-predictions"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "pyarrow" in result.output and "Traceback" not in result.output
