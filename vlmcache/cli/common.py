@@ -239,7 +239,9 @@ SAMPLER_PARAM = typer.Option(
 )
 PROTOCOL_HELP = (
     f"{' or '.join(PROTOCOLS)}: default follows the method papers; seed the seed study's code (SGD Nesterov, "
-    "warm-up, cos(7 pi t / 16), each method's seed form). Any option given explicitly wins over the protocol."
+    "warm-up, cos(7 pi t / 16), each method's seed form; train-head also its step budget in epochs of "
+    "(iters // epochs) whole batches and selection every 256 steps: docs/seed-protocol.md). Any option given "
+    "explicitly wins over the protocol."
 )
 PROTOCOL = typer.Option("default", "--protocol", help=PROTOCOL_HELP)
 LR = typer.Option(None, "--lr", help="Peak learning rate (the protocol's by default).")
