@@ -148,3 +148,22 @@ def test_digits_lt_is_long_tailed_with_a_balanced_test_split():
     stats = split_stats(ds.splits["train"].labels)
     assert stats["many"] > 0 and stats["medium"] > 0 and stats["few"] > 0
     assert ds.splits["train"].source.load(0).mode == "RGB"
+
+
+def test_datasets_info_groups_val_and_test_classes_by_their_training_counts():
+    """Shot groups are defined by training counts: Places-LT's test split has 100 images of every class, which
+    by its own counts would make all 365 classes medium-shot."""
+    got = json.loads(CliRunner().invoke(app, ["datasets", "info", "places_lt", "--json"]).stdout)
+    groups = {s: (st["many"], st["medium"], st["few"]) for s, st in got["splits"].items()}
+    train = (PLACES_TRAIN["many"], PLACES_TRAIN["medium"], PLACES_TRAIN["few"])
+    assert groups == {"train": train, "val": train, "test": train}
+    assert got["splits"]["test"]["groups_by"] == "train counts"
+    test_file = SHARED_DATA / "places_lt" / "Places_LT_test.txt"
+    train_file = SHARED_DATA / "places_lt" / "Places_LT_train.txt"
+    if not test_file.is_file():
+        pytest.skip(f"{test_file} is not beside this checkout")
+    args = ["datasets", "info", "places_lt", "--split-file", str(test_file), "--json"]
+    alone = json.loads(CliRunner().invoke(app, args).stdout)
+    assert (alone["many"], alone["medium"], alone["few"], alone["groups_by"]) == (0, 365, 0, "own counts")
+    paired = json.loads(CliRunner().invoke(app, [*args, "--train-split-file", str(train_file)]).stdout)
+    assert (paired["many"], paired["medium"], paired["few"], paired["groups_by"]) == (*train, "train counts")

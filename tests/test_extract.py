@@ -250,9 +250,17 @@ def test_a_local_weights_file_takes_its_preprocessing_from_the_named_tag(tmp_pat
         p.data.normal_(0, 0.05)
     path = tmp_path / "finetuned.pt"
     torch.save(net.state_dict(), path)
-    with pytest.raises(VlmcacheError, match="--preprocess-from; one of: squares, openai_like"):
+    with pytest.raises(VlmcacheError) as refused:
         load_encoder("vlmcache-tiny", str(path), device="cpu")
+    said = str(refused.value)  # each tag with what it sets, QuickGELU included
+    assert "--preprocess-from" in said and "activation (QuickGELU)" in said
+    assert (
+        "[QuickGELU off, mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5), interpolation bilinear, resize squash] squares"
+        in said
+    )
+    assert "[QuickGELU on" in said and said.rstrip(".").endswith("openai_like")
     enc = load_encoder("vlmcache-tiny", str(path), device="cpu", preprocess_from="squares")
+    assert "'squares'" in enc.note and "QuickGELU off" in enc.note
     assert enc.preprocess_cfg["mean"] == [0.5, 0.5, 0.5] and enc.preprocess_cfg["resize_mode"] == "squash"
     assert "bilinear" in repr(enc.preprocess).lower() and "0.5" in repr(enc.preprocess)
     assert enc.fingerprint["weights_sha256"] == cache.sha256_file(path) and enc.key.startswith("vlmcache-tiny__file-")
@@ -262,6 +270,7 @@ def test_a_local_weights_file_takes_its_preprocessing_from_the_named_tag(tmp_pat
         np.testing.assert_allclose(enc.encode_images(x)[0], net.encode_image(x), rtol=1e-5, atol=1e-6)
     quick = load_encoder("vlmcache-tiny", str(path), device="cpu", preprocess_from="openai_like")
     assert quick.fingerprint["quick_gelu"] and quick.key != enc.key
+    assert "'openai_like'" in quick.note and "QuickGELU on" in quick.note  # said, not decided silently
 
 
 def test_a_local_file_whose_sha_is_published_is_recognised(tmp_path, fake_tags, monkeypatch):

@@ -12,6 +12,7 @@ from conftest import long_tailed_features, write_feature_cache
 from torch import nn
 
 from vlmcache.datasets import _package_file, read_split_file
+from vlmcache.errors import VlmcacheError
 from vlmcache.heads import build_head
 from vlmcache.losses import build_loss
 from vlmcache.metrics import shot_groups
@@ -19,6 +20,7 @@ from vlmcache.recipe import PROTOCOLS, lr_factor, make_optimizer
 from vlmcache.samplers import build_sampler
 from vlmcache.stage2 import build_stage2
 from vlmcache.train import OnRawCosines, TrainConfig, evaluate_run, fit, train_head
+from vlmcache.train import epoch_steps as train_epoch_steps
 
 COUNTS = np.array([500, 120, 40, 9, 3])
 
@@ -168,20 +170,25 @@ def test_protocol_seed_resolves_to_exactly_the_seeds_values_and_explicit_values_
     assert (cfg.batch_size, cfg.iters, cfg.warmup_iters, cfg.schedule) == (256, 8192, 512, "seed_cosine")
     assert cfg.select_on == "val"
     assert cfg.loss_params == {"reduction": "weighted_mean"}
-    assert cfg.head_params == {"final_norm": False}
-    assert cfg.sampler_params == {"replacement": False, "num_samples": 65536}
+    assert cfg.head_params == {"final_norm": False, "init": "seed"}
+    assert cfg.sampler_params == {"replacement": False, "num_samples": 65536}  # (8192 // 32) * 256
+    assert (cfg.drop_last, cfg.eval_every) == (True, 256)
     lade = TrainConfig(dataset="x", protocol="seed", loss="lade").resolve()
     assert lade.loss_params == {"regularizer_logits": "adjusted"}
     assert TrainConfig(dataset="x", protocol="seed", loss="ldam").resolve().loss_params == {"scale": 1.0}
     crt = TrainConfig(dataset=None, protocol="seed", stage2="crt", from_run="r").resolve()
     assert crt.stage2_params == {"reinit": False} and crt.sampler == "class_balanced"
     assert TrainConfig(dataset=None, protocol="seed", stage2="disalign", from_run="r").resolve().stage2_params == {
-        "init": "seed"
+        "init": "seed",
+        "decay": True,
     }
+    marc = TrainConfig(dataset=None, protocol="seed", stage2="marc", from_run="r").resolve()
+    assert marc.stage2_params == {"decay": True}
     mine = TrainConfig(dataset="x", protocol="seed", lr=0.1, loss="grw", loss_params={"reduction": "mean"}).resolve()
     assert mine.lr == 0.1 and mine.loss_params == {"reduction": "mean"} and mine.optimizer == "sgd"
     default = TrainConfig(dataset="x").resolve()
     assert {k: getattr(default, k) for k in PROTOCOLS["default"]} == PROTOCOLS["default"]
+    assert (default.drop_last, default.eval_every) == (False, 0)
     assert default.loss_params == {} and default.sampler_params == {}
 
 
@@ -252,8 +259,10 @@ def test_a_seed_protocol_run_records_every_value_and_its_selection(tmp_path):
         protocol="seed",
         loss="grw",
         iters=40,
+        epochs=8,
+        batch_size=16,
         warmup_iters=4,
-        sampler_params={"num_samples": 320},
+        eval_every=10,
     )
     result = train_head(cfg, log=lambda *a: None)
     saved = json.loads((tmp_path / "runs" / result["run"].split("/")[-1] / "config.json").read_text())["config"]
@@ -263,20 +272,91 @@ def test_a_seed_protocol_run_records_every_value_and_its_selection(tmp_path):
         "lr": 0.03,
         "nesterov": True,
         "weight_decay": 5e-4,
-        "batch_size": 256,
+        "batch_size": 16,
         "iters": 40,
+        "epochs": 8,
         "warmup_iters": 4,
         "schedule": "seed_cosine",
         "select_on": "val",
+        "drop_last": True,
+        "eval_every": 10,
     }.items():
         assert saved[key] == value, key
     assert saved["loss_params"] == {"reduction": "weighted_mean"}
-    assert saved["sampler_params"] == {"replacement": False, "num_samples": 320}
+    assert saved["sampler_params"] == {"replacement": False, "num_samples": 80}  # (40 // 8) * 16
+    history = result["history"]
+    assert [h["step"] for h in history] == [5, 10, 15, 20, 25, 30, 35, 40]
+    scored = {h["select_step"]: h["select_score"] for h in history if "select_score" in h}
+    assert sorted(scored) == [10, 20, 30, 40]  # every 10 steps, not per epoch
     selection = result["selection"]
-    scores = [h["select_score"] for h in result["history"]]
-    assert selection["split"] == "val" and selection["score"] == max(scores)
-    assert selection["epoch"] == 1 + scores.index(max(scores))
+    assert selection["split"] == "val" and selection["score"] == max(scored.values())
+    assert selection["step"] == min(s for s, v in scored.items() if v == selection["score"])
     assert evaluate_run(result["run"], device="cpu")["metrics"] == result["metrics"]  # the kept head is saved
+
+
+def test_the_seeds_epoch_is_its_share_of_the_step_budget_in_whole_batches():
+    """build.py `get_data_loader` (L127-129): (num_train_iter // epochs) * batch_size draws, drop_last; the
+    issue's cases: --iters 2048 (64 steps an epoch, not 256), batch 512 (256 steps, not 128), batch 300 (no
+    136-row batch)."""
+
+    def resolved(**kw):
+        return TrainConfig(dataset="x", protocol="seed", **kw).resolve()
+
+    assert resolved(iters=2048).sampler_params["num_samples"] == 64 * 256
+    assert resolved(batch_size=512).sampler_params["num_samples"] == 256 * 512
+    cfg = resolved(batch_size=300)
+    assert cfg.sampler_params["num_samples"] == 256 * 300 and cfg.drop_last
+    assert train_epoch_steps(cfg.sampler_params["num_samples"], 300, True) == 256
+    assert resolved(sampler_params={"num_samples": 1000}).sampler_params["num_samples"] == 1000  # explicit wins
+    with pytest.raises(VlmcacheError, match=r"--iters \(1000\) must be a multiple of --epochs \(32\)"):
+        resolved(iters=1000)
+    # drop_last: the seed's DataLoader drops a partial batch; the papers' protocol trains it
+    assert train_epoch_steps(650, 300, True) == 2 and train_epoch_steps(650, 300, False) == 3
+    with pytest.raises(VlmcacheError, match="fewer than one batch"):
+        train_epoch_steps(100, 300, True)
+
+
+def test_eval_every_scores_every_n_steps_and_the_last_across_epochs():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    module = nn.Linear(4, 3)
+    # 3 steps an epoch (48 draws, batch 16), 12 steps in all, scored at 5, 10 and the last, 12
+    cfg = TrainConfig(dataset="x", iters=12, batch_size=16, lr=0.1, eval_every=5, drop_last=True).resolve()
+    seen = []
+    scores = iter([0.2, 0.7, 0.5])
+
+    def select(epoch, step):
+        seen.append((epoch, step))
+        return next(scores)
+
+    sampler = build_sampler("instance", y, num_samples=48)
+    history, best = fit(module, _Data(x, y), nn.CrossEntropyLoss(), sampler, cfg, torch.device("cpu"), select=select)
+    assert seen == [(2, 5), (4, 10), (4, 12)]
+    assert [h.get("select_step") for h in history] == [None, 5, None, 12]  # an epoch's last score
+    assert best == {"epoch": 4, "step": 10, "score": 0.7}
+
+
+def test_the_history_lr_is_the_one_the_epochs_last_step_used(monkeypatch):
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    module = nn.Linear(4, 3)
+    cfg = TrainConfig(
+        dataset="x", epochs=3, batch_size=16, lr=0.1, optimizer="sgd", schedule="seed_cosine", warmup_iters=2
+    ).resolve()  # 3 steps an epoch, 9 in all
+    used = []
+    sgd_step = torch.optim.SGD.step
+
+    def spy(self, *a, **k):  # the lr each optimiser step really applies
+        used.append(self.param_groups[0]["lr"])
+        return sgd_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    sampler = build_sampler("instance", y)
+    history, _ = fit(module, _Data(x, y), nn.CrossEntropyLoss(), sampler, cfg, torch.device("cpu"))
+    assert len(used) == 9
+    assert [h["lr"] for h in history] == [used[2], used[5], used[8]]
+    f = lr_factor("seed_cosine", 9, 2)
+    assert history[0]["lr"] == 0.1 * f(2) and history[-1]["lr"] == 0.1 * f(8)
 
 
 # --------------------------------------------------------------------------- 10. the seed's preprocessing
@@ -341,3 +421,97 @@ def test_pipelines_take_the_new_parameter_mappings_as_grids_and_dry_run_names_th
     assert runs[0].config().resolve().loss_params == {"reduction": "weighted_mean"}  # the protocol's switch
     result = CliRunner().invoke(app, ["ablate", str(path), "--dry-run"])
     assert "a[sampler_params.replacement=True]" in result.output  # brackets are not taken for markup
+
+
+# --------------------------------------------------------------------------- 11. the decoder's initialisation
+
+
+def test_the_seeds_decoder_init_is_hf_init_weights_over_timm_blocks():
+    """clip.py L26-33 builds timm Blocks and an nn.Linear inside a Hugging Face model: `_init_weights` zeroes every
+    new Linear bias and leaves the weights at nn.Linear's default, kaiming-uniform with bound 1 / sqrt(fan_in)."""
+    width, heads = 64, 4
+    torch.manual_seed(0)
+    seed = build_head("decoder", width, 5, heads=heads, init="seed")
+    torch.manual_seed(0)
+    torch_init = build_head("decoder", width, 5, heads=heads)
+    bound = width**-0.5  # qkv, proj and fc1 have fan-in W; fc2 fan-in W * mlp_ratio
+    for block in seed.blocks.layers:
+        attn = block.self_attn
+        for bias in (attn.in_proj_bias, attn.out_proj.bias, block.linear1.bias, block.linear2.bias):
+            assert torch.count_nonzero(bias) == 0
+        w = attn.in_proj_weight
+        assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)  # uniform(-b, b)
+        assert block.linear2.weight.abs().max() <= block.linear2.in_features**-0.5
+    assert torch.count_nonzero(seed.classifier.bias) == 0
+    # row 11: timm 0.5.4's Block takes nn.LayerNorm's default eps, 1e-5, as PyTorch's layer does
+    assert {m.eps for m in seed.modules() if isinstance(m, nn.LayerNorm)} == {1e-5}
+    first, second = seed.blocks.layers[0], seed.blocks.layers[1]
+    for name in ("self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"):
+        assert not torch.equal(first.get_parameter(name), second.get_parameter(name))  # drawn block by block
+    # PyTorch's own start (the default): qkv xavier-uniform, sqrt(6 / 4W) = 1.22 / sqrt(W); biases non-zero
+    layer = torch_init.blocks.layers[0]
+    assert layer.self_attn.in_proj_weight.abs().max() > 1.1 * bound
+    assert torch.count_nonzero(layer.linear1.bias) > 0 and torch.count_nonzero(torch_init.classifier.bias) > 0
+    with pytest.raises(VlmcacheError, match="decoder init"):
+        build_head("decoder", width, 5, heads=heads, init="timm")
+
+
+# --------------------------------------------------------------------------- 13. second stages' weight decay
+
+
+def _seed_decayed(module: nn.Module) -> set[str]:
+    """The seed's `param_groups_weight_decay` (imblearn/nets/utils.py L86-93), as a set of decayed names."""
+    return {n for n, p in module.named_parameters() if p.requires_grad and not (p.ndim <= 1 or n.endswith(".bias"))}
+
+
+def _decayed(module: nn.Module, weight_decay: float) -> set[str]:
+    cfg = TrainConfig(dataset="x", optimizer="sgd", weight_decay=weight_decay).resolve()
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    opt = make_optimizer(cfg, [p for _, p in named])
+    ids = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    return {n for n, p in named if id(p) in ids}
+
+
+@pytest.mark.parametrize("name", ["disalign", "marc"])
+def test_disalign_and_marc_class_parameters_are_decayed_as_the_seeds_only_when_asked(name):
+    head = build_head("linear", 8, 5)
+    seed_form = build_stage2(name, head.classifier, decay=True)
+    paper = build_stage2(name, head.classifier)
+    scale, shift = ("alpha", "beta") if name == "disalign" else ("omega", "beta")
+    assert getattr(seed_form, scale).shape == (1, 5) and getattr(paper, scale).shape == (5,)
+    assert _decayed(seed_form, 5e-4) == _seed_decayed(seed_form)  # the seed's groups, name for name
+    assert {scale, shift} <= _decayed(seed_form, 5e-4)
+    assert not {scale, shift} & _decayed(paper, 5e-4)
+    f = torch.randn(16, 8)
+    assert torch.equal(seed_form(f), paper(f)) or name == "disalign"  # (1, C) broadcasts as (C,) does
+    if name == "disalign":  # its confidence layer starts apart; with the same layer, the same logits
+        seed_form.confidence.load_state_dict(paper.confidence.state_dict())
+        assert torch.equal(seed_form(f), paper(f))
+
+
+# --------------------------------------------------------------------------- 2. LDAM on a second stage
+
+
+def test_ldam_on_a_crt_stage_over_a_cosine_head_is_scaled_once(tmp_path):
+    from vlmcache.train import prepare_run
+
+    rng = np.random.default_rng(0)
+    x, y = long_tailed_features(rng, [60, 20, 8, 4])
+    xt, yt = long_tailed_features(np.random.default_rng(1), [5, 5, 5, 5])
+    write_feature_cache(tmp_path / "cache", "synth", {"train": (x, y, None), "test": (xt, yt, None)}, 4)
+    common = dict(cache_dir=str(tmp_path / "cache"), runs_dir=str(tmp_path / "runs"), device="cpu", epochs=1)
+    first = train_head(TrainConfig(dataset="synth", head="cosine", **common), log=lambda *a: None)
+    for stage2 in ("crt", "lws"):
+        cfg = TrainConfig(dataset=None, stage2=stage2, from_run=first["run"], loss="ldam", **common)
+        job = prepare_run(cfg, log=lambda *a: None)
+        f, labels = job.fit_data.x[:64].float(), job.fit_data.y[:64]
+        classifier = job.fit_model.classifier
+        cos = F.normalize(f, dim=-1) @ F.normalize(classifier.weight, dim=-1).T
+        if stage2 == "lws":
+            cos = job.fit_model.scale * cos
+        m = torch.tensor([60, 20, 8, 4], dtype=torch.float64) ** -0.25
+        m = (m * 0.5 / m.max()).float()
+        expected = F.cross_entropy(30.0 * (cos - F.one_hot(labels, 4) * m[labels][:, None]), labels)
+        got = job.loss_fn(job.fit_model(f), labels)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5), stage2  # not 30 * (1 / 0.07) * cos

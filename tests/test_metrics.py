@@ -42,3 +42,24 @@ def test_chunked_evaluation_equals_whole_and_scales_to_inat(monkeypatch):
     assert m1["overall"] >= 0.5 and m1["top5"] >= m1["overall"]
     assert m1 == {**m1, **shot_accuracy(logits, labels, counts)}
     assert len(t1) == num_classes and chunked.topk[0].shape == (700, 5)  # only top-5 indices are kept
+
+
+def test_knn_top5_never_counts_a_class_that_got_no_vote():
+    """8 classes, k = 3: at most 3 classes get votes; topk fills the rest of the top-5 with tied unvoted classes,
+    which must not count as hits."""
+    from vlmcache.knn import knn_probs
+    from vlmcache.metrics import Evaluator
+
+    g = torch.Generator().manual_seed(0)
+    n, k, c = 200, 3, 8
+    train_labels = torch.randint(0, c, (50,), generator=g)
+    ids = torch.randint(0, 50, (n, k), generator=g)
+    sims = torch.rand(n, k, generator=g).sort(1, descending=True).values
+    labels = torch.randint(0, c, (n,), generator=g)
+    probs = knn_probs(sims, ids, train_labels, c, 0.07)
+    ev = Evaluator(np.full(c, 10), None)
+    ev.update(torch.log(probs), labels)
+    metrics, _ = ev.compute()
+    voted = (train_labels[ids] == labels[:, None]).any(1)  # at most 3 voted classes: all of them are in the top 5
+    assert metrics["top5"] == pytest.approx(voted.float().mean().item())
+    assert metrics["top5"] < 0.6  # ties filled in topk's order made this about 0.75 before

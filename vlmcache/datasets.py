@@ -188,19 +188,30 @@ def read_classnames(path: str | os.PathLike) -> list[str]:
 # --------------------------------------------------------------------------- statistics
 
 
-def split_stats(labels: np.ndarray, many: int = 100, few: int = 20) -> dict:
-    """Images, classes present, largest and smallest class, and the many (> many), medium, few (< few) counts."""
-    counts = np.bincount(labels)
-    counts = counts[counts > 0]
+def split_stats(labels: np.ndarray, many: int = 100, few: int = 20, train_counts: np.ndarray | None = None) -> dict:
+    """Images, classes present, largest and smallest class, and how many of the classes present are many-shot
+    (> many), medium or few-shot (< few). Shot groups are defined by training counts (Liu et al. 2019): with
+    `train_counts` (images per class in the training split) a test split's classes are grouped by those, as
+    every evaluation groups them; without, by this split's own counts (right for a training split only)."""
+    own = np.bincount(labels)
+    present = np.flatnonzero(own)
+    counts = own[present]
+    group_counts = counts
+    if train_counts is not None:  # a class that has no training image is few-shot (0 < few)
+        train = np.zeros(len(own), dtype=np.int64)
+        n = min(len(own), len(train_counts))
+        train[:n] = np.asarray(train_counts)[:n]
+        group_counts = train[present]
     return {
         "images": int(len(labels)),
         "classes": int(len(counts)),
         "max_per_class": int(counts.max()),
         "min_per_class": int(counts.min()),
         "imbalance_ratio": round(float(counts.max() / counts.min()), 2),
-        "many": int((counts > many).sum()),
-        "medium": int(((counts >= few) & (counts <= many)).sum()),
-        "few": int((counts < few).sum()),
+        "many": int((group_counts > many).sum()),
+        "medium": int(((group_counts >= few) & (group_counts <= many)).sum()),
+        "few": int((group_counts < few).sum()),
+        "groups_by": "train counts" if train_counts is not None else "own counts",
     }
 
 

@@ -53,6 +53,24 @@ def _tag_preprocess(model: str, tag: str) -> dict:
     return out
 
 
+def describe_tag_settings(cfg: dict) -> str:
+    """What a pretrained tag sets for a weights file, in a few words: QuickGELU, mean and std, resizing."""
+    parts = [f"QuickGELU {'on' if cfg.get('quick_gelu') else 'off'}"]
+    for key in ("mean", "std"):
+        if key in cfg:
+            parts.append(f"{key} ({', '.join(f'{v:.3g}' for v in cfg[key])})")
+    parts += [f"{k.replace('_mode', '')} {cfg[k]}" for k in ("interpolation", "resize_mode") if k in cfg]
+    return ", ".join(parts)
+
+
+def tag_choices(model: str, tags: list[str]) -> str:
+    """The tags of a model grouped by what each sets: '[QuickGELU on, mean (...), ...] openai, laion400m_e31; ...'."""
+    groups: dict[str, list[str]] = {}
+    for t in tags:
+        groups.setdefault(describe_tag_settings(_tag_preprocess(model, t)), []).append(t)
+    return "; ".join(f"[{settings}] {', '.join(names)}" for settings, names in groups.items())
+
+
 def resolve_weights(model: str, pretrained: str | None, preprocess_from: str | None = None) -> dict:
     """Decide where the weights come from and which pretrained config gives their preprocessing.
 
@@ -91,17 +109,27 @@ def resolve_weights(model: str, pretrained: str | None, preprocess_from: str | N
             preprocess_from = tags[0]
         elif len(settings) > 1:
             raise VlmcacheError(
-                f"The weights file '{pretrained}' does not say how its images were preprocessed, and the "
-                f"pretrained tags of {model} differ in that (mean, std, interpolation, resize, QuickGELU). "
-                f"Name the tag it was trained as with --preprocess-from; one of: {', '.join(tags)}."
+                f"The weights file '{pretrained}' does not say how it was trained, and the pretrained tags of "
+                f"{model} differ in that. Name the tag it was trained as with --preprocess-from, which sets its "
+                f"activation (QuickGELU) as well as its preprocessing; the tags and what each sets: "
+                f"{tag_choices(model, tags)}."
             )
+        how = "its published sha256 matches" if matching else "every tag of the model sets the same"
+    else:
+        how = "--preprocess-from"
     cfg = _tag_preprocess(model, preprocess_from) if preprocess_from else {"quick_gelu": False}
+    note = (
+        f"the weights file is loaded as the tag '{preprocess_from}' sets it ({how}): {describe_tag_settings(cfg)}"
+        if preprocess_from
+        else f"the weights file is loaded with {model}'s own settings (it has no pretrained tags): QuickGELU off"
+    )
     return {
         "pretrained": "file",
         "weights_sha256": digest,
         "preprocess_from": preprocess_from,
         "tag_cfg": cfg,
         "file": str(pretrained),
+        "note": note,
     }
 
 
@@ -182,6 +210,7 @@ class Encoder:
     precision: str
     fingerprint: dict
     label: str  # where the weights came from, for the cache key: a tag, "random" or "file-<stem>"
+    note: str = ""  # for a weights file: which tag set its QuickGELU and preprocessing, and why that tag
 
     @property
     def key(self) -> str:
@@ -346,4 +375,6 @@ def load_encoder(
     if preprocess_mode == "seed":  # its own cache beside the weights' own preprocessing, found by this name
         label += SEED_PREPROCESS_SUFFIX
     tokenizer = openclip().get_tokenizer(model)
-    return Encoder(model, net, tokenizer, preprocess, preprocess_cfg, dev, prec, fingerprint, label)
+    return Encoder(
+        model, net, tokenizer, preprocess, preprocess_cfg, dev, prec, fingerprint, label, weights.get("note", "")
+    )

@@ -763,6 +763,8 @@ def run_extract(cfg: ExtractConfig, progress=None, log=print, model_dir: Path | 
         check_tail_blocks(encoder.model.visual, cfg.tail_blocks, cfg.model)
     model_dir = Path(model_dir) if model_dir is not None else Path(cfg.cache_dir) / dataset.name / encoder.key
     if rank == 0:
+        if encoder.note:  # a weights file's QuickGELU is the tag's too: said, not decided silently
+            log(f"note: {encoder.note}")
         _note_siblings(model_dir, encoder, log)
     t0 = time.perf_counter()
     results = [extract_split(encoder, dataset, dataset.splits[s], cfg, model_dir / s, progress, log) for s in splits]

@@ -48,6 +48,7 @@ from vlmcache.recipe import (
     check_finite_parameters,
     check_numbers,
     check_training_choices,
+    last_step_lr,
     lr_factor,
     param_groups,
 )
@@ -380,7 +381,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
             "seconds": round(seconds, 3),
             "samples_per_s": round(world * seen / seconds, 1),
             "skipped": skipped,
-            "lr": sched.get_last_lr()[0],
+            "lr": last_step_lr(sched),  # what the epoch's last step used
         }
         history.append(row)
         if rank == 0:

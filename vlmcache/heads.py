@@ -145,6 +145,11 @@ class CosineHead(PooledHead):
         self.classifier = make_classifier("cosine", in_dim, num_classes, scale=scale, learn_scale=learn_scale)
 
 
+# how the decoder's new weights start: "torch" (nn.TransformerEncoderLayer's own init, qkv xavier-uniform and
+# non-zero MLP and classifier biases) or "seed" (the seed's: Hugging Face's _init_weights over timm Blocks)
+DECODER_INITS = ("torch", "seed")
+
+
 class DecoderHead(nn.Module):
     """Transformer blocks over the frozen tower's final tokens (B, T, W); the class token is classified."""
 
@@ -159,8 +164,11 @@ class DecoderHead(nn.Module):
         mlp_ratio: float = 0.5,
         classifier: str = "linear",
         final_norm: bool = True,
+        init: str = "torch",
     ):
         super().__init__()
+        if init not in DECODER_INITS:
+            raise unknown_choice("decoder init", init, DECODER_INITS)
         if depth < 1 or heads < 1 or not mlp_ratio > 0:
             raise VlmcacheError(
                 f"The decoder needs depth >= 1, heads >= 1 and mlp_ratio > 0; got {depth}, {heads}, {mlp_ratio}."
@@ -181,6 +189,27 @@ class DecoderHead(nn.Module):
         # seed's decoder feeds its last block's class token to the classifier as it is (final_norm=False)
         self.norm = nn.LayerNorm(width) if final_norm else nn.Identity()
         self.classifier = make_classifier(classifier, width, num_classes)
+        if init == "seed":
+            self._seed_init()
+
+    @torch.no_grad()
+    def _seed_init(self) -> None:
+        """The seed's start (imblearn/nets/clip/clip.py L26-33): timm Blocks and an nn.Linear classifier, new
+        modules of a Hugging Face `from_pretrained` model, which runs `CLIPPreTrainedModel._init_weights` on them:
+        every Linear bias zero and LayerNorms at (1, 0); Linear weights keep nn.Linear's default
+        (kaiming-uniform, a = sqrt(5), bound 1 / sqrt(fan_in)). PyTorch's encoder layer instead starts its fused
+        qkv projection xavier-uniform (1.22x wider) and its MLP biases non-zero, and nn.TransformerEncoder
+        deep-copies one layer, so its blocks start equal; the seed's blocks are drawn one by one."""
+        for block in self.blocks.layers:
+            attn = block.self_attn
+            # timm's qkv is one nn.Linear(W, 3W): the same fan-in, so the same bound as MHA's fused weight
+            nn.init.kaiming_uniform_(attn.in_proj_weight, a=math.sqrt(5))
+            for linear in (attn.out_proj, block.linear1, block.linear2):
+                linear.reset_parameters()  # nn.Linear's default, drawn for this block
+            for bias in (attn.in_proj_bias, attn.out_proj.bias, block.linear1.bias, block.linear2.bias):
+                bias.zero_()
+        if getattr(self.classifier, "bias", None) is not None:
+            self.classifier.bias.zero_()
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.norm(self.blocks(tokens.float())[:, 0])  # (B, T, W) -> class token (B, W)

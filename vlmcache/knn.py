@@ -2,7 +2,8 @@
 
 Each of the k neighbours votes exp(similarity / temperature) for its class; with `balanced`, a class's votes
 are divided by its number of training images. Votes become probabilities, which can be blended with a
-trained run's softmax: p = (1 - w) * p_head + w * p_knn.
+trained run's softmax: p = (1 - w) * p_head + w * p_knn. A class that got no vote has probability 0 and log
+probability -inf: it is in no top-k (and shows as -inf in --save-predictions' topk_scores).
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def knn_probs(
     class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, k) similarities and neighbour ids -> (B, C) vote probabilities."""
-    votes = torch.exp(sims / temperature)
+    # shifted by each row's best similarity, which cancels in the normalisation: no overflow at a small
+    # temperature, and the nearest neighbour's vote is 1, so a class with a vote never rounds to probability 0
+    votes = torch.exp((sims - sims.max(1, keepdim=True).values) / temperature)
     scores = torch.zeros(len(sims), num_classes, dtype=votes.dtype, device=votes.device)
     scores.scatter_add_(1, train_labels[ids], votes)
     if class_weights is not None:
@@ -154,7 +157,7 @@ def knn(
             if head_chunks is not None:
                 hx, _ = next(head_chunks)
                 probs = (1 - blend_weight) * torch.softmax(run_model(hx).float(), dim=1) + blend_weight * probs
-            yield torch.log(probs.clamp(min=1e-12)), y
+            yield torch.log(probs), y  # -inf for a class that got no vote: never a top-k hit (metrics.Evaluator)
 
     writer = PredictionWriter(Path(predictions), open_split(model_dir, split), text.classnames) if predictions else None
     evaluator = Evaluator(counts, text.classnames, predictions=writer)

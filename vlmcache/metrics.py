@@ -60,11 +60,14 @@ class Evaluator:
         self.predictions = predictions  # a predictions.PredictionWriter: each chunk's top-k, with its scores
 
     def update(self, logits: torch.Tensor, labels) -> None:
+        """One chunk's scores (B, C). A class scored -inf is no prediction (kNN: a class that got no vote), so it
+        never counts as a hit, however topk orders the ties it fills the top-k with."""
         top = logits.topk(self.k, dim=1)
-        self.topk.append(_as_numpy(top.indices))
+        indices, values = _as_numpy(top.indices), _as_numpy(top.values.float())
+        self.topk.append(np.where(np.isneginf(values), -1, indices))
         self.labels.append(_as_numpy(labels))
         if self.predictions is not None:
-            self.predictions.write(self.topk[-1], _as_numpy(top.values.float()), self.labels[-1])
+            self.predictions.write(indices, values, self.labels[-1])
 
     def compute(self, many: int = 100, few: int = 20) -> tuple[dict, pd.DataFrame]:
         topk, labels = np.concatenate(self.topk), np.concatenate(self.labels)

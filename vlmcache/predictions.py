@@ -4,7 +4,7 @@ by chunk as evaluation reduces its logits, so memory holds the top-k of one chun
 Columns: `row` (the split's row), `path` (the image, relative to the root it was read from; empty for a cache
 made before paths were stored), `label`, `class_name`, `pred`, `pred_name`, `correct`, `topk` (the k best
 classes, best first) and `topk_scores` (their scores: the logits the metrics ranked, after any logit
-adjustment; kNN's log class probabilities).
+adjustment; kNN's log class probabilities, -inf for a class that got no vote, which is never a hit).
 """
 
 from __future__ import annotations
@@ -19,18 +19,24 @@ from vlmcache.errors import VlmcacheError
 FILE = "predictions.parquet"
 
 
+def require_pyarrow():
+    """(pyarrow, pyarrow.parquet), or the one-line error: called before training too, so that a run that will
+    save predictions cannot fail for want of pyarrow after it trained."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise VlmcacheError("--save-predictions writes parquet, which needs pyarrow: pip install pyarrow.") from None
+    return pa, pq
+
+
 class PredictionWriter:
     """Feeds on (top-k classes, top-k scores, labels) per chunk in row order; `close()` publishes the file."""
 
     def __init__(self, path: Path, split: cache.SplitCache, classnames: list[str], k: int = 5):
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise VlmcacheError(
-                "--save-predictions writes parquet, which needs pyarrow: pip install pyarrow."
-            ) from None
-        self.pa, self.path, self.k = pa, Path(path), min(k, len(classnames))  # as the Evaluator's top-k
+        pa, pq = require_pyarrow()
+        # as the Evaluator's top-k: a dataset of 2 to 4 classes has rows of C classes, and the schema says so
+        self.pa, self.path, self.k = pa, Path(path), min(k, len(classnames))
         self.rows = split.rows()
         self.paths = split.paths()
         self.classnames = np.asarray(classnames, dtype=object)

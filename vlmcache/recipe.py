@@ -36,6 +36,8 @@ PROTOCOLS: dict[str, dict] = {
         warmup_iters=0,
         schedule="cosine",
         select_on="",
+        drop_last=False,
+        eval_every=0,
     ),
     "seed": dict(
         epochs=32,
@@ -50,6 +52,8 @@ PROTOCOLS: dict[str, dict] = {
         warmup_iters=512,
         schedule="seed_cosine",
         select_on="val",
+        drop_last=True,  # get_data_loader's default (build.py L83)
+        eval_every=256,  # num_eval_iter; EvaluationHook also scores the last step (hooks/evaluation.py L15)
     ),
     # LIFT (Shi et al., ICML 2024; GitHub shijxcs/LIFT), read from utils/config.py lines 21-26 and
     # configs/model/clip_vit_b16.yaml: SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 128, 10 epochs (20 on
@@ -89,10 +93,24 @@ SEED_SWITCHES: dict[str, dict] = {
         "lade": {"regularizer_logits": "adjusted"},
         "ldam": {"scale": 1.0},
     },
-    "head": {"decoder": {"final_norm": False}},
-    "stage2": {"crt": {"reinit": False}, "disalign": {"init": "seed"}},
-    "sampler": {"replacement": False, "num_samples": 65536},  # 256 steps of 256 per epoch
+    "head": {"decoder": {"final_norm": False, "init": "seed"}},
+    "stage2": {"crt": {"reinit": False}, "disalign": {"init": "seed", "decay": True}, "marc": {"decay": True}},
+    # train-head replaces num_samples by the seed's arithmetic, (iters // epochs) * batch_size (seed_epoch_draws);
+    # 65,536 is its value at the seed's defaults, which finetune (epochs, no step budget) keeps
+    "sampler": {"replacement": False, "num_samples": 65536},
 }
+
+
+def seed_epoch_draws(iters: int, epochs: int, batch_size: int) -> int:
+    """Rows the seed's sampler draws per epoch: `(num_train_iter // epoch) * batch_size` (imblearn/core/utils/
+    build.py `get_data_loader`, L127-129), so that every epoch is the same number of whole batches and the
+    epochs together make the step budget. Its train.py (L150) asserts that the budget divides into the epochs."""
+    if iters % epochs:
+        raise VlmcacheError(
+            f"--protocol seed splits the step budget into equal epochs, as the seed's train.py does: --iters "
+            f"({iters}) must be a multiple of --epochs ({epochs}); or set --sampler-param num_samples=N."
+        )
+    return iters // epochs * batch_size
 
 
 def check_training_choices(cfg, counts: tuple[str, ...]) -> None:
@@ -172,6 +190,12 @@ def make_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimiz
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov))
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def last_step_lr(sched: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """The learning rate the last optimiser step used (of the first group). `get_last_lr()` after
+    `sched.step()` is the next step's; this is the same product LambdaLR formed for the step before."""
+    return sched.base_lrs[0] * sched.lr_lambdas[0](sched.last_epoch - 1)
 
 
 def lr_factor(schedule: str, total: int, warmup: int = 0) -> Callable[[int], float]:

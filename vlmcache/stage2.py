@@ -43,22 +43,33 @@ class LWS(nn.Module):
         return self.scale * self.classifier(f)
 
 
+def class_params(num_classes: int, decay: bool) -> tuple[nn.Parameter, nn.Parameter]:
+    """A per-class scale (init 1) and shift (init 0). Weight decay reaches matrices only (`recipe.param_groups`),
+    so as vectors (C,) they are never decayed: decay would pull a scale that starts at 1 toward 0. With `decay`
+    they are (1, C), as the seed's DisAlign_Net and MARC_Net hold them (imblearn/algorithms/supervised/utils.py
+    L117-118, L144-145), and its `param_groups_weight_decay` (imblearn/nets/utils.py L90: only ndim <= 1 or names
+    ending `.bias` exempt) decays them with the run's weight decay; the same rule here does the same."""
+    shape = (1, num_classes) if decay else (num_classes,)
+    return nn.Parameter(torch.ones(shape)), nn.Parameter(torch.zeros(shape))
+
+
 class DisAlign(nn.Module):
     """Distribution alignment, Zhang et al. 2021: z + sigma(x) * (alpha * z + beta - z), with the confidence
     sigma(x) = sigmoid(g(x)) learnt from the features, and per-class alpha (init 1) and beta (init 0).
 
     `init="paper"`: (1 - sigma) z + sigma (alpha z + beta) with g initialised to zero, so step 0 gives the
     stage-1 logits. `init="seed"` (the seed's code): (1 + sigma alpha) z + sigma beta with g as nn.Linear
-    initialises it, so step 0 scales the logits by 1 + sigma(g(x))."""
+    initialises it, so step 0 scales the logits by 1 + sigma(g(x)).
 
-    def __init__(self, classifier: nn.Module, init: str = "paper"):
+    `decay=True` (the seed's): alpha and beta are weight-decayed (`class_params`)."""
+
+    def __init__(self, classifier: nn.Module, init: str = "paper", decay: bool = False):
         super().__init__()
         if init not in ("paper", "seed"):
             raise unknown_choice("DisAlign init", init, ["paper", "seed"])
         self.classifier = classifier.requires_grad_(False)
         num_classes, dim = classifier.weight.shape
-        self.alpha = nn.Parameter(torch.ones(num_classes))
-        self.beta = nn.Parameter(torch.zeros(num_classes))
+        self.alpha, self.beta = class_params(num_classes, decay)
         self.confidence = nn.Linear(dim, 1)
         self.seed_form = init == "seed"
         if not self.seed_form:
@@ -74,14 +85,13 @@ class DisAlign(nn.Module):
 
 
 class MaRC(nn.Module):
-    """Margin calibration, Wang et al. 2022: omega_c * z_c + beta_c * ||w_c||, per-class omega (init 1), beta (0)."""
+    """Margin calibration, Wang et al. 2022: omega_c * z_c + beta_c * ||w_c||, per-class omega (init 1), beta (0).
+    `decay=True` (the seed's): omega and beta are weight-decayed (`class_params`)."""
 
-    def __init__(self, classifier: nn.Module):
+    def __init__(self, classifier: nn.Module, decay: bool = False):
         super().__init__()
         self.classifier = classifier.requires_grad_(False)
-        num_classes = classifier.weight.shape[0]
-        self.omega = nn.Parameter(torch.ones(num_classes))
-        self.beta = nn.Parameter(torch.zeros(num_classes))
+        self.omega, self.beta = class_params(classifier.weight.shape[0], decay)
 
     def forward(self, f):
         return self.omega * self.classifier(f) + self.beta * self.classifier.weight_norms()

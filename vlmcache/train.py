@@ -48,7 +48,7 @@ from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb, start_peak_memory, trim
 from vlmcache.metrics import Evaluator
 from vlmcache.predictions import FILE as PREDICTIONS
-from vlmcache.predictions import PredictionWriter
+from vlmcache.predictions import PredictionWriter, require_pyarrow
 from vlmcache.recipe import (
     LIFT_EPOCHS,
     LIFT_SWITCHES,
@@ -60,8 +60,10 @@ from vlmcache.recipe import (
     check_numbers,
     check_training_choices,
     double_corrections,
+    last_step_lr,
     lr_factor,
     make_optimizer,
+    seed_epoch_draws,
 )
 from vlmcache.samplers import build_sampler, sampler_params
 from vlmcache.stage2 import STAGE2, build_stage2, logit_adjusted, stage2_params, tau_normalized
@@ -103,6 +105,10 @@ class TrainConfig:
     warmup_iters: int | None = None
     schedule: str | None = None  # cosine (to zero) or seed_cosine (cos(7 pi/16 t), the seed's)
     select_on: str | None = None  # a split to keep the best epoch on ("none": the last epoch)
+    drop_last: bool | None = None  # an epoch's last partial batch is dropped (the seed's DataLoader), not trained
+    # with --select-on, score every this many steps and at the last step (the seed's num_eval_iter); 0: after
+    # each epoch
+    eval_every: int | None = None
     seed: int = 0
     train_split: str = "train"
     eval_split: str | None = None  # default: test, else val
@@ -158,6 +164,7 @@ class TrainConfig:
             raise VlmcacheError("--from names a first-stage run for a second stage; add --stage2 (crt, lws, ...).")
         self.loss = self.loss or "ce"
         self.sampler = self.sampler or "instance"
+        seed_draws = self.protocol == "seed" and "num_samples" not in self.sampler_params
         if self.protocol == "seed":  # the seed's form of each method; explicit parameters win
             self.loss_params = {**SEED_SWITCHES["loss"].get(self.loss, {}), **self.loss_params}
             self.sampler_params = {**SEED_SWITCHES["sampler"], **self.sampler_params}
@@ -169,10 +176,10 @@ class TrainConfig:
             raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.schedule not in SCHEDULES:
             raise unknown_choice("schedule", self.schedule, SCHEDULES)
-        if self.iters < 0 or self.warmup_iters < 0 or self.min_steps < 0:
+        if self.iters < 0 or self.warmup_iters < 0 or self.min_steps < 0 or self.eval_every < 0:
             raise VlmcacheError(
-                f"--iters, --warmup-iters and --min-steps must be 0 or more, got {self.iters}, "
-                f"{self.warmup_iters}, {self.min_steps}."
+                f"--iters, --warmup-iters, --min-steps and --eval-every must be 0 or more, got {self.iters}, "
+                f"{self.warmup_iters}, {self.min_steps}, {self.eval_every}."
             )
         if self.select_on == "none":
             self.select_on = ""
@@ -189,6 +196,8 @@ class TrainConfig:
             raise VlmcacheError("--stage2-param sets a second stage's parameters; add --stage2 (crt, lws, ...).")
         check_training_choices(self, ("epochs", "batch_size"))
         check_numbers(self)
+        if seed_draws and self.iters:  # the seed's epoch: its share of the step budget, in whole batches
+            self.sampler_params["num_samples"] = seed_epoch_draws(self.iters, self.epochs, self.batch_size)
         if self.tau_norm is not None and (self.stage2 or self.head in ("cosine", "coop")):
             raise VlmcacheError(
                 f"--tau-norm applies to a first-stage linear classifier, not a second stage or the {self.head} head."
@@ -281,6 +290,19 @@ def _peak_memory(device: torch.device, scope: str) -> dict:
     return out
 
 
+def epoch_steps(draws: int, batch_size: int, drop_last: bool) -> int:
+    """Optimiser steps in an epoch of `draws` sampled rows: with `drop_last` (the seed's DataLoader) whole
+    batches only, else a last partial batch too."""
+    if not drop_last:
+        return math.ceil(draws / batch_size)
+    if draws < batch_size:
+        raise VlmcacheError(
+            f"An epoch draws {draws} rows, fewer than one batch of {batch_size}, and drop_last drops the partial "
+            f"batch: nothing would train. Lower --batch-size or raise the sampler's num_samples."
+        )
+    return draws // batch_size
+
+
 def train_epochs(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """Passes over the sampler: enough for `iters` steps, else `epochs`, raised to reach `min_steps` (the
     default protocol's floor, so that a small split such as the demo's 568 images still gets enough steps)."""
@@ -332,7 +354,8 @@ def fit_steps(
     """
     params = [p for p in module.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, params)
-    steps = math.ceil(sampler.size / cfg.batch_size)
+    steps = epoch_steps(sampler.size, cfg.batch_size, cfg.drop_last)
+    rows = steps * cfg.batch_size if cfg.drop_last else sampler.size  # what an epoch trains on
     epochs = train_epochs(cfg, steps)
     total = cfg.iters or epochs * steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.schedule, total, cfg.warmup_iters))
@@ -341,6 +364,15 @@ def fit_steps(
     # and pin glibc's heap, which then grows by a logits buffer per step (15 GB in an iNat-sized epoch).
     step_losses = torch.empty(steps + 1, device=device)
     history, done, best, best_state = [], 0, None, None
+
+    def score(epoch: int) -> dict:  # select on the module as it is now; keep it if it is the best so far
+        nonlocal best, best_state
+        value = select(epoch, done)
+        if best is None or value > best["score"]:  # the first of equal scores stays, as the seed's `>`
+            best = {"epoch": epoch, "step": done, "score": value}
+            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return {"select_score": value, **({"select_step": done} if cfg.eval_every else {})}
+
     for epoch in range(1, epochs + 1):
         module.train()
         if hasattr(data, "set_epoch"):  # augmented views: which one each row shows this epoch
@@ -348,7 +380,8 @@ def fit_steps(
         t0 = time.perf_counter()
         k = seen = 0
         paused = 0.0
-        for x, y in data.batches(sampler.epoch(gen), cfg.batch_size, gen):
+        scored = {}
+        for x, y in data.batches(sampler.epoch(gen)[:rows], cfg.batch_size, gen):
             if cfg.iters and done >= cfg.iters:
                 break
             loss = loss_fn(module(x), y)
@@ -361,7 +394,10 @@ def fit_steps(
             done += 1
             seen += len(y)
             t_pause = time.perf_counter()
-            yield epoch - 1 + seen / sampler.size  # how far along: a group advances the run furthest behind
+            if select is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
+                scored = score(epoch)  # the seed's EvaluationHook: every num_eval_iter steps and the last
+                module.train()
+            yield epoch - 1 + seen / rows  # how far along: a group advances the run furthest behind
             paused += time.perf_counter() - t_pause
         stacked = step_losses[:k]
         finite = torch.isfinite(stacked)
@@ -380,13 +416,11 @@ def fit_steps(
             "loss": float(stacked.mean()),
             "seconds": round(seconds, 4),
             "samples_per_s": round(seen / seconds, 1),
-            "lr": sched.get_last_lr()[0],
+            "lr": last_step_lr(sched),  # what the epoch's last step used
         }
-        if select is not None:
-            row["select_score"] = select(epoch, done)
-            if best is None or row["select_score"] > best["score"]:
-                best = {"epoch": epoch, "step": done, "score": row["select_score"]}
-                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        if select is not None and not cfg.eval_every:
+            scored = score(epoch)
+        row.update(scored)  # with eval_every, the epoch's last score (none if no step of it was scored)
         history.append(row)
         if on_epoch:
             on_epoch(row)
@@ -708,6 +742,8 @@ def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: di
     group's peak-memory scope (None: this run starts its own)."""
     t_start = time.perf_counter()
     cfg.resolve()
+    if cfg.save_predictions:
+        require_pyarrow()
     for warning in double_corrections(cfg):
         log(f"warning: {warning}")
     device = pick_device(cfg.device)
@@ -734,8 +770,11 @@ def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: di
     t_features = time.perf_counter()
     model, fit_model, fit_data, head_params = _build_model(cfg, first, train_data, train_split, text, device, shared)
     loss_fn = build_loss(cfg.loss, counts, **cfg.loss_params).to(device)
-    if cfg.loss == "ldam" and not cfg.stage2 and isinstance(model.head.classifier, CosineClassifier):
-        loss_fn = OnRawCosines(loss_fn, model.head.classifier)
+    # the classifier whose scale the logits carry: a second stage's own (cRT's trained copy; the frozen one that
+    # LWS, DisAlign and MaRC scale), else the head's
+    classifier = fit_model.classifier if cfg.stage2 else model.head.classifier
+    if cfg.loss == "ldam" and isinstance(classifier, CosineClassifier):
+        loss_fn = OnRawCosines(loss_fn, classifier)
     sampler = build_sampler(cfg.sampler, fit_data.y, **cfg.sampler_params)
     select = _selector(cfg, model, eval_data, eval_name, model_dir, counts, device, shared)
     times["features_seconds"] = time.perf_counter() - t_features

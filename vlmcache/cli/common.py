@@ -151,7 +151,10 @@ ENCODE_PRETRAINED = typer.Option(
     "openai", "--pretrained", "-p", help="open_clip pretrained tag, a local weights file, or 'random' (alias 'none')."
 )
 PREPROCESS_FROM = typer.Option(
-    None, "--preprocess-from", help="For a local weights file: the pretrained tag whose preprocessing it uses."
+    None,
+    "--preprocess-from",
+    help="For a local weights file: the pretrained tag it was trained as. The tag sets its "
+    "preprocessing (mean, std, resizing) and its activation: QuickGELU for OpenAI's and some other tags.",
 )
 # which cache a command reads: each may be left out when only one cache matches the rest
 CACHE_DATASET = typer.Option(
@@ -236,8 +239,9 @@ SAMPLER_PARAM = typer.Option(
 )
 PROTOCOL_HELP = (
     f"{' or '.join(PROTOCOLS)}: default follows the method papers; seed the seed study's code (SGD Nesterov, "
-    "warm-up, cos(7 pi t / 16), each method's seed form); lift LIFT's recipe for --head tail (docs/tail.md). Any "
-    "option given explicitly wins over the protocol."
+    "warm-up, cos(7 pi t / 16), each method's seed form; train-head also its step budget in epochs of "
+    "(iters // epochs) whole batches and selection every 256 steps: docs/seed-protocol.md); lift LIFT's recipe for "
+    "--head tail (docs/tail.md). Any option given explicitly wins over the protocol."
 )
 PROTOCOL = typer.Option("default", "--protocol", help=PROTOCOL_HELP)
 LR = typer.Option(None, "--lr", help="Peak learning rate (the protocol's by default).")

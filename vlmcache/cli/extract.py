@@ -210,13 +210,21 @@ def datasets_info(
     name: DatasetName = typer.Argument(..., help="Dataset name."),
     root: Path = ROOT,
     split_file: Path = typer.Option(None, "--split-file", help="Statistics of this split file instead."),
+    train_split_file: Path = typer.Option(
+        None,
+        "--train-split-file",
+        help="With --split-file of a val or test split: the training split file whose counts define its shot groups.",
+    ),
     as_json: bool = JSON,
 ):
-    """Images, classes, largest and smallest class, and many (>100) / medium (20-100) / few (<20) shot classes;
-    for a benchmark, where its images and split files are published and the layout expected under --root.
+    """Images, classes, largest and smallest class, and many (>100) / medium (20-100) / few (<20) shot classes,
+    grouped by the training split's counts (as evaluation groups them, also for val and test splits); for a
+    benchmark, where its images and split files are published and the layout expected under --root.
 
     Example: [bold]vlmcache datasets info places_lt --split-file Places_LT_train.txt --json[/]
     """
+    import numpy as np
+
     from vlmcache.datasets import load_dataset, read_split_file, split_stats, where_data
 
     source = where_data(name.value)
@@ -224,12 +232,26 @@ def datasets_info(
         if name.value in ("imagefolder", "digits_lt"):
             raise VlmcacheError(f"--split-file does not apply to {name.value}.")
         _, labels = read_split_file(split_file)
-        result = {"dataset": name.value, "split_file": str(split_file), **split_stats(labels)}
-        rows = {split_file.name: split_stats(labels)}
-        notes = []
+        train = None
+        if train_split_file is not None:
+            train = np.bincount(read_split_file(train_split_file)[1])
+        stats = split_stats(labels, train_counts=train)
+        result = {"dataset": name.value, "split_file": str(split_file), **stats}
+        rows = {split_file.name: stats}
+        notes = (
+            []
+            if train is not None
+            else [
+                "shot groups by this file's own counts: right for a training split; "
+                "for val or test add --train-split-file"
+            ]
+        )
     else:
+        if train_split_file is not None:
+            raise VlmcacheError("--train-split-file goes with --split-file.")
         ds = load_dataset(name.value, root)
-        rows = {s: split_stats(sp.labels) for s, sp in ds.splits.items()}
+        train = np.bincount(ds.splits["train"].labels, minlength=ds.num_classes) if "train" in ds.splits else None
+        rows = {s: split_stats(sp.labels, train_counts=train) for s, sp in ds.splits.items()}
         result = {"dataset": name.value, "num_classes": ds.num_classes, "splits": rows, "notes": ds.notes}
         notes = ds.notes
     if as_json:

@@ -92,6 +92,15 @@ def train_head(
     select_on: str = typer.Option(
         None, "--select-on", help="Keep the epoch that scores best on this split (seed protocol: val); none: the last."
     ),
+    eval_every: int = typer.Option(
+        None,
+        "--eval-every",
+        help="With --select-on, score every N steps and at the last step (seed protocol: 256, its num_eval_iter); "
+        "0: after each epoch (default protocol).",
+    ),
+    drop_last: bool = switch(
+        "drop-last", "Drop each epoch's last partial batch, as the seed's DataLoader does (seed protocol: on).", None
+    ),
     lr: float = LR,
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Samples per step (default: 256)."),
     weight_decay: float = WEIGHT_DECAY,
