@@ -485,6 +485,13 @@ def _bind_text(head: nn.Module, split: cache.SplitCache, text: cache.TextCache, 
     head.bind_text(encoder.model, encoder.tokenizer, text.classnames, text.logit_scale)
 
 
+def runs_folder(cfg: TrainConfig) -> Path:
+    """The folder this run's folder goes into (--out's parent, else --runs-dir): what `runlock` holds while the
+    run trains, checked first so that a mistake in either option costs nothing."""
+    runs.check_output_dir(cfg.runs_dir, "--runs-dir")
+    return runs.check_output_dir(cfg.out, "--out").parent if cfg.out else Path(cfg.runs_dir)
+
+
 def _run_dir(cfg: TrainConfig) -> Path:
     """This run's folder, checked before any work: writable, and not a finished run unless --overwrite."""
     runs.check_output_dir(cfg.runs_dir, "--runs-dir")
@@ -593,6 +600,7 @@ class RunJob:
     memory_scope: str
     group_size: int = 1  # the runs trained together in this process's group (group.train_group)
     epoch_log: EpochLog | None = None  # --log
+    warnings: list[str] = field(default_factory=list)  # said when the run starts, kept in metrics.json
 
     def on_epoch(self, also: Callable[[dict], None] | None = None) -> Callable[[dict], None] | None:
         """What each epoch's row goes to: the run's --log, and `also` (a command's progress line)."""
@@ -630,6 +638,9 @@ def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: di
     num_classes = int(train_split.fingerprint["num_classes"])
     text = cache.read_text(model_dir / cache.TEXT_FILE)
     run_dir = _run_dir(cfg)
+    warnings = selection_warnings(cfg, eval_name)
+    for warning in warnings:
+        log(f"warning: {warning}")
 
     t_load = time.perf_counter()
     augment = use_views(cfg, train_split, log)
@@ -649,11 +660,23 @@ def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: di
     if device.type == "cuda" and memory_scope != "group":
         torch.cuda.reset_peak_memory_stats(device)
     epoch_log = EpochLog(cfg.log, live_folder(run_dir), cfg.select_on) if cfg.log else None
+    times["prepare_seconds"] = time.perf_counter() - t_start
     return RunJob(
         cfg, device, model_dir, run_dir, eval_name, eval_data, counts, text.classnames, train_data.dim, num_classes,
         model, fit_model, fit_data, head_params, loss_fn, sampler, select, times, t_start, memory_scope,
-        epoch_log=epoch_log,
+        epoch_log=epoch_log, warnings=warnings,
     )  # fmt: skip
+
+
+def selection_warnings(cfg: TrainConfig, eval_name: str) -> list[str]:
+    """What is wrong with the run's model selection, said on stderr and kept in metrics.json's `warnings`: an
+    epoch selected on the split the run reports makes that score optimistic (`report` marks such rows)."""
+    if cfg.select_on and cfg.select_on == eval_name:
+        return [
+            f"--select-on {cfg.select_on}: the epoch is selected on the split the run reports ({eval_name}), so its "
+            f"score is optimistic; select on a held-out split (val) for numbers to publish."
+        ]
+    return []
 
 
 def finish_run(job: RunJob, history: list[dict], selection: dict | None) -> dict:
@@ -680,10 +703,17 @@ def finish_run(job: RunJob, history: list[dict], selection: dict | None) -> dict
     if job.epoch_log is not None:
         extra["logs"] = job.epoch_log.close()
     job.times["eval_seconds"] = time.perf_counter() - t_eval
-    job.times["total_seconds"] = time.perf_counter() - job.t_start
+    if job.group_size > 1:
+        # In a group the runs take turns, so the clock since this run's set-up is the group's time, not its own:
+        # its whole run is its share of the group, the phases it spent working (set-up, its own steps, its
+        # evaluation). The group's wall time is the pipeline's to record (results.csv's group_wall_seconds).
+        job.times["total_seconds"] = sum(job.times[k] for k in ("prepare_seconds", "train_seconds", "eval_seconds"))
+    else:
+        job.times["total_seconds"] = time.perf_counter() - job.t_start
     cost = _cost(cfg, job.times, history, job.device, job.memory_scope)
     if job.group_size > 1:  # seconds are this run's own; memory is the group's process's
         cost["group_size"] = job.group_size
+        cost["total_seconds_scope"] = "share of group"
 
     check_finite_parameters(job.model)
     saved = {
@@ -704,6 +734,8 @@ def finish_run(job: RunJob, history: list[dict], selection: dict | None) -> dict
         "argv": sys.argv,
     }
     result = {"run": str(job.run_dir), "metrics": metrics, "cost": cost, "history": history, "selection": selection}
+    if job.warnings:
+        result["warnings"] = list(job.warnings)
     _save_run(job.run_dir, saved, table, config, result, extra)
     return result
 

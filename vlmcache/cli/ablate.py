@@ -10,6 +10,7 @@ import typer
 from vlmcache.cli.common import (
     JSON,
     NPROC,
+    WAIT,
     RichProgress,
     RunProgress,
     app,
@@ -40,6 +41,7 @@ def ablate(
         True,
     ),
     group_size: int = typer.Option(32, "--group-size", help="Most runs trained together in one group."),
+    wait: bool = WAIT,
     nproc: int = NPROC,
     as_json: bool = JSON,
 ):
@@ -82,7 +84,7 @@ def ablate(
     from vlmcache.report import paper_table, summarize
 
     with RunProgress() as progress:
-        table = run_pipeline(pipe, None, progress, log=log, group=group, group_size=group_size)
+        table = run_pipeline(pipe, None, progress, log=log, group=group, group_size=group_size, wait=wait)
     if table is None:  # a torchrun process other than rank 0: its runs are in rank 0's table
         return
     runs_dir = Path(pipe.runs_dir)

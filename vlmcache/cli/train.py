@@ -32,6 +32,7 @@ from vlmcache.cli.common import (
     STAGE2_HELP,
     TAU_NORM,
     TEXT_INIT,
+    WAIT,
     WARMUP_ITERS,
     WEIGHT_DECAY,
     WORKERS,
@@ -121,6 +122,7 @@ def train_head(
         help="Per-epoch loss, learning rate and (with --select-on) accuracy: tensorboard or csv, into the run's "
         "logs/ (live under RUNS/.logs/ while it trains).",
     ),
+    wait: bool = WAIT,
     as_json: bool = JSON,
 ):
     """Train a head (and optionally a second stage) on cached features; evaluate overall / many / medium / few.
@@ -130,7 +132,8 @@ def train_head(
 
     Second stage: [bold]vlmcache train-head --stage2 crt --from runs/places_lt__linear-ce-instance__s0__1a2b3c4d[/]
     """
-    from vlmcache.train import TrainConfig
+    from vlmcache import runlock
+    from vlmcache.train import TrainConfig, runs_folder
     from vlmcache.train import train_head as run
 
     cfg = build_config(
@@ -145,7 +148,9 @@ def train_head(
             + (f"  {cfg.select_on} {100 * row['select_score']:.2f}" if "select_score" in row else "")
         )
 
-    result = run(cfg, log=log, on_epoch=on_epoch)
+    cfg.resolve()  # names and values checked before the runs folder is made and held
+    with runlock.hold(runs_folder(cfg), "vlmcache train-head", wait, log):
+        result = run(cfg, log=log, on_epoch=on_epoch)
     if as_json:
         print_json(result)
         return
