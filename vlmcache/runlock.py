@@ -40,7 +40,10 @@ def hold(folder: str | os.PathLike, what: str, wait: bool = False, log: Callable
     `what` names this process's command in the lock file (`vlmcache ablate`), so another one can say who holds
     it. Without `wait`, a folder held by another process is a VlmcacheError naming that process and --wait."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VlmcacheError(f"The runs folder '{folder}' cannot be made ({e.strerror}).") from None
     key = str(folder.resolve())
     if key in _held:
         _held[key][1] += 1
