@@ -63,8 +63,9 @@ def _pipeline(tmp_path: Path, caches: Path, text: str = GRID, runs: str = "runs"
 def grid(caches, tmp_path_factory):
     """The two-dataset grid trained once, grouped: (its table, the runs folder, the report)."""
     tmp = tmp_path_factory.mktemp("grid")
-    table = run_pipeline(load_pipeline(_pipeline(tmp, caches)), **QUIET)
-    return table, tmp / "runs", write_report(tmp / "runs", **QUIET)
+    path = _pipeline(tmp, caches)
+    table = run_pipeline(load_pipeline(path), **QUIET)
+    return table, tmp / "runs", write_report(tmp / "runs", **QUIET), path
 
 
 def _metrics(run: str) -> dict:
@@ -72,7 +73,7 @@ def _metrics(run: str) -> dict:
 
 
 def test_a_grid_over_two_datasets_reports_what_its_runs_recompute_to(grid):
-    table, runs_dir, _ = grid
+    table, runs_dir, _, _ = grid
     assert (table["status"] == "done").all(), table[["method", "error"]]
     summary = pd.read_csv(runs_dir / "summary.csv")
     for (dataset, method), rows in table.groupby(["dataset", "method"]):
@@ -102,7 +103,7 @@ def test_a_grid_over_two_datasets_reports_what_its_runs_recompute_to(grid):
 
 
 def test_per_class_points_are_keyed_by_dataset(grid):
-    table, runs_dir, _ = grid
+    table, runs_dir, _, _ = grid
     points = per_class_points(table, runs_dir)
     for dataset, counts in COUNTS.items():
         for method in ("CE", "BS", "cRT"):
@@ -116,7 +117,7 @@ def test_per_class_points_are_keyed_by_dataset(grid):
 def test_the_report_names_thresholds_std_and_shows_each_dataset(grid, monkeypatch):
     import matplotlib.pyplot as plt
 
-    table, runs_dir, result = grid
+    table, runs_dir, result, _ = grid
     report = Path(result["report"]).read_text()
     assert f"more than {MANY}, {FEW} to {MANY}, fewer than {FEW} training images" in report
     assert "more than 100" not in report and "sample std over seeds (n - 1)" in report
@@ -132,7 +133,7 @@ def test_the_report_names_thresholds_std_and_shows_each_dataset(grid, monkeypatc
 
 
 def test_one_config_under_two_method_names_trains_once(grid, caches, tmp_path):
-    table, runs_dir, _ = grid
+    table, runs_dir, _, _ = grid
     again = table[table["method"] == "CE again"]
     ce = table[table["method"] == "CE"]
     assert again["run"].tolist() == ce["run"].tolist() and (again["same_config_as"] == "CE").all()
@@ -145,7 +146,7 @@ def test_one_config_under_two_method_names_trains_once(grid, caches, tmp_path):
 
 
 def test_grouped_runs_record_their_own_share_and_the_groups_wall_time(grid):
-    table, _, _ = grid
+    table, _, _, path = grid
     first = table[table["method"] != "cRT"].drop_duplicates("run")
     for dataset, group in first.groupby("dataset"):  # one group per dataset: CE and BS, two seeds each
         assert len(group) == 4 and group["group_wall_seconds"].nunique() == 1
@@ -153,6 +154,9 @@ def test_grouped_runs_record_their_own_share_and_the_groups_wall_time(grid):
         assert all(c["group_size"] == 4 and c["total_seconds_scope"] == "share of group" for c in costs)
         wall = group["group_wall_seconds"].iloc[0]
         assert sum(c["total_seconds"] for c in costs) <= wall + 0.05  # shares of one wall time, not four of it
+    again = run_pipeline(load_pipeline(path), **QUIET)  # resumed: each run keeps its group's wall time
+    assert (again["status"] == "resumed").all()
+    pd.testing.assert_series_equal(again["group_wall_seconds"], table["group_wall_seconds"])
 
 
 def test_the_group_key_includes_the_dataset(tmp_path):

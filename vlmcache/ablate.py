@@ -558,6 +558,7 @@ def run_pipeline(
             return None
         table = pd.DataFrame([rows[i] for i in range(len(planned))])
         table.insert(0, "pipeline", pipe.name)
+        table = _carry_group_walls(previous, table)
         write_results(out, merge_results(previous, table))
     return table
 
@@ -648,6 +649,19 @@ def read_previous_results(out: Path) -> pd.DataFrame | None:
         raise VlmcacheError(
             f"{e} It would be merged with this pipeline's results; move it away (or fix it) and run again."
         ) from None
+
+
+def _carry_group_walls(previous: pd.DataFrame | None, table: pd.DataFrame) -> pd.DataFrame:
+    """A resumed run keeps the wall time of the group it trained in, as the previous results.csv recorded it
+    (metrics.json cannot hold it: a run is saved before its group ends)."""
+    if previous is None or "group_wall_seconds" not in previous.columns:
+        return table
+    walls = previous.dropna(subset=["run", "group_wall_seconds"]).drop_duplicates("run", keep="last")
+    known = dict(zip(walls["run"].astype(str), walls["group_wall_seconds"], strict=True))
+    carried = table["run"].astype(str).map(known)
+    if "group_wall_seconds" in table.columns:
+        carried = table["group_wall_seconds"].where(table["group_wall_seconds"].notna(), carried)
+    return table.assign(group_wall_seconds=carried)
 
 
 def merge_results(previous: pd.DataFrame | None, table: pd.DataFrame) -> pd.DataFrame:
