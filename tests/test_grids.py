@@ -257,6 +257,11 @@ def test_a_second_writer_into_a_held_runs_folder_refuses_naming_the_holder(cache
                   "--device", "cpu", "--epochs", "1"],
         )  # fmt: skip
         assert head.exit_code == 2 and f"pid {holder.pid}" in head.output
+        # a mistake is found before the folder is held: nothing is made for a run that cannot start
+        bad = runner.invoke(
+            app, ["train-head", "-d", "nine", "--cache-dir", str(caches), "--runs-dir", str(tmp_path / "new")]
+        )
+        assert bad.exit_code == 2 and not (tmp_path / "new").exists()
         # --wait: the holder lets go a moment later, and the waiter goes on
         threading.Timer(0.5, lambda: (holder.stdin.write("done\n"), holder.stdin.flush())).start()
         t0 = time.perf_counter()

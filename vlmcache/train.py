@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Generator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmcache import cache, runs, streaming
+from vlmcache import cache, runlock, runs, streaming
 from vlmcache.encoders import RANDOM, pick_device
 from vlmcache.epochlog import LOGS, EpochLog, live_folder
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
@@ -485,13 +486,6 @@ def _bind_text(head: nn.Module, split: cache.SplitCache, text: cache.TextCache, 
     head.bind_text(encoder.model, encoder.tokenizer, text.classnames, text.logit_scale)
 
 
-def runs_folder(cfg: TrainConfig) -> Path:
-    """The folder this run's folder goes into (--out's parent, else --runs-dir): what `runlock` holds while the
-    run trains, checked first so that a mistake in either option costs nothing."""
-    runs.check_output_dir(cfg.runs_dir, "--runs-dir")
-    return runs.check_output_dir(cfg.out, "--out").parent if cfg.out else Path(cfg.runs_dir)
-
-
 def _run_dir(cfg: TrainConfig) -> Path:
     """This run's folder, checked before any work: writable, and not a finished run unless --overwrite."""
     runs.check_output_dir(cfg.runs_dir, "--runs-dir")
@@ -562,16 +556,26 @@ def inherit_first_stage(cfg: TrainConfig) -> TrainConfig:
 
 
 def train_head(
-    cfg: TrainConfig, log: Callable[[str], None] = print, on_epoch: Callable[[dict], None] | None = None
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+    on_epoch: Callable[[dict], None] | None = None,
+    hold: str | None = None,
+    wait: bool = False,
 ) -> dict:
-    """Train, evaluate and save one run; returns the run's summary (metrics, cost, where it is)."""
-    job = prepare_run(cfg, log)
-    t0 = time.perf_counter()
-    history, selection = fit(
-        job.fit_model, job.fit_data, job.loss_fn, job.sampler, cfg, job.device, job.on_epoch(on_epoch), job.select
-    )
-    job.times["train_seconds"] = time.perf_counter() - t0
-    return finish_run(job, history, selection)
+    """Train, evaluate and save one run; returns the run's summary (metrics, cost, where it is).
+
+    `hold` (the command's name, e.g. "vlmcache train-head") holds the folder the run goes into (`runlock`) from
+    the moment the run is known to be valid until it is saved: another process there makes this one refuse, or
+    wait with `wait`. Left None where the caller holds the folder itself (`ablate`)."""
+    with ExitStack() as stack:
+        holder = None if hold is None else (lambda folder: stack.enter_context(runlock.hold(folder, hold, wait, log)))
+        job = prepare_run(cfg, log, hold=holder)
+        t0 = time.perf_counter()
+        history, selection = fit(
+            job.fit_model, job.fit_data, job.loss_fn, job.sampler, cfg, job.device, job.on_epoch(on_epoch), job.select
+        )
+        job.times["train_seconds"] = time.perf_counter() - t0
+        return finish_run(job, history, selection)
 
 
 @dataclass
@@ -616,11 +620,18 @@ class RunJob:
         return both
 
 
-def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: dict | None = None, memory_scope=None):
+def prepare_run(
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+    shared: dict | None = None,
+    memory_scope=None,
+    hold: Callable[[Path], None] | None = None,
+):
     """Everything before the training loop: the config resolved, the cache found, inputs loaded, the model, loss,
     sampler and selection built. `shared` (a dict kept across runs: `group.train_group`) holds inputs already
     loaded by an earlier run of the same cache, so a group reads each split once; `memory_scope` is the
-    group's peak-memory scope (None: this run starts its own)."""
+    group's peak-memory scope (None: this run starts its own). `hold(folder)` takes the runs folder's lock once
+    the run is known to be valid and before anything is written (so a mistake leaves no folder behind)."""
     t_start = time.perf_counter()
     cfg.resolve()
     for warning in double_corrections(cfg):
@@ -638,6 +649,9 @@ def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: di
     num_classes = int(train_split.fingerprint["num_classes"])
     text = cache.read_text(model_dir / cache.TEXT_FILE)
     run_dir = _run_dir(cfg)
+    if hold is not None:
+        hold(run_dir.parent)
+        run_dir = _run_dir(cfg)  # again: a process this one waited for may have finished the same run
     warnings = selection_warnings(cfg, eval_name)
     for warning in warnings:
         log(f"warning: {warning}")

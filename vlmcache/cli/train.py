@@ -132,8 +132,7 @@ def train_head(
 
     Second stage: [bold]vlmcache train-head --stage2 crt --from runs/places_lt__linear-ce-instance__s0__1a2b3c4d[/]
     """
-    from vlmcache import runlock
-    from vlmcache.train import TrainConfig, runs_folder
+    from vlmcache.train import TrainConfig
     from vlmcache.train import train_head as run
 
     cfg = build_config(
@@ -148,9 +147,7 @@ def train_head(
             + (f"  {cfg.select_on} {100 * row['select_score']:.2f}" if "select_score" in row else "")
         )
 
-    cfg.resolve()  # names and values checked before the runs folder is made and held
-    with runlock.hold(runs_folder(cfg), "vlmcache train-head", wait, log):
-        result = run(cfg, log=log, on_epoch=on_epoch)
+    result = run(cfg, log=log, on_epoch=on_epoch, hold="vlmcache train-head", wait=wait)
     if as_json:
         print_json(result)
         return
