@@ -127,6 +127,7 @@ def test_the_report_names_thresholds_std_and_shows_each_dataset(grid):
     report = Path(result["report"]).read_text()
     assert f"more than {MANY}, {FEW} to {MANY}, fewer than {FEW} training images" in report
     assert "more than 100" not in report and "sample std over seeds (n - 1)" in report
+    assert "CE again is the same configuration as CE (three): trained once per seed" in report
     per_class, shots = result["titles"][:2]  # drawn in this order by write_report
     assert sorted(shots) == [
         "five, vlmcache-tiny (random): accuracy by shot group",

@@ -563,6 +563,10 @@ def write_report(runs_dir: str | Path, log=print) -> dict:
             "optimistic, not comparable with rows selected on a held-out split.",
             "",
         ]
+    same = table.dropna(subset=["same_config_as"]) if "same_config_as" in table.columns else table.iloc[:0]
+    for r in same.drop_duplicates(["dataset", "method"]).itertuples():
+        lines += [f"{r.method} is the same configuration as {r.same_config_as} ({r.dataset}): trained once per seed, "
+                  "shown under both names.", ""]  # fmt: skip
     if len(repeated):
         lines += [
             "A configuration trained more than once with one seed counts once: the run that finished last is kept. "
