@@ -38,6 +38,7 @@ methods:
   - {{name: CE again, head: linear}}
   - {{name: BS, head: linear, loss: balanced_softmax}}
   - {{name: cRT, stage2: crt, from: CE, epochs: 1}}
+  - {{name: cRT again, stage2: crt, from: CE again, epochs: 1}}
 """
 QUIET = {"log": lambda *a: None}
 
@@ -133,16 +134,24 @@ def test_the_report_names_thresholds_std_and_shows_each_dataset(grid):
         "five, vlmcache-tiny (random): accuracy by shot group",
         "three, vlmcache-tiny (random): accuracy by shot group",
     ]
-    assert sum(t.startswith("three, ") for t in per_class) == sum(t.startswith("five, ") for t in per_class) == 4
+    assert sum(t.startswith("three, ") for t in per_class) == sum(t.startswith("five, ") for t in per_class) == 5
 
 
 def test_one_config_under_two_method_names_trains_once(grid, caches, tmp_path):
-    table, runs_dir, _, _ = grid
+    table, runs_dir, _, path = grid
     again = table[table["method"] == "CE again"]
     ce = table[table["method"] == "CE"]
     assert again["run"].tolist() == ce["run"].tolist() and (again["same_config_as"] == "CE").all()
     assert len([p for p in runs_dir.iterdir() if (p / "metrics.json").is_file()]) == 2 * 2 * 3
     assert table[table["method"] == "cRT"]["status"].eq("done").all()
+    crt, crt_again = (table[table["method"] == m] for m in ("cRT", "cRT again"))
+    assert crt_again["run"].tolist() == crt["run"].tolist() and (crt_again["same_config_as"] == "cRT").all()
+    # found at planning, before any cache is read: --dry-run lists them
+    dry = CliRunner().invoke(app, ["ablate", str(path), "--dry-run", "--json"])
+    same = {(r["dataset"], r["seed"], r["method"]): r.get("same_config_as") for r in json.loads(dry.stdout)["runs"]}
+    assert {k: v for k, v in same.items() if v} == {
+        (d, seed, m + " again"): m for d in COUNTS for seed in (0, 1) for m in ("CE", "cRT")
+    }
     # alone (no groups): the second name no longer finds "exists already", and no second stage fails
     one = GRID.replace("datasets: [three, five]", "datasets: [three]")
     alone = run_pipeline(load_pipeline(_pipeline(tmp_path, caches, one)), group=False, **QUIET)
@@ -152,7 +161,7 @@ def test_one_config_under_two_method_names_trains_once(grid, caches, tmp_path):
 
 def test_grouped_runs_record_their_own_share_and_the_groups_wall_time(grid):
     table, _, _, path = grid
-    first = table[table["method"] != "cRT"].drop_duplicates("run")
+    first = table[~table["method"].str.startswith("cRT")].drop_duplicates("run")
     assert first["group_wall_seconds"].nunique() == 2
     for wall, group in first.groupby("group_wall_seconds"):  # a group per dataset: CE and BS, two seeds each
         assert len(group) == 4 and group["dataset"].nunique() == 1

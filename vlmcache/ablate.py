@@ -407,6 +407,35 @@ def plan(pipe: Pipeline) -> list[PlannedRun]:
     return sorted(runs, key=lambda r: r.from_method is not None)
 
 
+def same_configs(planned: list[PlannedRun]) -> dict[int, int]:
+    """Runs of the plan that another, earlier run already is (two method names that resolve to one config):
+    {index: index of that earlier run}. Found from the pipeline alone, before any cache is read (`--dry-run` lists
+    them); `run_pipeline` finds the same pairs again by run folder and trains each once. A second stage is the
+    same as another when its settings are and its first stage is the same run."""
+    canonical: dict[tuple, int] = {}
+    same_as: dict[int, int] = {}  # index -> the index of the first run with its config (itself when it is first)
+    for i, run in enumerate(planned):
+        parent = None
+        if run.from_method is not None:
+            firsts = [
+                j
+                for j, f in enumerate(planned)
+                if f.from_method is None
+                and (f.dataset, f.seed, f.model) == (run.dataset, run.seed, run.model)
+                and (f.method == run.from_method or f.method.startswith(run.from_method + "["))
+            ]
+            if len(firsts) != 1 or firsts[0] not in same_as:
+                continue  # run_pipeline names the problem when it gets there
+            parent = same_as[firsts[0]]
+        try:
+            cfg = run.config("(first stage)" if parent is not None else None).resolve()
+        except VlmcacheError:
+            continue
+        key = (parent, json.dumps(asdict(cfg), sort_keys=True, default=str))
+        same_as[i] = canonical.setdefault(key, i)
+    return {i: j for i, j in same_as.items() if i != j}
+
+
 # --------------------------------------------------------------------------- pre-flight
 
 

@@ -108,7 +108,14 @@ def ablate(
 
 def _print_dry_run(pipe, runs: list, missing: list, as_json: bool) -> None:
     """The grid's runs by their real names, and the caches it lacks with their extract commands."""
-    listing = [{"dataset": r.dataset, "model": r.model, "seed": r.seed, "method": r.method} for r in runs]
+    from vlmcache.ablate import same_configs
+
+    same = same_configs(runs)
+    listing = [
+        {"dataset": r.dataset, "model": r.model, "seed": r.seed, "method": r.method}
+        | ({"same_config_as": runs[same[i]].method} if i in same else {})
+        for i, r in enumerate(runs)
+    ]
     commands = [m.command(pipe.cache_dir) for m in missing]
     if as_json:
         print_json({"pipeline": pipe.source, "runs": listing, "missing_caches": commands})
@@ -116,7 +123,8 @@ def _print_dry_run(pipe, runs: list, missing: list, as_json: bool) -> None:
     out.print(f"{pipe.source}: valid, {len(runs)} runs.", highlight=False)
     for r in listing:
         out.print(
-            f"{r['dataset']}  {r['model']['model']} ({r['model'].get('pretrained')})  seed {r['seed']}  {r['method']}",
+            f"{r['dataset']}  {r['model']['model']} ({r['model'].get('pretrained')})  seed {r['seed']}  {r['method']}"
+            + (f"  (the same config as {r['same_config_as']}: trained once)" if "same_config_as" in r else ""),
             highlight=False,
             markup=False,  # grid labels are in brackets, which rich would take for markup
         )
