@@ -220,6 +220,15 @@ def test_pipelines_share_results_csv_and_report_sees_every_finished_run(caches, 
     assert summary.set_index("method").loc["linear + focal + instance", "overall_mean"] == pytest.approx(focal)
 
 
+def test_a_results_csv_that_cannot_be_merged_stops_the_pipeline_before_any_run(caches, tmp_path):
+    path = _pipeline(tmp_path, caches, SMALL.format(name="a", method="CE", loss="ce", extra=""))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "results.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(VlmcacheError, match="no column.*would be merged with this pipeline's results"):
+        run_pipeline(load_pipeline(path), **QUIET)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [runlock.LOCK_FILE, "results.csv"]
+
+
 def test_select_on_the_reported_split_warns_and_is_marked(caches, tmp_path):
     path = _pipeline(tmp_path, caches, SMALL.format(name="s", method="CE", loss="ce", extra=", select_on: test"))
     logs = []
