@@ -580,8 +580,7 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     distributed.init_from_env()
     rank, world = distributed.rank_world()
-    with _hold_runs_folder(out, rank, wait, log):
-        previous = read_previous_results(out) if rank == 0 else None
+    with _hold_runs_folder(out, rank, wait, log) as previous:
         rows = _train_phases(pipe, planned, progress, log, group, group_size, rank, world)
         if rank != 0:
             return None
@@ -595,18 +594,20 @@ def run_pipeline(
 @contextmanager
 def _hold_runs_folder(out: Path, rank: int, wait: bool, log):
     """The runs folder's lock, taken by rank 0 for every process of a torchrun grid (one pipeline, many
-    processes); a refusal is raised on every rank, so that none trains."""
+    processes), and the results.csv found there (rank 0's to merge; None elsewhere). A refusal, or a results.csv
+    that cannot be merged, is raised on every rank, so that none trains."""
     with ExitStack() as stack:
-        error = None
+        error = previous = None
         if rank == 0:
             try:
                 stack.enter_context(runlock.hold(out, "vlmcache ablate", wait, log))
+                previous = read_previous_results(out)
             except VlmcacheError as e:
                 error = str(e)
         error = distributed.broadcast(error)
         if error is not None:
             raise VlmcacheError(error)
-        yield
+        yield previous
 
 
 def _train_phases(pipe, planned, progress, log, group: bool, group_size: int, rank: int, world: int) -> dict:
