@@ -16,18 +16,22 @@ that fails is recorded with its error and the grid goes on.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import time
 import traceback
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from vlmcache import distributed, guard, runs
+from vlmcache import distributed, guard, runlock, runs
 from vlmcache.errors import VlmcacheError
 from vlmcache.features import find_cache
 from vlmcache.group import GROUP_SIZE, Outcome, make_groups, train_group
@@ -405,6 +409,35 @@ def plan(pipe: Pipeline) -> list[PlannedRun]:
     return sorted(runs, key=lambda r: r.from_method is not None)
 
 
+def same_configs(planned: list[PlannedRun]) -> dict[int, int]:
+    """Runs of the plan that another, earlier run already is (two method names that resolve to one config):
+    {index: index of that earlier run}. Found from the pipeline alone, before any cache is read (`--dry-run` lists
+    them); `run_pipeline` finds the same pairs again by run folder and trains each once. A second stage is the
+    same as another when its settings are and its first stage is the same run."""
+    canonical: dict[tuple, int] = {}
+    same_as: dict[int, int] = {}  # index -> the index of the first run with its config (itself when it is first)
+    for i, run in enumerate(planned):
+        parent = None
+        if run.from_method is not None:
+            firsts = [
+                j
+                for j, f in enumerate(planned)
+                if f.from_method is None
+                and (f.dataset, f.seed, f.model) == (run.dataset, run.seed, run.model)
+                and (f.method == run.from_method or f.method.startswith(run.from_method + "["))
+            ]
+            if len(firsts) != 1 or firsts[0] not in same_as:
+                continue  # run_pipeline names the problem when it gets there
+            parent = same_as[firsts[0]]
+        try:
+            cfg = run.config("(first stage)" if parent is not None else None).resolve()
+        except VlmcacheError:
+            continue
+        key = (parent, json.dumps(asdict(cfg), sort_keys=True, default=str))
+        same_as[i] = canonical.setdefault(key, i)
+    return {i: j for i, j in same_as.items() if i != j}
+
+
 # --------------------------------------------------------------------------- pre-flight
 
 
@@ -502,13 +535,21 @@ def _row(
             if f.name in GRID_DICTS:
                 for k, v in value.items():
                     row[f"{f.name}.{k}"] = v
+            elif f.name in THRESHOLDS:  # `many` and `few` are accuracy columns: the thresholds get their own
+                row[THRESHOLDS[f.name]] = value
             elif f.name not in ("dataset", "model", "pretrained", "seed", "runs_dir", "out", "overwrite"):
                 row[f.name] = value
     for m in METRICS:
         row[m] = (result or {}).get("metrics", {}).get(m)
     for c in COSTS:
         row[c] = (result or {}).get("cost", {}).get(c)
+    if result is not None:
+        row["group_size"] = result.get("cost", {}).get("group_size", 1)
+        row["selected_on_reported_split"] = bool(result.get("warnings"))
     return row
+
+
+THRESHOLDS = {"many": "many_threshold", "few": "few_threshold"}  # TrainConfig field -> results.csv column
 
 
 def run_pipeline(
@@ -518,14 +559,20 @@ def run_pipeline(
     log=print,
     group: bool = True,
     group_size: int = GROUP_SIZE,
+    wait: bool = False,
 ) -> pd.DataFrame | None:
     """Train every unfinished run, record failures, and write results.csv (and .parquet with pyarrow).
 
     First stages train before the second stages that build on them. With `group` (the default), the runs of a
     phase that read the same cache train together (`group.train_group`), each run's numbers what they are
-    alone; `group=False` trains them one by one. Under torchrun the groups are spread over the processes
-    (largest first, each to the least loaded), every process trains its own, and rank 0 writes the table,
-    which it returns (other ranks return None)."""
+    alone; `group=False` trains them one by one. Two methods that resolve to one config (one run folder) train
+    once, and both rows name that run. Under torchrun the groups are spread over the processes (largest first,
+    each to the least loaded), every process trains its own, and rank 0 writes the table, which it returns
+    (other ranks return None).
+
+    The runs folder is held for the whole pipeline (`runlock`): another process writing into it makes this one
+    refuse, or wait with `wait`. results.csv keeps the rows of every other pipeline that wrote there; the
+    returned table is this pipeline's rows."""
     if runs_dir:
         pipe = replace(pipe, runs_dir=runs_dir)
     if group_size < 1:
@@ -536,6 +583,38 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     distributed.init_from_env()
     rank, world = distributed.rank_world()
+    with _hold_runs_folder(out, rank, wait, log) as previous:
+        rows = _train_phases(pipe, planned, progress, log, group, group_size, rank, world)
+        if rank != 0:
+            return None
+        table = pd.DataFrame([rows[i] for i in range(len(planned))])
+        table.insert(0, "pipeline", pipe.name)
+        table = _carry_group_walls(previous, table)
+        write_results(out, merge_results(previous, table))
+    return table
+
+
+@contextmanager
+def _hold_runs_folder(out: Path, rank: int, wait: bool, log):
+    """The runs folder's lock, taken by rank 0 for every process of a torchrun grid (one pipeline, many
+    processes), and the results.csv found there (rank 0's to merge; None elsewhere). A refusal, or a results.csv
+    that cannot be merged, is raised on every rank, so that none trains."""
+    with ExitStack() as stack:
+        error = previous = None
+        if rank == 0:
+            try:
+                stack.enter_context(runlock.hold(out, "vlmcache ablate", wait, log))
+                previous = read_previous_results(out)
+            except VlmcacheError as e:
+                error = str(e)
+        error = distributed.broadcast(error)
+        if error is not None:
+            raise VlmcacheError(error)
+        yield previous
+
+
+def _train_phases(pipe, planned, progress, log, group: bool, group_size: int, rank: int, world: int) -> dict:
+    """Every planned run's row (index -> row): first stages, then the second stages that build on them."""
     done: dict[tuple, str | None] = {}  # (dataset, model, seed, method) -> run dir of a finished first stage
     rows: dict[int, dict] = {}
     if progress is not None:
@@ -543,12 +622,18 @@ def run_pipeline(
     for second in (False, True):
         phase = [i for i, r in enumerate(planned) if (r.from_method is not None) == second]
         pending: list[tuple[int, TrainConfig, str]] = []
+        same: dict[int, int] = {}  # a run whose config another run of the phase has: index -> that run's index
+        claimed: dict[str, int] = {}  # run folder -> the index of the run that trains it
         for i in phase:
             run = planned[i]
             cfg = run_dir = None
             try:
                 cfg = _configure(run, done)
                 run_dir = str(Path(pipe.runs_dir) / cfg.run_name())
+                if run_dir in claimed:
+                    same[i] = claimed[run_dir]
+                    continue
+                claimed[run_dir] = i
                 if (Path(run_dir) / "metrics.json").is_file():
                     rows[i] = _row(run, cfg, "resumed", runs.read_metrics(Path(run_dir)), None, run_dir)
                 else:
@@ -558,25 +643,87 @@ def run_pipeline(
                 rows[i] = _failed(run, cfg, e, None, run_dir, log)
             if progress is not None:
                 progress.advance(run.method)
+        for i, j in same.items():
+            log(
+                f"same config: {planned[i].method} is {planned[j].method} ({planned[i].dataset}, seed "
+                f"{planned[i].seed}): trained once, both rows name its run"
+            )
         groups = make_groups([cfg for _, cfg, _ in pending], group_size if group else 1)
         mine: dict[int, dict] = {}
         for members in _share(groups, world)[rank]:
             _train(planned, [pending[j] for j in members], mine, progress, log)
         for part in distributed.all_gather(mine):
             rows.update(part)
+        for i, j in same.items():
+            rows[i] = {**rows[j], "method": planned[i].method, "same_config_as": planned[j].method}
+            if progress is not None:
+                progress.advance(planned[i].method)
         for i in phase:
             run = planned[i]
             key = (run.dataset, json.dumps(run.model, sort_keys=True), run.seed, run.method)
             done[key] = rows[i]["run"] if rows[i]["status"] != "failed" else None
-    if rank != 0:
+    return rows
+
+
+RESULTS = "results.csv"
+
+
+def read_previous_results(out: Path) -> pd.DataFrame | None:
+    """The runs folder's results.csv as another pipeline (or an earlier run of this one) left it, read before any
+    run trains, so that a table this pipeline could not keep stops it before it costs anything."""
+    from vlmcache.report import read_results_csv
+
+    path = out / RESULTS
+    if not path.is_file():
         return None
-    table = pd.DataFrame([rows[i] for i in range(len(planned))])
-    table.to_csv(out / "results.csv", index=False)
     try:
-        table.astype({c: str for c in table.columns if table[c].dtype == object}).to_parquet(out / "results.parquet")
+        return read_results_csv(path)
+    except VlmcacheError as e:
+        raise VlmcacheError(
+            f"{e} It would be merged with this pipeline's results; move it away (or fix it) and run again."
+        ) from None
+
+
+def _carry_group_walls(previous: pd.DataFrame | None, table: pd.DataFrame) -> pd.DataFrame:
+    """A resumed run keeps the wall time of the group it trained in, as the previous results.csv recorded it
+    (metrics.json cannot hold it: a run is saved before its group ends)."""
+    if previous is None or "group_wall_seconds" not in previous.columns:
+        return table
+    walls = previous.dropna(subset=["run", "group_wall_seconds"]).drop_duplicates("run", keep="last")
+    known = dict(zip(walls["run"].astype(str), walls["group_wall_seconds"], strict=True))
+    carried = table["run"].astype(str).map(known)
+    if "group_wall_seconds" in table.columns:
+        carried = table["group_wall_seconds"].where(table["group_wall_seconds"].notna(), carried)
+    return table.assign(group_wall_seconds=carried)
+
+
+def merge_results(previous: pd.DataFrame | None, table: pd.DataFrame) -> pd.DataFrame:
+    """This pipeline's rows, after the previous table's rows of every other pipeline: a pipeline's rows are
+    replaced only by the same pipeline (its `name`). Rows from before the `pipeline` column were written by an
+    unknown pipeline: such a row goes only when this pipeline has a row of its dataset, model, seed and method
+    (a re-run of that pipeline, as before the column existed)."""
+    if previous is None or previous.empty:
+        return table
+    name = table["pipeline"].iloc[0]
+    theirs = previous["pipeline"] if "pipeline" in previous.columns else pd.Series(np.nan, index=previous.index)
+    keys = ["dataset", "model", "seed", "method"]
+    mine = set(map(tuple, table[keys].astype(str).to_numpy()))
+    same_row = np.array([tuple(r) in mine for r in previous[keys].astype(str).to_numpy()], dtype=bool)
+    keep = (theirs.notna() & (theirs.astype(str) != str(name))) | (theirs.isna() & ~same_row)
+    return pd.concat([previous[keep.to_numpy()], table], ignore_index=True)
+
+
+def write_results(out: Path, table: pd.DataFrame) -> None:
+    """results.csv (and results.parquet with pyarrow) in the runs folder, each replaced atomically."""
+    from vlmcache.cache import write_bytes_atomic
+
+    write_bytes_atomic(out / RESULTS, table.to_csv(index=False).encode())
+    try:
+        buffer = io.BytesIO()
+        table.astype({c: str for c in table.columns if table[c].dtype == object}).to_parquet(buffer)
     except ImportError:
-        pass  # Parquet needs pyarrow (or fastparquet); the CSV has everything
-    return table
+        return  # Parquet needs pyarrow (or fastparquet); the CSV has everything
+    write_bytes_atomic(out / "results.parquet", buffer.getvalue())
 
 
 def _configure(run: PlannedRun, done: dict) -> TrainConfig:
@@ -639,7 +786,11 @@ def _train(planned: list[PlannedRun], members: list[tuple], rows: dict, progress
             outcome = Outcome(error=e, trace=traceback.format_exc())
         record(0, outcome)
         return
+    t0 = time.perf_counter()
     train_group([_placed(cfg, run_dir) for _, cfg, run_dir in members], log=log, on_done=record)
+    wall = round(time.perf_counter() - t0, 3)
+    for i, _, _ in members:  # each run's own seconds are its share; the group's wall time is the group's
+        rows[i]["group_wall_seconds"] = wall
 
 
 def _placed(cfg: TrainConfig, run_dir: str) -> TrainConfig:

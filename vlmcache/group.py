@@ -40,10 +40,14 @@ class Outcome:
 
 def group_key(cfg: TrainConfig) -> tuple:
     """Runs with the same key read the same inputs and may train together. Streamed images (--stream) are
-    decoded and encoded for each run: such a run is a group of its own."""
+    decoded and encoded for each run: such a run is a group of its own. A cache is a folder per dataset and
+    model (`<cache_dir>/<dataset>/<cache_key>`), so the dataset is part of the key: one encoder's caches of two
+    datasets share a cache_key and nothing else."""
     if cfg.stream:
         return ("stream", id(cfg))
-    return (cfg.cache_dir, cfg.cache_key, cfg.train_split, HEADS[cfg.head].input, cfg.device, bool(cfg.stage2))
+    return (
+        cfg.cache_dir, cfg.dataset, cfg.cache_key, cfg.train_split, HEADS[cfg.head].input, cfg.device, bool(cfg.stage2)
+    )  # fmt: skip
 
 
 def make_groups(cfgs: list[TrainConfig], size: int = GROUP_SIZE) -> list[list[int]]:

@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Generator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmcache import cache, guard, runs, streaming
+from vlmcache import cache, guard, runlock, runs, streaming
 from vlmcache.encoders import RANDOM, pick_device
 from vlmcache.epochlog import LOGS, EpochLog
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
@@ -663,20 +664,31 @@ def inherit_first_stage(cfg: TrainConfig) -> TrainConfig:
 
 
 def train_head(
-    cfg: TrainConfig, log: Callable[[str], None] = print, on_epoch: Callable[[dict], None] | None = None
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+    on_epoch: Callable[[dict], None] | None = None,
+    hold: str | None = None,
+    wait: bool = False,
 ) -> dict:
-    """Train, evaluate and save one run; returns the run's summary (metrics, cost, where it is)."""
-    job = prepare_run(cfg, log)
-    try:
-        t0 = time.perf_counter()
-        history, selection = fit(
-            job.fit_model, job.fit_data, job.loss_fn, job.sampler, cfg, job.device, job.on_epoch(on_epoch), job.select
-        )
-        job.times["train_seconds"] = time.perf_counter() - t0
-        return finish_run(job, history, selection)
-    except BaseException:
-        job.discard()
-        raise
+    """Train, evaluate and save one run; returns the run's summary (metrics, cost, where it is).
+
+    `hold` (the command's name, e.g. "vlmcache train-head") holds the folder the run goes into (`runlock`) from
+    the moment the run is known to be valid until it is saved: another process there makes this one refuse, or
+    wait with `wait`. Left None where the caller holds the folder itself (`ablate`)."""
+    with ExitStack() as stack:
+        holder = None if hold is None else (lambda folder: stack.enter_context(runlock.hold(folder, hold, wait, log)))
+        job = prepare_run(cfg, log, hold=holder)
+        try:
+            t0 = time.perf_counter()
+            history, selection = fit(
+                job.fit_model, job.fit_data, job.loss_fn, job.sampler, cfg, job.device, job.on_epoch(on_epoch),
+                job.select,
+            )
+            job.times["train_seconds"] = time.perf_counter() - t0
+            return finish_run(job, history, selection)
+        except BaseException:
+            job.discard()
+            raise
 
 
 @dataclass
@@ -720,6 +732,7 @@ class RunJob:
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging = None
+    warnings: list[str] = field(default_factory=list)  # said when the run starts, kept in metrics.json
 
     def on_epoch(self, also: Callable[[dict], None] | None = None) -> Callable[[dict], None] | None:
         """What each epoch's row goes to: the run's --log, and `also` (a command's progress line)."""
@@ -735,11 +748,18 @@ class RunJob:
         return both
 
 
-def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: dict | None = None, memory_scope=None):
+def prepare_run(
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+    shared: dict | None = None,
+    memory_scope=None,
+    hold: Callable[[Path], None] | None = None,
+):
     """Everything before the training loop: the config resolved, the cache found, inputs loaded, the model, loss,
     sampler and selection built. `shared` (a dict kept across runs: `group.train_group`) holds inputs already
     loaded by an earlier run of the same cache, so a group reads each split once; `memory_scope` is the
-    group's peak-memory scope (None: this run starts its own)."""
+    group's peak-memory scope (None: this run starts its own). `hold(folder)` takes the runs folder's lock once
+    the run is known to be valid and before anything is written (so a mistake leaves no folder behind)."""
     t_start = time.perf_counter()
     cfg.resolve()
     if cfg.save_predictions:
@@ -759,6 +779,12 @@ def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: di
     num_classes = int(train_split.fingerprint["num_classes"])
     text = cache.read_text(model_dir / cache.TEXT_FILE)
     run_dir = _run_dir(cfg)
+    if hold is not None:
+        hold(run_dir.parent)
+        run_dir = _run_dir(cfg)  # again: a process this one waited for may have finished the same run
+    warnings = selection_warnings(cfg, eval_name)
+    for warning in warnings:
+        log(f"warning: {warning}")
 
     t_load = time.perf_counter()
     augment = use_views(cfg, train_split, log)
@@ -780,13 +806,26 @@ def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: di
     times["features_seconds"] = time.perf_counter() - t_features
     if device.type == "cuda" and memory_scope != "group":
         torch.cuda.reset_peak_memory_stats(device)
+    times["prepare_seconds"] = time.perf_counter() - t_start
     job = RunJob(
         cfg, device, model_dir, run_dir, eval_name, eval_data, counts, text.classnames, train_data.dim, num_classes,
         model, fit_model, fit_data, head_params, loss_fn, sampler, select, times, t_start, memory_scope,
+        warnings=warnings,
     )  # fmt: skip
     if cfg.log:  # live inside the run's own staging folder: nothing outside the run is made or removed
         job.epoch_log = EpochLog(cfg.log, job.staging_folder() / "logs", cfg.select_on)
     return job
+
+
+def selection_warnings(cfg: TrainConfig, eval_name: str) -> list[str]:
+    """What is wrong with the run's model selection, said on stderr and kept in metrics.json's `warnings`: an
+    epoch selected on the split the run reports makes that score optimistic (`report` marks such rows)."""
+    if cfg.select_on and cfg.select_on == eval_name:
+        return [
+            f"--select-on {cfg.select_on}: the epoch is selected on the split the run reports ({eval_name}), so its "
+            f"score is optimistic; select on a held-out split (val) for numbers to publish."
+        ]
+    return []
 
 
 def finish_run(job: RunJob, history: list[dict], selection: dict | None) -> dict:
@@ -815,10 +854,17 @@ def finish_run(job: RunJob, history: list[dict], selection: dict | None) -> dict
         job.epoch_log.close()
         job.epoch_log = None
     job.times["eval_seconds"] = time.perf_counter() - t_eval
-    job.times["total_seconds"] = time.perf_counter() - job.t_start
+    if job.group_size > 1:
+        # In a group the runs take turns, so the clock since this run's set-up is the group's time, not its own:
+        # its whole run is its share of the group, the phases it spent working (set-up, its own steps, its
+        # evaluation). The group's wall time is the pipeline's to record (results.csv's group_wall_seconds).
+        job.times["total_seconds"] = sum(job.times[k] for k in ("prepare_seconds", "train_seconds", "eval_seconds"))
+    else:
+        job.times["total_seconds"] = time.perf_counter() - job.t_start
     cost = _cost(cfg, job.times, history, job.device, job.memory_scope)
     if job.group_size > 1:  # seconds are this run's own; memory is the group's process's
         cost["group_size"] = job.group_size
+        cost["total_seconds_scope"] = "share of group"
 
     check_finite_parameters(job.model)
     saved = {
@@ -839,6 +885,8 @@ def finish_run(job: RunJob, history: list[dict], selection: dict | None) -> dict
         "argv": sys.argv,
     }
     result = {"run": str(job.run_dir), "metrics": metrics, "cost": cost, "history": history, "selection": selection}
+    if job.warnings:
+        result["warnings"] = list(job.warnings)
     _save_run(job.run_dir, job.staging_folder(), saved, table, config, result)
     job.staging = None  # published
     return result

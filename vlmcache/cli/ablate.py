@@ -10,6 +10,7 @@ import typer
 from vlmcache.cli.common import (
     JSON,
     NPROC,
+    WAIT,
     RichProgress,
     RunProgress,
     app,
@@ -40,6 +41,7 @@ def ablate(
         True,
     ),
     group_size: int = typer.Option(32, "--group-size", help="Most runs trained together in one group."),
+    wait: bool = WAIT,
     nproc: int = NPROC,
     as_json: bool = JSON,
 ):
@@ -86,7 +88,7 @@ def ablate(
     from vlmcache.report import paper_table, summarize
 
     with RunProgress() as progress:
-        table = run_pipeline(pipe, None, progress, log=log, group=group, group_size=group_size)
+        table = run_pipeline(pipe, None, progress, log=log, group=group, group_size=group_size, wait=wait)
     if table is None:  # a torchrun process other than rank 0: its runs are in rank 0's table
         return
     runs_dir = Path(pipe.runs_dir)
@@ -110,7 +112,14 @@ def ablate(
 
 def _print_dry_run(pipe, runs: list, missing: list, as_json: bool) -> None:
     """The grid's runs by their real names, and the caches it lacks with their extract commands."""
-    listing = [{"dataset": r.dataset, "model": r.model, "seed": r.seed, "method": r.method} for r in runs]
+    from vlmcache.ablate import same_configs
+
+    same = same_configs(runs)
+    listing = [
+        {"dataset": r.dataset, "model": r.model, "seed": r.seed, "method": r.method}
+        | ({"same_config_as": runs[same[i]].method} if i in same else {})
+        for i, r in enumerate(runs)
+    ]
     commands = [m.command(pipe.cache_dir) for m in missing]
     if as_json:
         print_json({"pipeline": pipe.source, "runs": listing, "missing_caches": commands})
@@ -118,7 +127,8 @@ def _print_dry_run(pipe, runs: list, missing: list, as_json: bool) -> None:
     out.print(f"{pipe.source}: valid, {len(runs)} runs.", highlight=False)
     for r in listing:
         out.print(
-            f"{r['dataset']}  {r['model']['model']} ({r['model'].get('pretrained')})  seed {r['seed']}  {r['method']}",
+            f"{r['dataset']}  {r['model']['model']} ({r['model'].get('pretrained')})  seed {r['seed']}  {r['method']}"
+            + (f"  (the same config as {r['same_config_as']}: trained once)" if "same_config_as" in r else ""),
             highlight=False,
             markup=False,  # grid labels are in brackets, which rich would take for markup
         )

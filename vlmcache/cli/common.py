@@ -133,6 +133,11 @@ def switch(name: str, help: str, default: bool | None = False):
 
 
 JSON = switch("json", "Print one JSON object on stdout instead of tables.")
+WAIT = switch(
+    "wait",
+    "If another vlmcache process is writing into the runs folder, wait for it to finish (default: refuse, naming "
+    "its pid).",
+)
 CACHE_DIR = typer.Option("cache", "--cache-dir", help="Root of the feature cache.")
 ROOT = typer.Option(None, "--root", help="Image folder that the split files' paths start from.")
 SPLIT_FILES = typer.Option(

@@ -32,6 +32,7 @@ from vlmcache.cli.common import (
     STAGE2_HELP,
     TAU_NORM,
     TEXT_INIT,
+    WAIT,
     WARMUP_ITERS,
     WEIGHT_DECAY,
     WORKERS,
@@ -136,6 +137,7 @@ def train_head(
         help="Per-epoch loss, learning rate and (with --select-on) accuracy: tensorboard or csv, into the run's "
         "logs/ (live in its staging folder RUNS/<run>.tmp-* while it trains).",
     ),
+    wait: bool = WAIT,
     as_json: bool = JSON,
 ):
     """Train a head (and optionally a second stage) on cached features; evaluate overall / many / medium / few.
@@ -160,7 +162,7 @@ def train_head(
             + (f"  {cfg.select_on} {100 * row['select_score']:.2f}" if "select_score" in row else "")
         )
 
-    result = run(cfg, log=log, on_epoch=on_epoch)
+    result = run(cfg, log=log, on_epoch=on_epoch, hold="vlmcache train-head", wait=wait)
     if as_json:
         print_json(result)
         return
