@@ -681,7 +681,11 @@ def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: di
         model, fit_model, fit_data, head_params, loss_fn, sampler, select, times, t_start, memory_scope,
     )  # fmt: skip
     if cfg.log:  # live inside the run's own staging folder: nothing outside the run is made or removed
-        job.epoch_log = EpochLog(cfg.log, job.staging_folder() / "logs", cfg.select_on)
+        try:
+            job.epoch_log = EpochLog(cfg.log, job.staging_folder() / "logs", cfg.select_on)
+        except BaseException:  # (tensorboard missing): the staging folder made for it goes too
+            job.discard()
+            raise
     return job
 
 
