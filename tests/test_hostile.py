@@ -344,3 +344,22 @@ def test_a_container_may_be_a_link_to_a_folder(small_cache, tmp_path_factory):
     res = runner.invoke(app, [*argv, "--runs-dir", str(small_cache / "runs")])
     assert res.exit_code == 0, res.output
     assert [p.name for p in disk.iterdir()][0].startswith(DATASET)
+
+
+def test_a_failed_run_leaves_nothing_behind(small_cache, monkeypatch):
+    """A run that fails mid-training removes its own staging folder (its live logs with it) and nothing else."""
+    from vlmcache import train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(train, "fit", broken)
+    runs_dir = small_cache / "runs"
+    runs_dir.mkdir()
+    (runs_dir / "keep.txt").write_text("x")
+    cfg = train.TrainConfig(
+        dataset=DATASET, cache_dir=str(small_cache / "cache"), runs_dir=str(runs_dir), epochs=1, device="cpu", log="csv"
+    )
+    with pytest.raises(RuntimeError, match="went away"):
+        train.train_head(cfg, log=lambda *a: None)
+    assert [p.name for p in runs_dir.iterdir()] == ["keep.txt"]

@@ -132,7 +132,7 @@ class TrainConfig:
     def resolve(self) -> TrainConfig:
         names = (("--dataset", self.dataset), ("--cache-key", self.cache_key), ("--split", self.eval_split))
         for option, name in (*names, ("--select-on", self.select_on), ("the training split", self.train_split)):
-            if name is not None:  # the name rule, for every name that is a folder of the cache or the run
+            if name:  # the name rule, for every name that is a folder of the cache or the run ('' and None: none)
                 guard.check_name(name, option)
         if self.protocol not in PROTOCOLS:
             raise unknown_choice("protocol", self.protocol, PROTOCOLS)
@@ -813,7 +813,11 @@ def prepare_run(
         warnings=warnings,
     )  # fmt: skip
     if cfg.log:  # live inside the run's own staging folder: nothing outside the run is made or removed
-        job.epoch_log = EpochLog(cfg.log, job.staging_folder() / "logs", cfg.select_on)
+        try:
+            job.epoch_log = EpochLog(cfg.log, job.staging_folder() / "logs", cfg.select_on)
+        except BaseException:  # (tensorboard missing): the staging folder made for it goes too
+            job.discard()
+            raise
     return job
 
 
