@@ -158,3 +158,20 @@ def test_cache_listings_name_the_prefix(prefix_cache):
     assert (splits["train"]["tail_blocks"], splits["test"]["tail_blocks"]) == (1, 1)
     listing = CliRunner().invoke(app, ["cache", "ls", "--cache-dir", prefix_cache["config"]["cache_dir"]])
     assert listing.exit_code == 0 and "+prefix K=1" in listing.output, listing.output
+
+
+def test_tail_runs_trained_as_a_group_equal_each_run_alone(prefix_cache, tmp_path):
+    from vlmcache.group import make_groups, train_group
+
+    settings = [dict(tune="adapter"), dict(tune="lora", seed=1), dict(tune="full", loss="logit_adjust")]
+    alone = [train_head(_cfg(prefix_cache, tmp_path / "alone", **s), **QUIET) for s in settings]
+    cfgs = [_cfg(prefix_cache, tmp_path / "grouped", **s) for s in settings]
+    assert len(make_groups(cfgs)) == 1  # one read of the prefix for the whole group
+    outcomes = train_group(cfgs, **QUIET)
+    for a, o in zip(alone, outcomes, strict=True):
+        assert o.error is None, o.trace
+        assert o.result["metrics"] == a["metrics"] and o.result["cost"]["group_size"] == 3
+        assert [h["loss"] for h in o.result["history"]] == [h["loss"] for h in a["history"]]
+        ha = torch.load(Path(a["run"]) / "head.pt", weights_only=True)["head_state"]
+        hb = torch.load(Path(o.result["run"]) / "head.pt", weights_only=True)["head_state"]
+        assert all(torch.equal(v, hb[k]) for k, v in ha.items())
