@@ -175,3 +175,18 @@ def test_tail_runs_trained_as_a_group_equal_each_run_alone(prefix_cache, tmp_pat
         ha = torch.load(Path(a["run"]) / "head.pt", weights_only=True)["head_state"]
         hb = torch.load(Path(o.result["run"]) / "head.pt", weights_only=True)["head_state"]
         assert all(torch.equal(v, hb[k]) for k, v in ha.items())
+
+
+def test_tune_names_the_method_and_leaves_other_runs_names_as_they_were():
+    from dataclasses import asdict
+
+    from vlmcache.runs import identity_key, method_label
+    from vlmcache.train import config_hash
+
+    linear = TrainConfig(dataset="digits_lt").resolve()
+    before = {k: v for k, v in asdict(linear).items() if k != "tune"}  # a config.json written before --tune
+    assert identity_key(before) == identity_key(asdict(linear))
+    assert config_hash(linear) == config_hash(TrainConfig(dataset="digits_lt", head_params={}).resolve())
+    tail = TrainConfig(dataset="digits_lt", head="tail", tune="lora").resolve()
+    assert method_label(asdict(tail)) == "tail-lora + ce + instance"
+    assert config_hash(tail) != config_hash(TrainConfig(dataset="digits_lt", head="tail", tune="full").resolve())
