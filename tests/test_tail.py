@@ -151,3 +151,42 @@ def test_protocol_lift_sets_lifts_recipe_and_records_it(prefix_cache, tmp_path, 
     assert (recorded["protocol"], recorded["loss"], recorded["head_params"]["features"]) == (
         "lift", "logit_adjust", "ln_post"
     )  # fmt: skip
+
+
+def test_cache_listings_name_the_prefix(prefix_cache):
+    splits = cache.summarize(Path(prefix_cache["cache"]))["splits"]
+    assert (splits["train"]["tail_blocks"], splits["test"]["tail_blocks"]) == (1, 1)
+    listing = CliRunner().invoke(app, ["cache", "ls", "--cache-dir", prefix_cache["config"]["cache_dir"]])
+    assert listing.exit_code == 0 and "+prefix K=1" in listing.output, listing.output
+
+
+def test_tail_runs_trained_as_a_group_equal_each_run_alone(prefix_cache, tmp_path):
+    from vlmcache.group import make_groups, train_group
+
+    settings = [dict(tune="adapter"), dict(tune="lora", seed=1), dict(tune="full", loss="logit_adjust")]
+    alone = [train_head(_cfg(prefix_cache, tmp_path / "alone", **s), **QUIET) for s in settings]
+    cfgs = [_cfg(prefix_cache, tmp_path / "grouped", **s) for s in settings]
+    assert len(make_groups(cfgs)) == 1  # one read of the prefix for the whole group
+    outcomes = train_group(cfgs, **QUIET)
+    for a, o in zip(alone, outcomes, strict=True):
+        assert o.error is None, o.trace
+        assert o.result["metrics"] == a["metrics"] and o.result["cost"]["group_size"] == 3
+        assert [h["loss"] for h in o.result["history"]] == [h["loss"] for h in a["history"]]
+        ha = torch.load(Path(a["run"]) / "head.pt", weights_only=True)["head_state"]
+        hb = torch.load(Path(o.result["run"]) / "head.pt", weights_only=True)["head_state"]
+        assert all(torch.equal(v, hb[k]) for k, v in ha.items())
+
+
+def test_tune_names_the_method_and_leaves_other_runs_names_as_they_were():
+    from dataclasses import asdict
+
+    from vlmcache.runs import identity_key, method_label
+    from vlmcache.train import config_hash
+
+    linear = TrainConfig(dataset="digits_lt").resolve()
+    before = {k: v for k, v in asdict(linear).items() if k != "tune"}  # a config.json written before --tune
+    assert identity_key(before) == identity_key(asdict(linear))
+    assert config_hash(linear) == config_hash(TrainConfig(dataset="digits_lt", head_params={}).resolve())
+    tail = TrainConfig(dataset="digits_lt", head="tail", tune="lora").resolve()
+    assert method_label(asdict(tail)) == "tail-lora + ce + instance"
+    assert config_hash(tail) != config_hash(TrainConfig(dataset="digits_lt", head="tail", tune="full").resolve())

@@ -704,6 +704,7 @@ def summarize(model_dir: Path) -> dict:
             "bytes": sum(e["bytes"] for e in m["shards"]),
             "tokens": bool(m["fingerprint"].get("tokens")),
             "views": int(m["fingerprint"].get("views") or 0),
+            "tail_blocks": int(m["fingerprint"].get("tail_blocks") or 0),  # K of the cached prefix (0: none)
         }
     text = model_dir / TEXT_FILE
     return {

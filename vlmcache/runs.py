@@ -137,6 +137,8 @@ NOT_IDENTITY = {
 def method_label(config: dict, kind: str = "head") -> str:
     """`linear + focal + instance [+ crt]`, `finetune-last + linear + ce + instance`: the method's short name."""
     parts = [config.get("head"), config.get("loss"), config.get("sampler")]
+    if config.get("head") == "tail":  # what trains in the tower's tail is the method
+        parts[0] = f"tail-{(config.get('head_params') or {}).get('tune', 'adapter')}"
     parts += [config["stage2"]] if config.get("stage2") else []
     if kind == "finetune":
         parts.insert(0, f"finetune-{config.get('tune')}")
@@ -148,7 +150,7 @@ def identity_settings(config: dict, depth: int = 0) -> dict:
     carries its first stage's settings under `first.`, read from the first-stage run when it is there."""
     out = {}
     for k, v in sorted(config.items()):
-        if k in NOT_IDENTITY:
+        if k in NOT_IDENTITY or (k == "tune" and v is None):  # train-head's --tune unset: runs made before it existed
             continue
         if isinstance(v, dict):
             out.update({f"{k}.{pk}": pv for pk, pv in sorted(v.items())})

@@ -253,6 +253,8 @@ def config_hash(cfg: TrainConfig) -> str:
     """A short hash of the settings that change the result (not where outputs go)."""
     skip = runs.NOT_IDENTITY - {"seed", "from_run"}  # the seed names a run apart; the cache is its cache_key
     keep = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in skip}
+    if keep.get("tune") is None:  # --tune unset (every head but tail): run names as before it existed
+        keep.pop("tune", None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

@@ -303,6 +303,7 @@ def cache_ls(cache_dir: Path = CACHE_DIR, as_json: bool = JSON):
             f"{s} {v.get('rows', 0):,}"
             + ("" if v.get("complete") else f" ({v.get('shards', 'broken')}, incomplete)")
             + (" +tokens" if v.get("tokens") else "")
+            + (f" +prefix K={v['tail_blocks']}" if v.get("tail_blocks") else "")
             for s, v in c["splits"].items()
         )
         table.add_row(c["dataset"], c["key"], splits, "yes" if c["text"] else "no", size(c["bytes"]))
