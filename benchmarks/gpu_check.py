@@ -145,46 +145,63 @@ def bench(
     out: Path, images: int, scale: str, device: str = "cuda", model: str = "ViT-B-16", precision: str = "fp16"
 ) -> None:
     """Measure on the GPU and write `gpu_section.md` (BENCHMARKS.md's section 6), `BENCHMARKS.md` (the repository's
-    with that section in place) and `gpu_bench.json` (every figure) into `out`. `device`, `model` and `precision`
-    are there to try the whole path on a CPU (`--device cpu --model vlmcache-tiny --precision fp32 --scale smoke`)."""
+    with that section in place) and `gpu_bench.json` (every figure) into `out`, again after each step, so that a
+    run cut short by the machine's time limit still leaves what it measured. Extraction per --decode mode comes
+    first: it is what no CPU can measure. `device`, `model` and `precision` are there to try the whole path on a
+    CPU (`--device cpu --model vlmcache-tiny --precision fp32 --scale smoke`)."""
     import torch
 
-    from vlmcache.bench import _sections, run_bench
+    from vlmcache.bench import run_bench
+    from vlmcache.bench.common import machine
     from vlmcache.bench.extraction import bench_extraction
 
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device: the GPU measurements need one (use --dry-run to check without)")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    only = [*SECTIONS, *optional_sections()]
     log = lambda *a: print(f"[{time.perf_counter() - t0:6.0f} s]", *a, flush=True)  # noqa: E731
-    r = run_bench(scale, device, log=log, only=only)
-    r["extraction"] = []
+    r = {"scale": scale, "machine": machine(), "date": time.strftime("%Y-%m-%d"), "extraction": []}
+    done: list[str] = []
+    setup = {"images": images, "model": model, "precision": precision, "scale": scale}
     for mode in DECODE_MODES:
-        log(f"extraction: {model}, {precision}, --decode {mode} ...")
         if mode == "gpu" and device != "cuda":
-            continue  # nvJPEG needs a CUDA device; `vlmcache extract` refuses it elsewhere
+            log("extraction: --decode gpu needs a CUDA device; left out")
+            continue
+        log(f"extraction: {model}, {precision}, --decode {mode} ...")
         r["extraction"].append(bench_extraction(model, images, device, precision, decode=mode))
-    (out / "gpu_bench.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
-    parts = _sections({**r, "only": ["extraction", *only]})
+        done = ["extraction"]
+        write_results(out, r, done, setup)
+    for name in [*SECTIONS, *optional_sections()]:
+        part = run_bench(scale, device, log=log, only=[name])
+        r.update({k: v for k, v in part.items() if k not in ("scale", "machine", "date", "only")})
+        done.append(name)
+        write_results(out, r, done, setup)
+    log(f"written: {out / 'gpu_section.md'}, {out / 'BENCHMARKS.md'}, {out / 'gpu_bench.json'}")
+
+
+def write_results(out: Path, r: dict, done: list[str], setup: dict) -> None:
+    """gpu_bench.json, gpu_section.md and BENCHMARKS.md from the sections measured so far (`done`)."""
+    from vlmcache.bench import _sections
+
+    (out / "gpu_bench.json").write_text(json.dumps({**r, "sections": done}, indent=1, default=str) + "\n")
     m = r["machine"]
     lines = [
         "## 6. GPU",
         "",
         f"Measured by `bash benchmarks/gpu_check.sh` on {r['date']}: {m['gpu']}, {m['cpu']}, {m['cores']} cores, "
-        f"torch {m['torch']}, open_clip {m['open_clip']}. Extraction is {model} (random weights) at {precision} with "
-        f"each `--decode` mode, {images} JPEGs of 500 x 375, against the bare encoder on the same batches "
-        "(preprocessed on the CPU; the loader column is the CPU loader with PIL's full decode in every row, and "
-        "`gpu`'s `cpu_decoded` is in gpu_bench.json); the simulated-encoder pipeline runs on this machine's CPUs; "
-        f"the grid is `vlmcache bench --scale {scale} --only grouped` on the GPU.",
+        f"torch {m['torch']}, open_clip {m['open_clip']}. Extraction is {setup['model']} (random weights) at "
+        f"{setup['precision']} with each `--decode` mode, {setup['images']} JPEGs of 500 x 375, against the bare "
+        "encoder on the same batches (preprocessed on the CPU; the loader column is the CPU loader with PIL's full "
+        "decode in every row, and `gpu`'s `cpu_decoded` is in gpu_bench.json); the simulated-encoder pipeline runs "
+        f"on this machine's CPUs; the grid is `vlmcache bench --scale {setup['scale']} --only grouped` on the GPU. "
+        f"Sections measured: {', '.join(done)}.",
     ]
-    for part in parts:
+    for part in _sections({**r, "only": done}):
         if part and part[0].startswith("## ") and not part[0].startswith("## 6."):
             lines += ["", "#" + part[0], *part[1:]]
     section = "\n".join(lines) + "\n"
     (out / "gpu_section.md").write_text(section)
     (out / "BENCHMARKS.md").write_text(with_section((ROOT / "BENCHMARKS.md").read_text(), section))
-    log(f"written: {out / 'gpu_section.md'}, {out / 'BENCHMARKS.md'}, {out / 'gpu_bench.json'}")
 
 
 def with_section(existing: str, section: str) -> str:

@@ -38,6 +38,9 @@ done
 
 say() { echo "gpu_check: $*"; }
 fail() { echo "gpu_check: error: $*" >&2; exit 2; }
+# folders as given from where the script was called, before it moves to the repository's root
+[[ "$wheels" == /* ]] || wheels="$PWD/$wheels"
+[[ -z "$out" || "$out" == /* ]] || out="$PWD/$out"
 cd "$root"
 
 # 1. the scripts parse
