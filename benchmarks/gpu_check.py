@@ -8,8 +8,10 @@
 A GPU machine lent for minutes has PyTorch but not vlmcache's other dependencies, and no network. Its wheels are
 downloaded beforehand, each pinned with `--no-deps`: letting pip resolve open_clip_torch's or timm's dependencies
 would fetch torch and its CUDA libraries again (gigabytes) for a machine that has them. So the pins are every
-package vlmcache (with its `test` extra) needs, walked through the installed packages' own requirements for
-Python 3.12 on Linux x86_64, stopping at torch and torchvision: what torch needs comes with it.
+package vlmcache (with its `test` extra) needs, but NOT_NEEDED, walked through the installed packages' own
+requirements for Python 3.12 on Linux x86_64, stopping at torch and torchvision: what torch needs comes with it.
+With `--present` (the GPU machine's `pip list --format=freeze`), what it already has at a version that will do
+is left out too, so that the wheel folder holds only what it lacks.
 
 `requirements` and `wheels` import neither torch nor vlmcache, so they answer at once.
 """
@@ -26,7 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ROOT / "benchmarks" / "gpu_requirements.txt"
 PREINSTALLED = {"torch", "torchvision"}  # the GPU machine's own; never pinned, never walked into
-EXTRAS = ("test",)  # pytest for the gpu-marked tests; the rest of the extra is small
+EXTRAS = ("test",)  # pytest (and what the test modules import) for the gpu-marked tests
+# not needed on the GPU machine: ruff (the test extra's linter) and hdf5plugin (46 MB; only the cache_size bench
+# section imports it, optionally, and the check does not run that section)
+NOT_NEEDED = {"ruff", "hdf5plugin"}
 # the GPU machine's interpreter and platform, for the requirements' environment markers
 TARGET = {
     "python_version": "3.12",
@@ -59,12 +64,26 @@ def _roots() -> list[str]:
     return reqs
 
 
-def pins() -> tuple[dict[str, str], list[str]]:
-    """{name: version} of every package to download, and the names needed but not installed here."""
+def read_present(path: Path) -> dict[str, str | None]:
+    """What the GPU machine already has: `pip list --format=freeze` lines there (`name==version`), or bare names
+    (then any version is taken to do) -> {normalized name: version or None}."""
+    out: dict[str, str | None] = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            out[normalize(name)] = version.strip() if sep else None
+    return out
+
+
+def pins(present: dict[str, str | None] | None = None) -> tuple[dict[str, str], list[str]]:
+    """{name: version} of every package to download, and the names needed but not installed here. A package in
+    `present` at a version that meets what asks for it is the machine's own: neither pinned nor walked into."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
 
+    present = present or {}
     found: dict[str, str] = {}
     missing: list[str] = []
     todo = [(Requirement(r), "") for r in _roots()]
@@ -73,7 +92,9 @@ def pins() -> tuple[dict[str, str], list[str]]:
         if req.marker is not None and not req.marker.evaluate({**TARGET, "extra": extra}):
             continue
         name = normalize(req.name)
-        if name in PREINSTALLED:
+        if name in PREINSTALLED or name in NOT_NEEDED:
+            continue
+        if name in present and (present[name] is None or req.specifier.contains(present[name], prereleases=True)):
             continue
         try:
             dist = metadata.distribution(req.name)
@@ -217,7 +238,8 @@ def with_section(existing: str, section: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("requirements", help="print the pins, from the packages installed here")
+    q = sub.add_parser("requirements", help="print the pins, from the packages installed here")
+    q.add_argument("--present", type=Path, help="the GPU machine's `pip list --format=freeze`: pin only the rest")
     w = sub.add_parser("wheels", help="check that a wheel folder holds every pin")
     w.add_argument("folder", type=Path)
     w.add_argument("--requirements", type=Path, default=REQUIREMENTS)
@@ -231,12 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--precision", default="fp16")
     a = p.parse_args(argv)
     if a.cmd == "requirements":
-        found, missing = pins()
+        found, missing = pins(read_present(a.present) if a.present else None)
         if missing:
             print(f"error: needed on Python 3.12 but not installed here: {', '.join(missing)}", file=sys.stderr)
             return 2
-        print("# Written by `python benchmarks/gpu_check.py requirements` (see docs/benchmarks.md): every package")
-        print("# vlmcache[test] needs besides torch and torchvision, pinned to the versions this project tests with.")
+        if a.present:
+            print(f"# Written by `python benchmarks/gpu_check.py requirements --present {a.present.name}`: what")
+            print("# vlmcache[test] needs besides torch, torchvision and the GPU machine's own (docs/benchmarks.md).")
+        else:
+            print("# Written by `python benchmarks/gpu_check.py requirements` (docs/benchmarks.md): every package")
+            print("# vlmcache[test] needs besides torch and torchvision, at the versions this project tests with.")
         print("\n".join(f"{n}=={v}" for n, v in found.items()))
         return 0
     if a.cmd == "wheels":
@@ -247,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         if gone:
             print(f"error: {a.folder} lacks {len(gone)} wheel(s) of {a.requirements.name}: {', '.join(gone)}")
             return 2
-        print(f"wheels: {len(read_requirements(a.requirements))} pins, each with its wheel in {a.folder}")
+        n = len(read_requirements(a.requirements))
+        print(f"wheels: {n} pins of {a.requirements}, each with its wheel in {a.folder}")
         return 0
     if a.cmd == "sections":
         problems = check_sections()
