@@ -122,8 +122,8 @@ def test_a_whole_bench_run_keeps_the_gpu_section_and_the_figures_by_hand():
     from vlmcache.bench import kept_sections, splice
 
     existing = (
-        "# old\n\n## Machine\n\nold cpu\n\n## 1. Extraction\n\nold rows\n\n## 6. GPU\n\nMeasured by gpu_check.sh: "
-        "H100 rows\n\n## 7. Measured by hand\n\ndemo 16 s\n"
+        "# old\n\n## Machine\n\nold cpu\n\n## 1. Extraction\n\nold rows\n\n## 6. GPU\n\n"
+        "Measured by benchmarks/gpu_check.sh: H100 rows\n\n## 7. Measured by hand\n\ndemo 16 s\n"
     )
     new = "# new\n\n## Machine\n\nnew cpu\n\n## 1. Extraction\n\nnew rows\n\n## 6. GPU\n\nNot measured: no GPU.\n"
     on_cpu = splice(new, kept_sections(new, existing, gpu=False))
@@ -133,5 +133,6 @@ def test_a_whole_bench_run_keeps_the_gpu_section_and_the_figures_by_hand():
     assert "(Measured by" not in on_cpu  # kept as they were, with no note of this run
     on_gpu = splice(new.replace("Not measured: no GPU.", "ran on the GPU"), kept_sections(new, existing, gpu=True))
     assert "ran on the GPU" in on_gpu and "H100 rows" not in on_gpu and "demo 16 s" in on_gpu
-    unmeasured = existing.replace("Measured by gpu_check.sh: H100 rows", "Not measured: none")
-    assert [k[0] for k in kept_sections(new, unmeasured, gpu=False)] == ["## 7. Measured by hand"]
+    for other in ("Not measured: none", "The extraction rows above ran on the GPU."):  # not the GPU check's
+        unmeasured = existing.replace("Measured by benchmarks/gpu_check.sh: H100 rows", other)
+        assert [k[0] for k in kept_sections(new, unmeasured, gpu=False)] == ["## 7. Measured by hand"]
