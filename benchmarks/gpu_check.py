@@ -8,8 +8,10 @@
 A GPU machine lent for minutes has PyTorch but not vlmcache's other dependencies, and no network. Its wheels are
 downloaded beforehand, each pinned with `--no-deps`: letting pip resolve open_clip_torch's or timm's dependencies
 would fetch torch and its CUDA libraries again (gigabytes) for a machine that has them. So the pins are every
-package vlmcache (with its `test` extra) needs, walked through the installed packages' own requirements for
-Python 3.12 on Linux x86_64, stopping at torch and torchvision: what torch needs comes with it.
+package vlmcache (with its `test` extra) needs, but NOT_NEEDED, walked through the installed packages' own
+requirements for Python 3.12 on Linux x86_64, stopping at torch and torchvision: what torch needs comes with it.
+With `--present` (the GPU machine's `pip list --format=freeze`), what it already has at a version that will do
+is left out too, so that the wheel folder holds only what it lacks.
 
 `requirements` and `wheels` import neither torch nor vlmcache, so they answer at once.
 """
@@ -26,7 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ROOT / "benchmarks" / "gpu_requirements.txt"
 PREINSTALLED = {"torch", "torchvision"}  # the GPU machine's own; never pinned, never walked into
-EXTRAS = ("test",)  # pytest for the gpu-marked tests; the rest of the extra is small
+EXTRAS = ("test",)  # pytest (and what the test modules import) for the gpu-marked tests
+# not needed on the GPU machine: ruff (the test extra's linter) and hdf5plugin (46 MB; only the cache_size bench
+# section imports it, optionally, and the check does not run that section)
+NOT_NEEDED = {"ruff", "hdf5plugin"}
 # the GPU machine's interpreter and platform, for the requirements' environment markers
 TARGET = {
     "python_version": "3.12",
@@ -59,12 +64,26 @@ def _roots() -> list[str]:
     return reqs
 
 
-def pins() -> tuple[dict[str, str], list[str]]:
-    """{name: version} of every package to download, and the names needed but not installed here."""
+def read_present(path: Path) -> dict[str, str | None]:
+    """What the GPU machine already has: `pip list --format=freeze` lines there (`name==version`), or bare names
+    (then any version is taken to do) -> {normalized name: version or None}."""
+    out: dict[str, str | None] = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            out[normalize(name)] = version.strip() if sep else None
+    return out
+
+
+def pins(present: dict[str, str | None] | None = None) -> tuple[dict[str, str], list[str]]:
+    """{name: version} of every package to download, and the names needed but not installed here. A package in
+    `present` at a version that meets what asks for it is the machine's own: neither pinned nor walked into."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
 
+    present = present or {}
     found: dict[str, str] = {}
     missing: list[str] = []
     todo = [(Requirement(r), "") for r in _roots()]
@@ -73,7 +92,9 @@ def pins() -> tuple[dict[str, str], list[str]]:
         if req.marker is not None and not req.marker.evaluate({**TARGET, "extra": extra}):
             continue
         name = normalize(req.name)
-        if name in PREINSTALLED:
+        if name in PREINSTALLED or name in NOT_NEEDED:
+            continue
+        if name in present and (present[name] is None or req.specifier.contains(present[name], prereleases=True)):
             continue
         try:
             dist = metadata.distribution(req.name)
@@ -145,46 +166,63 @@ def bench(
     out: Path, images: int, scale: str, device: str = "cuda", model: str = "ViT-B-16", precision: str = "fp16"
 ) -> None:
     """Measure on the GPU and write `gpu_section.md` (BENCHMARKS.md's section 6), `BENCHMARKS.md` (the repository's
-    with that section in place) and `gpu_bench.json` (every figure) into `out`. `device`, `model` and `precision`
-    are there to try the whole path on a CPU (`--device cpu --model vlmcache-tiny --precision fp32 --scale smoke`)."""
+    with that section in place) and `gpu_bench.json` (every figure) into `out`, again after each step, so that a
+    run cut short by the machine's time limit still leaves what it measured. Extraction per --decode mode comes
+    first: it is what no CPU can measure. `device`, `model` and `precision` are there to try the whole path on a
+    CPU (`--device cpu --model vlmcache-tiny --precision fp32 --scale smoke`)."""
     import torch
 
-    from vlmcache.bench import _sections, run_bench
+    from vlmcache.bench import run_bench
+    from vlmcache.bench.common import machine
     from vlmcache.bench.extraction import bench_extraction
 
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device: the GPU measurements need one (use --dry-run to check without)")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    only = [*SECTIONS, *optional_sections()]
     log = lambda *a: print(f"[{time.perf_counter() - t0:6.0f} s]", *a, flush=True)  # noqa: E731
-    r = run_bench(scale, device, log=log, only=only)
-    r["extraction"] = []
+    r = {"scale": scale, "machine": machine(), "date": time.strftime("%Y-%m-%d"), "extraction": []}
+    done: list[str] = []
+    setup = {"images": images, "model": model, "precision": precision, "scale": scale}
     for mode in DECODE_MODES:
-        log(f"extraction: {model}, {precision}, --decode {mode} ...")
         if mode == "gpu" and device != "cuda":
-            continue  # nvJPEG needs a CUDA device; `vlmcache extract` refuses it elsewhere
+            log("extraction: --decode gpu needs a CUDA device; left out")
+            continue
+        log(f"extraction: {model}, {precision}, --decode {mode} ...")
         r["extraction"].append(bench_extraction(model, images, device, precision, decode=mode))
-    (out / "gpu_bench.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
-    parts = _sections({**r, "only": ["extraction", *only]})
+        done = ["extraction"]
+        write_results(out, r, done, setup)
+    for name in [*SECTIONS, *optional_sections()]:
+        part = run_bench(scale, device, log=log, only=[name])
+        r.update({k: v for k, v in part.items() if k not in ("scale", "machine", "date", "only")})
+        done.append(name)
+        write_results(out, r, done, setup)
+    log(f"written: {out / 'gpu_section.md'}, {out / 'BENCHMARKS.md'}, {out / 'gpu_bench.json'}")
+
+
+def write_results(out: Path, r: dict, done: list[str], setup: dict) -> None:
+    """gpu_bench.json, gpu_section.md and BENCHMARKS.md from the sections measured so far (`done`)."""
+    from vlmcache.bench import _sections
+
+    (out / "gpu_bench.json").write_text(json.dumps({**r, "sections": done}, indent=1, default=str) + "\n")
     m = r["machine"]
     lines = [
         "## 6. GPU",
         "",
         f"Measured by `bash benchmarks/gpu_check.sh` on {r['date']}: {m['gpu']}, {m['cpu']}, {m['cores']} cores, "
-        f"torch {m['torch']}, open_clip {m['open_clip']}. Extraction is {model} (random weights) at {precision} with "
-        f"each `--decode` mode, {images} JPEGs of 500 x 375, against the bare encoder on the same batches "
-        "(preprocessed on the CPU; the loader column is the CPU loader with PIL's full decode in every row, and "
-        "`gpu`'s `cpu_decoded` is in gpu_bench.json); the simulated-encoder pipeline runs on this machine's CPUs; "
-        f"the grid is `vlmcache bench --scale {scale} --only grouped` on the GPU.",
+        f"torch {m['torch']}, open_clip {m['open_clip']}. Extraction is {setup['model']} (random weights) at "
+        f"{setup['precision']} with each `--decode` mode, {setup['images']} JPEGs of 500 x 375, against the bare "
+        "encoder on the same batches (preprocessed on the CPU; the loader column is the CPU loader with PIL's full "
+        "decode in every row, and `gpu`'s `cpu_decoded` is in gpu_bench.json); the simulated-encoder pipeline runs "
+        f"on this machine's CPUs; the grid is `vlmcache bench --scale {setup['scale']} --only grouped` on the GPU. "
+        f"Sections measured: {', '.join(done)}.",
     ]
-    for part in parts:
+    for part in _sections({**r, "only": done}):
         if part and part[0].startswith("## ") and not part[0].startswith("## 6."):
             lines += ["", "#" + part[0], *part[1:]]
     section = "\n".join(lines) + "\n"
     (out / "gpu_section.md").write_text(section)
     (out / "BENCHMARKS.md").write_text(with_section((ROOT / "BENCHMARKS.md").read_text(), section))
-    log(f"written: {out / 'gpu_section.md'}, {out / 'BENCHMARKS.md'}, {out / 'gpu_bench.json'}")
 
 
 def with_section(existing: str, section: str) -> str:
@@ -200,7 +238,8 @@ def with_section(existing: str, section: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("requirements", help="print the pins, from the packages installed here")
+    q = sub.add_parser("requirements", help="print the pins, from the packages installed here")
+    q.add_argument("--present", type=Path, help="the GPU machine's `pip list --format=freeze`: pin only the rest")
     w = sub.add_parser("wheels", help="check that a wheel folder holds every pin")
     w.add_argument("folder", type=Path)
     w.add_argument("--requirements", type=Path, default=REQUIREMENTS)
@@ -214,12 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--precision", default="fp16")
     a = p.parse_args(argv)
     if a.cmd == "requirements":
-        found, missing = pins()
+        found, missing = pins(read_present(a.present) if a.present else None)
         if missing:
             print(f"error: needed on Python 3.12 but not installed here: {', '.join(missing)}", file=sys.stderr)
             return 2
-        print("# Written by `python benchmarks/gpu_check.py requirements` (see docs/benchmarks.md): every package")
-        print("# vlmcache[test] needs besides torch and torchvision, pinned to the versions this project tests with.")
+        if a.present:
+            print(f"# Written by `python benchmarks/gpu_check.py requirements --present {a.present.name}`: what")
+            print("# vlmcache[test] needs besides torch, torchvision and the GPU machine's own (docs/benchmarks.md).")
+        else:
+            print("# Written by `python benchmarks/gpu_check.py requirements` (docs/benchmarks.md): every package")
+            print("# vlmcache[test] needs besides torch and torchvision, at the versions this project tests with.")
         print("\n".join(f"{n}=={v}" for n, v in found.items()))
         return 0
     if a.cmd == "wheels":
@@ -230,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         if gone:
             print(f"error: {a.folder} lacks {len(gone)} wheel(s) of {a.requirements.name}: {', '.join(gone)}")
             return 2
-        print(f"wheels: {len(read_requirements(a.requirements))} pins, each with its wheel in {a.folder}")
+        n = len(read_requirements(a.requirements))
+        print(f"wheels: {n} pins of {a.requirements}, each with its wheel in {a.folder}")
         return 0
     if a.cmd == "sections":
         problems = check_sections()

@@ -38,7 +38,13 @@ done
 
 say() { echo "gpu_check: $*"; }
 fail() { echo "gpu_check: error: $*" >&2; exit 2; }
+# folders as given from where the script was called, before it moves to the repository's root
+[[ "$wheels" == /* ]] || wheels="$PWD/$wheels"
+[[ -z "$out" || "$out" == /* ]] || out="$PWD/$out"
 cd "$root"
+# the pins: the wheel folder's own list when it has one (made for what the GPU machine lacks), else every package
+reqs="$here/gpu_requirements.txt"
+[[ -f "$wheels/requirements.txt" ]] && reqs="$wheels/requirements.txt"
 
 # 1. the scripts parse
 bash -n "$here/gpu_check.sh" || fail "benchmarks/gpu_check.sh does not parse"
@@ -47,7 +53,7 @@ say "scripts parse"
 
 # 2. the wheel folder holds every pin (no torch needed)
 if [[ $wheel_check == 1 ]]; then
-    "$python" "$here/gpu_check.py" wheels "$wheels" | sed 's/^/gpu_check: /'
+    "$python" "$here/gpu_check.py" wheels "$wheels" --requirements "$reqs" | sed 's/^/gpu_check: /'
     [[ ${PIPESTATUS[0]} == 0 ]] || exit 2
 else
     say "wheel folder not checked (--no-wheel-check)"
@@ -103,21 +109,23 @@ if ! "$python" -m venv --system-site-packages "$venv" 2>/dev/null; then
 fi
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
-"${pip[@]}" install --quiet --no-index --find-links "$wheels" --no-deps -r "$here/gpu_requirements.txt"
+"${pip[@]}" install --quiet --no-index --find-links "$wheels" --no-deps -r "$reqs"
 "${pip[@]}" install --quiet --no-index --no-deps --no-build-isolation -e "$root"
 "${pip[@]}" check || say "warning: pip check found the conflicts above (the machine's own packages against the pins)"
 say "installed in $((SECONDS - start)) s: $(python -c 'import torch, vlmcache; print("torch", torch.__version__, "cuda", torch.version.cuda, "vlmcache", vlmcache.__version__)')"
 # every module vlmcache and its tests import, from the venv: a missing wheel shows here, not in the measurements
-python -c "import faiss, h5py, hdf5plugin, open_clip, pyarrow, pytest, webdataset, vlmcache.cli, vlmcache.bench" \
+python -c "import faiss, h5py, open_clip, pyarrow, pydantic, pytest, webdataset, vlmcache.cli, vlmcache.bench" \
     || fail "the installed packages do not import (above)"
 if [[ $install_only == 1 ]]; then
     say "install only: done ($venv; activate it with: . $venv/bin/activate)"
     exit 0
 fi
 
-# 7. the tests marked gpu (exit 5: none selected)
+# 7. the tests marked gpu (exit 5: none selected), from the files that use the marker alone, as the dry run
+# collects them: the other test modules need nothing a GPU adds
+mapfile -t files < <(grep -l 'mark\.gpu' tests/*.py || true)
 set +e
-python -m pytest -m gpu -q -p no:cacheprovider tests >"$out/gpu_tests.txt" 2>&1
+python -m pytest -m gpu -q -p no:cacheprovider "${files[@]:-tests}" >"$out/gpu_tests.txt" 2>&1
 tests_rc=$?
 set -e
 tail -n 5 "$out/gpu_tests.txt"

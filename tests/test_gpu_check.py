@@ -25,10 +25,17 @@ def _module():
 gpu_check = _module()
 
 
-def _wheels(folder: Path, skip: str | None = None) -> Path:
-    """Empty files named as the pinned wheels are (what the dry run looks at: names and versions)."""
+def _wheels(folder: Path, skip: str | None = None, only: set[str] | None = None) -> Path:
+    """Empty files named as the pinned wheels are (what the dry run looks at: names and versions); with `only`, a
+    folder for a machine that has the rest, with its own requirements.txt."""
     folder.mkdir()
-    for name, version in gpu_check.read_requirements().items():
+    pins = gpu_check.read_requirements()
+    if only is not None:
+        pins = {n: v for n, v in pins.items() if n in only}
+        (folder / "requirements.txt").write_text(
+            "# what the machine lacks\n" + "".join(f"{n}=={v}\n" for n, v in pins.items())
+        )
+    for name, version in pins.items():
         if name != skip:
             (folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").touch()
     return folder
@@ -42,14 +49,14 @@ def _dry_run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_dry_run_passes_with_every_wheel(tmp_path):
-    wheels = _wheels(tmp_path / "wheels")
+def test_dry_run_passes_with_the_wheels_its_folder_lists(tmp_path):
+    """A folder made for a machine that lacks only open_clip and faiss (the lent GPU machines have most packages)."""
+    wheels = _wheels(tmp_path / "wheels", only={"open-clip-torch", "faiss-cpu"})
     result = _dry_run("--wheels", str(wheels), str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
-    pins = len(gpu_check.read_requirements())
     for line in (
         "scripts parse",
-        f"wheels: {pins} pins, each with its wheel",
+        f"wheels: 2 pins of {wheels / 'requirements.txt'}, each with its wheel",
         "bench: sections pipeline, grouped and --decode pil, draft, gpu exist",
         "tests marked gpu: 6 in tests/test_gpu.py",
         f"results would go to {tmp_path / 'out'}",
@@ -64,7 +71,7 @@ def test_dry_run_names_the_missing_wheel_and_the_bad_option(tmp_path):
     result = _dry_run("--wheels", str(wheels))
     assert result.returncode == 2
     assert f"h5py=={gpu_check.read_requirements()['h5py']}" in result.stdout
-    assert "lacks 1 wheel(s)" in result.stdout
+    assert "lacks 1 wheel(s) of gpu_requirements.txt" in result.stdout  # no list of its own: every pin
     gone = _dry_run("--wheels", str(tmp_path / "nowhere"))
     assert gone.returncode == 2 and "does not exist" in gone.stdout
     bad = _dry_run("--wheel", "x")
@@ -79,10 +86,24 @@ def test_pins_cover_every_dependency_but_torch():
     for line in gpu_check._roots():
         req = Requirement(line)
         name = gpu_check.normalize(req.name)
-        if name in gpu_check.PREINSTALLED:
+        if name in gpu_check.PREINSTALLED or name in gpu_check.NOT_NEEDED:
             continue
         assert name in pins, f"{name} is not pinned in benchmarks/gpu_requirements.txt"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} fails {req.specifier}"
+
+
+def test_pins_leave_out_what_the_gpu_machine_has(tmp_path):
+    """A package the machine has at a version that will do is neither pinned nor walked into; one too old is
+    pinned; bare names count as any version."""
+    present = tmp_path / "present.txt"
+    present.write_text("faiss-cpu==1.15.1\nnumpy==1.0\npydantic\nopen_clip_torch\n")
+    full, _ = gpu_check.pins()
+    slim, missing = gpu_check.pins(gpu_check.read_present(present))
+    assert not missing and {"faiss-cpu", "numpy", "pydantic", "open-clip-torch", "ftfy"} <= set(full)
+    assert "faiss-cpu" not in slim and "pydantic" not in slim and "open-clip-torch" not in slim
+    assert "pydantic-core" not in slim  # pydantic is the machine's, so what it needs is too
+    assert slim["numpy"] == full["numpy"]  # numpy>=1.24 is not met by 1.0
+    assert "ftfy" not in slim or "open-clip-torch" in slim  # reached only through open_clip
 
 
 def test_gpu_section_replaces_section_6_and_keeps_the_rest():
@@ -101,8 +122,8 @@ def test_a_whole_bench_run_keeps_the_gpu_section_and_the_figures_by_hand():
     from vlmcache.bench import kept_sections, splice
 
     existing = (
-        "# old\n\n## Machine\n\nold cpu\n\n## 1. Extraction\n\nold rows\n\n## 6. GPU\n\nMeasured by gpu_check.sh: "
-        "H100 rows\n\n## 7. Measured by hand\n\ndemo 16 s\n"
+        "# old\n\n## Machine\n\nold cpu\n\n## 1. Extraction\n\nold rows\n\n## 6. GPU\n\n"
+        "Measured by benchmarks/gpu_check.sh: H100 rows\n\n## 7. Measured by hand\n\ndemo 16 s\n"
     )
     new = "# new\n\n## Machine\n\nnew cpu\n\n## 1. Extraction\n\nnew rows\n\n## 6. GPU\n\nNot measured: no GPU.\n"
     on_cpu = splice(new, kept_sections(new, existing, gpu=False))
@@ -112,5 +133,6 @@ def test_a_whole_bench_run_keeps_the_gpu_section_and_the_figures_by_hand():
     assert "(Measured by" not in on_cpu  # kept as they were, with no note of this run
     on_gpu = splice(new.replace("Not measured: no GPU.", "ran on the GPU"), kept_sections(new, existing, gpu=True))
     assert "ran on the GPU" in on_gpu and "H100 rows" not in on_gpu and "demo 16 s" in on_gpu
-    unmeasured = existing.replace("Measured by gpu_check.sh: H100 rows", "Not measured: none")
-    assert [k[0] for k in kept_sections(new, unmeasured, gpu=False)] == ["## 7. Measured by hand"]
+    for other in ("Not measured: none", "The extraction rows above ran on the GPU."):  # not the GPU check's
+        unmeasured = existing.replace("Measured by benchmarks/gpu_check.sh: H100 rows", other)
+        assert [k[0] for k in kept_sections(new, unmeasured, gpu=False)] == ["## 7. Measured by hand"]
