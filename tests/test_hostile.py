@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from vlmcache import guard
+from vlmcache import guard, runlock
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
 
@@ -305,7 +305,8 @@ def test_live_logs_stay_inside_the_run(small_cache):
     assert res.exit_code == 0, res.output
     assert theirs.read_text() == "someone's curves"
     assert (run / "logs" / "epochs.csv").is_file()
-    assert sorted(p.name for p in runs_dir.iterdir()) == [".logs", run.name]  # no staging folder left
+    left = sorted(p.name for p in runs_dir.iterdir() if p.name != runlock.LOCK_FILE)  # the runs folder's lock stays
+    assert left == [".logs", run.name]  # no staging folder left
 
 
 @settings(max_examples=300, deadline=None)
@@ -343,7 +344,8 @@ def test_a_container_may_be_a_link_to_a_folder(small_cache, tmp_path_factory):
     argv = ["train-head", "--cache-dir", str(small_cache / "cache"), "--device", "cpu", "--epochs", "1"]
     res = runner.invoke(app, [*argv, "--runs-dir", str(small_cache / "runs")])
     assert res.exit_code == 0, res.output
-    assert [p.name for p in disk.iterdir()][0].startswith(DATASET)
+    made = [p.name for p in disk.iterdir() if p.name != runlock.LOCK_FILE]
+    assert len(made) == 1 and made[0].startswith(DATASET)
 
 
 def test_a_failed_run_leaves_nothing_behind(small_cache, monkeypatch):

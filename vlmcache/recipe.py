@@ -71,6 +71,8 @@ PROTOCOLS: dict[str, dict] = {
         warmup_iters=0,
         schedule="cosine",
         select_on="",
+        drop_last=False,  # trainer.py L175-177: DataLoader(shuffle=True) keeps the last partial batch
+        eval_every=0,  # LIFT tests once, after training
     ),
 }
 # LIFT's method, as the tail head's parameters and train-head's settings (FIDELITY.md, "LIFT" table, has each
