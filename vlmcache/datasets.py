@@ -441,6 +441,16 @@ def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float
     return Dataset(name, [c.replace("_", " ") for c in classes], splits, root, notes)
 
 
+def implied_classes_problem(top: int, distinct: int) -> str | None:
+    """Without class names, the largest label sets the class count; when that count is above 2 x distinct + 10,
+    most classes would have no image: a typo in a label (5,000,000 among 0..2) or sparse ids. Extract, import and
+    webdataset input all use this one rule. Returns why, or None."""
+    num = top + 1
+    if num > 2 * distinct + 10:
+        return f"the label {top} would make {num} classes for {distinct} distinct labels"
+    return None
+
+
 def _split(name: str, root, split_files: Mapping[str, str], classnames_file: str | None = None, **_):
     if not split_files:
         raise VlmcacheError(
@@ -454,12 +464,12 @@ def _split(name: str, root, split_files: Mapping[str, str], classnames_file: str
     if classnames is None:
         num = int(max(int(s.labels.max()) for s in splits.values())) + 1
         distinct = len(set().union(*(np.unique(s.labels).tolist() for s in splits.values())))
-        if num > 2 * distinct + 10:  # most classes would have no image: a typo in a label, or sparse ids
+        problem = implied_classes_problem(num - 1, distinct)
+        if problem:
             s = max(splits.values(), key=lambda s: s.labels.max())
             raise VlmcacheError(
-                f"{s.origin}, line {_line_of(Path(s.origin), int(s.labels.argmax()))}: the label {num - 1} would "
-                f"make {num} classes for {distinct} distinct labels. Fix the label, or pass --classnames FILE "
-                f"naming every class (one per line)."
+                f"{s.origin}, line {_line_of(Path(s.origin), int(s.labels.argmax()))}: {problem}. Fix the label, or "
+                f"pass --classnames FILE naming every class (one per line)."
             )
         classnames = [f"class {i}" for i in range(num)]
         notes.append("No --classnames file: classes are named 'class 0', 'class 1', ...; zero-shot texts mean nothing.")
