@@ -84,7 +84,8 @@ def numbered(folder: Path, prefix: str, suffix: str) -> list[Path]:
 
 def _read_parquet(path: Path, pq, **kw):
     try:
-        return pq.ParquetFile(regular_file(path, "parquet file"), **kw)
+        # buffered reads of 1 MB, not a whole row group prefetched: memory stays flat for any row-group size
+        return pq.ParquetFile(regular_file(path, "parquet file"), pre_buffer=False, buffer_size=1 << 20, **kw)
     except VlmcacheError:
         raise
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, and others for a file that is not parquet
@@ -374,7 +375,8 @@ def integer_labels(column, where: str, first: int) -> np.ndarray:
         if not whole.all():
             i = int(np.flatnonzero(~whole)[0])
             raise VlmcacheError(
-                f"{where}, row {first + i}: the label {raw[i]!r} is not a whole number; labels are class indices."
+                f"{where}, row {first + i}: the label {float(raw[i])!r} is not a whole number; labels are class "
+                "indices."
             )
         values = raw
     else:
