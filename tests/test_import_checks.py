@@ -346,3 +346,90 @@ def test_a_refused_overwrite_keeps_the_old_split(tmp_path):
         "text.h5",
         "train",
     ]
+
+
+# --------------------------------------------------------------------------- fuzz
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+VALUES = st.one_of(st.floats(-4, 4, width=32), st.sampled_from([0.0, 1e6, -7e4, 65504.0, float("nan"), float("inf")]))
+LABELS = {
+    "int": st.integers(0, 40),
+    "float": st.one_of(st.integers(0, 5).map(float), st.floats(0, 5)),
+    "null": st.one_of(st.none(), st.integers(0, 5)),
+    "str": st.sampled_from(["0", "1", "cat"]),
+    "bool": st.booleans(),
+}
+
+
+@st.composite
+def _inputs(draw):
+    n = draw(st.integers(0, 6))
+    width = draw(st.integers(0, 4))
+    kind = draw(st.sampled_from(sorted(LABELS)))
+    rows = [draw(st.lists(VALUES, min_size=width, max_size=width)) for _ in range(n)]
+    if n and draw(st.booleans()):  # ragged: one row one value longer
+        rows[draw(st.integers(0, n - 1))].append(0.5)
+    labels = [draw(LABELS[kind]) for _ in range(n)]
+    return rows, labels, kind, draw(st.sampled_from(["parquet", "clip-retrieval"]))
+
+
+def _valid(rows, labels, kind) -> bool:
+    """The spec, written apart from the code: what import must accept."""
+    if not rows or len({len(r) for r in rows}) != 1 or len(rows[0]) < 1:
+        return False
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isfinite(np.asarray(rows, np.float64).astype(np.float16)).all():
+            return False
+    if kind in ("str", "bool") or any(y is None or y != int(y) or y < 0 for y in labels):
+        return False
+    top, distinct = max(int(y) for y in labels), len({int(y) for y in labels})
+    return top + 1 <= 2 * distinct + 10
+
+
+@settings(max_examples=int(os.environ.get("VLMCACHE_FUZZ", "25")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@given(case=_inputs())
+def test_fuzzed_imports_store_the_same_data_or_give_one_error(tmp_path_factory, case):
+    rows, labels, kind, fmt = case
+    tmp = tmp_path_factory.mktemp("fuzz")
+    paths = [f"img{i}.jpg" for i in range(len(rows))]
+    if fmt == "parquet":
+        emb = pa.array(rows, type=pa.list_(pa.float64()))
+        location = tmp / "in.parquet"
+        pq.write_table(pa.table({"path": paths, "label": pa.array(labels), "embedding": emb}), location)
+    else:  # rows of one width per npy file: files of different widths must be refused
+        files, current = [], []
+        for r in rows:
+            if current and len(r) != len(current[0]):
+                files.append(current)
+                current = []
+            current.append(r)
+        files.append(current)
+        location = tmp / "cr"
+        (location / "img_emb").mkdir(parents=True)
+        (location / "metadata").mkdir()
+        at = 0
+        for i, part in enumerate(files):
+            arr = np.asarray(part, np.float32).reshape(len(part), len(part[0]) if part else 1)
+            np.save(location / "img_emb" / f"img_emb_{i}.npy", arr)
+            label = pa.array(labels[at : at + len(part)]) if part else pa.array([], pa.int64())
+            pq.write_table(pa.table({"image_path": paths[at : at + len(part)], "label": label}),
+                           location / "metadata" / f"metadata_{i}.parquet")  # fmt: skip
+            at += len(part)
+        with np.errstate(over="ignore"):  # the spec sees the float32 values the files hold
+            rows = [np.asarray(r, np.float32).astype(np.float64).tolist() for r in rows]
+    source_files = {p: p.read_bytes() for p in tmp.rglob("*") if p.is_file()}
+    ok = _valid(rows, labels, kind)
+    try:
+        out = import_embeddings(fmt, location, "fz", "train", tmp / "c", **QUIET)
+    except VlmcacheError:
+        assert not ok, (rows, labels, kind)
+        assert not (tmp / "c").exists()  # nothing made, nothing left
+    else:
+        assert ok, (rows, labels, kind)
+        split = cache.SplitCache(Path(out["cache"]) / "train")
+        np.testing.assert_array_equal(split.pooled(), np.asarray(rows, np.float64).astype(np.float16))
+        assert split.labels().tolist() == [int(y) for y in labels] and split.paths() == paths
+    assert {p: p.read_bytes() for p in source_files} == source_files
