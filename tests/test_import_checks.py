@@ -130,8 +130,14 @@ def test_whole_float_labels_import_and_the_class_count_rule_is_extracts(tmp_path
     out = import_embeddings("parquet", _parquet(tmp_path / "f.parquet", np.ones((4, 3)).tolist(), [0.0, 2.0, 1.0, 2.0]),
                             "m", "train", tmp_path / "c", **QUIET)  # fmt: skip
     assert cache.SplitCache(Path(out["cache"]) / "train").labels().tolist() == [0, 2, 1, 2]
-    # the rule extract applies to a split file (2 x distinct + 10), here at its edge
+    # the rule extract applies to a split file (2 x distinct + 10), here at its edge; the same words from both
     assert implied_classes_problem(17, 4) is None and implied_classes_problem(18, 4) is not None
+    from vlmcache.datasets import load_dataset
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "s.txt").write_text("a.jpg 0\nb.jpg 1\nc.jpg 2\nd.jpg 50000\n")
+    with pytest.raises(VlmcacheError, match="line 4: " + implied_classes_problem(50_000, 4)):
+        load_dataset("split", root=str(tmp_path / "r"), split_files={"train": str(tmp_path / "s.txt")})
     ok = _parquet(tmp_path / "e.parquet", np.ones((4, 3)).tolist(), [0, 1, 2, 17])
     assert import_embeddings("parquet", ok, "m", "val", tmp_path / "e", **QUIET)["rows"] == 4
     names = tmp_path / "names.txt"
@@ -438,3 +444,19 @@ def test_fuzzed_imports_store_the_same_data_or_give_one_error(tmp_path_factory, 
         np.testing.assert_array_equal(split.pooled(), np.asarray(rows, np.float64).astype(np.float16))
         assert split.labels().tolist() == [int(y) for y in labels] and split.paths() == paths
     assert {p: p.read_bytes() for p in source_files} == source_files
+
+
+def test_a_split_that_names_the_classes_otherwise_is_refused(tmp_path):
+    model_dir = _cache(tmp_path)
+    export_cache(model_dir, "parquet", tmp_path / "pq", **QUIET)
+    import_embeddings("parquet", tmp_path / "pq" / "train.parquet", "toy", "train", tmp_path / "c", **QUIET)
+    test = pq.read_table(tmp_path / "pq" / "test.parquet")
+    pq.write_table(test.drop_columns(["class_name"]).replace_schema_metadata(test.schema.metadata),
+                   tmp_path / "test.parquet")  # fmt: skip
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\nsheep\n")
+    _refused(tmp_path, "parquet", tmp_path / "test.parquet", "names class 2 'sheep'; the cache's class names",
+             split="test", dataset="toy", classnames_file=names)  # fmt: skip
+    names.write_text("cat\ndog\nbird\n")
+    import_embeddings("parquet", tmp_path / "test.parquet", "toy", "test", tmp_path / "c", classnames_file=names,
+                      **QUIET)  # fmt: skip

@@ -276,7 +276,6 @@ def import_embeddings(
             others[other.parent.name] = m
 
     check = ingest.Validator(
-        num_names=len(names) if names is not None else None,
         labels_by_path=by_path,
         labels_file=labels_file,
         root=Path(root).resolve() if root is not None else None,
@@ -312,6 +311,17 @@ def import_embeddings(
                     f"{describe_source(m['fingerprint'].get('source'))}. One cache holds one source's embeddings; "
                     f"import it under another --model (or import every split from one source)."
                 )
+        text = model_dir / cache.TEXT_FILE
+        if others and text.is_file() and not overwrite and (classnames_file is not None or check.names):
+            known = cache.read_text(text).classnames
+            named = range(num_classes) if classnames_file is not None else sorted(check.names)
+            differ = [y for y in named if y < len(known) and known[y] != names[y]]
+            if differ:
+                y = differ[0]
+                raise VlmcacheError(
+                    f"'{location}' names class {y} '{names[y]}'; the cache's class names ('{text}') name it "
+                    f"'{known[y]}'. Splits of one cache share their class names; pass --overwrite to replace them."
+                )
         fingerprint = {
             "dataset": dataset,
             "split": split,
@@ -335,7 +345,6 @@ def import_embeddings(
         for d in reversed(made):  # a refused import leaves no empty folders behind
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
-    text = model_dir / cache.TEXT_FILE
     if not text.is_file() or overwrite:
         cache.write_text(text, cache.TextCache({"imported_from": origin}, names, {}, 100.0))
     log(f"imported {check.rows:,} rows of width {check.width} ({num_classes} classes) into {split_dir}")

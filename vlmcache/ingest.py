@@ -238,7 +238,6 @@ class Validator:
 
     `labels_by_path` (from --labels) replaces the source's label column; `root` makes absolute paths relative."""
 
-    num_names: int | None = None  # the --classnames count, when given
     labels_by_path: dict | None = None
     labels_file: Path | None = None
     root: Path | None = None
