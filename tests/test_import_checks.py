@@ -101,6 +101,9 @@ def test_widths_must_be_at_least_one_and_equal_everywhere(tmp_path):
     np.save(folder / "img_emb" / "img_emb_1.npy", np.array([["x"] * 4] * 3))
     _refused(tmp_path, "clip-retrieval", folder, "a <U1 array")
     np.save(folder / "img_emb" / "img_emb_1.npy", np.ones((3, 4), np.float16))
+    np.save(folder / "img_emb" / "img_emb_01.npy", np.ones((3, 4), np.float16))  # a file of another export
+    _refused(tmp_path, "clip-retrieval", folder, "two files numbered 1 .'img_emb_01.npy', 'img_emb_1.npy'.")
+    (folder / "img_emb" / "img_emb_01.npy").unlink()
     (folder / "metadata" / "metadata_1.parquet").write_bytes(b"not parquet at all")
     _refused(tmp_path, "clip-retrieval", folder, "metadata_1.parquet' is not a readable parquet file")
 

@@ -174,6 +174,9 @@ def test_huge_and_repeating_patterns_are_refused_before_expansion(tmp_path):
     res = CliRunner().invoke(app, [*base, "--shards", "train=s-{0..999999}-{0..999999}.tar"])
     assert res.exit_code == 2 and "names 1,000,000,000,000 shards; at most 100,000" in res.output, res.output
     assert time.perf_counter() - start < 10
+    os.mkfifo(tmp_path / "p.tar")
+    res = CliRunner().invoke(app, [*base, "--shards", "train=p.tar", "--cache-dir", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "p.tar' is not a regular file" in res.output, res.output
     for pattern, twice in (("{a,a}.tar", "'a.tar' twice"), ("{a,./a}.tar", "'./a.tar' twice (also as 'a.tar')")):
         res = CliRunner().invoke(app, [*base, "--shards", f"train={pattern}", "--cache-dir", str(tmp_path / "c")])
         assert res.exit_code == 2 and twice in res.output and "Traceback" not in res.output, res.output

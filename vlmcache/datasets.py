@@ -483,11 +483,13 @@ def _wds_split(name: str, pattern: str, root: Path | None, label_key: str) -> Sp
     shards = wds_index.expand(pattern, f"--shards {name}={pattern}")
     base = root or Path(".")
     for relname in shards:  # every shard there before any is read
-        if not (base / relname).is_file():
+        if not (base / relname).exists():
             raise VlmcacheError(
                 f"--shards {name}={pattern}: the shard '{base / relname}' does not exist"
                 + (" (paths are relative to --root)." if root else ".")
             )
+        if not (base / relname).is_file():  # a FIFO would block the read, a folder is no tar
+            raise VlmcacheError(f"--shards {name}={pattern}: the shard '{base / relname}' is not a regular file.")
     members, labels = [], []
     for relname in shards:
         for shard, key, offset, size, text in wds_index.index_shard(base / relname, relname, label_key):

@@ -78,8 +78,14 @@ class Piece:
 def numbered(folder: Path, prefix: str, suffix: str) -> list[Path]:
     """`prefix_{i}suffix` files in index order (img_emb_0.npy, ..., img_emb_10.npy; clip-retrieval zero-pads)."""
     pattern = re.compile(rf"^{re.escape(prefix)}_(\d+){re.escape(suffix)}$")
-    found = [(int(m.group(1)), p) for p in folder.glob(f"{prefix}_*{suffix}") if (m := pattern.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = sorted((int(m.group(1)), p) for p in folder.glob(f"{prefix}_*{suffix}") if (m := pattern.match(p.name)))
+    for (a, pa_), (b, pb) in zip(found, found[1:], strict=False):
+        if a == b:  # img_emb_2.npy beside img_emb_02.npy: two exports' files in one folder
+            raise VlmcacheError(
+                f"'{folder}' holds two files numbered {a} ('{pa_.name}', '{pb.name}'): files of two exports in one "
+                f"folder? Import from a folder holding one export."
+            )
+    return [p for _, p in found]
 
 
 def _read_parquet(path: Path, pq, **kw):
