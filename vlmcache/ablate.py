@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from vlmcache import distributed, runs
+from vlmcache import distributed, guard, runs
 from vlmcache.errors import VlmcacheError
 from vlmcache.features import find_cache
 from vlmcache.group import GROUP_SIZE, Outcome, make_groups, train_group
@@ -316,6 +316,8 @@ def _axes(root, data: dict, source: str) -> tuple[list, list, list]:
     datasets = data.get("datasets")
     if not datasets or not isinstance(datasets, list):
         raise VlmcacheError(f"{source}: 'datasets' must list at least one dataset.")
+    for d in datasets:  # the name rule: a dataset names the cache's and the runs' folders
+        guard.check_name(str(d), f"{source}: the dataset")
     models = data.get("models") or []
     if not models:
         raise VlmcacheError(f"{source}: 'models' must list at least one {{model, pretrained}}.")
@@ -529,7 +531,8 @@ def run_pipeline(
     if group_size < 1:
         raise VlmcacheError(f"--group-size must be at least 1, got {group_size}.")
     planned = plan(pipe)
-    out = runs.check_output_dir(pipe.runs_dir, "the runs folder (--runs-dir or runs_dir)")
+    out = guard.check_output(pipe.runs_dir, "the runs folder (--runs-dir or runs_dir)", "runs")
+    guard.check_own_files(out, ("results.csv", "results.parquet"), "ablate")
     out.mkdir(parents=True, exist_ok=True)
     distributed.init_from_env()
     rank, world = distributed.rank_world()

@@ -1,25 +1,21 @@
 """`--log tensorboard|csv`: a run's per-epoch curves where researchers look at them.
 
 Each epoch logs the mean training loss, the learning rate at its end, samples/s and, when a split scores
-the epochs (`--select-on`), that split's accuracy. While the run trains the log is written to
-`RUNS/.logs/<run>/` (point TensorBoard at RUNS to watch it); the finished run holds it in `<run>/logs/`.
+the epochs (`--select-on`), that split's accuracy. While the run trains the log is written inside the run's own
+staging folder, `RUNS/<run>.tmp-<pid>.<random>/logs/` (point TensorBoard at RUNS to watch it); the finished run
+holds it in `<run>/logs/`. Nothing outside the run is made or removed.
 TensorBoard event files need the `tensorboard` package (`pip install 'vlmcache[tensorboard]'`).
 """
 
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 
 from vlmcache.errors import VlmcacheError
 
 LOGS = ("tensorboard", "csv")
 CSV_FIELDS = ("epoch", "step", "loss", "lr", "samples_per_s", "seconds", "select_score")
-
-
-def live_folder(run_dir: Path) -> Path:
-    return run_dir.parent / ".logs" / run_dir.name
 
 
 class EpochLog:
@@ -31,9 +27,7 @@ class EpochLog:
 
             raise unknown_choice("--log", kind, LOGS)
         self.kind, self.folder, self.select_split = kind, Path(folder), select_split or "selection"
-        if self.folder.exists():
-            shutil.rmtree(self.folder)  # an earlier, unfinished attempt of the same run
-        self.folder.mkdir(parents=True)
+        self.folder.mkdir(parents=True)  # a new folder in the run's new staging folder: never one that exists
         if kind == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -29,13 +29,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from vlmcache import cache
+from vlmcache import cache, guard
 from vlmcache.errors import VlmcacheError, unknown_choice
 
 EXPORT_FORMATS = ("parquet", "clip-retrieval", "npy-raw")
@@ -243,10 +242,9 @@ def import_embeddings(
 
     if source not in IMPORT_SOURCES:
         raise unknown_choice("import source (--from)", source, IMPORT_SOURCES)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", dataset) or not re.fullmatch(r"[A-Za-z0-9_.-]+", split):
-        raise VlmcacheError(f"--dataset and --split take letters, digits, '_', '.', '-'; got '{dataset}', '{split}'.")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", model):
-        raise VlmcacheError(f"--model names the encoder with letters, digits, '_', '.', '-'; got '{model}'.")
+    for option, name in (("--dataset", dataset), ("--split", split), ("--model", model)):
+        guard.check_name(name, option)  # the output guard's name rule: each becomes a folder
+    guard.check_output(cache_dir, "--cache-dir", "cache-root")
     location = Path(location)
     if not location.exists():
         raise VlmcacheError(f"'{location}' does not exist.")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlmcache import cache, distributed, faults, handover, runs
+from vlmcache import cache, distributed, faults, guard, handover
 from vlmcache.choices import DATASETS, USER_DATASETS, default_workers
 from vlmcache.datasets import Dataset, Split, load_dataset, where_data
 from vlmcache.device_decode import DeviceDecoder, EncodedRows, collate_encoded
@@ -79,7 +79,13 @@ class ExtractConfig:
             raise unknown_choice("model", self.model, list_models())
         if not 0 <= self.seed <= SEED_MAX or not 0 <= self.view_seed <= SEED_MAX:
             raise VlmcacheError(f"--seed and --view-seed must be between 0 and {SEED_MAX}.")
-        runs.check_output_dir(self.cache_dir, "--cache-dir")
+        guard.check_output(self.cache_dir, "--cache-dir", "cache-root")
+        for split in self.split_files:  # the name rule: each split becomes a folder
+            guard.check_name(split, "The split name of --split-file")
+        for split in self.splits or []:
+            guard.check_name(split, "--splits")
+        if self.name is not None:
+            guard.check_name(self.name, "--name")
         self.name = cache_name(self.dataset, self.root, self.name)
 
 

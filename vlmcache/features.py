@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmcache import cache
+from vlmcache import cache, guard
 from vlmcache.encoders import RANDOM, SEED_PREPROCESS_SUFFIX
 from vlmcache.errors import VlmcacheError
 from vlmcache.heads import HEADS
@@ -122,6 +122,7 @@ def default_eval_split(model_dir: Path) -> str:
 
 
 def open_split(model_dir: Path, split: str) -> cache.SplitCache:
+    guard.check_name(split, "The split")  # the name rule: a split is one folder of its cache, never a path
     if not (model_dir / split).is_dir():
         have = ", ".join(sorted(p.name for p in model_dir.iterdir() if (p / cache.MANIFEST).is_file()))
         raise VlmcacheError(f"The cache '{model_dir}' has no '{split}' split (it has: {have}).")

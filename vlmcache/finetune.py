@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmcache import cache, distributed, faults, handover, runs
+from vlmcache import cache, distributed, faults, guard, handover, runs
 from vlmcache.choices import TUNE
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
@@ -324,6 +324,7 @@ def finetune_dataset(cfg: FinetuneConfig):
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=None) -> dict:
     """Fine-tune, evaluate and save one run (resuming from its checkpoint); returns the run's summary."""
     cfg.resolve()
+    run_dir = _run_dir(cfg)  # the output guard, before any work
     dataset = finetune_dataset(cfg)
     train_split = dataset.split(cfg.train_split)
     eval_name = cfg.eval_split or next((s for s in ("test", "val") if s in dataset.splits), None)
@@ -336,7 +337,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     device = encoder.device
     precision = pick_precision(cfg.precision, device)
     memory_scope = start_peak_memory(device)
-    run_dir, state = _prepare_run_dir(cfg, device)
+    state = _prepare_run_dir(cfg, run_dir, device)
 
     counts = np.bincount(train_split.labels, minlength=dataset.num_classes)
     model, ddp, n_tuned = _build_model(cfg, encoder, dataset, log)
@@ -405,13 +406,23 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     return result
 
 
-def _prepare_run_dir(cfg: FinetuneConfig, device: torch.device) -> tuple[Path, dict | None]:
-    """The run folder, made (or emptied with --overwrite) by rank 0, and the checkpoint to resume from if any."""
-    rank = distributed.rank_world()[0]
-    runs.check_output_dir(cfg.runs_dir, "--runs-dir")
-    run_dir = runs.check_output_dir(cfg.out, "--out") if cfg.out else Path(cfg.runs_dir) / cfg.run_name()
+def _run_dir(cfg: FinetuneConfig) -> Path:
+    """The run folder, checked by the output guard: not inside a cache or run, not someone else's folder (a run of
+    ours resumes), and not a finished run unless --overwrite."""
+    if cfg.out:
+        run_dir = guard.check_output(cfg.out, "--out", "run", cfg.overwrite, reuse=True)
+    else:
+        guard.check_output(cfg.runs_dir, "--runs-dir", "runs")
+        run_dir = Path(cfg.runs_dir) / guard.check_name(cfg.run_name(), "The run name")
+        guard.check_output(run_dir, "--runs-dir", "run", cfg.overwrite, reuse=True)
     if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
         raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")
+    return run_dir
+
+
+def _prepare_run_dir(cfg: FinetuneConfig, run_dir: Path, device: torch.device) -> dict | None:
+    """The run folder made (or emptied with --overwrite) by rank 0; returns the checkpoint to resume from if any."""
+    rank = distributed.rank_world()[0]
     state = None
     if cfg.overwrite:
         if rank == 0 and run_dir.exists():
@@ -425,7 +436,7 @@ def _prepare_run_dir(cfg: FinetuneConfig, device: torch.device) -> tuple[Path, d
     distributed.barrier()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, state
+    return state
 
 
 def _build_model(cfg: FinetuneConfig, encoder: Encoder, dataset, log) -> tuple[TunedModel, nn.Module, int]:

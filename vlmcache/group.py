@@ -84,8 +84,8 @@ def train_group(
 
     def fail(i: int, e: BaseException) -> None:
         outcomes[i] = Outcome(error=e, trace=traceback.format_exc())
-        if i in jobs and jobs[i].epoch_log is not None:
-            jobs[i].epoch_log.close()
+        if i in jobs:
+            jobs[i].discard()  # its log closed, its staging folder (made for it) removed
         for table in (jobs, steps, rngs, active):
             table.pop(i, None)
         if on_done:

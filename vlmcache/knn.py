@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmcache import cache
+from vlmcache import cache, guard
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.features import Pooled, default_eval_split, find_cache, load_inputs, open_split
@@ -99,7 +99,10 @@ def knn(
     few: int = 20,
     predictions: str | None = None,  # a parquet file for the per-image predictions
     index: str = "auto",  # INDEXES: faiss (CPU, or its GPU build) or torch's exact search on the device
+    overwrite: bool = False,  # predictions may replace a predictions file vlmcache wrote
 ) -> dict:
+    if predictions:  # the output guard, before any work
+        guard.check_output(predictions, "--save-predictions", "predictions", overwrite)
     if k < 1:
         raise VlmcacheError(f"--k must be at least 1, got {k}.")
     if not temperature > 0:

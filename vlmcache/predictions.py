@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmcache import cache
+from vlmcache import cache, guard
 from vlmcache.errors import VlmcacheError
 
 FILE = "predictions.parquet"
@@ -43,9 +43,10 @@ class PredictionWriter:
                 ("pred", pa.int64()),
                 ("pred_name", pa.string()),
                 ("correct", pa.bool_()),
-                ("topk", pa.list_(pa.int32(), k)),
-                ("topk_scores", pa.list_(pa.float32(), k)),
-            ]
+                ("topk", pa.list_(pa.int32(), self.k)),
+                ("topk_scores", pa.list_(pa.float32(), self.k)),
+            ],
+            metadata=dict([guard.PREDICTIONS_MARKER]),  # the guard's mark: --overwrite may replace this file
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = cache.tmp_name(self.path)

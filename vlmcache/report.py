@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
 
-from vlmcache import runs  # noqa: E402
+from vlmcache import guard, runs  # noqa: E402
 from vlmcache.errors import VlmcacheError  # noqa: E402
 from vlmcache.schemas import describe  # noqa: E402
 
@@ -373,9 +373,13 @@ def plot_cost(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+REPORT_FILES = ("summary.csv", "report.md", "per_class_vs_frequency.png", "shot_groups.png", "accuracy_vs_cost.png")
+
+
 def write_report(runs_dir: str | Path, log=print) -> dict:
     """summary.csv, report.md and three PNGs in `runs_dir`; returns their paths and the Markdown table."""
-    runs_dir = Path(runs_dir)
+    runs_dir = guard.check_output(runs_dir, "The runs folder", "runs")  # not a cache or run, nor inside one
+    guard.check_own_files(runs_dir, REPORT_FILES, "report")
     table = load_results(runs_dir, log)
     summary = summarize(table)
     summary.to_csv(runs_dir / "summary.csv", index=False)

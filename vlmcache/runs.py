@@ -12,54 +12,26 @@ import json
 import os
 import pickle
 import re
-import shutil
 from pathlib import Path
 
-from vlmcache import cache, schemas
+from vlmcache import guard, schemas
 from vlmcache.errors import VlmcacheError
 
 
 def check_output_dir(path: str | os.PathLike, option: str) -> Path:
-    """A folder that can be made and written: not a file, not under a file, names the system accepts, writable.
-
-    Checked before any work, so a mistake in --out, --runs-dir or --cache-dir costs nothing."""
-    path = Path(path)
-    for part in path.parts:
-        if len(os.fsencode(part)) > 255:
-            raise VlmcacheError(f"{option} '{str(path)[:80]}...': a folder name is longer than 255 bytes.")
-    if len(os.fsencode(str(path.absolute()))) > 4000:
-        raise VlmcacheError(f"{option}: the path is longer than the system allows ({len(str(path))} characters).")
-    existing = path
-    while not existing.exists():
-        if existing.is_symlink():
-            raise VlmcacheError(f"{option} '{path}': '{existing}' is a broken symbolic link.")
-        existing = existing.parent
-    if not existing.is_dir():
-        raise VlmcacheError(f"{option} '{path}': '{existing}' is a file, not a folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise VlmcacheError(f"{option} '{path}': the folder '{existing}' is not writable.")
-    return path
+    """A folder that can be made and written (`guard.check_creatable`); kept for callers that check only that."""
+    return guard.check_creatable(Path(path), option)
 
 
 def staging_dir(run_dir: Path) -> Path:
-    """The temporary folder a run is built in, beside its final place (the same file system, so rename works)."""
-    staging = run_dir.with_name(f"{run_dir.name}{cache.TMP_MARK}{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
+    """The temporary folder a run is built in, beside its final place (the same file system, so rename works);
+    a new one each time (`guard.staging_folder`), so nothing already there is removed."""
+    return guard.staging_folder(run_dir)
 
 
 def publish_run(staging: Path, run_dir: Path) -> None:
     """Move a complete run folder into place; an older run there is removed only after the new one is in."""
-    old = None
-    if run_dir.exists():
-        old = run_dir.with_name(f"{run_dir.name}.old{cache.TMP_MARK}{os.getpid()}")
-        os.replace(run_dir, old)
-    os.replace(staging, run_dir)
-    cache.fsync_dir(run_dir.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    guard.publish_folder(staging, run_dir)
 
 
 def read_json(path: Path, what: str):
@@ -112,6 +84,8 @@ def evaluate_run(
         raise VlmcacheError(
             "--save-predictions: train-head runs write per-image predictions; fine-tuning runs not yet."
         )
+    if save_predictions:  # the run's own predictions.parquet: replaced by each evaluation that saves them
+        guard.check_output(Path(run_dir) / "predictions.parquet", "--save-predictions", "predictions", True, run_dir)
     extra = {"save_predictions": True} if save_predictions else {}
     return getattr(importlib.import_module(module), name)(run_dir, tau_norm, logit_adjust, split, device, **extra)
 

@@ -11,7 +11,7 @@ import copy
 import hashlib
 import json
 import math
-import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Generator
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmcache import cache, runs, streaming
+from vlmcache import cache, guard, runs, streaming
 from vlmcache.encoders import RANDOM, pick_device
-from vlmcache.epochlog import LOGS, EpochLog, live_folder
+from vlmcache.epochlog import LOGS, EpochLog
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.features import (
     Pooled,
@@ -120,6 +120,10 @@ class TrainConfig:
     log: str | None = None  # per-epoch curves: tensorboard or csv (epochlog.EpochLog), into the run's logs/
 
     def resolve(self) -> TrainConfig:
+        names = (("--dataset", self.dataset), ("--cache-key", self.cache_key), ("--split", self.eval_split))
+        for option, name in (*names, ("--select-on", self.select_on), ("the training split", self.train_split)):
+            if name is not None:  # the name rule, for every name that is a folder of the cache or the run
+                guard.check_name(name, option)
         if self.protocol not in PROTOCOLS:
             raise unknown_choice("protocol", self.protocol, PROTOCOLS)
         if self.pretrained is not None and self.pretrained.lower() in RANDOM:
@@ -486,9 +490,14 @@ def _bind_text(head: nn.Module, split: cache.SplitCache, text: cache.TextCache, 
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
-    """This run's folder, checked before any work: writable, and not a finished run unless --overwrite."""
-    runs.check_output_dir(cfg.runs_dir, "--runs-dir")
-    run_dir = runs.check_output_dir(cfg.out, "--out") if cfg.out else Path(cfg.runs_dir) / cfg.run_name()
+    """This run's folder, checked by the output guard before any work: creatable, not inside a cache or run,
+    not someone else's folder, and not a finished run unless --overwrite."""
+    if cfg.out:
+        run_dir = guard.check_output(cfg.out, "--out", "run", cfg.overwrite, reuse=True)
+    else:
+        guard.check_output(cfg.runs_dir, "--runs-dir", "runs")
+        run_dir = Path(cfg.runs_dir) / guard.check_name(cfg.run_name(), "The run name")
+        guard.check_output(run_dir, "--runs-dir", "run", cfg.overwrite, reuse=True)
     if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
         raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")
     return run_dir
@@ -559,12 +568,16 @@ def train_head(
 ) -> dict:
     """Train, evaluate and save one run; returns the run's summary (metrics, cost, where it is)."""
     job = prepare_run(cfg, log)
-    t0 = time.perf_counter()
-    history, selection = fit(
-        job.fit_model, job.fit_data, job.loss_fn, job.sampler, cfg, job.device, job.on_epoch(on_epoch), job.select
-    )
-    job.times["train_seconds"] = time.perf_counter() - t0
-    return finish_run(job, history, selection)
+    try:
+        t0 = time.perf_counter()
+        history, selection = fit(
+            job.fit_model, job.fit_data, job.loss_fn, job.sampler, cfg, job.device, job.on_epoch(on_epoch), job.select
+        )
+        job.times["train_seconds"] = time.perf_counter() - t0
+        return finish_run(job, history, selection)
+    except BaseException:
+        job.discard()
+        raise
 
 
 @dataclass
@@ -593,6 +606,21 @@ class RunJob:
     memory_scope: str
     group_size: int = 1  # the runs trained together in this process's group (group.train_group)
     epoch_log: EpochLog | None = None  # --log
+    staging: Path | None = None  # the folder the run is built in (guard.staging_folder), published when complete
+
+    def staging_folder(self) -> Path:
+        if self.staging is None:
+            self.staging = guard.staging_folder(self.run_dir)
+        return self.staging
+
+    def discard(self) -> None:
+        """A failed run: close its log and remove its staging folder (made for it alone); nothing else."""
+        if self.epoch_log is not None:
+            self.epoch_log.close()
+            self.epoch_log = None
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
 
     def on_epoch(self, also: Callable[[dict], None] | None = None) -> Callable[[dict], None] | None:
         """What each epoch's row goes to: the run's --log, and `also` (a command's progress line)."""
@@ -648,12 +676,13 @@ def prepare_run(cfg: TrainConfig, log: Callable[[str], None] = print, shared: di
     times["features_seconds"] = time.perf_counter() - t_features
     if device.type == "cuda" and memory_scope != "group":
         torch.cuda.reset_peak_memory_stats(device)
-    epoch_log = EpochLog(cfg.log, live_folder(run_dir), cfg.select_on) if cfg.log else None
-    return RunJob(
+    job = RunJob(
         cfg, device, model_dir, run_dir, eval_name, eval_data, counts, text.classnames, train_data.dim, num_classes,
         model, fit_model, fit_data, head_params, loss_fn, sampler, select, times, t_start, memory_scope,
-        epoch_log=epoch_log,
     )  # fmt: skip
+    if cfg.log:  # live inside the run's own staging folder: nothing outside the run is made or removed
+        job.epoch_log = EpochLog(cfg.log, job.staging_folder() / "logs", cfg.select_on)
+    return job
 
 
 def finish_run(job: RunJob, history: list[dict], selection: dict | None) -> dict:
@@ -665,8 +694,8 @@ def finish_run(job: RunJob, history: list[dict], selection: dict | None) -> dict
     t_eval = time.perf_counter()
     eval_model = post_hoc(job.model, cfg.tau_norm)
     writer = None
-    if cfg.save_predictions:  # beside the run folder until the run is published with it
-        spot = job.run_dir.parent / f".{job.run_dir.name}.{PREDICTIONS}"
+    if cfg.save_predictions:  # in the run's staging folder, published with it
+        spot = job.staging_folder() / PREDICTIONS
         writer = PredictionWriter(spot, open_split(job.model_dir, job.eval_name), job.classnames)
     try:
         metrics, table = evaluate(
@@ -676,9 +705,11 @@ def finish_run(job: RunJob, history: list[dict], selection: dict | None) -> dict
         if writer is not None:
             writer.abort()
         raise
-    extra = {PREDICTIONS: writer.close()} if writer is not None else {}
+    if writer is not None:
+        writer.close()
     if job.epoch_log is not None:
-        extra["logs"] = job.epoch_log.close()
+        job.epoch_log.close()
+        job.epoch_log = None
     job.times["eval_seconds"] = time.perf_counter() - t_eval
     job.times["total_seconds"] = time.perf_counter() - job.t_start
     cost = _cost(cfg, job.times, history, job.device, job.memory_scope)
@@ -704,7 +735,8 @@ def finish_run(job: RunJob, history: list[dict], selection: dict | None) -> dict
         "argv": sys.argv,
     }
     result = {"run": str(job.run_dir), "metrics": metrics, "cost": cost, "history": history, "selection": selection}
-    _save_run(job.run_dir, saved, table, config, result, extra)
+    _save_run(job.run_dir, job.staging_folder(), saved, table, config, result)
+    job.staging = None  # published
     return result
 
 
@@ -795,12 +827,9 @@ def _cost(cfg: TrainConfig, times: dict, history: list[dict], device: torch.devi
     return cost
 
 
-def _save_run(run_dir: Path, saved: dict, table, config: dict, result: dict, extra: dict | None = None) -> None:
-    """head.pt, per_class.csv, config.json, the `extra` files ({name: a finished file}, moved in) and, last,
-    metrics.json, built in a staging folder that replaces `run_dir` only once complete."""
-    staging = runs.staging_dir(run_dir)
-    for name, path in (extra or {}).items():
-        os.replace(path, staging / name)
+def _save_run(run_dir: Path, staging: Path, saved: dict, table, config: dict, result: dict) -> None:
+    """head.pt, per_class.csv, config.json and, last, metrics.json, written into the run's staging folder (which
+    holds its logs and predictions already), that replaces `run_dir` only once complete."""
     cache.save_torch_atomic(saved, staging / "head.pt")
     cache.write_bytes_atomic(staging / "per_class.csv", table.to_csv(index=False).encode())
     cache.write_json_atomic(staging / "config.json", config)

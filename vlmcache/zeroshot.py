@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmcache import cache
+from vlmcache import cache, guard
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.features import Pooled, default_eval_split, find_cache, open_split
@@ -43,7 +43,10 @@ def zero_shot(
     many: int = 100,
     few: int = 20,
     predictions: str | None = None,  # a parquet file for the per-image predictions
+    overwrite: bool = False,  # predictions may replace a predictions file vlmcache wrote
 ) -> dict:
+    if predictions:  # the output guard, before any work
+        guard.check_output(predictions, "--save-predictions", "predictions", overwrite)
     dev = pick_device(device)
     model_dir = find_cache(cache_dir, dataset, model, pretrained, cache_key)
     dataset = model_dir.parent.name  # given, or the one cache's

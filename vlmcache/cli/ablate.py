@@ -55,6 +55,7 @@ def ablate(
     """
     import dataclasses
 
+    from vlmcache import guard
     from vlmcache.ablate import extract_missing, load_pipeline, missing_caches, plan, run_pipeline
 
     check_nproc("ablate", nproc)
@@ -63,6 +64,9 @@ def ablate(
         pipe = dataclasses.replace(pipe, cache_dir=str(cache_dir))
     if runs_dir:
         pipe = dataclasses.replace(pipe, runs_dir=str(runs_dir))
+    if not dry_run:  # the output guard, before --extract or any run
+        guard.check_output(pipe.runs_dir, "--runs-dir", "runs")
+        guard.check_own_files(Path(pipe.runs_dir), ("results.csv", "results.parquet"), "ablate")
     runs = plan(pipe)
     missing = missing_caches(pipe)
     if dry_run:

@@ -41,8 +41,10 @@ def bench(
     Example: [bold]vlmcache bench --scale default --markdown BENCHMARKS.md[/]
     (one section: [bold]vlmcache bench --only grouped[/])
     """
+    from vlmcache import guard
     from vlmcache.bench import run_bench, to_markdown
 
+    guard.check_output(markdown, "--markdown", "markdown", overwrite=True)  # only a file bench wrote is replaced
     results = run_bench(scale, device, log=log, only=only)
     existing = Path(markdown).read_text() if only and Path(markdown).is_file() else None
     text = to_markdown(results, existing)

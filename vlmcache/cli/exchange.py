@@ -24,6 +24,9 @@ def export(
         None, "--dtype", help="float32 or float16 (default: float32; clip-retrieval is always float16)."
     ),
     cache_dir: Path = CACHE_DIR,
+    overwrite: bool = typer.Option(
+        False, "--overwrite/--no-overwrite", metavar="", help="Replace an export folder vlmcache wrote, whole."
+    ),
     as_json: bool = JSON,
 ):
     """Write a cache's pooled embeddings with each row's image path, label and class name, shard by shard.
@@ -35,10 +38,20 @@ def export(
     SPLIT/metadata/metadata_N.parquet (image_path, then row, label, class_name). npy-raw: the same layout with the
     embeddings as cached (not normalised). Memory holds one piece at a time.
     """
-    from vlmcache import cache
+    from vlmcache import cache, guard
     from vlmcache.exchange import export_cache
 
-    result = export_cache(cache.resolve_cache(cache_dir, ref), fmt, out_dir, splits or None, dtype, log=log)
+    guard.check_output(out_dir, "--out", "export", overwrite)  # before any work
+    model_dir = cache.resolve_cache(cache_dir, ref)
+    with guard.built_aside(out_dir) as staging:  # replaces an older export whole, or leaves it as it was
+
+        def where(text: str) -> str:
+            return text.replace(str(staging), str(out_dir))
+
+        result = export_cache(model_dir, fmt, staging, splits or None, dtype, log=lambda s: log(where(s)))
+        for written in result["splits"].values():
+            written["path"] = where(written["path"])
+        guard.write_export_marker(staging, {"cache": str(model_dir), "format": fmt, "splits": list(result["splits"])})
     if as_json:
         print_json(result)
         return

@@ -119,7 +119,7 @@ def train_head(
         None,
         "--log",
         help="Per-epoch loss, learning rate and (with --select-on) accuracy: tensorboard or csv, into the run's "
-        "logs/ (live under RUNS/.logs/ while it trains).",
+        "logs/ (live in its staging folder RUNS/<run>.tmp-* while it trains).",
     ),
     as_json: bool = JSON,
 ):
@@ -182,8 +182,12 @@ def eval_run(
 
 
 PREDICTIONS_FILE = typer.Option(
-    None, "--save-predictions", help="A parquet file for the per-image predictions (row, path, label, top-5, scores)."
+    None,
+    "--save-predictions",
+    help="A new .parquet file for the per-image predictions (row, path, label, top-5, scores); not inside a cache "
+    "or run folder.",
 )
+PREDICTIONS_OVERWRITE = switch("overwrite", "--save-predictions may replace a predictions file vlmcache wrote.")
 
 
 @app.command("zero-shot", rich_help_panel="Stage 2: heads")
@@ -195,6 +199,7 @@ def zero_shot(
     split: str = EVAL_SPLIT,
     device: str = DEVICE,
     save_predictions: Path = PREDICTIONS_FILE,
+    overwrite: bool = PREDICTIONS_OVERWRITE,
     as_json: bool = JSON,
 ):
     """Zero-shot accuracy from the cached image and class-text embeddings.
@@ -205,7 +210,7 @@ def zero_shot(
 
     result = run(
         str(cache.cache_dir), cache.dataset, cache.model, cache.pretrained, cache.cache_key, templates, split, device,
-        predictions=str(save_predictions) if save_predictions else None,
+        predictions=str(save_predictions) if save_predictions else None, overwrite=overwrite,
     )  # fmt: skip
     print_result(result, as_json, f"zero-shot {result['dataset']} ({result['split']}, templates {templates})")
 
@@ -226,6 +231,7 @@ def knn(
     index: str = typer.Option(
         "auto", "--index", help="auto (torch's exact search on a GPU, faiss on the CPU), faiss, or torch."
     ),
+    overwrite: bool = PREDICTIONS_OVERWRITE,
     as_json: bool = JSON,
 ):
     """k-nearest-neighbour classification over the cached training features (cosine; faiss, or torch on a GPU).
@@ -237,7 +243,7 @@ def knn(
     result = run(
         str(cache.cache_dir), cache.dataset, cache.model, cache.pretrained, cache.cache_key, k, temperature, balanced,
         str(blend) if blend else None, blend_weight, split, device,
-        predictions=str(save_predictions) if save_predictions else None, index=index,
+        predictions=str(save_predictions) if save_predictions else None, index=index, overwrite=overwrite,
     )  # fmt: skip
     balance = ", balanced" if balanced else ""
     print_result(result, as_json, f"kNN {result['dataset']} (k={k}, T={temperature}{balance}; {result['index']})")
