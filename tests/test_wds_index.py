@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
@@ -196,6 +196,10 @@ MUTATIONS = ("none", "truncate", "header_byte", "duplicate", "missing_image", "m
 @settings(max_examples=int(os.environ.get("VLMCACHE_FUZZ", "25")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
 @given(n=st.integers(1, 6), kind=st.sampled_from(MUTATIONS), where=st.floats(0, 1), value=st.integers(0, 255))
+@example(n=4, kind="header_byte", where=0.6, value=3)  # the issue's cases, always tried: a damaged header,
+@example(n=4, kind="truncate", where=0.5, value=0)  # a cut shard,
+@example(n=3, kind="duplicate", where=0.5, value=0)  # a member written twice,
+@example(n=3, kind="missing_image", where=0.5, value=0)  # a sample without an image
 def test_fuzzed_tar_shards_read_the_same_samples_or_one_error(tmp_path_factory, n, kind, where, value):
     """Every generated shard, mutated one way: the index gives exactly the samples written (or the ones the
     mutation leaves, as webdataset reads them), or one VlmcacheError; the shard is not changed."""
