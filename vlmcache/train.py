@@ -122,7 +122,7 @@ class TrainConfig:
     def resolve(self) -> TrainConfig:
         names = (("--dataset", self.dataset), ("--cache-key", self.cache_key), ("--split", self.eval_split))
         for option, name in (*names, ("--select-on", self.select_on), ("the training split", self.train_split)):
-            if name is not None:  # the name rule, for every name that is a folder of the cache or the run
+            if name:  # the name rule, for every name that is a folder of the cache or the run ('' and None: none)
                 guard.check_name(name, option)
         if self.protocol not in PROTOCOLS:
             raise unknown_choice("protocol", self.protocol, PROTOCOLS)
