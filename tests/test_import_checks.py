@@ -286,6 +286,17 @@ def test_clip_retrieval_export_is_what_clip_retrieval_writes(tmp_path):
     meta = pq.read_table(folder / "metadata" / "metadata_00.parquet")
     assert meta.column_names[0] == "image_path" and meta.schema.field("image_path").type == pa.string()
     assert meta.column("image_path").to_pylist() == split.paths()[:16]
+    # clip-retrieval's index is an inner-product faiss index over these rows: its scores are now cosines
+    import faiss
+
+    index = faiss.IndexFlatIP(emb.shape[1])
+    index.add(emb.astype(np.float32))
+    scores, found = index.search(emb[:20].astype(np.float32), 5)
+    x = split.pooled().astype(np.float32)
+    cos = (x[:20] / np.linalg.norm(x[:20], axis=1, keepdims=True)) @ (x / np.linalg.norm(x, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(scores, np.take_along_axis(cos, found, 1), atol=3e-3)
+    np.testing.assert_allclose(scores, -np.sort(-cos, axis=1)[:, :5], atol=3e-3)
+    assert (found[:, 0] == np.arange(20)).all() and np.abs(scores[:, 0] - 1).max() < 3e-3
     # the raw layout keeps the cached values
     export_cache(model_dir, "npy-raw", tmp_path / "raw", **QUIET)
     raw = np.load(tmp_path / "raw" / "train" / "img_emb" / "img_emb_00.npy")
