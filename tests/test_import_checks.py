@@ -474,3 +474,63 @@ def test_a_split_that_names_the_classes_otherwise_is_refused(tmp_path):
     names.write_text("cat\ndog\nbird\n")
     import_embeddings("parquet", tmp_path / "test.parquet", "toy", "test", tmp_path / "c", classnames_file=names,
                       **QUIET)  # fmt: skip
+
+
+def _reference(fmt: str, location: Path):
+    """What the damaged files hold, read by numpy and pyarrow directly: (embeddings, labels, paths), or None when
+    they cannot read it."""
+    try:
+        if fmt == "parquet":
+            t = pq.read_table(location)
+            emb = np.asarray(t.column("embedding").to_pylist(), np.float64)
+            return emb, t.column("label").to_pylist(), t.column("path").to_pylist()
+        emb = np.load(location / "img_emb" / "img_emb_0.npy", allow_pickle=False)
+        t = pq.read_table(location / "metadata" / "metadata_0.parquet")
+        return emb, t.column("label").to_pylist(), t.column("image_path").to_pylist()
+    except Exception:
+        return None
+
+
+@settings(max_examples=int(os.environ.get("VLMCACHE_FUZZ", "25")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@given(
+    fmt=st.sampled_from(["parquet", "clip-retrieval"]),
+    target=st.sampled_from(["embeddings", "metadata"]),
+    cut=st.booleans(),
+    where=st.floats(0, 1),
+    value=st.integers(1, 255),
+)
+@example(fmt="clip-retrieval", target="embeddings", cut=False, where=0.0625, value=1)  # numpy: SyntaxError
+@example(fmt="parquet", target="embeddings", cut=True, where=0.5, value=1)
+def test_damaged_import_files_read_what_they_hold_or_give_one_error(tmp_path_factory, fmt, target, cut, where, value):
+    """A generated input with one byte changed or cut short: import stores exactly what numpy and pyarrow read
+    from it, or gives one VlmcacheError and makes nothing."""
+    tmp = tmp_path_factory.mktemp("damaged")
+    emb = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    if fmt == "parquet":
+        location = target_file = _parquet(tmp / "in.parquet", emb.tolist(), [0, 1, 2])
+    else:
+        location = tmp / "cr"
+        (location / "img_emb").mkdir(parents=True)
+        (location / "metadata").mkdir()
+        np.save(location / "img_emb" / "img_emb_0.npy", emb)
+        pq.write_table(pa.table({"image_path": ["a", "b", "c"], "label": [0, 1, 2]}),
+                       location / "metadata" / "metadata_0.parquet")  # fmt: skip
+        target_file = location / ("img_emb/img_emb_0.npy" if target == "embeddings" else "metadata/metadata_0.parquet")
+    data = bytearray(target_file.read_bytes())
+    at = min(int(where * len(data)), len(data) - 1)
+    if cut:
+        data = data[:at]
+    else:
+        data[at] = (data[at] + value) % 256
+    target_file.write_bytes(bytes(data))
+    ref = _reference(fmt, location)
+    try:
+        out = import_embeddings(fmt, location, "dm", "train", tmp / "c", **QUIET)
+    except VlmcacheError as e:
+        assert "\n" not in str(e) and not (tmp / "c").exists()
+    else:
+        assert ref is not None
+        split = cache.SplitCache(Path(out["cache"]) / "train")
+        np.testing.assert_array_equal(split.pooled(), np.asarray(ref[0], np.float64).astype(np.float16))
+        assert split.labels().tolist() == ref[1] and split.paths() == ref[2]

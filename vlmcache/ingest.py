@@ -51,6 +51,11 @@ def regular_file(path: Path, what: str) -> Path:
     return path
 
 
+def _why(e: Exception) -> str:
+    """A library's exception as one line (pyarrow's and numpy's may span several)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 def _pyarrow():
     try:
         import pyarrow as pa
@@ -95,7 +100,7 @@ def _read_parquet(path: Path, pq, **kw):
     except VlmcacheError:
         raise
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, and others for a file that is not parquet
-        raise VlmcacheError(f"'{path}' is not a readable parquet file ({type(e).__name__}: {e}).") from None
+        raise VlmcacheError(f"'{path}' is not a readable parquet file ({_why(e)}).") from None
 
 
 def provenance(f) -> dict | None:
@@ -135,8 +140,8 @@ def clip_retrieval_pieces(folder: Path) -> tuple[Iterator[Piece], dict | None]:
         for emb_path, meta_path in zip(embs, metas, strict=True):
             try:
                 emb = np.load(emb_path, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError, EOFError) as e:
-                raise VlmcacheError(f"'{emb_path}' is not a readable .npy array ({e}).") from None
+            except Exception as e:  # numpy parses the header with ast: a damaged one raises SyntaxError too
+                raise VlmcacheError(f"'{emb_path}' is not a readable .npy array ({_why(e)}).") from None
             if emb.ndim != 2 or emb.dtype.kind not in "fiu":
                 raise VlmcacheError(
                     f"'{emb_path}' holds a {emb.dtype} array of shape {emb.shape}; embeddings are a 2-D array of "
@@ -157,16 +162,24 @@ def clip_retrieval_pieces(folder: Path) -> tuple[Iterator[Piece], dict | None]:
                 )
             columns = [c for c in (path_col, "label", "class_name") if c in names]
             at = 0
-            for batch in meta.iter_batches(batch_size=PIECE_ROWS, columns=columns):
-                n = batch.num_rows
-                yield Piece(
-                    np.asarray(emb[at : at + n]),
-                    _column(batch, path_col),
-                    batch.column("label") if "label" in columns else None,
-                    _column(batch, "class_name") if "class_name" in columns else None,
-                    f"'{emb_path}'",
-                    at,
-                )
+            batches = meta.iter_batches(batch_size=PIECE_ROWS, columns=columns)
+            while True:
+                try:
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    n = batch.num_rows
+                    piece = Piece(
+                        np.asarray(emb[at : at + n]),
+                        _column(batch, path_col),
+                        batch.column(batch.schema.get_field_index("label")) if "label" in columns else None,
+                        _column(batch, "class_name") if "class_name" in columns else None,
+                        f"'{emb_path}'",
+                        at,
+                    )
+                except Exception as e:  # a damaged page in the metadata, or embeddings cut short on disk
+                    raise VlmcacheError(f"'{meta_path}', after row {at}: unreadable ({_why(e)}).") from None
+                yield piece
                 at += n
 
     return pieces(), origin
@@ -230,7 +243,7 @@ def parquet_pieces(path: Path) -> tuple[Iterator[Piece], dict | None]:
         except VlmcacheError:
             raise
         except Exception as e:  # a damaged page or an undecodable column, found while reading
-            raise VlmcacheError(f"'{path}', after row {at}: unreadable ({type(e).__name__}: {e}).") from None
+            raise VlmcacheError(f"'{path}', after row {at}: unreadable ({_why(e)}).") from None
 
     return pieces(), provenance(f)
 
