@@ -534,3 +534,15 @@ def test_damaged_import_files_read_what_they_hold_or_give_one_error(tmp_path_fac
         split = cache.SplitCache(Path(out["cache"]) / "train")
         np.testing.assert_array_equal(split.pooled(), np.asarray(ref[0], np.float64).astype(np.float16))
         assert split.labels().tolist() == ref[1] and split.paths() == ref[2]
+
+
+def test_a_folder_in_the_splits_place_that_is_no_split_is_never_replaced(tmp_path):
+    good = _parquet(tmp_path / "g.parquet", np.ones((4, 2)).tolist(), [0, 1, 2, 0])
+    out = import_embeddings("parquet", good, "m", "train", tmp_path / "c", **QUIET)
+    theirs = Path(out["cache"]) / "test"
+    theirs.mkdir()
+    (theirs / "shard-00000.h5").write_bytes(b"someone's file")  # the old import unlinked shard-*.h5 here
+    for overwrite in (False, True):
+        _refused(tmp_path, "parquet", good, "test' exists and is not a cache split", dataset="m", split="test",
+                 overwrite=overwrite)  # fmt: skip
+    assert (theirs / "shard-00000.h5").read_bytes() == b"someone's file"

@@ -268,6 +268,12 @@ def import_embeddings(
     split_dir = model_dir / split
     if cache.read_manifest(split_dir) is not None and not overwrite:
         raise VlmcacheError(f"'{split_dir}' exists already; pass --overwrite to import it again.")
+    if (split_dir.exists() or split_dir.is_symlink()) and cache.read_manifest(split_dir) is None:
+        # not a split vlmcache wrote (no manifest): --overwrite replaces splits, never someone's folder or file
+        raise VlmcacheError(
+            f"'{split_dir}' exists and is not a cache split (no {cache.MANIFEST}); move it away or import under "
+            f"another --split."
+        )
     others = {}
     for other in sorted(model_dir.glob("*/" + cache.MANIFEST)) if model_dir.is_dir() else []:
         if other.parent.name != split and (m := cache.read_manifest(other.parent)):
