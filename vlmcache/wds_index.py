@@ -156,18 +156,22 @@ def _check_end(shard: Path, f, end: int, size: int) -> None:
             f"Copy or write the shard again."
         )
     f.seek(end)
-    rest = f.read()
-    if len(rest) >= 2 * BLOCK and not rest.strip(b"\0"):
-        return
-    if rest[: 2 * BLOCK].strip(b"\0"):  # tarfile stopped on a block that is not zeros
+    head = f.read(2 * BLOCK)
+    if head.strip(b"\0"):  # tarfile stopped on a block that is not zeros
         raise VlmcacheError(f"{where}, offset {end}: {_header_problem(f, end)}; the samples after it cannot be read.")
-    if len(rest) < 2 * BLOCK:
+    if len(head) < 2 * BLOCK:
         raise VlmcacheError(
             f"{where} is cut short: it ends at byte {size} without tar's end-of-archive blocks (after offset {end})."
         )
-    first = end + len(rest) - len(rest.lstrip(b"\0"))
-    first -= first % BLOCK
-    raise VlmcacheError(f"{where}, offset {first}: data after the end-of-archive blocks ({_header_problem(f, first)}).")
+    at = end + len(head)
+    while chunk := f.read(1 << 20):  # the record padding: zeros to the end (read a MB at a time, never whole)
+        if chunk.strip(b"\0"):
+            first = at + len(chunk) - len(chunk.lstrip(b"\0"))
+            first -= first % BLOCK
+            raise VlmcacheError(
+                f"{where}, offset {first}: data after the end-of-archive blocks ({_header_problem(f, first)})."
+            )
+        at += len(chunk)
 
 
 def index_shard(shard: Path, relname: str, label_key: str) -> list[tuple]:
