@@ -19,6 +19,7 @@ of 10^12 names is refused at once instead of filling memory.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import tarfile
@@ -65,8 +66,9 @@ def _groups(text: str) -> list[tuple[str, str]]:
         elif depth == 0:
             lit.append(c)
         i += 1
-    if depth:  # an unclosed brace is literal text in braceexpand
-        lit.append(text[start:])
+    if depth:  # an unclosed brace is literal in braceexpand, and what follows it is parsed again
+        parts.append(("lit", "".join(lit) + "{"))
+        return parts + _groups(text[start + 1 :])
     parts.append(("lit", "".join(lit)))
     return parts
 
@@ -117,7 +119,9 @@ def expand(pattern: str, option: str) -> list[str]:
         raise VlmcacheError(
             f"{option}: the pattern '{pattern}' names {count:,} shards; at most {MAX_SHARDS:,} per pattern."
         )
-    names = list(braceexpand.braceexpand(pattern))
+    names = list(itertools.islice(braceexpand.braceexpand(pattern), MAX_SHARDS + 1))  # a bound if a count errs
+    if len(names) > MAX_SHARDS:
+        raise VlmcacheError(f"{option}: the pattern '{pattern}' names over {MAX_SHARDS:,} shards; at most that many.")
     seen: dict[str, str] = {}
     for name in names:
         real = os.path.normpath(name)
