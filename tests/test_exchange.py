@@ -85,7 +85,8 @@ def test_parquet_export_reads_back_as_the_cache_and_imports_exactly(digits_cache
 def test_clip_retrieval_layout_round_trips_and_trains_a_head(digits_cache, tmp_path):
     model_dir = _model_dir(digits_cache)
     runner = CliRunner()
-    res = runner.invoke(app, ["export", str(model_dir), "--format", "npy", "--out", str(tmp_path / "npy"), "--json"])
+    args = ["export", str(model_dir), "--format", "npy-raw", "--out", str(tmp_path / "npy"), "--json"]
+    res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     for name in ("train", "test"):
         split = _split(model_dir, name)
@@ -171,7 +172,7 @@ print(json.dumps({"growth_mb": peak_rss_mb() - before}))
 """
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "npy"])
+@pytest.mark.parametrize("fmt", ["parquet", "npy-raw"])
 def test_export_memory_is_bounded_by_a_shard(tmp_path, fmt):
     """A 98 MB float16 cache (196 MB as float32 in the files) exports with a peak far below its size."""
     rows, dim = 100_000, 512

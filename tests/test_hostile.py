@@ -245,7 +245,7 @@ def small_cache(tmp_path):
 def test_export_replaces_an_older_export_whole(small_cache):
     """An npy export into an older one keeps no stale img_emb_N.npy (import would read it as data)."""
     out, model_dir = small_cache / "exported", small_cache / "cache" / DATASET / "synthetic__random__00000000"
-    args = ["export", str(model_dir), "--format", "npy", "--out", str(out)]
+    args = ["export", str(model_dir), "--format", "npy-raw", "--out", str(out)]
     assert runner.invoke(app, args).exit_code == 0
     stale = out / "train" / "img_emb" / "img_emb_99.npy"
     stale.write_bytes((out / "train" / "img_emb" / "img_emb_0.npy").read_bytes())

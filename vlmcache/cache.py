@@ -596,6 +596,33 @@ def verify_split(split_dir: Path) -> list[str]:
     return problems
 
 
+def verify_text(model_dir: Path) -> list[str]:
+    """text.h5 checked as `read_text` checks it when a run opens it (schema, shapes, finite embeddings, a positive
+    logit scale), and its class names against every split's class count; one line per problem. The file records
+    no sha256 of its own: its schema, and the HDF5 parse that a changed byte in its structure fails, are what is
+    checked."""
+    path = model_dir / TEXT_FILE
+    splits = sorted(p for p in model_dir.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+    if not path.exists():
+        return [f"{path}: missing (class names and zero-shot texts are read from it)"] if splits else []
+    try:
+        text = read_text(path)
+    except VlmcacheError as e:
+        return [f"{path}: {e}"]
+    problems = []
+    for split_dir in splits:
+        try:
+            manifest = read_manifest(split_dir)
+        except VlmcacheError:
+            continue  # verify_split names it
+        classes = manifest["fingerprint"]["num_classes"]
+        if classes != len(text.classnames):
+            problems.append(
+                f"{path}: {len(text.classnames)} class names, the split '{split_dir.name}' has {classes} classes"
+            )
+    return problems
+
+
 # --------------------------------------------------------------------------- text embeddings
 
 
@@ -616,7 +643,8 @@ def write_text(path: Path, text: TextCache) -> None:
         f.create_dataset("classnames", data=np.array(text.classnames, dtype=h5py.string_dtype()))
         for name, (templates, emb) in text.sets.items():
             g = f.create_group(name)
-            g.create_dataset("embeddings", data=emb.astype(np.float32))
+            # fletcher32, as shards have: a changed byte in the embeddings fails the read (and `cache verify`)
+            g.create_dataset("embeddings", data=emb.astype(np.float32), fletcher32=emb.size > 0)
             g.create_dataset("templates", data=np.array(templates, dtype=h5py.string_dtype()))
 
     embeddings = sum(len(emb) * emb.shape[-1] * 4 for _, emb in text.sets.values())

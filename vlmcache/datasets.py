@@ -452,6 +452,16 @@ def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float
     return Dataset(name, [c.replace("_", " ") for c in classes], splits, root, notes)
 
 
+def implied_classes_problem(top: int, distinct: int) -> str | None:
+    """Without class names, the largest label sets the class count; when that count is above 2 x distinct + 10,
+    most classes would have no image: a typo in a label (5,000,000 among 0..2) or sparse ids. Extract, import and
+    webdataset input all use this one rule. Returns why, or None."""
+    num = top + 1
+    if num > 2 * distinct + 10:
+        return f"the label {top} would make {num} classes for {distinct} distinct labels"
+    return None
+
+
 def _split(name: str, root, split_files: Mapping[str, str], classnames_file: str | None = None, **_):
     if not split_files:
         raise VlmcacheError(
@@ -465,82 +475,41 @@ def _split(name: str, root, split_files: Mapping[str, str], classnames_file: str
     if classnames is None:
         num = int(max(int(s.labels.max()) for s in splits.values())) + 1
         distinct = len(set().union(*(np.unique(s.labels).tolist() for s in splits.values())))
-        if num > 2 * distinct + 10:  # most classes would have no image: a typo in a label, or sparse ids
+        problem = implied_classes_problem(num - 1, distinct)
+        if problem:
             s = max(splits.values(), key=lambda s: s.labels.max())
             raise VlmcacheError(
-                f"{s.origin}, line {_line_of(Path(s.origin), int(s.labels.argmax()))}: the label {num - 1} would "
-                f"make {num} classes for {distinct} distinct labels. Fix the label, or pass --classnames FILE "
-                f"naming every class (one per line)."
+                f"{s.origin}, line {_line_of(Path(s.origin), int(s.labels.argmax()))}: {problem}. Fix the label, or "
+                f"pass --classnames FILE naming every class (one per line)."
             )
         classnames = [f"class {i}" for i in range(num)]
         notes.append("No --classnames file: classes are named 'class 0', 'class 1', ...; zero-shot texts mean nothing.")
     return Dataset(name, classnames, splits, root, notes)
 
 
-WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "gif")
-
-
-def _tar_index(shard: Path, relname: str, label_key: str) -> tuple[list[tuple], list[int]]:
-    """One webdataset shard's samples, from its headers: [(shard, key, image offset, image size)] and labels.
-    Members group into samples by key as webdataset groups them (`base_plus_ext`); a sample's image is its first
-    member with an image extension, its label the integer text of its `.{label_key}` member. A sample without an
-    image is kept as a row that extraction skips with the reason; one without a label is an error."""
-    import tarfile
-
-    from webdataset.tariterators import base_plus_ext
-
-    samples: dict[str, dict] = {}
-    try:
-        with tarfile.open(shard, "r:") as tar:  # uncompressed: images are read back by offset
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = base_plus_ext(member.name)
-                if key is None:
-                    continue
-                sample = samples.setdefault(key, {"exts": []})
-                sample["exts"].append(ext)
-                last = ext.lower().rsplit(".", 1)[-1]
-                if last in WDS_IMAGE_EXTENSIONS and "image" not in sample:
-                    sample["image"] = (member.offset_data, member.size)
-                if ext == label_key:
-                    sample["label"] = tar.extractfile(member).read(64).decode("utf-8", "replace").strip()
-    except (tarfile.TarError, OSError) as e:
-        raise VlmcacheError(f"The shard '{shard}' is not a readable (uncompressed) tar file: {e}.") from None
-    members, labels = [], []
-    for key, sample in samples.items():
-        text = sample.get("label")
-        if text is None:
-            raise VlmcacheError(
-                f"{shard}: the sample '{key}' has no .{label_key} member (it has: {', '.join(sample['exts'])}); "
-                f"name the label's extension with --label-key."
-            )
-        if not (text.isascii() and text.isdigit()) or int(text) >= MAX_CLASSES:
-            raise VlmcacheError(f"{shard}: the sample '{key}' has the label '{text[:40]}', not a class index.")
-        offset, size = sample.get("image", (-1, 0))
-        members.append((relname, key, offset, size))
-        labels.append(int(text))
-    return members, labels
-
-
 def _wds_split(name: str, pattern: str, root: Path | None, label_key: str) -> Split:
-    import braceexpand
-
+    from vlmcache import wds_index
     from vlmcache.images import TarSource
 
-    shards = list(braceexpand.braceexpand(pattern))
+    shards = wds_index.expand(pattern, f"--shards {name}={pattern}")
     base = root or Path(".")
     for relname in shards:  # every shard there before any is read
-        if not (base / relname).is_file():
+        if not (base / relname).exists():
             raise VlmcacheError(
                 f"--shards {name}={pattern}: the shard '{base / relname}' does not exist"
                 + (" (paths are relative to --root)." if root else ".")
             )
+        if not (base / relname).is_file():  # a FIFO would block the read, a folder is no tar
+            raise VlmcacheError(f"--shards {name}={pattern}: the shard '{base / relname}' is not a regular file.")
     members, labels = [], []
     for relname in shards:
-        m, y = _tar_index(base / relname, relname, label_key)
-        members += m
-        labels += y
+        for shard, key, offset, size, text in wds_index.index_shard(base / relname, relname, label_key):
+            if not (text.isascii() and text.isdigit()) or int(text) >= MAX_CLASSES:
+                raise VlmcacheError(
+                    f"{base / relname}: the sample '{key}' has the label '{text[:40]}', not a class index."
+                )
+            members.append((shard, key, offset, size))
+            labels.append(int(text))
     if not members:
         raise VlmcacheError(f"--shards {name}={pattern}: the shards hold no samples.")
     digest = hashlib.sha256(json.dumps([members, labels]).encode()).hexdigest()
@@ -563,6 +532,10 @@ def _webdataset(
     top = max(int(s.labels.max()) for s in splits.values())
     notes = []
     if classnames is None:
+        distinct = len(set().union(*(np.unique(s.labels).tolist() for s in splits.values())))
+        problem = implied_classes_problem(top, distinct)
+        if problem:
+            raise VlmcacheError(f"{problem} (--shards). Fix the label, or pass --classnames FILE naming every class.")
         classnames = [f"class {i}" for i in range(top + 1)]
         notes.append("No --classnames file: classes are named 'class 0', 'class 1', ...; zero-shot texts mean nothing.")
     elif top >= len(classnames):

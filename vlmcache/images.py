@@ -160,7 +160,12 @@ class TarSource:
         return decode(io.BytesIO(self.read_bytes(i)), self.draft)
 
     def read_bytes(self, i: int) -> bytes:
+        from vlmcache.wds_index import skip_reason
+
         shard, _, offset, size = self.members[i]
+        reason = skip_reason(offset, size)  # no image member, or one over the size cap: never read
+        if reason:
+            raise BadImage(reason)
         f = self._open.get(shard)
         if f is None:
             try:

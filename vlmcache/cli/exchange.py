@@ -15,10 +15,14 @@ PANEL = "Stage 1: features"
 @user_errors
 def export(
     ref: str = typer.Argument(..., help="A cache: its path, DATASET/KEY, or a unique key prefix."),
-    fmt: str = typer.Option("parquet", "--format", help="parquet (one file per split) or npy (clip-retrieval's)."),
+    fmt: str = typer.Option(
+        "parquet", "--format", help="parquet (a file per split), clip-retrieval (its own layout) or npy-raw."
+    ),
     out_dir: Path = typer.Option(..., "--out", help="The folder the files go to."),
     splits: list[str] = typer.Option(None, "--splits", help="A split to export (repeat it; default: every split)."),
-    dtype: str = typer.Option("float32", "--dtype", help="The embeddings' type in the files: float32 or float16."),
+    dtype: str = typer.Option(
+        None, "--dtype", help="float32 or float16 (default: float32; clip-retrieval is always float16)."
+    ),
     cache_dir: Path = CACHE_DIR,
     overwrite: bool = typer.Option(
         False, "--overwrite/--no-overwrite", metavar="", help="Replace an export folder vlmcache wrote, whole."
@@ -29,9 +33,10 @@ def export(
 
     Example: [bold]vlmcache export digits_lt/vlmcache-tiny__random__ea977237 --format parquet --out exported[/]
 
-    parquet: SPLIT.parquet with columns row, path, label, class_name, pooled (a fixed-size list). npy:
-    SPLIT/img_emb/img_emb_N.npy and SPLIT/metadata/metadata_N.parquet (image_path, row, label, class_name), the
-    layout clip-retrieval writes. Memory holds one shard at a time.
+    parquet: SPLIT.parquet with columns row, path, label, class_name, pooled (a fixed-size list). clip-retrieval:
+    what clip-retrieval writes, SPLIT/img_emb/img_emb_N.npy (L2-normalised float16) and
+    SPLIT/metadata/metadata_N.parquet (image_path, then row, label, class_name). npy-raw: the same layout with the
+    embeddings as cached (not normalised). Memory holds one piece at a time.
     """
     from vlmcache import cache, guard
     from vlmcache.exchange import export_cache
@@ -66,6 +71,9 @@ def import_(
     ),
     classnames: Path = typer.Option(None, "--classnames", help="Class names, one per line (default: class N)."),
     model: str = typer.Option("imported", "--model", help="The encoder that made them, for the cache's name."),
+    root: Path = typer.Option(
+        None, "--root", help="Store absolute image paths relative to this folder (default: as the source gives them)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", metavar="", help="Replace the split."),
     cache_dir: Path = CACHE_DIR,
     as_json: bool = JSON,
@@ -81,7 +89,7 @@ def import_(
     from vlmcache.exchange import import_embeddings
 
     result = import_embeddings(
-        source, location, dataset, split, cache_dir, labels, classnames, model, overwrite, log=log
+        source, location, dataset, split, cache_dir, labels, classnames, model, overwrite, log=log, root=root
     )
     if as_json:
         print_json(result)

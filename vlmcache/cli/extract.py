@@ -396,7 +396,7 @@ def cache_verify(
     root: Path = typer.Option(None, "--root", help="With --repair: the images' folder, if it moved since extraction."),
     as_json: bool = JSON,
 ):
-    """Re-hash every shard against its manifest; exit 1 and name the shards that differ.
+    """Re-hash every shard against its manifest and check text.h5; exit 1 and name the files that differ.
 
     Example: [bold]vlmcache cache verify places_lt/ViT-B-16__openai__3f9a2c1e --repair[/]
     """
@@ -406,6 +406,7 @@ def cache_verify(
     targets = [cache.resolve_cache(cache_dir, ref)] if ref else list(cache.iter_caches(cache_dir))
     problems, checked, repaired = [], 0, []
     for model_dir in targets:
+        problems += cache.verify_text(model_dir)  # not repaired: extract writes it again (imports: import again)
         for split_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
             found = cache.verify_split(split_dir)
             if found and repair:
