@@ -190,3 +190,15 @@ def test_tune_names_the_method_and_leaves_other_runs_names_as_they_were():
     tail = TrainConfig(dataset="digits_lt", head="tail", tune="lora").resolve()
     assert method_label(asdict(tail)) == "tail-lora + ce + instance"
     assert config_hash(tail) != config_hash(TrainConfig(dataset="digits_lt", head="tail", tune="full").resolve())
+
+
+def test_a_prefix_larger_than_memory_is_read_in_blocks_with_each_rows_view_once(prefix_cache):
+    from vlmcache.features import Tokens, view_choice
+
+    split = cache.SplitCache(f"{prefix_cache['cache']}/train")
+    on_disk = Tokens(split, torch.device("cpu"), in_memory=False, views=True, block_rows=5, name="prefix")
+    on_disk.set_epoch(0, 1)
+    got = sum(x.double().sum(0) for x, _ in on_disk.batches(torch.arange(len(split)), 7, torch.Generator()))
+    chosen = split.read_tokens(0, len(split), "view_prefix")[np.arange(len(split)), view_choice(len(split), 2, 0, 1)]
+    assert on_disk.dim == 64
+    torch.testing.assert_close(got, torch.from_numpy(chosen.astype(np.float64)).sum(0))
