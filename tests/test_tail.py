@@ -202,3 +202,23 @@ def test_a_prefix_larger_than_memory_is_read_in_blocks_with_each_rows_view_once(
     chosen = split.read_tokens(0, len(split), "view_prefix")[np.arange(len(split)), view_choice(len(split), 2, 0, 1)]
     assert on_disk.dim == 64
     torch.testing.assert_close(got, torch.from_numpy(chosen.astype(np.float64)).sum(0))
+
+
+def test_a_prefix_extraction_resumes_where_it_stopped(split_dataset, tmp_path):
+    import shutil
+
+    cfg = dict(tail_blocks=2, shard_size=16, templates=["photo"], splits=["train"])
+    full = run_extract(_extract_cfg(split_dataset, tmp_path / "full", **cfg), **QUIET)["splits"][0]
+    # a run stopped after its first shards: the last shard neither listed nor on disk
+    split_dir = tmp_path / "resumed" / Path(full["path"]).relative_to(tmp_path / "full")
+    shutil.copytree(full["path"], split_dir)
+    manifest = cache.read_manifest(split_dir)
+    last = manifest["shards"].pop()
+    manifest["complete"] = False
+    cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+    (split_dir / last["file"]).unlink()
+    resumed = run_extract(_extract_cfg(split_dataset, tmp_path / "resumed", **cfg), **QUIET)["splits"][0]
+    assert (resumed["resumed_shards"], resumed["shards"], resumed["rows"]) == (2, 3, 47)
+    a, b = cache.SplitCache(full["path"]), cache.SplitCache(split_dir)
+    assert a.fingerprint == b.fingerprint and a.fingerprint["tail_blocks"] == 2
+    np.testing.assert_array_equal(a.read_tokens(0, 47, "prefix"), b.read_tokens(0, 47, "prefix"))
