@@ -109,6 +109,10 @@ def test_tail_mistakes_are_one_clear_error(prefix_cache, split_dataset, tiny_enc
         TrainConfig(dataset="split", head="linear", tune="lora").resolve()
     with pytest.raises(VlmcacheError, match="--tune.*'lorra'.*adapter, lora, full, none"):
         TrainConfig(dataset="split", head="tail", tune="lorra").resolve()
+    with pytest.raises(VlmcacheError, match="--text-init initialises a cosine classifier"):
+        TrainConfig(dataset="split", head="tail", text_init="photo", head_params={"classifier": "linear"}).resolve()
+    with pytest.raises(VlmcacheError, match="features.*'pooled'.*proj, ln_post"):
+        TailHead(64, 3, features="pooled")
     with pytest.raises(VlmcacheError, match="open_clip ViT image tower"):
         tower_blocks(torch.nn.Linear(2, 2), "RN50")
     with pytest.raises(VlmcacheError, match="between 1 and 2"), prefix_tap(tiny_encoder.model.visual, 3):
