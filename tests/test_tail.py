@@ -109,6 +109,10 @@ def test_tail_mistakes_are_one_clear_error(prefix_cache, split_dataset, tiny_enc
         TrainConfig(dataset="split", head="linear", tune="lora").resolve()
     with pytest.raises(VlmcacheError, match="--tune.*'lorra'.*adapter, lora, full, none"):
         TrainConfig(dataset="split", head="tail", tune="lorra").resolve()
+    with pytest.raises(VlmcacheError, match="--text-init initialises a cosine classifier"):
+        TrainConfig(dataset="split", head="tail", text_init="photo", head_params={"classifier": "linear"}).resolve()
+    with pytest.raises(VlmcacheError, match="features.*'pooled'.*proj, ln_post"):
+        TailHead(64, 3, features="pooled")
     with pytest.raises(VlmcacheError, match="open_clip ViT image tower"):
         tower_blocks(torch.nn.Linear(2, 2), "RN50")
     with pytest.raises(VlmcacheError, match="between 1 and 2"), prefix_tap(tiny_encoder.model.visual, 3):
@@ -190,3 +194,35 @@ def test_tune_names_the_method_and_leaves_other_runs_names_as_they_were():
     tail = TrainConfig(dataset="digits_lt", head="tail", tune="lora").resolve()
     assert method_label(asdict(tail)) == "tail-lora + ce + instance"
     assert config_hash(tail) != config_hash(TrainConfig(dataset="digits_lt", head="tail", tune="full").resolve())
+
+
+def test_a_prefix_larger_than_memory_is_read_in_blocks_with_each_rows_view_once(prefix_cache):
+    from vlmcache.features import Tokens, view_choice
+
+    split = cache.SplitCache(f"{prefix_cache['cache']}/train")
+    on_disk = Tokens(split, torch.device("cpu"), in_memory=False, views=True, block_rows=5, name="prefix")
+    on_disk.set_epoch(0, 1)
+    got = sum(x.double().sum(0) for x, _ in on_disk.batches(torch.arange(len(split)), 7, torch.Generator()))
+    chosen = split.read_tokens(0, len(split), "view_prefix")[np.arange(len(split)), view_choice(len(split), 2, 0, 1)]
+    assert on_disk.dim == 64
+    torch.testing.assert_close(got, torch.from_numpy(chosen.astype(np.float64)).sum(0))
+
+
+def test_a_prefix_extraction_resumes_where_it_stopped(split_dataset, tmp_path):
+    import shutil
+
+    cfg = dict(tail_blocks=2, shard_size=16, templates=["photo"], splits=["train"])
+    full = run_extract(_extract_cfg(split_dataset, tmp_path / "full", **cfg), **QUIET)["splits"][0]
+    # a run stopped after its first shards: the last shard neither listed nor on disk
+    split_dir = tmp_path / "resumed" / Path(full["path"]).relative_to(tmp_path / "full")
+    shutil.copytree(full["path"], split_dir)
+    manifest = cache.read_manifest(split_dir)
+    last = manifest["shards"].pop()
+    manifest["complete"] = False
+    cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+    (split_dir / last["file"]).unlink()
+    resumed = run_extract(_extract_cfg(split_dataset, tmp_path / "resumed", **cfg), **QUIET)["splits"][0]
+    assert (resumed["resumed_shards"], resumed["shards"], resumed["rows"]) == (2, 3, 47)
+    a, b = cache.SplitCache(full["path"]), cache.SplitCache(split_dir)
+    assert a.fingerprint == b.fingerprint and a.fingerprint["tail_blocks"] == 2
+    np.testing.assert_array_equal(a.read_tokens(0, 47, "prefix"), b.read_tokens(0, 47, "prefix"))

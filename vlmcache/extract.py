@@ -396,9 +396,10 @@ def extract_split(
         log(f"note: caching the tokens of {fingerprint['views']} views per training image takes about {gb:,.1f} GB.")
     if cfg.tail_blocks and rank == 0 and todo:
         t, w = manifest["dims"]["prefix"]
-        gb = n * (1 + fingerprint["views"]) * t * w * 2 / 1e9
+        nbytes = n * (1 + fingerprint["views"]) * t * w * 2
+        amount = f"{nbytes / 1e9:,.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:,.1f} MB"
         log(f"note: the prefix of {cfg.tail_blocks} tail block(s), {t} x {w} float16 per image and view, takes about "
-            f"{gb:,.1f} GB.")  # fmt: skip
+            f"{amount} for the {split.name} split.")  # fmt: skip
     on_device = None  # --decode gpu: the workers read the files, the device decodes and resizes
     if mine:
         use_decode(split.source, encoder, cfg.decode)

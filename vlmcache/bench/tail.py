@@ -3,6 +3,7 @@ the prefix's bytes per image and view, and what it would take on disk for the be
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -90,7 +91,8 @@ def bench_tail(model: str, images: int, ks: tuple[int, ...], device: str = "auto
         for name, n in DISK_DATASETS
         for m, t, w in DISK_MODELS
     ]
-    return {"epochs": rows, "disk": disk}
+    # the machine's load when the run ended: on a shared machine the epochs' seconds are only as good as this
+    return {"epochs": rows, "disk": disk, "load_average": round(os.getloadavg()[0], 1), "cores": os.cpu_count()}
 
 
 def split_bytes(split) -> int:
@@ -191,7 +193,13 @@ def markdown(r: dict) -> list[str]:
         "",
         table(rows),
         "",
-        f"Decoding took {e0['decode_epoch_s'] / e0['images'] * 1000:.1f} ms per image here. What the prefix would "
+        f"Decoding took {e0['decode_epoch_s'] / e0['images'] * 1000:.1f} ms per image here"
+        + (
+            f" (load average {res['load_average']} on {res['cores']} cores at the end of the run)"
+            if "cores" in res
+            else ""
+        )
+        + ". What the prefix would "
         "take on disk at K = 1 (the prefix's size does not depend on K): N x views x T x W x 2 bytes, for the plain "
         "image (one view); each cached augmented view adds as much again.",
         "",
