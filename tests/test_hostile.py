@@ -54,6 +54,7 @@ def tree(tmp_path_factory):
     (root / "link.parquet").symlink_to(outside / "secret.parquet")
     (root / "link.md").symlink_to(outside / "secret.md")
     (root / "dirlink").symlink_to(outside, target_is_directory=True)
+    (root / "runlink").symlink_to(run, target_is_directory=True)  # a link into the tree's own run
     return {"root": root, "outside": outside, "cache": root / "cache", "model": model_dir, "run": run}
 
 
@@ -100,7 +101,8 @@ TARGETS = {
     "a link out of the tree": lambda t: t["root"] / "link.parquet",
     "a Markdown link out of the tree": lambda t: t["root"] / "link.md",
     "a folder link out of the tree": lambda t: t["root"] / "dirlink",
-    "a new file in a linked run": lambda t: t["root"] / "runs" / t["run"].name / "x.parquet",
+    "a new file in a run through a link": lambda t: t["root"] / "runlink" / "x.parquet",
+    "a new folder in a run through a link": lambda t: t["root"] / "runlink" / "new",
 }
 TARGETS["an export folder"] = lambda t: t["root"] / "export"
 TARGETS["an export's file"] = lambda t: t["root"] / "export" / "train.parquet"
