@@ -47,6 +47,7 @@ def tree(tmp_path_factory):
     res = runner.invoke(app, ["export", str(model_dir), "--out", str(root / "export"), "--cache-dir", str(root)])
     assert res.exit_code == 0, res.output
     (root / "notes.txt").write_text("someone's notes")
+    (root / "notes.md").write_text("# my notes\n")
     (root / "userdir").mkdir()
     (root / "userdir" / "data.bin").write_bytes(b"\x00\x01")
     (outside / "secret.parquet").write_bytes(b"not yours")
@@ -97,6 +98,7 @@ TARGETS = {
     "a new file in a split": lambda t: t["model"] / "train" / "new.parquet",
     "a new folder in a cache": lambda t: t["model"] / "new",
     "a user's file": lambda t: t["root"] / "notes.txt",
+    "a user's Markdown file": lambda t: t["root"] / "notes.md",
     "a file under a file": lambda t: t["root"] / "notes.txt" / "x.parquet",
     "a link out of the tree": lambda t: t["root"] / "link.parquet",
     "a Markdown link out of the tree": lambda t: t["root"] / "link.md",
