@@ -47,6 +47,7 @@ def tree(tmp_path_factory):
     res = runner.invoke(app, ["export", str(model_dir), "--out", str(root / "export"), "--cache-dir", str(root)])
     assert res.exit_code == 0, res.output
     (root / "notes.txt").write_text("someone's notes")
+    (root / "notes.md").write_text("# my notes\n")
     (root / "userdir").mkdir()
     (root / "userdir" / "data.bin").write_bytes(b"\x00\x01")
     (outside / "secret.parquet").write_bytes(b"not yours")
@@ -54,6 +55,7 @@ def tree(tmp_path_factory):
     (root / "link.parquet").symlink_to(outside / "secret.parquet")
     (root / "link.md").symlink_to(outside / "secret.md")
     (root / "dirlink").symlink_to(outside, target_is_directory=True)
+    (root / "runlink").symlink_to(run, target_is_directory=True)  # a link into the tree's own run
     return {"root": root, "outside": outside, "cache": root / "cache", "model": model_dir, "run": run}
 
 
@@ -96,11 +98,13 @@ TARGETS = {
     "a new file in a split": lambda t: t["model"] / "train" / "new.parquet",
     "a new folder in a cache": lambda t: t["model"] / "new",
     "a user's file": lambda t: t["root"] / "notes.txt",
+    "a user's Markdown file": lambda t: t["root"] / "notes.md",
     "a file under a file": lambda t: t["root"] / "notes.txt" / "x.parquet",
     "a link out of the tree": lambda t: t["root"] / "link.parquet",
     "a Markdown link out of the tree": lambda t: t["root"] / "link.md",
     "a folder link out of the tree": lambda t: t["root"] / "dirlink",
-    "a new file in a linked run": lambda t: t["root"] / "runs" / t["run"].name / "x.parquet",
+    "a new file in a run through a link": lambda t: t["root"] / "runlink" / "x.parquet",
+    "a new folder in a run through a link": lambda t: t["root"] / "runlink" / "new",
 }
 TARGETS["an export folder"] = lambda t: t["root"] / "export"
 TARGETS["an export's file"] = lambda t: t["root"] / "export" / "train.parquet"
