@@ -226,3 +226,37 @@ def test_a_prefix_extraction_resumes_where_it_stopped(split_dataset, tmp_path):
     a, b = cache.SplitCache(full["path"]), cache.SplitCache(split_dir)
     assert a.fingerprint == b.fingerprint and a.fingerprint["tail_blocks"] == 2
     np.testing.assert_array_equal(a.read_tokens(0, 47, "prefix"), b.read_tokens(0, 47, "prefix"))
+
+
+def _finetune_cfg(split_dataset, tmp_path, **kw):
+    from vlmcache.finetune import FinetuneConfig
+
+    root, files = split_dataset
+    base = dict(
+        dataset="split", root=str(root), split_files={"train": str(files["train"]), "test": str(files["test"])},
+        model="vlmcache-tiny", pretrained="none", device="cpu", workers=0, runs_dir=str(tmp_path / "ft"), epochs=2,
+        batch_size=16, head="cosine", head_lr=1e-2, weight_decay=1e-4, tail_blocks=1, tune="adapter", views=2,
+    )  # fmt: skip
+    return FinetuneConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("tune", ["adapter", "full"])
+def test_finetune_with_a_frozen_prefix_equals_the_cached_run_and_its_stream_twin(
+    prefix_cache, split_dataset, tmp_path, tune
+):
+    from vlmcache.finetune import finetune
+
+    kw = dict(tune=tune, min_steps=0, weight_decay=1e-4)  # finetune's epochs are its epochs: no min_steps floor
+    cached = train_head(_cfg(prefix_cache, tmp_path / "c", **kw), **QUIET)
+    streamed = train_head(_cfg(prefix_cache, tmp_path / "s", stream=True, **kw), **QUIET)
+    tuned = finetune(_finetune_cfg(split_dataset, tmp_path, tune=tune), **QUIET)
+    assert len(tuned["history"]) == len(cached["history"]) == 2
+    heads = [torch.load(Path(r["run"]) / "head.pt", weights_only=True) for r in (cached, streamed, tuned)]
+    assert heads[2]["head_params"] == heads[0]["head_params"]
+    for other, run in ((heads[1], streamed), (heads[2], tuned)):
+        assert run["metrics"] == cached["metrics"]
+        np.testing.assert_allclose([h["loss"] for h in run["history"]], [h["loss"] for h in cached["history"]], 1e-5)
+        a, b = heads[0]["head_state"], other["head_state"]
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -70,17 +70,20 @@ class StreamedImages:
             views=int(split.fingerprint.get("views") or 0), view_seed=int(split.fingerprint.get("view_seed") or 0),
             view_scale=tuple(split.fingerprint.get("view_scale") or (0.08, 1.0)),
         )  # fmt: skip
-        self.unreadable = "was read at extraction but not now"
+        self.unreadable, self.round_prefix = "was read at extraction but not now", True
 
     @classmethod
     def of_rows(
         cls, source, rows: np.ndarray, labels: np.ndarray, encoder: Encoder, workers: int | None, augment: bool,
         prefix: int, views: int = 0, view_seed: int = 0, view_scale: tuple[float, float] = (0.08, 1.0),
+        round_prefix: bool = True,
     ) -> StreamedImages:  # fmt: skip
         """Rows of an image source with no cache behind them (`finetune --tail-blocks`): the views are drawn as
-        `extract --views V --view-seed S` draws them, so such a run sees exactly the views a cache would hold."""
+        `extract --views V --view-seed S` draws them, so such a run sees exactly the views a cache would hold;
+        `round_prefix` False keeps the prefix in float32 instead of rounding it to float16 as the cache stores it."""
         self = cls.__new__(cls)
         self._setup(source, rows, labels, encoder, False, workers, augment, prefix, views, view_seed, view_scale)
+        self.round_prefix = round_prefix
         self.unreadable = "could not be read"
         return self
 
@@ -133,7 +136,8 @@ class StreamedImages:
                     f"If the images moved, name their folder with --root."
                 )
             if self.prefix:  # float16, as the cache stores it; cloned out of inference mode
-                yield self.encoder.encode_with_prefix(batch["images"], False, self.prefix)[2].half().clone()
+                prefix = self.encoder.encode_with_prefix(batch["images"], False, self.prefix)[2]
+                yield prefix.half().clone() if self.round_prefix else prefix.clone()
                 continue
             pooled, tokens = self.encoder.encode_images(batch["images"], tokens=self.tokens)
             # float16, as the cache stores them; a clone leaves inference mode so autograd may use it
