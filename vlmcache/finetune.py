@@ -389,6 +389,10 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     device = encoder.device
     precision = pick_precision(cfg.precision, device)
     memory_scope = start_peak_memory(device)
+    if cfg.tail_blocks:  # K against the tower before the run folder is made
+        from vlmcache.tail import check_tail_blocks
+
+        check_tail_blocks(encoder.model.visual, cfg.tail_blocks, encoder.name)
     run_dir, state = _prepare_run_dir(cfg, device)
     if cfg.tail_blocks:
         from vlmcache.tail_finetune import finetune_tail
