@@ -253,13 +253,12 @@ def test_finetune_with_a_frozen_prefix_equals_the_cached_run_and_its_stream_twin
     assert len(tuned["history"]) == len(cached["history"]) == 2
     heads = [torch.load(Path(r["run"]) / "head.pt", weights_only=True) for r in (cached, streamed, tuned)]
     assert heads[2]["head_params"] == heads[0]["head_params"]
+    # one code path for the prefix and the training loop: equal bit for bit on the CPU, not only to a tolerance
     for other, run in ((heads[1], streamed), (heads[2], tuned)):
         assert run["metrics"] == cached["metrics"]
-        np.testing.assert_allclose([h["loss"] for h in run["history"]], [h["loss"] for h in cached["history"]], 1e-5)
+        assert [h["loss"] for h in run["history"]] == [h["loss"] for h in cached["history"]]
         a, b = heads[0]["head_state"], other["head_state"]
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_finetune_tail_mistakes_are_one_clear_error_and_other_finetune_runs_keep_their_names(split_dataset, tmp_path):
