@@ -287,6 +287,14 @@ def test_finetune_tail_mistakes_are_one_clear_error_and_other_finetune_runs_keep
     skip |= {"tail_blocks", "views", "view_seed", "round_prefix"}
     before = {f.name: getattr(plain, f.name) for f in fields(plain) if f.name not in skip}
     assert plain.hash() == hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    # and report groups it with runs made before them; a tail run's label says what it tunes
+    from dataclasses import asdict
+
+    from vlmcache.runs import identity_key, method_label
+
+    assert identity_key(asdict(plain)) == identity_key({k: v for k, v in asdict(plain).items() if k in before})
+    assert method_label(asdict(tail), "finetune") == "finetune-tail1-lora + cosine + ce + instance"
+    assert method_label(asdict(plain), "finetune") == "finetune-all + linear + ce + instance"
     # on the command line: exit 2 and one line naming the flag, before anything is read
     res = CliRunner().invoke(app, ["finetune", "-d", "split", "--root", str(split_dataset[0]), "--split-file",
                                    f"train={split_dataset[1]['train']}", "-m", "vlmcache-tiny", "-p", "none",
