@@ -10,6 +10,10 @@ each process takes every world-th sample of the epoch's order.
 The run folder has train-head's format (config.json, metrics.json, per_class.csv, head.pt) plus the tuned
 open_clip weights, `<model>-ft-<hash>.pt`, which `vlmcache extract --pretrained FILE` reads; `--reextract`
 does that at the end, so stage 2 can go on from a new cache (a new fingerprint: the file's sha256).
+
+`--tail-blocks K --tune adapter|lora|full|none` is the other kind of run: blocks 0..L-K-1 frozen and the tail
+head's module in the last K, trained with train-head's tail recipe (vlmcache/tail_finetune.py), so that it equals
+`train-head --head tail` on a prefix cache and its `--stream` twin.
 """
 
 from __future__ import annotations

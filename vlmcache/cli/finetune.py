@@ -63,7 +63,11 @@ def finetune(
     pretrained: str = ENCODE_PRETRAINED,
     preprocess_from: str = PREPROCESS_FROM,
     tune: str = typer.Option(
-        "all", "--tune", help="What of the image tower trains: " + "; ".join(f"{k}: {v}" for k, v in TUNE.items())
+        "all",
+        "--tune",
+        help="What of the image tower trains: "
+        + "; ".join(f"{k}: {v}" for k, v in TUNE.items())
+        + ". With --tail-blocks: adapter, lora, full or none (the tail head's module).",
     ),
     last_k: int = typer.Option(1, "--last-k", help="Blocks that train with --tune last."),
     tail_blocks: int = typer.Option(
