@@ -226,3 +226,78 @@ def test_a_prefix_extraction_resumes_where_it_stopped(split_dataset, tmp_path):
     a, b = cache.SplitCache(full["path"]), cache.SplitCache(split_dir)
     assert a.fingerprint == b.fingerprint and a.fingerprint["tail_blocks"] == 2
     np.testing.assert_array_equal(a.read_tokens(0, 47, "prefix"), b.read_tokens(0, 47, "prefix"))
+
+
+def _finetune_cfg(split_dataset, tmp_path, **kw):
+    from vlmcache.finetune import FinetuneConfig
+
+    root, files = split_dataset
+    base = dict(
+        dataset="split", root=str(root), split_files={"train": str(files["train"]), "test": str(files["test"])},
+        model="vlmcache-tiny", pretrained="none", device="cpu", workers=0, runs_dir=str(tmp_path / "ft"), epochs=2,
+        batch_size=16, head="cosine", head_lr=1e-2, weight_decay=1e-4, tail_blocks=1, tune="adapter", views=2,
+    )  # fmt: skip
+    return FinetuneConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("tune", ["adapter"])
+def test_finetune_with_a_frozen_prefix_equals_the_cached_run_and_its_stream_twin(
+    prefix_cache, split_dataset, tmp_path, tune
+):
+    from vlmcache.finetune import finetune
+
+    kw = dict(tune=tune, min_steps=0, weight_decay=1e-4)  # finetune's epochs are its epochs: no min_steps floor
+    cached = train_head(_cfg(prefix_cache, tmp_path / "c", **kw), **QUIET)
+    streamed = train_head(_cfg(prefix_cache, tmp_path / "s", stream=True, **kw), **QUIET)
+    tuned = finetune(_finetune_cfg(split_dataset, tmp_path, tune=tune), **QUIET)
+    assert len(tuned["history"]) == len(cached["history"]) == 2
+    heads = [torch.load(Path(r["run"]) / "head.pt", weights_only=True) for r in (cached, streamed, tuned)]
+    assert heads[2]["head_params"] == heads[0]["head_params"]
+    # one code path for the prefix and the training loop: equal bit for bit on the CPU, not only to a tolerance
+    for other, run in ((heads[1], streamed), (heads[2], tuned)):
+        assert run["metrics"] == cached["metrics"]
+        assert [h["loss"] for h in run["history"]] == [h["loss"] for h in cached["history"]]
+        a, b = heads[0]["head_state"], other["head_state"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_tail_mistakes_are_one_clear_error_and_other_finetune_runs_keep_their_names(split_dataset, tmp_path):
+    import hashlib
+    import json
+    from dataclasses import fields
+
+    from vlmcache.finetune import FinetuneConfig
+
+    with pytest.raises(VlmcacheError, match="--tune must be one of adapter, lora, full, none; got 'all'"):
+        FinetuneConfig(dataset="split", tail_blocks=1).resolve()
+    with pytest.raises(VlmcacheError, match="--tune lora tunes a module.*add --tail-blocks K"):
+        FinetuneConfig(dataset="split", tune="lora").resolve()
+    with pytest.raises(VlmcacheError, match="--views, --view-seed apply to a run with --tail-blocks"):
+        FinetuneConfig(dataset="split", views=2, view_seed=3).resolve()
+    with pytest.raises(VlmcacheError, match="--lr is the tower's learning rate.*--head-lr"):
+        FinetuneConfig(dataset="split", tail_blocks=1, tune="lora", lr=1e-3).resolve()
+    with pytest.raises(VlmcacheError, match="tail head has no parameter 'gamma'"):
+        FinetuneConfig(dataset="split", tail_blocks=1, tune="lora", head_params={"gamma": 1}).resolve()
+    tail = FinetuneConfig(dataset="split", tail_blocks=1, tune="lora", head="cosine").resolve()
+    assert tail.lr is None and tail.resolve().head_params["tune"] == "lora"  # resolving again changes nothing
+    assert "__ft-tail1-lora-cosine-" in tail.run_name()
+    # a run without --tail-blocks hashes the settings it had before the tail settings existed
+    plain = FinetuneConfig(dataset="split").resolve()
+    skip = {"runs_dir", "out", "overwrite", "device", "workers", "reextract", "reextract_tokens", "cache_dir"}
+    skip |= {"tail_blocks", "views", "view_seed", "round_prefix"}
+    before = {f.name: getattr(plain, f.name) for f in fields(plain) if f.name not in skip}
+    assert plain.hash() == hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    # and report groups it with runs made before them; a tail run's label says what it tunes
+    from dataclasses import asdict
+
+    from vlmcache.runs import identity_key, method_label
+
+    assert identity_key(asdict(plain)) == identity_key({k: v for k, v in asdict(plain).items() if k in before})
+    assert method_label(asdict(tail), "finetune") == "finetune-tail1-lora + cosine + ce + instance"
+    assert method_label(asdict(plain), "finetune") == "finetune-all + linear + ce + instance"
+    # on the command line: exit 2 and one line naming the flag, before anything is read
+    res = CliRunner().invoke(app, ["finetune", "-d", "split", "--root", str(split_dataset[0]), "--split-file",
+                                   f"train={split_dataset[1]['train']}", "-m", "vlmcache-tiny", "-p", "none",
+                                   "--device", "cpu", "--runs-dir", str(tmp_path), "--tail-blocks", "1"])  # fmt: skip
+    assert res.exit_code == 2 and "--tune must be one of adapter, lora, full, none" in res.output, res.output
+    assert "Traceback" not in res.output and not list(tmp_path.iterdir())

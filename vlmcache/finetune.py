@@ -10,6 +10,10 @@ each process takes every world-th sample of the epoch's order.
 The run folder has train-head's format (config.json, metrics.json, per_class.csv, head.pt) plus the tuned
 open_clip weights, `<model>-ft-<hash>.pt`, which `vlmcache extract --pretrained FILE` reads; `--reextract`
 does that at the end, so stage 2 can go on from a new cache (a new fingerprint: the file's sha256).
+
+`--tail-blocks K --tune adapter|lora|full|none` is the other kind of run: blocks 0..L-K-1 frozen and the tail
+head's module in the last K, trained with train-head's tail recipe (vlmcache/tail_finetune.py), so that it equals
+`train-head --head tail` on a prefix cache and its `--stream` twin.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vlmcache import cache, distributed, faults, guard, handover, runs
-from vlmcache.choices import TUNE
+from vlmcache.choices import TAIL_TUNE, TUNE
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
@@ -57,7 +61,8 @@ from vlmcache.schemas import SEED_MAX
 from vlmcache.stage2 import logit_adjusted, tau_normalized
 from vlmcache.templates import get_templates
 
-HEADS = ("linear", "cosine")  # on the tower's pooled embedding
+HEADS = ("linear", "cosine")  # on the tower's pooled embedding (with --tail-blocks: the tail head's classifier)
+TAIL_ONLY = {"views": 0, "view_seed": 0, "round_prefix": True}  # settings of --tail-blocks runs, and their defaults
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -74,8 +79,12 @@ class FinetuneConfig:
     model: str = "ViT-B-16"
     pretrained: str | None = "openai"
     preprocess_from: str | None = None
-    tune: str = "all"
+    tune: str = "all"  # TUNE; with tail_blocks, TAIL_TUNE (what the tail module trains)
     last_k: int = 1
+    tail_blocks: int = 0  # K > 0: blocks 0..L-K-1 frozen, the tail head's module in the last K (tail_finetune.py)
+    views: int = 0  # with tail_blocks: each row shows one of V views per epoch, as extract --views V draws them
+    view_seed: int = 0  # with tail_blocks: extract's --view-seed (0: a fresh view every epoch when views is 0)
+    round_prefix: bool = True  # with tail_blocks: the prefix rounded to float16 as the prefix cache stores it
     head: str = "linear"
     head_params: dict = field(default_factory=dict)
     text_init: str | None = None  # template set whose class-text embeddings initialise a cosine head
@@ -114,8 +123,9 @@ class FinetuneConfig:
     def resolve(self) -> FinetuneConfig:
         if self.protocol not in FINETUNE_PROTOCOLS:
             raise unknown_choice("protocol", self.protocol, FINETUNE_PROTOCOLS)
+        self._resolve_tail()
         for key, value in FINETUNE_PROTOCOLS[self.protocol].items():
-            if getattr(self, key) is None:
+            if getattr(self, key) is None and not (key == "lr" and self.tail_blocks):  # a tail run has no tower lr
                 setattr(self, key, value)
         if self.protocol == "seed":
             self.loss_params = {**SEED_SWITCHES["loss"].get(self.loss, {}), **self.loss_params}
@@ -129,15 +139,24 @@ class FinetuneConfig:
         self.sampler_params = checked_params(
             f"sampler '{self.sampler}'", self.sampler_params, sampler_params(self.sampler)
         )
-        if self.tune not in TUNE:
+        if self.tune not in (TAIL_TUNE if self.tail_blocks else TUNE):
+            if self.tail_blocks:
+                raise VlmcacheError(
+                    f"--tail-blocks {self.tail_blocks} puts a tuned module in the tower's last blocks: --tune must "
+                    f"be one of {', '.join(TAIL_TUNE)}; got '{self.tune}'."
+                )
+            if self.tune in TAIL_TUNE:
+                raise VlmcacheError(
+                    f"--tune {self.tune} tunes a module in the tower's last blocks: add --tail-blocks K."
+                )
             raise unknown_choice("--tune choice", self.tune, TUNE)
         if self.head not in HEADS:
             raise unknown_choice("fine-tuning head", self.head, HEADS)
-        check_training_choices(self, ("epochs", "batch_size", "last_k"))
+        check_training_choices(self, ("epochs", "batch_size", "last_k"), "tail" if self.tail_blocks else None)
         check_numbers(self)
         if not 0 <= self.holdout_seed <= SEED_MAX:
             raise VlmcacheError(f"--holdout-seed must be between 0 and {SEED_MAX}, got {self.holdout_seed}.")
-        if self.head in ("linear", "cosine"):  # the tower's embedding is unit-normalised, as CLIP trains it
+        if not self.tail_blocks:  # the tower's embedding is unit-normalised, as CLIP trains it (the tail head's own)
             self.head_params = {"normalize": "l2", **self.head_params}
         if self.head_params.get("normalize", "l2") not in ("l2", "none"):
             raise VlmcacheError(
@@ -154,14 +173,52 @@ class FinetuneConfig:
             raise VlmcacheError(f"--crop-scale must be 0 < min <= max <= 1, got {self.crop_scale}.")
         return self
 
+    def _resolve_tail(self) -> None:
+        """With --tail-blocks K the run trains the tail head's module with train-head's recipe (tail_finetune.py);
+        the settings that recipe has no use for are refused rather than ignored."""
+        if self.tail_blocks < 0:
+            raise VlmcacheError(
+                f"--tail-blocks must be 1 or more (0: tune the tower as --tune says), got {self.tail_blocks}."
+            )
+        if not self.tail_blocks:
+            given = [f"--{n.replace('_', '-')}" for n in TAIL_ONLY if getattr(self, n) != TAIL_ONLY[n]]
+            if given:
+                raise VlmcacheError(f"{', '.join(given)} apply to a run with --tail-blocks K; add it or drop them.")
+            return
+        if self.lr is not None:
+            raise VlmcacheError(
+                "--lr is the tower's learning rate; with --tail-blocks the tail module and the head train together "
+                "at --head-lr (train-head --head tail's one learning rate). Drop --lr."
+            )
+        for flag, on in (("--reextract", self.reextract), ("--grad-checkpointing", self.grad_checkpointing)):
+            if on:
+                raise VlmcacheError(f"{flag} does not apply with --tail-blocks (the tower's own weights never change).")
+        if self.precision not in ("auto", "fp32"):
+            raise VlmcacheError(
+                f"With --tail-blocks the tail trains in fp32, as train-head's; got --precision {self.precision}."
+            )
+        if self.views < 0:
+            raise VlmcacheError(f"--views must be 0 or more, got {self.views}.")
+        if not 0 <= self.view_seed <= SEED_MAX:
+            raise VlmcacheError(f"--view-seed must be between 0 and {SEED_MAX}, got {self.view_seed}.")
+        for key, want in (("tune", self.tune), ("classifier", self.head)):
+            if self.head_params.get(key, want) != want:
+                raise VlmcacheError(
+                    f"--head-param {key}={self.head_params[key]} disagrees with {key} {want}; give one of them."
+                )
+        self.head_params = {**self.head_params, "tune": self.tune, "classifier": self.head}
+
     def hash(self) -> str:
         """A short hash of the settings that change the result (not where outputs go, not the loader)."""
         skip = {"runs_dir", "out", "overwrite", "device", "workers", "reextract", "reextract_tokens", "cache_dir"}
+        if not self.tail_blocks:  # runs without a tail keep the names they had before these settings existed
+            skip |= {"tail_blocks", *TAIL_ONLY}
         keep = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def run_name(self) -> str:
-        return f"{self.dataset}__ft-{self.tune}-{self.head}-{self.loss}-{self.sampler}__s{self.seed}__{self.hash()}"
+        tune = f"tail{self.tail_blocks}-{self.tune}" if self.tail_blocks else self.tune
+        return f"{self.dataset}__ft-{tune}-{self.head}-{self.loss}-{self.sampler}__s{self.seed}__{self.hash()}"
 
 
 # The seed never tunes the tower (its Supervised.train freezes every `vision_model` parameter), so "seed" here means
@@ -338,7 +395,15 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     device = encoder.device
     precision = pick_precision(cfg.precision, device)
     memory_scope = start_peak_memory(device)
+    if cfg.tail_blocks:  # K against the tower before the run folder is made
+        from vlmcache.tail import check_tail_blocks
+
+        check_tail_blocks(encoder.model.visual, cfg.tail_blocks, encoder.name)
     state = _prepare_run_dir(cfg, run_dir, device)
+    if cfg.tail_blocks:
+        from vlmcache.tail_finetune import finetune_tail
+
+        return finetune_tail(cfg, encoder, dataset, train_split, eval_split, run_dir, memory_scope, log, on_epoch)
 
     counts = np.bincount(train_split.labels, minlength=dataset.num_classes)
     model, ddp, n_tuned = _build_model(cfg, encoder, dataset, log)
@@ -606,6 +671,11 @@ def evaluate_finetuned(
         cfg.resolve()
     except VlmcacheError as e:
         raise VlmcacheError(f"'{run_dir}/config.json': {e}") from None
+    if cfg.tail_blocks:
+        raise VlmcacheError(
+            f"'{run_dir}' is a finetune --tail-blocks run: its metrics.json holds its evaluation, and evaluating it "
+            f"again is not supported yet (its tuned tail is in head.pt)."
+        )
     weights = run_dir / Path(str(meta.get("weights"))).name  # the tuned tower lives in the run folder, by name
     if not weights.is_file():
         raise VlmcacheError(f"'{run_dir}' has no tuned weights '{weights.name}'; is it a finished fine-tuning run?")

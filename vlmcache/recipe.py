@@ -115,16 +115,18 @@ def seed_epoch_draws(iters: int, epochs: int, batch_size: int) -> int:
     return iters // epochs * batch_size
 
 
-def check_training_choices(cfg, counts: tuple[str, ...]) -> None:
+def check_training_choices(cfg, counts: tuple[str, ...], head: str | None = None) -> None:
     """Loss, sampler and head by name, their parameters typed (in place), and counts of at least 1: shared by
-    the configs of train-head and finetune, so that a mistake fails before any data is read."""
+    the configs of train-head and finetune, so that a mistake fails before any data is read. `head`: the head whose
+    parameters these are, when not cfg.head (finetune --tail-blocks: the tail head, cfg.head its classifier)."""
     if cfg.loss not in LOSSES:
         raise unknown_choice("loss", cfg.loss, LOSSES)
     if cfg.sampler not in SAMPLERS:
         raise unknown_choice("sampler", cfg.sampler, SAMPLERS)
     cfg.loss_params = checked_params(f"loss '{cfg.loss}'", cfg.loss_params, loss_params(cfg.loss))
     build_loss(cfg.loss, [1, 1], **cfg.loss_params)
-    cfg.head_params = checked_params(f"{cfg.head} head", cfg.head_params, head_params(cfg.head))
+    head = head or cfg.head
+    cfg.head_params = checked_params(f"{head} head", cfg.head_params, head_params(head))
     for name in counts:
         if getattr(cfg, name) < 1:
             raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")

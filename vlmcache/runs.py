@@ -141,8 +141,14 @@ def method_label(config: dict, kind: str = "head") -> str:
         parts[0] = f"tail-{(config.get('head_params') or {}).get('tune', 'adapter')}"
     parts += [config["stage2"]] if config.get("stage2") else []
     if kind == "finetune":
-        parts.insert(0, f"finetune-{config.get('tune')}")
+        tail = config.get("tail_blocks")  # finetune --tail-blocks K: `finetune-tail1-lora`
+        parts.insert(0, f"finetune-{f'tail{tail}-' if tail else ''}{config.get('tune')}")
     return " + ".join(str(p) for p in parts)
+
+
+# finetune's --tail-blocks settings at their defaults (finetune.TAIL_ONLY): left out of a run's identity, so runs
+# made before they existed group with runs made after
+FINETUNE_TAIL_UNSET = {"tail_blocks": 0, "views": 0, "view_seed": 0, "round_prefix": True}
 
 
 def identity_settings(config: dict, depth: int = 0) -> dict:
@@ -151,6 +157,8 @@ def identity_settings(config: dict, depth: int = 0) -> dict:
     out = {}
     for k, v in sorted(config.items()):
         if k in NOT_IDENTITY or (k == "tune" and v is None):  # train-head's --tune unset: runs made before it existed
+            continue
+        if k in FINETUNE_TAIL_UNSET and v == FINETUNE_TAIL_UNSET[k]:  # likewise finetune without --tail-blocks
             continue
         if isinstance(v, dict):
             out.update({f"{k}.{pk}": pv for pk, pv in sorted(v.items())})

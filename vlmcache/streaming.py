@@ -62,20 +62,40 @@ class StreamedImages:
         name = split.fingerprint["split"]
         if dataset.splits[name].sha256 != split.fingerprint["split_sha256"]:
             raise VlmcacheError(f"The {name} split file changed since '{split.dir}' was extracted; extract it again.")
-        self.source = dataset.splits[name].source
-        use_decode(self.source, encoder, made.get("decode", "pil"))  # decoded as the cache was
-        self.encoder, self.tokens = encoder, tokens
-        self.prefix = prefix  # K > 0: yield the prefix entering the tower's last K blocks (the tail head's input)
-        self.workers = default_workers() if workers is None else workers
-        self.rows = split.rows()
-        self.y = torch.from_numpy(split.labels().astype(np.int64)).to(encoder.device)
+        use_decode(dataset.splits[name].source, encoder, made.get("decode", "pil"))  # decoded as the cache was
         # --augment: each batch encodes augmented views made again from their seeds. A cache with K views gives
         # the same K to choose from (so the run equals the cached-views run); without, every epoch a fresh view.
+        self._setup(
+            dataset.splits[name].source, split.rows(), split.labels(), encoder, tokens, workers, augment, prefix,
+            views=int(split.fingerprint.get("views") or 0), view_seed=int(split.fingerprint.get("view_seed") or 0),
+            view_scale=tuple(split.fingerprint.get("view_scale") or (0.08, 1.0)),
+        )  # fmt: skip
+        self.unreadable, self.round_prefix = "was read at extraction but not now", True
+
+    @classmethod
+    def of_rows(
+        cls, source, rows: np.ndarray, labels: np.ndarray, encoder: Encoder, workers: int | None, augment: bool,
+        prefix: int, views: int = 0, view_seed: int = 0, view_scale: tuple[float, float] = (0.08, 1.0),
+        round_prefix: bool = True,
+    ) -> StreamedImages:  # fmt: skip
+        """Rows of an image source with no cache behind them (`finetune --tail-blocks`): the views are drawn as
+        `extract --views V --view-seed S` draws them, so such a run sees exactly the views a cache would hold;
+        `round_prefix` False keeps the prefix in float32 instead of rounding it to float16 as the cache stores it."""
+        self = cls.__new__(cls)
+        self._setup(source, rows, labels, encoder, False, workers, augment, prefix, views, view_seed, view_scale)
+        self.round_prefix = round_prefix
+        self.unreadable = "could not be read"
+        return self
+
+    def _setup(self, source, rows, labels, encoder, tokens, workers, augment, prefix, views, view_seed, view_scale):
+        self.source, self.encoder, self.tokens = source, encoder, tokens
+        self.prefix = prefix  # K > 0: yield the prefix entering the tower's last K blocks (the tail head's input)
+        self.workers = default_workers() if workers is None else workers
+        self.rows = np.asarray(rows)
+        self.y = torch.from_numpy(np.asarray(labels).astype(np.int64)).to(encoder.device)
         self.augment, self.choice = augment, None
-        self.views_cached = int(split.fingerprint.get("views") or 0)
-        self.view_seed = int(split.fingerprint.get("view_seed") or 0)
-        scale = tuple(split.fingerprint.get("view_scale") or (0.08, 1.0))
-        self.view_transform = encoder.train_transform(scale) if augment else None
+        self.views_cached, self.view_seed = views, view_seed
+        self.view_transform = encoder.train_transform(view_scale) if augment else None
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         if not self.augment:
@@ -112,11 +132,12 @@ class StreamedImages:
             if batch["bad"]:
                 row, reason = batch["bad"][0]
                 raise VlmcacheError(
-                    f"'{self.source.describe(row)}' (row {row}) was read at extraction but not now: {reason}. "
+                    f"'{self.source.describe(row)}' (row {row}) {self.unreadable}: {reason}. "
                     f"If the images moved, name their folder with --root."
                 )
             if self.prefix:  # float16, as the cache stores it; cloned out of inference mode
-                yield self.encoder.encode_with_prefix(batch["images"], False, self.prefix)[2].half().clone()
+                prefix = self.encoder.encode_with_prefix(batch["images"], False, self.prefix)[2]
+                yield prefix.half().clone() if self.round_prefix else prefix.clone()
                 continue
             pooled, tokens = self.encoder.encode_images(batch["images"], tokens=self.tokens)
             # float16, as the cache stores them; a clone leaves inference mode so autograd may use it

@@ -63,9 +63,26 @@ def finetune(
     pretrained: str = ENCODE_PRETRAINED,
     preprocess_from: str = PREPROCESS_FROM,
     tune: str = typer.Option(
-        "all", "--tune", help="What of the image tower trains: " + "; ".join(f"{k}: {v}" for k, v in TUNE.items())
+        "all",
+        "--tune",
+        help="What of the image tower trains: "
+        + "; ".join(f"{k}: {v}" for k, v in TUNE.items())
+        + ". With --tail-blocks: adapter, lora, full or none (the tail head's module).",
     ),
     last_k: int = typer.Option(1, "--last-k", help="Blocks that train with --tune last."),
+    tail_blocks: int = typer.Option(
+        0,
+        "--tail-blocks",
+        help="K: freeze blocks 0..L-K-1 and train the tail head's module (--tune adapter, lora, "
+        "full or none) in the last K, with train-head --head tail's recipe (docs/tail.md).",
+    ),
+    views: int = typer.Option(0, "--views", help="With --tail-blocks: one of V views per row and epoch, as extract's."),
+    view_seed: int = typer.Option(0, "--view-seed", help="With --tail-blocks: the views' seed, as extract's."),
+    round_prefix: bool = typer.Option(
+        True,
+        "--round-prefix/--no-round-prefix",
+        help="With --tail-blocks: round the prefix to float16 as the cache does.",
+    ),
     head: str = typer.Option("linear", "--head", help="Head on the pooled embedding: linear or cosine."),
     head_param: list[str] = HEAD_PARAM,
     text_init: str = TEXT_INIT,
@@ -146,7 +163,7 @@ def finetune(
     cost = result["cost"]
     out.print(
         f"train {cost['train_seconds']:.1f} s, {cost['samples_per_s'] or 0:,.1f} img/s on {cost['device']} "
-        f"({cost['precision']}); tuned weights: {result['weights']}",
+        f"({cost['precision']}); tuned weights: {result['weights'] or 'the tail, in the run folder head.pt'}",
         highlight=False,
     )
     if "cache" in result:
