@@ -15,7 +15,6 @@ import re
 import shutil
 from pathlib import Path
 
-from vlmcache import cache, schemas
 from vlmcache.errors import VlmcacheError
 
 
@@ -43,6 +42,8 @@ def check_output_dir(path: str | os.PathLike, option: str) -> Path:
 
 def staging_dir(run_dir: Path) -> Path:
     """The temporary folder a run is built in, beside its final place (the same file system, so rename works)."""
+    from vlmcache import cache
+
     staging = run_dir.with_name(f"{run_dir.name}{cache.TMP_MARK}{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
@@ -52,6 +53,8 @@ def staging_dir(run_dir: Path) -> Path:
 
 def publish_run(staging: Path, run_dir: Path) -> None:
     """Move a complete run folder into place; an older run there is removed only after the new one is in."""
+    from vlmcache import cache
+
     old = None
     if run_dir.exists():
         old = run_dir.with_name(f"{run_dir.name}.old{cache.TMP_MARK}{os.getpid()}")
@@ -88,6 +91,8 @@ RUN_KINDS = {"head": "vlmcache.train:evaluate_run", "finetune": "vlmcache.finetu
 
 
 def check_post_hoc(tau_norm: float | None, logit_adjust: float | None) -> None:
+    from vlmcache import schemas
+
     for name, value in (("--tau-norm", tau_norm), ("--logit-adjust", logit_adjust)):
         if value is not None and not schemas.finite(value):
             raise VlmcacheError(f"{name} must be a finite number, got {value}.")
@@ -118,17 +123,23 @@ def evaluate_run(
 
 def read_config(run_dir: Path, config_type: type) -> tuple[dict, object]:
     """config.json checked against its schema: (the whole dict, its `config` as a `config_type`)."""
+    from vlmcache import schemas
+
     path = Path(run_dir) / "config.json"
     return schemas.check_run_config(read_json(path, "run"), path, config_type)
 
 
 def read_metrics(run_dir: Path) -> dict:
+    from vlmcache import schemas
+
     path = Path(run_dir) / "metrics.json"
     return schemas.check_metrics(read_json(path, "run"), path)
 
 
 def load_head_file(run_dir: Path, device) -> dict:
     import torch
+
+    from vlmcache import schemas
 
     path = Path(run_dir) / "head.pt"
     if not path.is_file():

@@ -115,8 +115,7 @@ def extract(
     [bold]torchrun --nproc_per_node 4 -m vlmcache extract ...[/]
     """
     from vlmcache.choices import default_workers
-    from vlmcache.extract import ExtractConfig, run_extract
-    from vlmcache.memory import keep_heap_on_cpu
+    from vlmcache.extract_config import ExtractConfig, prepare
 
     check_nproc("extract", nproc)
     cfg = build_config(
@@ -128,9 +127,14 @@ def extract(
         templates=[t.strip() for t in templates.split(",") if t.strip()],
         workers=default_workers() if workers is None else workers,
     )
+    prepared = prepare(cfg)  # every mistake that needs no torch, answered before torch is imported
+
+    from vlmcache.extract import run_extract
+    from vlmcache.memory import keep_heap_on_cpu
+
     keep_heap_on_cpu(cfg.device)
     with RichProgress() as progress:
-        summary = run_extract(cfg, progress=progress, log=log)
+        summary = run_extract(cfg, progress=progress, log=log, prepared=prepared)
     if summary["rank"] != 0:  # under torchrun, rank 0 speaks for all
         return
     if as_json:
