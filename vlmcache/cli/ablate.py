@@ -69,8 +69,16 @@ def ablate(
         _print_dry_run(pipe, runs, missing, as_json)
         return
     if missing and extract:
-        with RichProgress() as progress:
-            extract_missing(pipe, missing, progress, log)
+        try:
+            with RichProgress() as progress:
+                extract_missing(pipe, missing, progress, log)
+        except KeyboardInterrupt:
+            log(
+                f"interrupted: the shards extracted so far are kept in {pipe.cache_dir}; the same command again "
+                "resumes from them, then trains the grid.",
+                markup=False,
+            )
+            raise typer.Exit(130) from None
     elif missing:
         raise VlmcacheError(
             f"{pipe.source}: {len(missing)} cache(s) the grid needs are missing, so no run was started. "
@@ -81,8 +89,16 @@ def ablate(
         )
     from vlmcache.report import paper_table, summarize
 
-    with RunProgress() as progress:
-        table = run_pipeline(pipe, None, progress, log=log, group=group, group_size=group_size)
+    try:
+        with RunProgress() as progress:
+            table = run_pipeline(pipe, None, progress, log=log, group=group, group_size=group_size)
+    except KeyboardInterrupt:
+        log(
+            f"interrupted: the {progress.done} of {progress.total} runs finished so far are kept in {pipe.runs_dir}; "
+            "the same command again skips them and trains the rest.",
+            markup=False,
+        )
+        raise typer.Exit(130) from None
     if table is None:  # a torchrun process other than rank 0: its runs are in rank 0's table
         return
     runs_dir = Path(pipe.runs_dir)

@@ -36,6 +36,7 @@ from vlmcache.cli.common import (
     WEIGHT_DECAY,
     WORKERS,
     CacheRef,
+    EpochProgress,
     app,
     build_config,
     cache_options,
@@ -138,14 +139,8 @@ def train_head(
         eval_split=split, out=str(out_dir) if out_dir else None, log=log_to,
     )  # fmt: skip
 
-    def on_epoch(row: dict) -> None:
-        log(
-            f"epoch {row['epoch']:>3}  step {row['step']:>6}  loss {row['loss']:.4f}  "
-            f"{row['samples_per_s']:>12,.0f} samples/s"
-            + (f"  {cfg.select_on} {100 * row['select_score']:.2f}" if "select_score" in row else "")
-        )
-
-    result = run(cfg, log=log, on_epoch=on_epoch)
+    with EpochProgress(cfg.select_on) as progress:
+        result = run(cfg, log=log, on_epoch=progress.on_epoch)
     if as_json:
         print_json(result)
         return
