@@ -49,6 +49,8 @@ def test_argument_errors_are_answered_before_torch_is_imported(tmp_path):
         ["extract", "--dataset", "digits_lt", "--batch-size", "0"],
         ["extract", "--dataset", "digits_lt", "--cache-dir", str(tmp_path / "a_file")],
         ["extract", "--dataset", "imagefolder", "--root", str(tmp_path), "--name", "../up"],
+        ["train-head", "--threads", "-1"],
+        ["knn", "-d", "imagefolder", "--name", "../up"],
     ]
     script = _NO_TORCH_SCRIPT.format(heavy=HEAVY)
     proc = subprocess.run(
@@ -267,3 +269,23 @@ def test_ctrl_c_on_ablate_says_what_is_kept_and_exits_130(grid, tmp_path):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "interrupted: the 1 of 2 runs" in last and "skips them" in last
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_threads_sets_torchs_cpu_threads(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for given, expected in ((["--threads", "3"], 3), ([], 1)):  # 1: train-head's default (docs/cli.md)
+            torch.set_num_threads(2)
+            res = runner.invoke(app, ["train-head", *given, "--cache-dir", str(tmp_path / "none")])
+            assert res.exit_code == 2 and "No cache" in res.output  # set before the cache is looked for
+            assert torch.get_num_threads() == expected
+        torch.set_num_threads(2)
+        assert runner.invoke(app, ["knn", "--threads", "0", "--cache-dir", str(tmp_path)]).exit_code == 2
+        assert torch.get_num_threads() == 2  # 0: torch's own default, left as it is
+    finally:
+        torch.set_num_threads(before)

@@ -10,6 +10,7 @@ import typer
 from vlmcache.cli.common import (
     JSON,
     NPROC,
+    THREADS,
     RichProgress,
     RunProgress,
     app,
@@ -18,6 +19,7 @@ from vlmcache.cli.common import (
     out,
     print_json,
     switch,
+    use_threads,
     user_errors,
 )
 from vlmcache.errors import VlmcacheError
@@ -40,6 +42,7 @@ def ablate(
         True,
     ),
     group_size: int = typer.Option(32, "--group-size", help="Most runs trained together in one group."),
+    threads: int = THREADS,
     nproc: int = NPROC,
     as_json: bool = JSON,
 ):
@@ -58,6 +61,7 @@ def ablate(
     from vlmcache.ablate import extract_missing, load_pipeline, missing_caches, plan, run_pipeline
 
     check_nproc("ablate", nproc)
+    use_threads(threads)
     pipe = load_pipeline(pipeline, max_runs)
     if cache_dir:
         pipe = dataclasses.replace(pipe, cache_dir=str(cache_dir))

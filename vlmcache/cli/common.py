@@ -256,6 +256,15 @@ def cache_options(fn):
 
 
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+THREADS = typer.Option(
+    None,
+    "--threads",
+    help="torch's CPU threads (default 1: the measured best for heads on a cache, see docs/cli.md; 0: "
+    "torch's own default, one per core).",
+)
+KNN_THREADS = typer.Option(
+    None, "--threads", help="torch's CPU threads (default 0: torch's own, one per core; see docs/cli.md)."
+)
 PRECISION = typer.Option("auto", "--precision", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16, bf16.")
 EVAL_SPLIT = typer.Option(None, "--split", help="Split to evaluate on (default: test, else val).")
 WORKERS = typer.Option(None, "--workers", help="Image-loading processes (default: min(8, CPUs); 0: in the main one).")
@@ -413,6 +422,19 @@ class EpochProgress:
                 f"epoch {row['epoch']:>{len(str(total))}}/{total}  step {row['step']:>6}  loss {row['loss']:.4f}  "
                 f"lr {row['lr']:.2e}{score}  {row['samples_per_s']:>10,.0f} samples/s"
             )
+
+
+def use_threads(threads: int | None, default: int = 1) -> None:
+    """Set torch's intra-op CPU threads for this command: `threads`, else the command's `default` (0: torch's own,
+    one per core). Heads on a cache do small matrix products whose threads wait on each other, and collapse when
+    other processes hold the cores: docs/cli.md has the measurements behind each command's default."""
+    n = default if threads is None else threads
+    if n < 0:
+        raise VlmcacheError(f"--threads must be 0 (torch's default) or more, got {n}.")
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def launch_torchrun(command: str, nproc: int) -> int:

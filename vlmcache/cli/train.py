@@ -18,6 +18,7 @@ from vlmcache.cli.common import (
     HEAD_HELP,
     HEAD_PARAM,
     JSON,
+    KNN_THREADS,
     LOGIT_ADJUST,
     LOSS,
     LOSS_PARAM,
@@ -32,6 +33,7 @@ from vlmcache.cli.common import (
     STAGE2_HELP,
     TAU_NORM,
     TEXT_INIT,
+    THREADS,
     WARMUP_ITERS,
     WEIGHT_DECAY,
     WORKERS,
@@ -46,6 +48,7 @@ from vlmcache.cli.common import (
     print_json,
     print_result,
     switch,
+    use_threads,
     user_errors,
 )
 
@@ -56,7 +59,10 @@ from vlmcache.cli.common import (
 def train_head(
     cache: CacheRef,
     root: Path = typer.Option(
-        None, "--root", help="With --stream: the image folder, if it moved since extraction (else unused)."
+        None,
+        "--root",
+        help="imagefolder, split and wds: the --root given to extract, which named the cache (unless --name did); "
+        "with --stream also the image folder, if it moved since extraction.",
     ),
     preprocess: str = CACHE_PREPROCESS,
     head: str = typer.Option("linear", "--head", help=HEAD_HELP),
@@ -95,6 +101,7 @@ def train_head(
     seed: int = SEED,
     split: str = EVAL_SPLIT,
     device: str = DEVICE,
+    threads: int = THREADS,
     runs_dir: Path = RUNS_DIR,
     out_dir: Path = OUT_RUN,
     overwrite: bool = switch("overwrite", "Run again even if this run folder is finished."),
@@ -131,6 +138,7 @@ def train_head(
 
     Second stage: [bold]vlmcache train-head --stage2 crt --from runs/places_lt__linear-ce-instance__s0__1a2b3c4d[/]
     """
+    use_threads(threads)
     from vlmcache.train import TrainConfig
     from vlmcache.train import train_head as run
 
@@ -217,6 +225,7 @@ def knn(
     blend_weight: float = typer.Option(0.5, "--blend-weight", help="Weight of the kNN votes in the blend."),
     split: str = EVAL_SPLIT,
     device: str = DEVICE,
+    threads: int = KNN_THREADS,
     save_predictions: Path = PREDICTIONS_FILE,
     index: str = typer.Option(
         "auto", "--index", help="auto (torch's exact search on a GPU, faiss on the CPU), faiss, or torch."
@@ -227,6 +236,7 @@ def knn(
 
     Example: [bold]vlmcache knn -d places_lt -m ViT-B-16 --k 20 --balanced --blend runs/<run>[/]
     """
+    use_threads(threads, default=0)  # measured: no gain from one thread (docs/cli.md), and faiss searches use the cores
     from vlmcache.knn import knn as run
 
     result = run(
