@@ -155,7 +155,11 @@ PREPROCESS_FROM = typer.Option(
 )
 # which cache a command reads: each may be left out when only one cache matches the rest
 CACHE_DATASET = typer.Option(
-    None, "--dataset", "-d", help="Dataset of the cache (a name from `vlmcache cache ls`); default: the only one."
+    None,
+    "--dataset",
+    "-d",
+    help="Dataset of the cache: a name from `vlmcache cache ls`, or the --dataset given to extract (with its --root "
+    "or --name for imagefolder, split and wds); default: the only one.",
 )
 CACHE_MODEL = typer.Option(None, "--model", "-m", help="Model of the cache; default: the only one that matches.")
 CACHE_PRETRAINED = typer.Option(
