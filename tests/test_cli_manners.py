@@ -247,6 +247,9 @@ def test_extract_rate_is_the_summarys_rate():
     bar.advance(task, 40)
     # (70 - 20) / 10 s; rich's own rate, over its recent samples, says 40 / 5 s = 8.0
     assert _RateColumn().render(bar.tasks[0]).plain == "5.0 img/s"
+    bar.advance(task, 30)  # the last batch at 10 s: done; the bar is redrawn while the next split extracts
+    now[0] = 30.0
+    assert _RateColumn().render(bar.tasks[0]).plain == "8.0 img/s"  # (100 - 20) / 10 s, not / 30 s
 
 
 def _interrupted(args: list[str], fault: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -316,7 +316,8 @@ class _RateColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         done = task.completed - task.fields.get("resumed", 0)
-        rate = done / task.elapsed if task.elapsed and done > 0 else None
+        elapsed = task.finished_time if task.finished else task.elapsed  # a finished split's rate stays put
+        rate = done / elapsed if elapsed and done > 0 else None
         return Text(f"{rate:,.1f} img/s" if rate else "- img/s", style="cyan")
 
 
