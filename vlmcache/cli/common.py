@@ -226,7 +226,8 @@ def cache_ref(
             f"{' and '.join(given)} pick a cache with the --dataset that extract was given (imagefolder, split or "
             f"wds); {what}."
         )
-    if dataset in USER_DATASETS or name is not None:
+    # without --root or --name, -d is taken as a folder name (as before: `-d split` finds a cache filed as split)
+    if (dataset in USER_DATASETS and root is not None) or name is not None:
         dataset = cache_name(dataset, str(root) if root is not None else None, name)
     return CacheRef(dataset=dataset, **parts)
 
