@@ -278,18 +278,28 @@ def test_ctrl_c_on_ablate_says_what_is_kept_and_exits_130(grid, tmp_path):
 # --------------------------------------------------------------------------- threads
 
 
-def test_threads_sets_torchs_cpu_threads(tmp_path):
+def test_threads_sets_torchs_cpu_threads(tmp_path, monkeypatch):
     import torch
 
+    from vlmcache.errors import VlmcacheError
+
+    seen = []
+
+    def find_cache(*args, **kw):  # record the threads while the command runs, then stop it there
+        seen.append(torch.get_num_threads())
+        raise VlmcacheError("stopped here")
+
+    monkeypatch.setattr("vlmcache.train.find_cache", find_cache)
+    monkeypatch.setattr("vlmcache.knn.find_cache", find_cache)
     before = torch.get_num_threads()
     try:
-        for given, expected in ((["--threads", "3"], 3), ([], 1)):  # 1: train-head's default (docs/cli.md)
-            torch.set_num_threads(2)
-            res = runner.invoke(app, ["train-head", *given, "--cache-dir", str(tmp_path / "none")])
-            assert res.exit_code == 2 and "No cache" in res.output  # set before the cache is looked for
-            assert torch.get_num_threads() == expected
         torch.set_num_threads(2)
-        assert runner.invoke(app, ["knn", "--threads", "0", "--cache-dir", str(tmp_path)]).exit_code == 2
-        assert torch.get_num_threads() == 2  # 0: torch's own default, left as it is
+        for given in (["--threads", "3"], []):
+            runner.invoke(app, ["train-head", *given, "--cache-dir", str(tmp_path)])
+            assert torch.get_num_threads() == 2  # given back when the command ends (in-process)
+        runner.invoke(app, ["knn", "--threads", "0", "--cache-dir", str(tmp_path)])
+        runner.invoke(app, ["knn", "--cache-dir", str(tmp_path)])
+        # while the cache is looked for: 3 as asked, train-head's default 1, and knn's 0 (torch's own, here 2)
+        assert seen == [3, 1, 2, 2]
     finally:
         torch.set_num_threads(before)

@@ -62,15 +62,21 @@ def _main(
 
 
 def user_errors(fn):
-    """Print a VlmcacheError as one line on stderr and exit 2; a user mistake never shows a traceback."""
+    """Print a VlmcacheError as one line on stderr and exit 2; a user mistake never shows a traceback. A command
+    run in-process (tests, a notebook) leaves torch's thread count as it found it (`use_threads` sets it)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        torch = sys.modules.get("torch")  # not imported here: a fresh process has no count to give back
+        threads = torch.get_num_threads() if torch is not None else None
         try:
             return fn(*args, **kwargs)
         except VlmcacheError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        finally:
+            if threads is not None and torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
     return wrapper
 
@@ -440,7 +446,7 @@ def use_threads(threads: int | None, default: int = 1) -> None:
     if n:
         import torch
 
-        torch.set_num_threads(n)
+        torch.set_num_threads(n)  # user_errors gives the count back when a command run in-process ends
 
 
 def launch_torchrun(command: str, nproc: int) -> int:
