@@ -31,7 +31,7 @@ import pandas as pd
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from vlmcache import distributed, guard, runlock, runs
+from vlmcache import distributed, faults, guard, runlock, runs
 from vlmcache.errors import VlmcacheError
 from vlmcache.features import find_cache
 from vlmcache.group import GROUP_SIZE, Outcome, make_groups, train_group
@@ -778,6 +778,7 @@ def _train(planned: list[PlannedRun], members: list[tuple], rows: dict, progress
             rows[i] = _failed(run, cfg, outcome.error, outcome.trace, run_dir, log)
         if progress is not None:
             progress.advance(run.method)
+        faults.hit("run_recorded")
 
     if len(members) == 1:
         try:

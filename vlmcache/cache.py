@@ -651,6 +651,18 @@ def write_text(path: Path, text: TextCache) -> None:
     write_bytes_atomic(path, h5_image(build, expected=embeddings + (1 << 20)))
 
 
+def text_sets(path: Path) -> list[str]:
+    """The template sets whose class-text embeddings text.h5 holds (none when it is missing or unreadable, or
+    holds class names only, as an imported cache's does)."""
+    if not path.is_file():
+        return []
+    try:
+        with open_h5(path) as f:
+            return sorted(name for name, g in f.items() if isinstance(g, h5py.Group))
+    except (VlmcacheError, OSError):
+        return []
+
+
 def read_text(path: Path) -> TextCache:
     """text.h5, checked: class names are strings, each set's embeddings a finite (classes, D) array with one row
     per class name, the logit scale positive and finite."""
@@ -735,12 +747,14 @@ def summarize(model_dir: Path) -> dict:
             "tail_blocks": int(m["fingerprint"].get("tail_blocks") or 0),  # K of the cached prefix (0: none)
         }
     text = model_dir / TEXT_FILE
+    sets = text_sets(text)
     return {
         "dataset": model_dir.parent.name,
         "key": model_dir.name,
         "path": str(model_dir),
         "splits": splits,
-        "text": text.is_file(),
+        "text": bool(sets),  # class-text embeddings to use: an imported cache's text.h5 holds class names only
+        "text_sets": sets,
         "bytes": sum(s.get("bytes", 0) for s in splits.values()) + (text.stat().st_size if text.is_file() else 0),
     }
 

@@ -449,7 +449,14 @@ def _imagefolder(name: str, root, split_files: Mapping[str, str], holdout: float
         raise VlmcacheError(f"No class folders under '{root}'.")
     if len(splits["train"]) == 0:
         raise VlmcacheError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under '{root}'.")
-    return Dataset(name, [c.replace("_", " ") for c in classes], splits, root, notes)
+    names = [c.replace("_", " ") for c in classes]
+    for i, n in enumerate(names):  # two classes of one name: their class texts and reports could not tell them apart
+        if names.index(n) != i:
+            raise VlmcacheError(
+                f"The class folders '{classes[names.index(n)]}' and '{classes[i]}' under '{root}' both name the "
+                f"class '{n}' ('_' reads as a space); rename one."
+            )
+    return Dataset(name, names, splits, root, notes)
 
 
 def implied_classes_problem(top: int, distinct: int) -> str | None:

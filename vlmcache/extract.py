@@ -2,118 +2,38 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlmcache import cache, distributed, faults, guard, handover
-from vlmcache.choices import DATASETS, USER_DATASETS, default_workers
-from vlmcache.datasets import Dataset, Split, load_dataset, where_data
+from vlmcache import cache, distributed, faults, handover
+from vlmcache.choices import default_workers  # noqa: F401 (re-exported: streaming, finetune, bench)
+from vlmcache.datasets import Dataset, Split
 from vlmcache.device_decode import DeviceDecoder, EncodedRows, collate_encoded
-from vlmcache.encoders import Encoder, list_models, load_encoder, math_mode
-from vlmcache.errors import VlmcacheError, unknown_choice
-from vlmcache.images import BadImage, FileSource
+from vlmcache.encoders import Encoder, load_encoder, math_mode
+from vlmcache.errors import VlmcacheError
+from vlmcache.extract_config import (  # noqa: F401 (re-exported: the config and its checks live without torch)
+    DECODE_MODES,
+    NAME_RE,
+    ExtractConfig,
+    cache_name,
+    check_images_reachable,
+    load_extract_dataset,
+    prepare,
+)
+from vlmcache.images import BadImage
 from vlmcache.memory import peak_rss_mb
-from vlmcache.schemas import SEED_MAX
-from vlmcache.templates import DEFAULT_TEMPLATE_SETS, get_templates
+from vlmcache.templates import get_templates
 from vlmcache.templates import template_sets as known_template_sets
 
 TOKEN_TAP = "visual.transformer output, before ln_post (includes the class token)"
 VIEW_SCALE = (0.08, 1.0)
-
-
-@dataclass
-class ExtractConfig:
-    """Everything `vlmcache extract` needs; validated once in `validate`."""
-
-    dataset: str
-    root: str | None = None
-    # the cache's dataset folder, `cache/<name>/<key>`: for imagefolder and split, default the root folder's name
-    name: str | None = None
-    split_files: dict[str, str] = field(default_factory=dict)
-    classnames_file: str | None = None
-    splits: list[str] | None = None  # None: every split the dataset defines
-    model: str = "ViT-B-16"
-    pretrained: str | None = "openai"
-    preprocess_from: str | None = None
-    preprocess: str = "model"  # the weights' own preprocessing, or the seed study's ("seed")
-    cache_dir: str = "cache"
-    shard_size: int = 1024
-    batch_size: int = 64
-    workers: int = field(default_factory=default_workers)
-    tokens: bool = False
-    tail_blocks: int = 0  # K > 0: also cache the prefix, the residual stream entering the tower's last K blocks
-    views: int = 0
-    view_seed: int = 0
-    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATE_SETS))
-    device: str = "auto"
-    precision: str = "auto"
-    overwrite: bool = False
-    verify: bool = False  # on resume, also re-hash the finished shards
-    holdout: float = 0.2
-    seed: int = 0
-    label_key: str = "cls"  # wds: the extension of each sample's label member
-    decode: str = "pil"  # DECODE_MODES: how JPEGs are decoded (draft: at a reduced DCT scale; its own cache)
-
-    def validate(self) -> None:
-        for name in ("shard_size", "batch_size"):
-            if getattr(self, name) < 1:
-                raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        if self.workers < 0:
-            raise VlmcacheError(f"--workers must be 0 or more, got {self.workers}.")
-        if self.views < 0:
-            raise VlmcacheError(f"--views must be 0 or more, got {self.views}.")
-        if self.tail_blocks < 0:
-            raise VlmcacheError(f"--tail-blocks must be 0 (no prefix) or more, got {self.tail_blocks}.")
-        if self.decode not in DECODE_MODES:
-            raise unknown_choice("--decode", self.decode, DECODE_MODES)
-        if not self.templates:
-            raise VlmcacheError(f"--templates needs at least one template set: {', '.join(known_template_sets())}.")
-        for t in self.templates:
-            get_templates(t)
-        if self.model not in list_models():
-            raise unknown_choice("model", self.model, list_models())
-        if not 0 <= self.seed <= SEED_MAX or not 0 <= self.view_seed <= SEED_MAX:
-            raise VlmcacheError(f"--seed and --view-seed must be between 0 and {SEED_MAX}.")
-        guard.check_output(self.cache_dir, "--cache-dir", "cache-root")
-        for split in self.split_files:  # the name rule: each split becomes a folder
-            guard.check_name(split, "The split name of --split-file")
-        for split in self.splits or []:
-            guard.check_name(split, "--splits")
-        if self.name is not None:
-            guard.check_name(self.name, "--name")
-        self.name = cache_name(self.dataset, self.root, self.name)
-
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def cache_name(dataset: str, root: str | None, name: str | None) -> str:
-    """The folder a dataset's caches live in: the benchmark's own name, or for the user's own images (imagefolder,
-    split) `--name`, by default the root folder's name, so that several image folders are cached side by side."""
-    if dataset not in USER_DATASETS:
-        if name not in (None, dataset):
-            raise VlmcacheError(f"--name names the caches of imagefolder and split datasets; {dataset} is {dataset}.")
-        return dataset
-    if name is None:
-        name = Path(root).resolve().name if root else dataset
-        if not NAME_RE.match(name) or name in DATASETS:
-            name = dataset if not NAME_RE.match(name) else f"{dataset}-{name}"
-        return name
-    if not NAME_RE.match(name):
-        raise VlmcacheError(
-            f"--name '{name}' must be a plain folder name: letters, digits, '.', '_' or '-', at most 64 characters."
-        )
-    if name in DATASETS and name != dataset:
-        raise VlmcacheError(f"--name '{name}' is a built-in dataset's name; choose another.")
-    return name
 
 
 # --------------------------------------------------------------------------- the image rows
@@ -227,24 +147,6 @@ def _check_finite(name: str, arr: np.ndarray, rows: np.ndarray, split: Split) ->
 # --------------------------------------------------------------------------- the job
 
 
-def _check_images_reachable(dataset: Dataset, splits: list[str]) -> None:
-    for s in splits:
-        source = dataset.splits[s].source
-        if isinstance(source, FileSource):
-            if dataset.root is None:
-                raise VlmcacheError(
-                    f"{dataset.name} reads image files; pass --root, the folder its split paths start from. "
-                    + where_data(dataset.name)
-                )
-            missing = source.first_missing()
-            if missing:
-                raise VlmcacheError(
-                    f"None of the sampled images of the {s} split exist under --root '{dataset.root}' "
-                    f"(for example '{missing}'). Is --root the folder the split file's paths start from? "
-                    + where_data(dataset.name)
-                )
-
-
 def _split_fingerprint(encoder: Encoder, dataset: Dataset, split: Split, cfg: ExtractConfig) -> dict:
     views = cfg.views if split.name == "train" else 0
     return {
@@ -334,9 +236,6 @@ class Publisher:
         """Ranks with fewer shards than the busiest one still take part in its last rounds."""
         while self.rounds < rounds:
             self.publish(None)
-
-
-DECODE_MODES = ("pil", "draft", "gpu")
 
 
 def use_decode(source, encoder: Encoder, mode: str) -> None:
@@ -715,30 +614,16 @@ def extract_text(encoder: Encoder, dataset: Dataset, template_sets: list[str], m
     return path
 
 
-def _load_dataset(cfg: ExtractConfig) -> Dataset:
-    """The dataset to extract, named as its cache folder (`cfg.name`)."""
-    dataset = load_dataset(
-        cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.seed, cfg.label_key
-    )
-    dataset.name = cfg.name or cache_name(cfg.dataset, cfg.root, None)
-    return dataset
-
-
-def run_extract(cfg: ExtractConfig, progress=None, log=print, model_dir: Path | None = None) -> dict:
+def run_extract(
+    cfg: ExtractConfig, progress=None, log=print, model_dir: Path | None = None, prepared: tuple | None = None
+) -> dict:
     """Extract every requested split and the class-text embeddings. Returns a summary dict.
 
     `model_dir` (repair) names the `<dataset>/<key>` folder to write into; by default it is made from
-    `cfg.cache_dir`, the dataset and the encoder's key. Either way each split's fingerprint must match."""
+    `cfg.cache_dir`, the dataset and the encoder's key. Either way each split's fingerprint must match.
+    `prepared`: what `prepare(cfg)` returned, when the caller checked the inputs before importing torch."""
+    dataset, splits = prepared if prepared is not None else prepare(cfg)
     cfg.validate()
-    dataset = _load_dataset(cfg)
-    splits = cfg.splits or list(dataset.splits)
-    missing = [s for s in splits if s not in dataset.splits]
-    if missing:
-        hint = " ".join(dataset.notes) or f"{cfg.dataset} has the splits: {', '.join(dataset.splits)}."
-        raise VlmcacheError(
-            f"Cannot extract the split(s) {', '.join(missing)} of {cfg.dataset}. {hint} {where_data(cfg.dataset)}"
-        )
-    _check_images_reachable(dataset, splits)
     distributed.init_from_env()
     rank, world = distributed.rank_world()
     device = distributed.local_device(cfg.device)
@@ -806,11 +691,11 @@ def repair_split(split_dir: Path, root: str | None = None, log=print) -> list[st
     if not damaged and manifest.get("complete"):
         return []
     cfg = _recorded_config(split_dir, manifest, root)
-    dataset = _load_dataset(cfg)
+    dataset = load_extract_dataset(cfg)
     if split_dir.name not in dataset.splits:
         raise VlmcacheError(f"'{split_dir}': {cfg.dataset} has no split '{split_dir.name}' to extract again.")
     try:
-        _check_images_reachable(dataset, [split_dir.name])
+        check_images_reachable(dataset, [split_dir.name])
     except VlmcacheError as e:
         raise VlmcacheError(f"Cannot repair '{split_dir}': {e} Pass the images' folder with --root.") from None
     if dataset.splits[split_dir.name].sha256 != manifest["fingerprint"].get("split_sha256"):

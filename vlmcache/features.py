@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from vlmcache import cache, guard
+from vlmcache.choices import DATASETS, USER_DATASETS
 from vlmcache.encoders import RANDOM, SEED_PREPROCESS_SUFFIX
 from vlmcache.errors import VlmcacheError
 from vlmcache.heads import HEADS
@@ -62,6 +63,14 @@ def find_cache(
         raise VlmcacheError(
             f"No cache under '{cache_dir}'{' matches ' + wanted if wanted else ''}.{have} Make one with "
             f"`vlmcache extract --dataset NAME ...` (or `vlmcache demo`), or point --cache-dir at yours."
+        )
+    if dataset not in DATASETS or dataset in USER_DATASETS:
+        # the user's own images: extract filed the cache under --name or the --root folder's name, so the hint names
+        # the flags that find it, not an extract command for a dataset that is not one
+        raise VlmcacheError(
+            f"No cache under '{cache_dir}' matches {wanted}.{have} A cache of your own images is filed under the "
+            f"name extract gave it: pick it with -d NAME as listed, or with the flags extract was given "
+            f"(--dataset imagefolder|split|wds --root DIR [--name NAME]); `vlmcache cache ls` lists them."
         )
     extract = (
         f"vlmcache extract --dataset {dataset} --model {model or 'ViT-B-16'} --pretrained {pretrained or 'openai'} "

@@ -14,7 +14,7 @@ import pickle
 import re
 from pathlib import Path
 
-from vlmcache import guard, schemas
+from vlmcache import guard
 from vlmcache.errors import VlmcacheError
 
 
@@ -60,6 +60,8 @@ RUN_KINDS = {"head": "vlmcache.train:evaluate_run", "finetune": "vlmcache.finetu
 
 
 def check_post_hoc(tau_norm: float | None, logit_adjust: float | None) -> None:
+    from vlmcache import schemas
+
     for name, value in (("--tau-norm", tau_norm), ("--logit-adjust", logit_adjust)):
         if value is not None and not schemas.finite(value):
             raise VlmcacheError(f"{name} must be a finite number, got {value}.")
@@ -92,17 +94,23 @@ def evaluate_run(
 
 def read_config(run_dir: Path, config_type: type) -> tuple[dict, object]:
     """config.json checked against its schema: (the whole dict, its `config` as a `config_type`)."""
+    from vlmcache import schemas
+
     path = Path(run_dir) / "config.json"
     return schemas.check_run_config(read_json(path, "run"), path, config_type)
 
 
 def read_metrics(run_dir: Path) -> dict:
+    from vlmcache import schemas
+
     path = Path(run_dir) / "metrics.json"
     return schemas.check_metrics(read_json(path, "run"), path)
 
 
 def load_head_file(run_dir: Path, device) -> dict:
     import torch
+
+    from vlmcache import schemas
 
     path = Path(run_dir) / "head.pt"
     if not path.is_file():

@@ -426,7 +426,7 @@ def fit_steps(
         row.update(scored)  # with eval_every, the epoch's last score (none if no step of it was scored)
         history.append(row)
         if on_epoch:
-            on_epoch(row)
+            on_epoch({**row, "epochs": epochs})  # with the total, for a progress bar
     if best_state is not None:
         module.load_state_dict(best_state)
     check_finite_parameters(module)
@@ -779,6 +779,11 @@ def prepare_run(
     eval_name = cfg.eval_split or default_eval_split(model_dir)
     train_split, eval_split = open_split(model_dir, cfg.train_split), open_split(model_dir, eval_name)
     num_classes = int(train_split.fingerprint["num_classes"])
+    if num_classes < 2:  # else a head of one logit fails deep inside the loss ("got shape torch.Size([1])")
+        raise VlmcacheError(
+            f"The cache '{model_dir}' holds {num_classes} class; a classifier needs at least 2. Extract images "
+            f"(or split-file labels) of two or more classes."
+        )
     text = cache.read_text(model_dir / cache.TEXT_FILE)
     run_dir = _run_dir(cfg)
     if hold is not None:

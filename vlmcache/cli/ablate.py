@@ -10,6 +10,7 @@ import typer
 from vlmcache.cli.common import (
     JSON,
     NPROC,
+    THREADS,
     WAIT,
     RichProgress,
     RunProgress,
@@ -19,6 +20,7 @@ from vlmcache.cli.common import (
     out,
     print_json,
     switch,
+    use_threads,
     user_errors,
 )
 from vlmcache.errors import VlmcacheError
@@ -42,6 +44,7 @@ def ablate(
     ),
     group_size: int = typer.Option(32, "--group-size", help="Most runs trained together in one group."),
     wait: bool = WAIT,
+    threads: int = THREADS,
     nproc: int = NPROC,
     as_json: bool = JSON,
 ):
@@ -61,6 +64,7 @@ def ablate(
     from vlmcache.ablate import extract_missing, load_pipeline, missing_caches, plan, run_pipeline
 
     check_nproc("ablate", nproc)
+    use_threads(threads)
     pipe = load_pipeline(pipeline, max_runs)
     if cache_dir:
         pipe = dataclasses.replace(pipe, cache_dir=str(cache_dir))
@@ -75,8 +79,16 @@ def ablate(
         _print_dry_run(pipe, runs, missing, as_json)
         return
     if missing and extract:
-        with RichProgress() as progress:
-            extract_missing(pipe, missing, progress, log)
+        try:
+            with RichProgress() as progress:
+                extract_missing(pipe, missing, progress, log)
+        except KeyboardInterrupt:
+            log(
+                f"interrupted: the shards extracted so far are kept in {pipe.cache_dir}; the same command again "
+                "resumes from them, then trains the grid.",
+                markup=False,
+            )
+            raise typer.Exit(130) from None
     elif missing:
         raise VlmcacheError(
             f"{pipe.source}: {len(missing)} cache(s) the grid needs are missing, so no run was started. "
@@ -87,8 +99,16 @@ def ablate(
         )
     from vlmcache.report import paper_table, summarize
 
-    with RunProgress() as progress:
-        table = run_pipeline(pipe, None, progress, log=log, group=group, group_size=group_size, wait=wait)
+    try:
+        with RunProgress() as progress:
+            table = run_pipeline(pipe, None, progress, log=log, group=group, group_size=group_size, wait=wait)
+    except KeyboardInterrupt:
+        log(
+            f"interrupted: the {progress.done} of {progress.total} runs finished so far are kept in {pipe.runs_dir}; "
+            "the same command again skips them and trains the rest.",
+            markup=False,
+        )
+        raise typer.Exit(130) from None
     if table is None:  # a torchrun process other than rank 0: its runs are in rank 0's table
         return
     runs_dir = Path(pipe.runs_dir)

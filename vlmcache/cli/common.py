@@ -62,15 +62,21 @@ def _main(
 
 
 def user_errors(fn):
-    """Print a VlmcacheError as one line on stderr and exit 2; a user mistake never shows a traceback."""
+    """Print a VlmcacheError as one line on stderr and exit 2; a user mistake never shows a traceback. A command
+    run in-process (tests, a notebook) leaves torch's thread count as it found it (`use_threads` sets it)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        torch = sys.modules.get("torch")  # not imported here: a fresh process has no count to give back
+        threads = torch.get_num_threads() if torch is not None else None
         try:
             return fn(*args, **kwargs)
         except VlmcacheError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        finally:
+            if threads is not None and torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
     return wrapper
 
@@ -163,13 +169,23 @@ PREPROCESS_FROM = typer.Option(
 )
 # which cache a command reads: each may be left out when only one cache matches the rest
 CACHE_DATASET = typer.Option(
-    None, "--dataset", "-d", help="Dataset of the cache (a name from `vlmcache cache ls`); default: the only one."
+    None,
+    "--dataset",
+    "-d",
+    help="Dataset of the cache: a name from `vlmcache cache ls`, or the --dataset given to extract (with its --root "
+    "or --name for imagefolder, split and wds); default: the only one.",
 )
 CACHE_MODEL = typer.Option(None, "--model", "-m", help="Model of the cache; default: the only one that matches.")
 CACHE_PRETRAINED = typer.Option(
     None, "--pretrained", "-p", help="Weights of the cache (tag, file, random); default: the only one that matches."
 )
 CACHE_KEY = typer.Option(None, "--cache-key", help="Which cache, when several match the model and weights.")
+CACHE_ROOT = typer.Option(
+    None,
+    "--root",
+    help="imagefolder, split and wds: the --root given to extract, which named the cache (unless --name did).",
+)
+CACHE_NAME = typer.Option(None, "--name", help="imagefolder, split and wds: the --name given to extract.")
 CACHE_PREPROCESS = typer.Option(
     "model",
     "--preprocess",
@@ -179,7 +195,8 @@ CACHE_PREPROCESS = typer.Option(
 
 @dataclasses.dataclass(frozen=True)
 class CacheRef:
-    """Which cache a command reads: each part may be left out when only one cache matches the rest."""
+    """Which cache a command reads: each part may be left out when only one cache matches the rest. `dataset` is
+    the cache's folder name, as extract named it from --dataset, --root and --name."""
 
     dataset: str | None
     model: str | None
@@ -187,9 +204,17 @@ class CacheRef:
     cache_dir: Path
     cache_key: str | None
 
+    def find(self, preprocess: str = "model") -> Path:
+        """The cache's `<dataset>/<key>` folder (vlmcache.features.find_cache)."""
+        from vlmcache.features import find_cache
+
+        return find_cache(self.cache_dir, self.dataset, self.model, self.pretrained, self.cache_key, preprocess)
+
 
 _CACHE_OPTIONS = {
     "dataset": (str, CACHE_DATASET),
+    "root": (Path, CACHE_ROOT),
+    "name": (str, CACHE_NAME),
     "model": (str, CACHE_MODEL),
     "pretrained": (str, CACHE_PRETRAINED),
     "cache_dir": (Path, CACHE_DIR),
@@ -197,32 +222,68 @@ _CACHE_OPTIONS = {
 }
 
 
+def cache_ref(
+    dataset: str | None, root: Path | None, name: str | None, root_is_images: bool = False, **parts
+) -> CacheRef:
+    """The cache that `extract --dataset D --root R --name N` wrote, named as extract names it (one function,
+    vlmcache.extract_config.cache_name): `-d imagefolder --root imgs` finds the cache filed under `imgs`. A cache's
+    own folder name (`-d imgs`, as `vlmcache cache ls` shows it) finds it too. `root_is_images`: the command's
+    --root is also an image folder (train-head --stream), so it may come with any --dataset."""
+    from vlmcache.choices import DATASETS, USER_DATASETS
+    from vlmcache.extract_config import cache_name
+
+    naming = {"--name": name} if root_is_images else {"--root": root, "--name": name}
+    given = [flag for flag, value in naming.items() if value is not None]
+    if given and (dataset is None or dataset not in DATASETS):
+        what = f"-d {dataset} is a cache's own folder name" if dataset else "no --dataset was given"
+        raise VlmcacheError(
+            f"{' and '.join(given)} pick a cache with the --dataset that extract was given (imagefolder, split or "
+            f"wds); {what}."
+        )
+    # without --root or --name, -d is taken as a folder name (as before: `-d split` finds a cache filed as split)
+    if (dataset in USER_DATASETS and root is not None) or name is not None:
+        dataset = cache_name(dataset, str(root) if root is not None else None, name)
+    return CacheRef(dataset=dataset, **parts)
+
+
 def cache_options(fn):
-    """Give a command the options that pick a cache (--dataset, --model, --pretrained, --cache-dir, --cache-key),
-    defined here once, and hand them to it as one `cache: CacheRef` argument."""
+    """Give a command the options that pick a cache (--dataset, --root, --name, --model, --pretrained, --cache-dir,
+    --cache-key), defined here once, and hand them to it as one `cache: CacheRef` argument. A command with a
+    `root` parameter of its own keeps it (train-head's --stream reads images from it) and shares it."""
     sig = inspect.signature(fn)
     own = [p for name, p in sig.parameters.items() if name != "cache"]
+    options = {k: v for k, v in _CACHE_OPTIONS.items() if k not in sig.parameters}
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
-        for name, (kind, option) in _CACHE_OPTIONS.items()
+        for name, (kind, option) in options.items()
     ]
 
     @functools.wraps(fn)
     def wrapper(**kw):
-        return fn(cache=CacheRef(**{name: kw.pop(name) for name in _CACHE_OPTIONS}), **kw)
+        parts = {name: kw.pop(name) if name in options else kw[name] for name in _CACHE_OPTIONS}
+        return fn(cache=cache_ref(**parts, root_is_images="root" not in options), **kw)
 
     wrapper.__signature__ = sig.replace(
         parameters=added + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
     )
     wrapper.__annotations__ = {
         **{k: v for k, v in fn.__annotations__.items() if k != "cache"},
-        **{name: kind for name, (kind, _) in _CACHE_OPTIONS.items()},
+        **{name: kind for name, (kind, _) in options.items()},
     }
     del wrapper.__wrapped__  # typer reads the signature above, not fn's
     return wrapper
 
 
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+THREADS = typer.Option(
+    None,
+    "--threads",
+    help="torch's CPU threads (default 1: the measured best for heads on a cache, see docs/cli.md; 0: "
+    "torch's own default, one per core).",
+)
+KNN_THREADS = typer.Option(
+    None, "--threads", help="torch's CPU threads (default 0: torch's own, one per core; see docs/cli.md)."
+)
 PRECISION = typer.Option("auto", "--precision", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16, bf16.")
 EVAL_SPLIT = typer.Option(None, "--split", help="Split to evaluate on (default: test, else val).")
 WORKERS = typer.Option(None, "--workers", help="Image-loading processes (default: min(8, CPUs); 0: in the main one).")
@@ -260,9 +321,21 @@ STAGE2_HELP = f"Second stage on the run named by --from: {', '.join(STAGE2)}."
 # --------------------------------------------------------------------------- progress
 
 
+def on_terminal() -> bool:
+    """Whether progress is drawn (a bar that redraws itself) or said (a line now and then, for logs and CI)."""
+    return err.is_terminal
+
+
 class _RateColumn(ProgressColumn):
+    """Images per second since the split started, as the summary table computes it (images done in this run over
+    the time since the split's start), not rich's rate over the last seconds: on a small split that rate left
+    out the loader's start and read 40 times the summary's."""
+
     def render(self, task) -> Text:
-        return Text(f"{task.speed:,.1f} img/s" if task.speed else "- img/s", style="cyan")
+        done = task.completed - task.fields.get("resumed", 0)
+        elapsed = task.finished_time if task.finished else task.elapsed  # a finished split's rate stays put
+        rate = done / elapsed if elapsed and done > 0 else None
+        return Text(f"{rate:,.1f} img/s" if rate else "- img/s", style="cyan")
 
 
 class _Bar:
@@ -286,26 +359,104 @@ class RichProgress(_Bar):
     """The extraction's progress: images done of the split's, images/s and ETA."""
 
     def __init__(self):
-        super().__init__(_RateColumn(), TextColumn("ETA"), TimeRemainingColumn(), speed_estimate_period=10)
+        super().__init__(_RateColumn(), TextColumn("ETA"), TimeRemainingColumn())
 
     def start(self, split: str, total: int, completed: int = 0) -> None:
-        self.task = self.bar.add_task(f"extract {split}", total=total, completed=completed)
+        self.task = self.bar.add_task(f"extract {split}", total=total, completed=completed, resumed=completed)
 
     def advance(self, n: int) -> None:
         self.bar.advance(self.task, n)
 
 
 class RunProgress(_Bar):
-    """A grid's progress: runs done of total, with an ETA."""
+    """A grid's progress: runs done of total, with an ETA; off a terminal, one line per finished run (a bar that
+    cannot redraw itself says nothing until the grid ends, minutes later)."""
 
     def __init__(self):
         super().__init__(TextColumn("runs ETA"), TimeRemainingColumn())
+        self.lines = not on_terminal()
+        self.done = self.total = 0
+
+    def __enter__(self):
+        if not self.lines:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.lines:
+            self.bar.stop()
 
     def start(self, total: int) -> None:
+        self.total = total
         self.task = self.bar.add_task("ablate", total=total)
 
     def advance(self, method: str) -> None:
+        self.done += 1
         self.bar.update(self.task, advance=1, description=f"ablate: {method[:40]:<40}")
+        if self.lines:
+            task = self.bar.tasks[0]
+            eta = f", ETA {task.time_remaining:,.0f} s" if task.time_remaining else ""
+            log(f"run {self.done}/{self.total} done: {method} ({task.elapsed:,.0f} s{eta})", markup=False)
+
+
+def epoch_every(total: int, lines: int = 15) -> int:
+    """Every how many epochs a line is said off a terminal: the smallest of 1, 2, 5, 10, 20, 50, ... that keeps a
+    run of `total` epochs to at most `lines` lines (a 2,000-epoch run: every 200th, 10 lines, and the first)."""
+    n = 1
+    while total > n * lines:
+        n = n * 5 // 2 if str(n)[0] == "2" else n * 2
+    return n
+
+
+class EpochProgress:
+    """train-head's epochs: on a terminal, a bar with the last loss and learning rate; elsewhere one line every
+    `epoch_every(total)` epochs, the first and the last. A context manager; `on_epoch(row)` is fit's callback."""
+
+    def __init__(self, select_on: str | None = None):
+        self.select_on = select_on
+        self.bar = None
+        self.task = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+    def on_epoch(self, row: dict) -> None:
+        total = row.get("epochs") or row["epoch"]
+        score = f"  {self.select_on} {100 * row['select_score']:.2f}" if "select_score" in row else ""
+        if on_terminal():
+            if self.bar is None:
+                self.bar = Progress(
+                    TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs  {task.fields[last]}"),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=err,
+                )  # fmt: skip
+                self.bar.start()
+                self.task = self.bar.add_task("train", total=total, last="")
+            last = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}{score}"
+            self.bar.update(self.task, completed=row["epoch"], last=last)
+            return
+        every = epoch_every(total)
+        if row["epoch"] in (1, total) or row["epoch"] % every == 0:
+            log(
+                f"epoch {row['epoch']:>{len(str(total))}}/{total}  step {row['step']:>6}  loss {row['loss']:.4f}  "
+                f"lr {row['lr']:.2e}{score}  {row['samples_per_s']:>10,.0f} samples/s"
+            )
+
+
+def use_threads(threads: int | None, default: int = 1) -> None:
+    """Set torch's intra-op CPU threads for this command: `threads`, else the command's `default` (0: torch's own,
+    one per core). Heads on a cache do small matrix products whose threads wait on each other, and collapse when
+    other processes hold the cores: docs/cli.md has the measurements behind each command's default."""
+    n = default if threads is None else threads
+    if n < 0:
+        raise VlmcacheError(f"--threads must be 0 (torch's default) or more, got {n}.")
+    if n:
+        import torch
+
+        torch.set_num_threads(n)  # user_errors gives the count back when a command run in-process ends
 
 
 def launch_torchrun(command: str, nproc: int) -> int:

@@ -6,15 +6,20 @@ from pathlib import Path
 
 import typer
 
-from vlmcache.cli.common import CACHE_DIR, JSON, app, log, out, print_json, user_errors
+from vlmcache.cli.common import CACHE_DIR, JSON, CacheRef, app, cache_options, log, print_json, user_errors
+from vlmcache.errors import VlmcacheError
 
 PANEL = "Stage 1: features"
 
 
 @app.command("export", rich_help_panel=PANEL)
 @user_errors
+@cache_options
 def export(
-    ref: str = typer.Argument(..., help="A cache: its path, DATASET/KEY, or a unique key prefix."),
+    cache: CacheRef,
+    ref: str = typer.Argument(
+        None, help="A cache: its path, DATASET/KEY, or a unique key prefix (or pick it with the flags below)."
+    ),
     fmt: str = typer.Option(
         "parquet", "--format", help="parquet (a file per split), clip-retrieval (its own layout) or npy-raw."
     ),
@@ -23,7 +28,6 @@ def export(
     dtype: str = typer.Option(
         None, "--dtype", help="float32 or float16 (default: float32; clip-retrieval is always float16)."
     ),
-    cache_dir: Path = CACHE_DIR,
     overwrite: bool = typer.Option(
         False, "--overwrite/--no-overwrite", metavar="", help="Replace an export folder vlmcache wrote, whole."
     ),
@@ -31,32 +35,34 @@ def export(
 ):
     """Write a cache's pooled embeddings with each row's image path, label and class name, shard by shard.
 
-    Example: [bold]vlmcache export digits_lt/vlmcache-tiny__random__ea977237 --format parquet --out exported[/]
+    Example: [bold]vlmcache export digits_lt/vlmcache-tiny__random__ea977237 --format parquet --out exported[/],
+    or by the flags that made it: [bold]vlmcache export -d imagefolder --root imgs --out exported[/]
 
     parquet: SPLIT.parquet with columns row, path, label, class_name, pooled (a fixed-size list). clip-retrieval:
     what clip-retrieval writes, SPLIT/img_emb/img_emb_N.npy (L2-normalised float16) and
     SPLIT/metadata/metadata_N.parquet (image_path, then row, label, class_name). npy-raw: the same layout with the
     embeddings as cached (not normalised). Memory holds one piece at a time.
     """
-    from vlmcache import cache, guard
+    from vlmcache import guard
+    from vlmcache.cache import resolve_cache
     from vlmcache.exchange import export_cache
 
+    if ref and any((cache.dataset, cache.model, cache.pretrained, cache.cache_key)):
+        raise VlmcacheError("export takes a cache as REF or by its flags (-d, -m, -p, --cache-key), not both.")
     guard.check_output(out_dir, "--out", "export", overwrite)  # before any work
-    model_dir = cache.resolve_cache(cache_dir, ref)
+    model_dir = resolve_cache(cache.cache_dir, ref) if ref else cache.find()
     with guard.built_aside(out_dir) as staging:  # replaces an older export whole, or leaves it as it was
 
         def where(text: str) -> str:
             return text.replace(str(staging), str(out_dir))
 
+        # export_cache says each split's line as it is written (on stderr): the command adds none of its own
         result = export_cache(model_dir, fmt, staging, splits or None, dtype, log=lambda s: log(where(s)))
         for written in result["splits"].values():
             written["path"] = where(written["path"])
         guard.write_export_marker(staging, {"cache": str(model_dir), "format": fmt, "splits": list(result["splits"])})
     if as_json:
         print_json(result)
-        return
-    for name, w in result["splits"].items():
-        out.print(f"{name}: {w['rows']:,} rows -> {w['path']}", highlight=False)
 
 
 @app.command("import", rich_help_panel=PANEL)

@@ -121,8 +121,7 @@ def extract(
     [bold]torchrun --nproc_per_node 4 -m vlmcache extract ...[/]
     """
     from vlmcache.choices import default_workers
-    from vlmcache.extract import ExtractConfig, run_extract
-    from vlmcache.memory import keep_heap_on_cpu
+    from vlmcache.extract_config import ExtractConfig, prepare
 
     check_nproc("extract", nproc)
     cfg = build_config(
@@ -134,9 +133,22 @@ def extract(
         templates=[t.strip() for t in templates.split(",") if t.strip()],
         workers=default_workers() if workers is None else workers,
     )
+    prepared = prepare(cfg)  # every mistake that needs no torch, answered before torch is imported
+
+    from vlmcache.extract import run_extract
+    from vlmcache.memory import keep_heap_on_cpu
+
     keep_heap_on_cpu(cfg.device)
-    with RichProgress() as progress:
-        summary = run_extract(cfg, progress=progress, log=log)
+    try:
+        with RichProgress() as progress:
+            summary = run_extract(cfg, progress=progress, log=log, prepared=prepared)
+    except KeyboardInterrupt:
+        log(
+            f"interrupted: the shards finished so far are kept in {Path(cfg.cache_dir) / cfg.name}; the same "
+            "command again resumes from them.",
+            markup=False,
+        )
+        raise typer.Exit(130) from None
     if summary["rank"] != 0:  # under torchrun, rank 0 speaks for all
         return
     if as_json:
@@ -306,7 +318,8 @@ def cache_ls(cache_dir: Path = CACHE_DIR, as_json: bool = JSON):
             + (f" +prefix K={v['tail_blocks']}" if v.get("tail_blocks") else "")
             for s, v in c["splits"].items()
         )
-        table.add_row(c["dataset"], c["key"], splits, "yes" if c["text"] else "no", size(c["bytes"]))
+        text = ", ".join(c["text_sets"]) if c["text"] else "no"
+        table.add_row(c["dataset"], c["key"], splits, text, size(c["bytes"]))
     out.print(table)
     for c in found:
         out.print(f"{c['dataset']}/{c['key']}: pick it with {c['flags']}", highlight=False)
@@ -403,7 +416,12 @@ def cache_verify(
     from vlmcache import cache
     from vlmcache.extract import repair_split
 
+    if not ref and not cache_dir.is_dir():
+        what = "is a file, not a folder" if cache_dir.exists() else "does not exist"
+        raise VlmcacheError(f"--cache-dir '{cache_dir}' {what}: there is no cache to verify.")
     targets = [cache.resolve_cache(cache_dir, ref)] if ref else list(cache.iter_caches(cache_dir))
+    if not targets:  # "0 split(s) checked: all shards match" would claim what was never checked
+        raise VlmcacheError(f"No caches under --cache-dir '{cache_dir}' to verify; `vlmcache cache ls` lists them.")
     problems, checked, repaired = [], 0, []
     for model_dir in targets:
         problems += cache.verify_text(model_dir)  # not repaired: extract writes it again (imports: import again)

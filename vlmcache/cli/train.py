@@ -18,6 +18,7 @@ from vlmcache.cli.common import (
     HEAD_HELP,
     HEAD_PARAM,
     JSON,
+    KNN_THREADS,
     LOGIT_ADJUST,
     LOSS,
     LOSS_PARAM,
@@ -32,11 +33,13 @@ from vlmcache.cli.common import (
     STAGE2_HELP,
     TAU_NORM,
     TEXT_INIT,
+    THREADS,
     WAIT,
     WARMUP_ITERS,
     WEIGHT_DECAY,
     WORKERS,
     CacheRef,
+    EpochProgress,
     app,
     build_config,
     cache_options,
@@ -46,6 +49,7 @@ from vlmcache.cli.common import (
     print_json,
     print_result,
     switch,
+    use_threads,
     user_errors,
 )
 
@@ -56,7 +60,10 @@ from vlmcache.cli.common import (
 def train_head(
     cache: CacheRef,
     root: Path = typer.Option(
-        None, "--root", help="With --stream: the image folder, if it moved since extraction (else unused)."
+        None,
+        "--root",
+        help="imagefolder, split and wds: the --root given to extract, which named the cache (unless --name did); "
+        "with --stream also the image folder, if it moved since extraction.",
     ),
     preprocess: str = CACHE_PREPROCESS,
     head: str = typer.Option("linear", "--head", help=HEAD_HELP),
@@ -110,6 +117,7 @@ def train_head(
     seed: int = SEED,
     split: str = EVAL_SPLIT,
     device: str = DEVICE,
+    threads: int = THREADS,
     runs_dir: Path = RUNS_DIR,
     out_dir: Path = OUT_RUN,
     overwrite: bool = switch("overwrite", "Run again even if this run folder is finished."),
@@ -147,6 +155,7 @@ def train_head(
 
     Second stage: [bold]vlmcache train-head --stage2 crt --from runs/places_lt__linear-ce-instance__s0__1a2b3c4d[/]
     """
+    use_threads(threads)
     from vlmcache.train import TrainConfig
     from vlmcache.train import train_head as run
 
@@ -155,14 +164,8 @@ def train_head(
         eval_split=split, out=str(out_dir) if out_dir else None, log=log_to,
     )  # fmt: skip
 
-    def on_epoch(row: dict) -> None:
-        log(
-            f"epoch {row['epoch']:>3}  step {row['step']:>6}  loss {row['loss']:.4f}  "
-            f"{row['samples_per_s']:>12,.0f} samples/s"
-            + (f"  {cfg.select_on} {100 * row['select_score']:.2f}" if "select_score" in row else "")
-        )
-
-    result = run(cfg, log=log, on_epoch=on_epoch, hold="vlmcache train-head", wait=wait)
+    with EpochProgress(cfg.select_on) as progress:
+        result = run(cfg, log=log, on_epoch=progress.on_epoch, hold="vlmcache train-head", wait=wait)
     if as_json:
         print_json(result)
         return
@@ -244,6 +247,7 @@ def knn(
     blend_weight: float = typer.Option(0.5, "--blend-weight", help="Weight of the kNN votes in the blend."),
     split: str = EVAL_SPLIT,
     device: str = DEVICE,
+    threads: int = KNN_THREADS,
     save_predictions: Path = PREDICTIONS_FILE,
     index: str = typer.Option(
         "auto", "--index", help="auto (torch's exact search on a GPU, faiss on the CPU), faiss, or torch."
@@ -255,6 +259,7 @@ def knn(
 
     Example: [bold]vlmcache knn -d places_lt -m ViT-B-16 --k 20 --balanced --blend runs/<run>[/]
     """
+    use_threads(threads, default=0)  # measured: no gain from one thread (docs/cli.md), and faiss searches use the cores
     from vlmcache.knn import knn as run
 
     result = run(
