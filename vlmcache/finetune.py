@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmcache import cache, distributed, faults, guard, handover, runs
+from vlmcache import cache, distributed, faults, handover, runs
 from vlmcache.choices import TAIL_TUNE, TUNE
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
@@ -473,17 +473,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
 
 
 def _run_dir(cfg: FinetuneConfig) -> Path:
-    """The run folder, checked by the output guard: not inside a cache or run, not someone else's folder (a run of
-    ours resumes), and not a finished run unless --overwrite."""
-    if cfg.out:
-        run_dir = guard.check_output(cfg.out, "--out", "run", cfg.overwrite, reuse=True)
-    else:
-        guard.check_output(cfg.runs_dir, "--runs-dir", "runs")
-        run_dir = Path(cfg.runs_dir) / guard.check_name(cfg.run_name(), "The run name")
-        guard.check_output(run_dir, "--runs-dir", "run", cfg.overwrite, reuse=True)
-    if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
-        raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")
-    return run_dir
+    """This run's folder, checked by the output guard before any work (runs.run_folder)."""
+    return runs.run_folder(cfg.out, cfg.runs_dir, cfg.run_name(), cfg.overwrite)
 
 
 def _prepare_run_dir(cfg: FinetuneConfig, run_dir: Path, device: torch.device) -> dict | None:

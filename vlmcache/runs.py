@@ -23,6 +23,21 @@ def check_output_dir(path: str | os.PathLike, option: str) -> Path:
     return guard.check_creatable(Path(path), option)
 
 
+def run_folder(out: str | None, runs_dir: str, run_name: str, overwrite: bool) -> Path:
+    """A run's folder (`--out`, else `--runs-dir`/its name), checked by the output guard before any work:
+    creatable, not inside a cache or run, not someone else's folder (a run of ours resumes), and not a finished
+    run unless --overwrite."""
+    if out:
+        run_dir = guard.check_output(out, "--out", "run", overwrite, reuse=True)
+    else:
+        guard.check_output(runs_dir, "--runs-dir", "runs")
+        run_dir = Path(runs_dir) / guard.check_name(run_name, "The run name")
+        guard.check_output(run_dir, "--runs-dir", "run", overwrite, reuse=True)
+    if (run_dir / "metrics.json").is_file() and not overwrite:
+        raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")
+    return run_dir
+
+
 def staging_dir(run_dir: Path) -> Path:
     """The temporary folder a run is built in, beside its final place (the same file system, so rename works);
     a new one each time (`guard.staging_folder`), so nothing already there is removed."""

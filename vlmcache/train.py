@@ -588,17 +588,8 @@ def _bind_text(head: nn.Module, split: cache.SplitCache, text: cache.TextCache, 
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
-    """This run's folder, checked by the output guard before any work: creatable, not inside a cache or run,
-    not someone else's folder, and not a finished run unless --overwrite."""
-    if cfg.out:
-        run_dir = guard.check_output(cfg.out, "--out", "run", cfg.overwrite, reuse=True)
-    else:
-        guard.check_output(cfg.runs_dir, "--runs-dir", "runs")
-        run_dir = Path(cfg.runs_dir) / guard.check_name(cfg.run_name(), "The run name")
-        guard.check_output(run_dir, "--runs-dir", "run", cfg.overwrite, reuse=True)
-    if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
-        raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")
-    return run_dir
+    """This run's folder, checked by the output guard before any work (runs.run_folder)."""
+    return runs.run_folder(cfg.out, cfg.runs_dir, cfg.run_name(), cfg.overwrite)
 
 
 def _check_tau_norm(model: RunModel) -> None:
@@ -683,7 +674,13 @@ def train_head(
         try:
             t0 = time.perf_counter()
             history, selection = fit(
-                job.fit_model, job.fit_data, job.loss_fn, job.sampler, cfg, job.device, job.on_epoch(on_epoch),
+                job.fit_model,
+                job.fit_data,
+                job.loss_fn,
+                job.sampler,
+                cfg,
+                job.device,
+                job.on_epoch(on_epoch),
                 job.select,
             )
             job.times["train_seconds"] = time.perf_counter() - t0
@@ -734,6 +731,7 @@ class RunJob:
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging = None
+
     warnings: list[str] = field(default_factory=list)  # said when the run starts, kept in metrics.json
 
     def on_epoch(self, also: Callable[[dict], None] | None = None) -> Callable[[dict], None] | None:
