@@ -160,7 +160,9 @@ def test_protocol_lift_sets_lifts_recipe_and_records_it(prefix_cache, tmp_path, 
 def test_cache_listings_name_the_prefix(prefix_cache):
     splits = cache.summarize(Path(prefix_cache["cache"]))["splits"]
     assert (splits["train"]["tail_blocks"], splits["test"]["tail_blocks"]) == (1, 1)
-    listing = CliRunner().invoke(app, ["cache", "ls", "--cache-dir", prefix_cache["config"]["cache_dir"]])
+    listing = CliRunner().invoke(
+        app, ["cache", "ls", "--cache-dir", prefix_cache["config"]["cache_dir"]], env={"COLUMNS": "200"}
+    )  # wide enough that the table does not wrap the splits column
     assert listing.exit_code == 0 and "+prefix K=1" in listing.output, listing.output
 
 
