@@ -609,27 +609,10 @@ def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, 
     # the tuned weights as an open_clip checkpoint: `vlmcache extract --pretrained FILE` reads it
     weights = run_dir / f"{cfg.model}-ft-{cfg.hash()}.pt"
     cache.save_torch_atomic(encoder.model.state_dict(), weights)
-    saved = {
-        "head": cfg.head,
-        "in_dim": model.head.classifier.weight.shape[1],
-        "num_classes": dataset.num_classes,
-        "head_params": full_head_params(cfg.head, cfg.head_params),
-        "head_state": model.head.state_dict(),
-        "stage2": None,
-        "stage2_params": None,
-        "stage2_state": None,
-    }
-    cache.save_torch_atomic(saved, run_dir / "head.pt")
-    cache.write_bytes_atomic(run_dir / "per_class.csv", table.to_csv(index=False).encode())
-    config = {
-        "config": asdict(cfg),
-        "kind": "finetune",
-        "weights": str(weights),
-        "eval_split": eval_split.name,
-        "train_counts": counts.tolist(),
-        "argv": sys.argv,
-    }
-    cache.write_json_atomic(run_dir / "config.json", config)
+    head_params = full_head_params(cfg.head, cfg.head_params)
+    in_dim = model.head.classifier.weight.shape[1]
+    save_run_files(run_dir, cfg, cfg.head, in_dim, dataset.num_classes, head_params, model.head, table, weights,
+                   eval_split.name, counts)  # fmt: skip
     samples = sum(h["samples_per_s"] * h["seconds"] for h in history)
     cost.update(
         samples_per_s=round(samples / cost["train_seconds"], 1) if cost["train_seconds"] > 0 else None,
@@ -640,6 +623,44 @@ def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, 
     if device.type == "cuda":
         cost["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return {"run": str(run_dir), "metrics": metrics, "cost": cost, "history": history, "weights": str(weights)}
+
+
+def save_run_files(
+    run_dir: Path,
+    cfg,
+    head: str,
+    in_dim: int,
+    num_classes: int,
+    head_params: dict,
+    module: nn.Module,
+    table,
+    weights: Path | None,
+    eval_split: str,
+    counts: np.ndarray,
+) -> None:
+    """A fine-tuning run's head.pt, per_class.csv and config.json (metrics.json, last, is the caller's): the
+    whole tower's run and a tail run (`weights` None: the tuned tail lives in head.pt) write the same files."""
+    saved = {
+        "head": head,
+        "in_dim": in_dim,
+        "num_classes": num_classes,
+        "head_params": head_params,
+        "head_state": module.state_dict(),
+        "stage2": None,
+        "stage2_params": None,
+        "stage2_state": None,
+    }
+    cache.save_torch_atomic(saved, run_dir / "head.pt")
+    cache.write_bytes_atomic(run_dir / "per_class.csv", table.to_csv(index=False).encode())
+    config = {
+        "config": asdict(cfg),
+        "kind": "finetune",
+        "weights": None if weights is None else str(weights),
+        "eval_split": eval_split,
+        "train_counts": counts.tolist(),
+        "argv": sys.argv,
+    }
+    cache.write_json_atomic(run_dir / "config.json", config)
 
 
 def _preprocess_tag(cfg: FinetuneConfig) -> str | None:

@@ -13,10 +13,8 @@ stores it (`round_prefix`), so for the same seed and views the run equals the ca
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ import torch
 
 from vlmcache import cache, distributed
 from vlmcache.errors import VlmcacheError
+from vlmcache.finetune import save_run_files
 from vlmcache.heads import CosineClassifier, build_head, full_head_params
 from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb
@@ -85,27 +84,9 @@ def finetune_tail(
     train_seconds = time.perf_counter() - t0
     metrics, table = evaluate(model, test, counts, dataset.classnames, None, cfg.many, cfg.few)
 
-    saved = {
-        "head": "tail",
-        "in_dim": train.dim,
-        "num_classes": dataset.num_classes,
-        "head_params": head_params,
-        "head_state": head.state_dict(),
-        "stage2": None,
-        "stage2_params": None,
-        "stage2_state": None,
-    }
-    cache.save_torch_atomic(saved, run_dir / "head.pt")
-    cache.write_bytes_atomic(run_dir / "per_class.csv", table.to_csv(index=False).encode())
-    config = {
-        "config": asdict(cfg),
-        "kind": "finetune",
-        "weights": None,  # the tuned tail lives in head.pt (the tower's own weights never change)
-        "eval_split": eval_split.name,
-        "train_counts": counts.tolist(),
-        "argv": sys.argv,
-    }
-    cache.write_json_atomic(run_dir / "config.json", config)
+    # the tuned tail lives in head.pt (the tower's own weights never change): no weights file
+    save_run_files(run_dir, cfg, "tail", train.dim, dataset.num_classes, head_params, head, table, None,
+                   eval_split.name, counts)  # fmt: skip
     seen = sum(h["samples_per_s"] * h["seconds"] for h in history)
     cost = {
         "train_seconds": round(train_seconds, 3),
