@@ -398,19 +398,19 @@ def refuse_extract(ex, cache_dir: Path, *watched: Path, says: str, extra: tuple 
     assert snapshot(*watched) == before
 
 
-@pytest.mark.parametrize("linked", ["dataset", "key", "split"])
+@pytest.mark.parametrize("linked", ["dataset", "key", "split", "text.h5"])
 def test_extract_refuses_a_link_beneath_the_cache_dir(extracted, tmp_path, linked):
-    """A link in place of the dataset, cache-key or split folder would land the shards elsewhere: refused, with and
-    without --overwrite, and the folder it points to is left as it was."""
+    """A link in place of the dataset, cache-key or split folder (or text.h5) would land the output elsewhere:
+    refused, with and without --overwrite, and what it points to is left as it was."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep.txt").write_text("keep")
     cache_dir = tmp_path / "cache"
     link = {"dataset": cache_dir / "split", "key": cache_dir / extracted["key"]}.get(
-        linked, cache_dir / extracted["key"] / "train"
+        linked, cache_dir / extracted["key"] / ("train" if linked == "split" else "text.h5")
     )
     link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(outside, target_is_directory=True)
+    link.symlink_to(outside / "keep.txt" if linked == "text.h5" else outside, target_is_directory=linked != "text.h5")
     for extra in ((), ("--overwrite",)):
         refuse_extract(extracted, cache_dir, outside, tmp_path, says="symbolic link", extra=extra)
     assert [p.name for p in outside.iterdir()] == ["keep.txt"]
