@@ -595,9 +595,7 @@ def check_text_file(model_dir: Path, overwrite: bool) -> None:
     try:
         cache.read_text(path)
     except VlmcacheError as e:
-        raise VlmcacheError(
-            f"{e} It is kept; pass --overwrite to replace it (never without)."
-        ) from None
+        raise VlmcacheError(f"{e} It is kept; pass --overwrite to replace it (never without).") from None
 
 
 def extract_text(
