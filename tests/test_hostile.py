@@ -369,3 +369,84 @@ def test_a_failed_run_leaves_nothing_behind(small_cache, monkeypatch):
     with pytest.raises(RuntimeError, match="went away"):
         train.train_head(cfg, log=lambda *a: None)
     assert [p.name for p in runs_dir.iterdir()] == ["keep.txt"]
+
+
+# --------------------------------------------------------------------------- the folders beneath --cache-dir
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, split_dataset):
+    """One real extraction of split_dataset's train split (the tiny model): its argv without --cache-dir, and the
+    `<dataset>/<key>` path beneath a cache folder, so that each test builds the same folders by hand elsewhere."""
+    root, files = split_dataset
+    argv = ["extract", "-d", "split", "--name", "split", "--root", str(root), "--split-file", f"train={files['train']}",
+            "-m", "vlmcache-tiny", "-p", "none", "--device", "cpu", "--workers", "0"]  # fmt: skip
+    cache_dir = tmp_path_factory.mktemp("extracted")
+    res = runner.invoke(app, [*argv, "--cache-dir", str(cache_dir)])
+    assert res.exit_code == 0, res.output
+    (model_dir,) = (cache_dir / "split").iterdir()
+    return {"argv": argv, "cache": cache_dir, "model": model_dir, "key": Path("split") / model_dir.name}
+
+
+def refuse_extract(ex, cache_dir: Path, *watched: Path, says: str, extra: tuple = ()) -> None:
+    """extract into `cache_dir` exits 2 with one line saying `says`, and leaves `watched` folders as they were."""
+    before = snapshot(*watched)
+    res = runner.invoke(app, [*ex["argv"], "--cache-dir", str(cache_dir), *extra])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2, f"exit {res.exit_code}\n{res.output}\n{res.exception!r}"
+    assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], res.output
+    assert snapshot(*watched) == before
+
+
+@pytest.mark.parametrize("linked", ["dataset", "key", "split", "text.h5"])
+def test_extract_refuses_a_link_beneath_the_cache_dir(extracted, tmp_path, linked):
+    """A link in place of the dataset, cache-key or split folder (or text.h5) would land the output elsewhere:
+    refused, with and without --overwrite, and what it points to is left as it was."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    cache_dir = tmp_path / "cache"
+    link = {"dataset": cache_dir / "split", "key": cache_dir / extracted["key"]}.get(
+        linked, cache_dir / extracted["key"] / ("train" if linked == "split" else "text.h5")
+    )
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside / "keep.txt" if linked == "text.h5" else outside, target_is_directory=linked != "text.h5")
+    for extra in ((), ("--overwrite",)):
+        refuse_extract(extracted, cache_dir, outside, tmp_path, says="symbolic link", extra=extra)
+    assert [p.name for p in outside.iterdir()] == ["keep.txt"]
+
+
+def test_extract_refuses_a_split_folder_it_did_not_write(extracted, tmp_path):
+    split_dir = tmp_path / "cache" / extracted["key"] / "train"
+    split_dir.mkdir(parents=True)
+    (split_dir / "data.bin").write_bytes(b"precious")
+    for extra in ((), ("--overwrite",)):
+        refuse_extract(extracted, tmp_path / "cache", tmp_path, says="is not a cache split", extra=extra)
+    assert [p.name for p in split_dir.iterdir()] == ["data.bin"]
+
+
+def test_extract_overwrite_never_removes_someone_elses_file_in_a_split(extracted):
+    split_dir = extracted["model"] / "train"
+    notes = split_dir / "notes.txt"
+    notes.write_text("mine")
+    try:
+        refuse_extract(extracted, extracted["cache"], extracted["cache"], says="notes.txt", extra=("--overwrite",))
+    finally:
+        notes.unlink()
+    files = sorted(p.name for p in split_dir.iterdir())
+    assert files[0] == "manifest.json" and all(f.startswith("shard-") for f in files[1:])
+
+
+def test_extract_keeps_an_unreadable_text_file_without_overwrite(extracted, tmp_path):
+    model_dir = tmp_path / "cache" / extracted["key"]
+    model_dir.mkdir(parents=True)
+    (model_dir / "text.h5").write_text("precious")
+    refuse_extract(extracted, tmp_path / "cache", tmp_path, says="--overwrite")
+    assert (model_dir / "text.h5").read_text() == "precious" and sorted(os.listdir(model_dir)) == ["text.h5"]
+    res = runner.invoke(app, [*extracted["argv"], "--cache-dir", str(tmp_path / "cache"), "--overwrite"])
+    assert res.exit_code == 0, res.output  # a damaged text.h5 is replaced with --overwrite
+    from vlmcache import cache
+
+    assert (
+        cache.read_text(model_dir / "text.h5").classnames == cache.read_text(extracted["model"] / "text.h5").classnames
+    )

@@ -546,3 +546,19 @@ def test_a_folder_in_the_splits_place_that_is_no_split_is_never_replaced(tmp_pat
         _refused(tmp_path, "parquet", good, "test' exists and is not a cache split", dataset="m", split="test",
                  overwrite=overwrite)  # fmt: skip
     assert (theirs / "shard-00000.h5").read_bytes() == b"someone's file"
+
+
+def test_overwrite_never_removes_someone_elses_file_and_never_follows_a_link(tmp_path):
+    """--overwrite replaces a split vlmcache wrote, never a file of someone else's inside it (refused, kept), and
+    a link in place of the split or cache folder is refused, as extract refuses it (guard.check_cache_folders)."""
+    good = _parquet(tmp_path / "g.parquet", np.ones((4, 2)).tolist(), [0, 1, 2, 0])
+    out = import_embeddings("parquet", good, "m", "train", tmp_path / "c", **QUIET)
+    notes = Path(out["cache"]) / "train" / "notes.txt"
+    notes.write_text("mine")
+    _refused(tmp_path, "parquet", good, "holds 'notes.txt', which vlmcache did not write", dataset="m", overwrite=True)
+    assert notes.read_text() == "mine"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (Path(out["cache"]) / "test").symlink_to(outside, target_is_directory=True)
+    _refused(tmp_path, "parquet", good, "symbolic link", dataset="m", split="test", overwrite=True)
+    assert not any(outside.iterdir())

@@ -676,7 +676,9 @@ def read_text(path: Path) -> TextCache:
 
     with open_h5(path) as f:
         if "logit_scale" not in f.attrs or "fingerprint" not in f.attrs:
-            raise VlmcacheError(f"'{path}' was written by an older vlmcache; extract again to rewrite it.")
+            raise VlmcacheError(
+                f"'{path}' was written by an older vlmcache; extract again with --overwrite to rewrite it."
+            )
         try:
             fingerprint = json.loads(f.attrs["fingerprint"])
             logit_scale = float(f.attrs["logit_scale"])
@@ -693,7 +695,7 @@ def read_text(path: Path) -> TextCache:
                 sets[name] = (strings(g["templates"]), emb)
         except (KeyError, ValueError, TypeError, OSError, json.JSONDecodeError) as e:
             raise VlmcacheError(
-                f"'{path}' is not a valid class-text file ({e}); extract again to rewrite it."
+                f"'{path}' is not a valid class-text file ({e}); extract again with --overwrite to rewrite it."
             ) from None
     imported = isinstance(fingerprint, dict) and "imported_from" in fingerprint  # class names only: no texts
     if (

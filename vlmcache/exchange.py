@@ -266,6 +266,7 @@ def import_embeddings(
     digest = hashlib.sha256(json.dumps({"source": source, "model": model}).encode()).hexdigest()[:8]
     model_dir = Path(cache_dir) / dataset / f"{model}__imported__{digest}"
     split_dir = model_dir / split
+    guard.check_cache_folders(model_dir, [split], "import", overwrite)  # no links, nobody's files removed
     if cache.read_manifest(split_dir) is not None and not overwrite:
         raise VlmcacheError(f"'{split_dir}' exists already; pass --overwrite to import it again.")
     if (split_dir.exists() or split_dir.is_symlink()) and cache.read_manifest(split_dir) is None:
@@ -339,7 +340,7 @@ def import_embeddings(
             old = model_dir / f".replaced-{split}-{os.getpid()}"
             split_dir.rename(old)
             staging.rename(split_dir)
-            shutil.rmtree(old)
+            guard.remove_split_files(old)  # its own files only: check_cache_folders refused a split holding more
         else:
             staging.rename(split_dir)
         cache.fsync_dir(model_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, fields
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlmcache import cache, distributed, faults, handover
+from vlmcache import cache, distributed, faults, guard, handover
 from vlmcache.choices import default_workers  # noqa: F401 (re-exported: streaming, finetune, bench)
 from vlmcache.datasets import Dataset, Split
 from vlmcache.device_decode import DeviceDecoder, EncodedRows, collate_encoded
@@ -185,8 +184,8 @@ def _prepare_split_dir(split_dir: Path, fingerprint: dict, cfg: ExtractConfig, l
     What is done is decided from the manifest and the files' sizes; `cfg.verify` also re-hashes them.
     """
     manifest = cache.read_manifest(split_dir) if split_dir.is_dir() else None
-    if manifest is not None and cfg.overwrite:
-        shutil.rmtree(split_dir)
+    if manifest is not None and cfg.overwrite:  # only its own files: run_extract refused anything else inside
+        guard.remove_split_files(split_dir)
         manifest = None
     if manifest is not None and manifest["fingerprint"] != fingerprint:
         raise VlmcacheError(
@@ -587,8 +586,23 @@ def _cat(parts: list[np.ndarray], empty_shape: tuple, order=None) -> np.ndarray 
     return np.concatenate(parts) if order is None else np.concatenate(parts)[order]
 
 
-def extract_text(encoder: Encoder, dataset: Dataset, template_sets: list[str], model_dir: Path, log=print) -> Path:
-    """Class-text embeddings for each template set, in `<model_dir>/text.h5` (kept sets are reused)."""
+def check_text_file(model_dir: Path, overwrite: bool) -> None:
+    """Before any work: an existing `<model_dir>/text.h5` that cannot be read is someone else's file or a damaged
+    one of ours; it is replaced only with --overwrite, never silently."""
+    path = model_dir / cache.TEXT_FILE
+    if overwrite or not path.is_file():
+        return
+    try:
+        cache.read_text(path)
+    except VlmcacheError as e:
+        raise VlmcacheError(f"{e} It is kept; pass --overwrite to replace it (never without).") from None
+
+
+def extract_text(
+    encoder: Encoder, dataset: Dataset, template_sets: list[str], model_dir: Path, log=print, overwrite: bool = False
+) -> Path:
+    """Class-text embeddings for each template set, in `<model_dir>/text.h5` (kept sets are reused). An unreadable
+    text.h5 is rewritten only with `overwrite` (`check_text_file` refused it before any work otherwise)."""
     path = model_dir / cache.TEXT_FILE
     fingerprint = {"encoder": encoder.fingerprint, "dataset": dataset.name}
     sets = {}
@@ -597,7 +611,9 @@ def extract_text(encoder: Encoder, dataset: Dataset, template_sets: list[str], m
         try:
             old = cache.read_text(path)
         except VlmcacheError as e:
-            log(f"{e} Rewriting it.")
+            if not overwrite:
+                raise
+            log(f"{e} Rewriting it (--overwrite).")
     if old is not None:
         if old.fingerprint == fingerprint and old.classnames == dataset.classnames:
             # keep sets whose templates are unchanged; a renamed or edited set is encoded again
@@ -652,9 +668,11 @@ def run_extract(
         if encoder.note:  # a weights file's QuickGELU is the tag's too: said, not decided silently
             log(f"note: {encoder.note}")
         _note_siblings(model_dir, encoder, log)
+    guard.check_cache_folders(model_dir, splits, "extract", cfg.overwrite)  # before any work: nothing written yet
+    check_text_file(model_dir, cfg.overwrite)
     t0 = time.perf_counter()
     results = [extract_split(encoder, dataset, dataset.splits[s], cfg, model_dir / s, progress, log) for s in splits]
-    text_path = extract_text(encoder, dataset, cfg.templates, model_dir, log) if rank == 0 else None
+    text_path = extract_text(encoder, dataset, cfg.templates, model_dir, log, cfg.overwrite) if rank == 0 else None
     peak = distributed.gather(peak_rss_mb())
     distributed.barrier()
     return {

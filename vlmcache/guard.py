@@ -294,6 +294,75 @@ def check_own_files(folder: Path, names: tuple[str, ...], what: str) -> None:
             raise VlmcacheError(f"{what} writes '{path}', which is {kind}; move it away and run again.")
 
 
+def _own_split_entry(entry: os.DirEntry) -> bool:
+    """A plain file of a cache split's own names: its manifest, a shard, or a temporary of either."""
+    from vlmcache.cache import TMP_MARK
+
+    name = entry.name.split(TMP_MARK, 1)[0]
+    own = name == MANIFEST or (name.startswith("shard-") and name.endswith(".h5"))
+    return own and entry.is_file(follow_symlinks=False)
+
+
+def check_cache_folders(model_dir: Path, splits: list[str], what: str, overwrite: bool) -> None:
+    """The folders extract and import write beneath `--cache-dir` (`<dataset>/<key>/<split>`, `text.h5`), checked
+    before any work: none may be a link (writing through it lands outside the cache) or a file where a folder goes;
+    a split folder must be a split vlmcache wrote, or empty, or hold only a split's own files (an extraction killed
+    before its first manifest); and --overwrite of a split is refused while anything else is inside, since someone
+    else's file is never removed. `what` names the command in the message."""
+    model_dir = Path(model_dir)
+    from vlmcache.cache import read_manifest
+
+    for folder, role in ((model_dir.parent, "dataset folder"), (model_dir, "cache folder")):
+        if folder.is_symlink():
+            raise VlmcacheError(
+                f"{what}: the {role} '{folder}' is a symbolic link; vlmcache writes a cache's folders only as real "
+                f"folders (links are not followed). Move it away or choose another --cache-dir."
+            )
+        if folder.exists() and not folder.is_dir():
+            raise VlmcacheError(f"{what}: '{folder}' is a file where the {role} goes; move it away.")
+    text = model_dir / TEXT_FILE
+    if text.is_symlink() or (text.exists() and not text.is_file()):
+        kind = "a symbolic link" if text.is_symlink() else "not a plain file"
+        raise VlmcacheError(f"{what} writes '{text}', which is {kind}; move it away and run again.")
+    for split in splits:
+        split_dir = model_dir / split
+        if split_dir.is_symlink():
+            raise VlmcacheError(
+                f"{what}: the split folder '{split_dir}' is a symbolic link; links are not followed. Move it away."
+            )
+        if not split_dir.exists():
+            continue
+        if not split_dir.is_dir():
+            raise VlmcacheError(f"{what}: '{split_dir}' is a file where a cache split goes; move it away.")
+        with os.scandir(split_dir) as entries:
+            foreign = sorted(e.name for e in entries if not _own_split_entry(e))
+        if not foreign:
+            continue
+        if read_manifest(split_dir) is None:
+            raise VlmcacheError(
+                f"{what}: '{split_dir}' exists and is not a cache split (no {MANIFEST}; it holds '{foreign[0]}'); "
+                f"move it away or write under another split name or --cache-dir."
+            )
+        if overwrite:
+            raise VlmcacheError(
+                f"{what} --overwrite: the split '{split_dir}' holds '{foreign[0]}', which vlmcache did not write; "
+                f"--overwrite removes only a split's own files and never someone else's. Move it away and run again."
+            )
+
+
+def remove_split_files(split_dir: Path) -> None:
+    """Remove a cache split's own files (manifest, shards, their temporaries) and then the folder if it is empty:
+    --overwrite of a split, after `check_cache_folders` found nothing else inside."""
+    with os.scandir(split_dir) as entries:
+        own = [Path(e.path) for e in entries if _own_split_entry(e)]
+    for path in sorted(own, key=lambda p: p.name == MANIFEST, reverse=True):  # the manifest first: no half split
+        path.unlink(missing_ok=True)
+    try:
+        split_dir.rmdir()
+    except OSError:
+        pass
+
+
 # --------------------------------------------------------------------------- building an output aside
 
 
