@@ -369,3 +369,53 @@ def test_a_failed_run_leaves_nothing_behind(small_cache, monkeypatch):
     with pytest.raises(RuntimeError, match="went away"):
         train.train_head(cfg, log=lambda *a: None)
     assert [p.name for p in runs_dir.iterdir()] == ["keep.txt"]
+
+
+# --------------------------------------------------------------------------- the guard's edges
+
+# The writers whose output is one file or folder vlmcache creates under the name given, and that name's extension.
+NAMED_OUTPUTS = {
+    "train-head --out": "",
+    "zero-shot --save-predictions": ".parquet",
+    "knn --save-predictions --overwrite": ".parquet",
+    "export --out --overwrite": "",
+    "finetune --out": "",
+    "bench --markdown": ".md",
+}
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_every_writer_refuses_a_fifo_without_opening_it(tree, tmp_path, writer):
+    """A FIFO where an output goes: refused from os.stat, before any marker is read (reading it would block). A
+    writer thread stands by so that a command that does open it gets end-of-file instead of hanging the suite."""
+    import threading
+
+    fifo = tmp_path / f"f{NAMED_OUTPUTS.get(writer) or '.parquet'}"
+    os.mkfifo(fifo)
+    writer_end = threading.Thread(target=lambda: os.close(os.open(fifo, os.O_WRONLY)), daemon=True)
+    writer_end.start()
+    res = runner.invoke(app, WRITERS[writer](tree, str(fifo)))
+    os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer thread go when the command never read
+    writer_end.join(5)
+    assert "FIFO" in res.output, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and str(fifo) in res.output, f"{res.output}\n{res.exception!r}"
+    assert fifo.exists() and not fifo.is_file()
+
+
+@pytest.mark.parametrize("writer", list(NAMED_OUTPUTS))
+@pytest.mark.parametrize("name", [".hidden", "a\x01b", "foo.tmp-1.x"])
+def test_an_output_name_follows_the_name_rule(tree, tmp_path, writer, name):
+    """The last part of --out, --save-predictions and --markdown becomes a folder or file: the name rule holds
+    there too (no hidden outputs, no control characters, no name a sweep of temporary files would remove)."""
+    target = tmp_path / f"{name}{NAMED_OUTPUTS[writer]}"
+    res = runner.invoke(app, WRITERS[writer](tree, str(target)))
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, f"{res.output}\n{res.exception!r}"
+    assert "the name" in res.output and "Traceback" not in res.output, res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_name_rule_refuses_the_temporary_mark():
+    with pytest.raises(VlmcacheError, match=r"\.tmp-"):
+        guard.check_name("run.tmp-12", "--out")
