@@ -419,3 +419,30 @@ def test_an_output_name_follows_the_name_rule(tree, tmp_path, writer, name):
 def test_the_name_rule_refuses_the_temporary_mark():
     with pytest.raises(VlmcacheError, match=r"\.tmp-"):
         guard.check_name("run.tmp-12", "--out")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--threads", "100000"],  # torch crashed (exit 139)
+        ["--protocol", "seed", "--iters", str(2**70), "--select-on", "none"],  # a TypeError deep in the sampler
+        ["--epochs", str(2**31)],
+        ["--batch-size", str(2**40)],
+        ["--warmup-iters", str(2**63)],
+    ],
+)
+def test_out_of_range_counts_are_one_error_line(tree, argv):
+    res = runner.invoke(app, [*train_args(tree), *argv, "--runs-dir", str(tree["root"] / "runs")])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "between" in res.output, f"{res.output}\n{res.exception!r}"
+    assert any(a in res.output for a in argv if a.isdigit()), res.output
+
+
+@pytest.mark.parametrize("option", ["--workers", "--views", "--tail-blocks", "--batch-size", "--shard-size"])
+def test_extract_counts_have_an_upper_bound(tmp_path, option):
+    from vlmcache.extract_config import ExtractConfig
+
+    cfg = ExtractConfig(dataset="digits_lt", model="vlmcache-tiny", cache_dir=str(tmp_path))
+    setattr(cfg, option[2:].replace("-", "_"), 2**40)
+    with pytest.raises(VlmcacheError, match=f"{option} must be between"):
+        cfg.check()

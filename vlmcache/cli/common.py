@@ -446,13 +446,16 @@ class EpochProgress:
             )
 
 
+THREADS_MAX = 1024  # --threads: more than any machine has cores; torch crashes (exit 139) on absurd counts
+
+
 def use_threads(threads: int | None, default: int = 1) -> None:
     """Set torch's intra-op CPU threads for this command: `threads`, else the command's `default` (0: torch's own,
     one per core). Heads on a cache do small matrix products whose threads wait on each other, and collapse when
     other processes hold the cores: docs/cli.md has the measurements behind each command's default."""
     n = default if threads is None else threads
-    if n < 0:
-        raise VlmcacheError(f"--threads must be 0 (torch's default) or more, got {n}.")
+    if not 0 <= n <= THREADS_MAX:
+        raise VlmcacheError(f"--threads must be between 0 (torch's default) and {THREADS_MAX}, got {n}.")
     if n:
         import torch
 
