@@ -446,3 +446,11 @@ def test_extract_counts_have_an_upper_bound(tmp_path, option):
     setattr(cfg, option[2:].replace("-", "_"), 2**40)
     with pytest.raises(VlmcacheError, match=f"{option} must be between"):
         cfg.check()
+
+
+def test_demo_checks_its_runs_folder_before_extracting(tree, tmp_path):
+    """A --runs-dir the guard refuses (here: a run folder) stops demo before its cache is written."""
+    res = runner.invoke(app, ["demo", "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tree["run"])])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "--runs-dir" in res.output, res.output
+    assert not (tmp_path / "cache").exists()
