@@ -454,3 +454,10 @@ def test_demo_checks_its_runs_folder_before_extracting(tree, tmp_path):
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and "--runs-dir" in res.output, res.output
     assert not (tmp_path / "cache").exists()
+
+
+def test_control_characters_in_an_error_are_escaped(tree):
+    """A name echoed in an error line cannot colour or move the terminal: escape codes print as \\x1b."""
+    res = runner.invoke(app, ["cache", "info", "digits_lt/\x1b[31m", "--cache-dir", str(tree["cache"])])
+    assert res.exit_code == 2, res.output
+    assert "\x1b" not in res.output and "\\x1b" in res.output, repr(res.output)
