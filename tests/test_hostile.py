@@ -450,3 +450,95 @@ def test_extract_keeps_an_unreadable_text_file_without_overwrite(extracted, tmp_
     assert (
         cache.read_text(model_dir / "text.h5").classnames == cache.read_text(extracted["model"] / "text.h5").classnames
     )
+
+
+# --------------------------------------------------------------------------- the guard's edges
+
+# The writers whose output is one file or folder vlmcache creates under the name given, and that name's extension.
+NAMED_OUTPUTS = {
+    "train-head --out": "",
+    "zero-shot --save-predictions": ".parquet",
+    "knn --save-predictions --overwrite": ".parquet",
+    "export --out --overwrite": "",
+    "finetune --out": "",
+    "bench --markdown": ".md",
+}
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_every_writer_refuses_a_fifo_without_opening_it(tree, tmp_path, writer):
+    """A FIFO where an output goes: refused from os.stat, before any marker is read (reading it would block). A
+    writer thread stands by so that a command that does open it gets end-of-file instead of hanging the suite."""
+    import threading
+
+    fifo = tmp_path / f"f{NAMED_OUTPUTS.get(writer) or '.parquet'}"
+    os.mkfifo(fifo)
+    writer_end = threading.Thread(target=lambda: os.close(os.open(fifo, os.O_WRONLY)), daemon=True)
+    writer_end.start()
+    res = runner.invoke(app, WRITERS[writer](tree, str(fifo)))
+    os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer thread go when the command never read
+    writer_end.join(5)
+    assert "FIFO" in res.output, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and str(fifo) in res.output, f"{res.output}\n{res.exception!r}"
+    assert fifo.exists() and not fifo.is_file()
+
+
+@pytest.mark.parametrize("writer", list(NAMED_OUTPUTS))
+@pytest.mark.parametrize("name", [".hidden", "a\x01b", "foo.tmp-1.x"])
+def test_an_output_name_follows_the_name_rule(tree, tmp_path, writer, name):
+    """The last part of --out, --save-predictions and --markdown becomes a folder or file: the name rule holds
+    there too (no hidden outputs, no control characters, no name a sweep of temporary files would remove)."""
+    target = tmp_path / f"{name}{NAMED_OUTPUTS[writer]}"
+    res = runner.invoke(app, WRITERS[writer](tree, str(target)))
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, f"{res.output}\n{res.exception!r}"
+    assert "the name" in res.output and "Traceback" not in res.output, res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_name_rule_refuses_the_temporary_mark():
+    with pytest.raises(VlmcacheError, match=r"\.tmp-"):
+        guard.check_name("run.tmp-12", "--out")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--threads", "100000"],  # torch crashed (exit 139)
+        ["--protocol", "seed", "--iters", str(2**70), "--select-on", "none"],  # a TypeError deep in the sampler
+        ["--epochs", str(2**31)],
+        ["--batch-size", str(2**40)],
+        ["--warmup-iters", str(2**63)],
+    ],
+)
+def test_out_of_range_counts_are_one_error_line(tree, argv):
+    res = runner.invoke(app, [*train_args(tree), *argv, "--runs-dir", str(tree["root"] / "runs")])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "between" in res.output, f"{res.output}\n{res.exception!r}"
+    assert any(a in res.output for a in argv if a.isdigit()), res.output
+
+
+@pytest.mark.parametrize("option", ["--workers", "--views", "--tail-blocks", "--batch-size", "--shard-size"])
+def test_extract_counts_have_an_upper_bound(tmp_path, option):
+    from vlmcache.extract_config import ExtractConfig
+
+    cfg = ExtractConfig(dataset="digits_lt", model="vlmcache-tiny", cache_dir=str(tmp_path))
+    setattr(cfg, option[2:].replace("-", "_"), 2**40)
+    with pytest.raises(VlmcacheError, match=f"{option} must be between"):
+        cfg.check()
+
+
+def test_demo_checks_its_runs_folder_before_extracting(tree, tmp_path):
+    """A --runs-dir the guard refuses (here: a run folder) stops demo before its cache is written."""
+    res = runner.invoke(app, ["demo", "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tree["run"])])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "--runs-dir" in res.output, res.output
+    assert not (tmp_path / "cache").exists()
+
+
+def test_control_characters_in_an_error_are_escaped(tree):
+    """A name echoed in an error line cannot colour or move the terminal: escape codes print as \\x1b."""
+    res = runner.invoke(app, ["cache", "info", "digits_lt/\x1b[31m", "--cache-dir", str(tree["cache"])])
+    assert res.exit_code == 2, res.output
+    assert "\x1b" not in res.output and "\\x1b" in res.output, repr(res.output)

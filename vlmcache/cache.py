@@ -21,13 +21,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vlmcache import faults, schemas
+from vlmcache import faults, guard, schemas
 from vlmcache.errors import VlmcacheError
 
 MANIFEST = "manifest.json"
 TEXT_FILE = "text.h5"
 FORMAT = 1
-TMP_MARK = ".tmp-"  # temporary files are `<final name>.tmp-<pid>`
+TMP_MARK = guard.TMP_MARK  # temporary files are `<final name>.tmp-<pid>`; the name rule refuses the mark
 
 
 # --------------------------------------------------------------------------- atomic files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+from vlmcache import guard
 from vlmcache.ablate import load_pipeline, run_pipeline
 from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.report import write_report
@@ -26,6 +27,12 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def check_outputs(cache_dir: str, runs_dir: str) -> None:
+    """Both of the demo's outputs, before any work: a refused --runs-dir must not leave a freshly written cache."""
+    guard.check_output(cache_dir, "--cache-dir", "cache-root")
+    guard.check_output(runs_dir, "--runs-dir", "runs")
 
 
 def extract(cache_dir: str, workers: int = 0, progress=None, log=print) -> dict:

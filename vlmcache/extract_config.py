@@ -22,6 +22,7 @@ from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.images import FileSource
 
 DECODE_MODES = ("pil", "draft", "gpu")
+COUNT_MAX = 2**31 - 1  # as vlmcache.schemas.COUNT_MAX: the largest count an option takes
 SEED_MAX = 2**32 - 1  # as vlmcache.schemas.SEED_MAX (a test keeps them equal); pydantic is not needed to say so
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -73,14 +74,15 @@ class ExtractConfig:
     def check(self) -> None:
         """Every option that can be checked without torch or open_clip; sets `name` to the cache's folder name."""
         for name in ("shard_size", "batch_size"):
-            if getattr(self, name) < 1:
-                raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        if self.workers < 0:
-            raise VlmcacheError(f"--workers must be 0 or more, got {self.workers}.")
-        if self.views < 0:
-            raise VlmcacheError(f"--views must be 0 or more, got {self.views}.")
-        if self.tail_blocks < 0:
-            raise VlmcacheError(f"--tail-blocks must be 0 (no prefix) or more, got {self.tail_blocks}.")
+            if not 1 <= getattr(self, name) <= COUNT_MAX:
+                raise VlmcacheError(
+                    f"--{name.replace('_', '-')} must be between 1 and {COUNT_MAX}, got {getattr(self, name)}."
+                )
+        for name in ("workers", "views", "tail_blocks"):  # 0: none (in the main process, one view, no prefix)
+            if not 0 <= getattr(self, name) <= COUNT_MAX:
+                raise VlmcacheError(
+                    f"--{name.replace('_', '-')} must be between 0 and {COUNT_MAX}, got {getattr(self, name)}."
+                )
         if self.decode not in DECODE_MODES:
             raise unknown_choice("--decode", self.decode, DECODE_MODES)
         if not self.templates:

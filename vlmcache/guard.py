@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ RUN_FILES = ("metrics.json", "head.pt", "checkpoint.pt")  # a config.json beside
 EXPORT_MARKER = "export.json"  # written last into an export folder: vlmcache wrote it
 PREDICTIONS_MARKER = (b"vlmcache", b"predictions")  # parquet schema metadata of --save-predictions files
 PREDICTION_COLUMNS = ("row", "path", "label", "class_name", "pred", "pred_name", "correct", "topk", "topk_scores")
+TMP_MARK = ".tmp-"  # temporary files and staging folders are `<final name>.tmp-<pid>...` (cache.TMP_MARK is this one)
 SCAN_LIMIT = 2000  # entries of one folder looked at to tell a cache's dataset folder: bounded on huge folders
 
 
@@ -47,7 +49,8 @@ def check_name(value: object, what: str) -> str:
     """`value` if it may become one folder's name, else a VlmcacheError naming `what` and the rule.
 
     Refused: empty, `.` and `..`, a path separator, a leading dot (hidden, and the staging folders' mark), control
-    characters, more than 255 bytes. Applied to every name that becomes a folder: dataset, split, run, cache key,
+    characters, more than 255 bytes, and the temporary mark (`.tmp-`: a name holding it would be taken for an
+    unfinished write and swept away). Applied to every name that becomes a folder: dataset, split, run, cache key,
     `--name`, wherever it is read (options, pipelines, manifests, import)."""
     if not isinstance(value, str):
         raise VlmcacheError(f"{what} must be a name (a string), got {value!r}.")
@@ -62,10 +65,12 @@ def check_name(value: object, what: str) -> str:
         problem = "holds a control character"
     elif len(value.encode("utf-8", "surrogatepass")) > 255:
         problem = "is longer than 255 bytes"
+    elif TMP_MARK in value:
+        problem = f"holds '{TMP_MARK}', the mark of vlmcache's temporary files"
     if problem:
         raise VlmcacheError(
             f"{what} {value!r} {problem}; a name that becomes a folder is one plain name: no '/', '\\', leading "
-            f"dot, '.', '..' or control characters."
+            f"dot, '.', '..', '{TMP_MARK}' or control characters."
         )
     return value
 
@@ -204,6 +209,24 @@ def _first_line(path: Path) -> str:
         return ""
 
 
+def _special(path: Path) -> str | None:
+    """What `path` is when it exists and is neither a regular file nor a folder (a FIFO, device or socket: opening
+    one to read a marker would block or act on hardware), else None. Read with os.stat, which opens nothing."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file or folder"
+
+
 def check_creatable(path: Path, option: str, folder: bool = True) -> Path:
     """A path that can be made: names the system accepts, not under a file or a broken link, in a writable folder;
     a `folder` path must not be a file itself."""
@@ -245,7 +268,13 @@ def check_output(
         raise VlmcacheError(f"{option}: the path is empty.")
     if spec.suffix and path.suffix.lower() != spec.suffix:
         raise VlmcacheError(f"{option} '{path}': a {spec.what} must end in {spec.suffix}.")
+    special = _special(path)
+    if special is not None:
+        raise VlmcacheError(f"{option} '{path}' is {special}; vlmcache writes only regular files and folders.")
     check_creatable(path, option, spec.folder)
+    if kind not in CONTAINERS:  # the output's own name becomes a folder or file that vlmcache creates
+        name = Path(os.path.abspath(path)).name
+        check_name(name, f"{option} '{path}': the name")
     holder = _holder(path, Path(within) if within is not None else None)
     if holder is not None:
         what, folder = holder
@@ -371,8 +400,6 @@ def staging_folder(final: Path) -> Path:
     and no earlier attempt owns: made with mkdtemp, never by removing what is there."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    from vlmcache.cache import TMP_MARK
-
     return Path(tempfile.mkdtemp(prefix=f"{final.name}{TMP_MARK}{os.getpid()}.", dir=final.parent))
 
 
@@ -390,7 +417,7 @@ def publish_folder(staging: Path, final: Path) -> None:
 
     old = None
     if os.path.lexists(final):
-        old = Path(tempfile.mkdtemp(prefix=f"{final.name}.old{cache.TMP_MARK}{os.getpid()}.", dir=final.parent))
+        old = Path(tempfile.mkdtemp(prefix=f"{final.name}.old{TMP_MARK}{os.getpid()}.", dir=final.parent))
         os.replace(final, old / final.name)
     os.replace(staging, final)
     cache.fsync_dir(final.parent)

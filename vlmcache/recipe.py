@@ -128,8 +128,10 @@ def check_training_choices(cfg, counts: tuple[str, ...], head: str | None = None
     head = head or cfg.head
     cfg.head_params = checked_params(f"{head} head", cfg.head_params, head_params(head))
     for name in counts:
-        if getattr(cfg, name) < 1:
-            raise VlmcacheError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
+        if not 1 <= getattr(cfg, name) <= schemas.COUNT_MAX:
+            raise VlmcacheError(
+                f"--{name.replace('_', '-')} must be between 1 and {schemas.COUNT_MAX}, got {getattr(cfg, name)}."
+            )
 
 
 PRIOR_ADJUSTED_LOSSES = ("balanced_softmax", "logit_adjust", "lade")  # train with logits shifted by the log prior

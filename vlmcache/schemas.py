@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from vlmcache.errors import VlmcacheError
 
 SHARD_FILE = re.compile(r"^shard-(\d{5,})\.h5$")
+COUNT_MAX = 2**31 - 1  # the largest count an option takes (epochs, steps, batch sizes, workers): torch's int32
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding and every torch generator take seeds in [0, 2**32)
 
 

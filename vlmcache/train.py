@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmcache import cache, guard, runlock, runs, streaming
+from vlmcache import cache, guard, runlock, runs, schemas, streaming
 from vlmcache.encoders import RANDOM, pick_device
 from vlmcache.epochlog import LOGS, EpochLog
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
@@ -177,10 +177,11 @@ class TrainConfig:
             raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.schedule not in SCHEDULES:
             raise unknown_choice("schedule", self.schedule, SCHEDULES)
-        if self.iters < 0 or self.warmup_iters < 0 or self.min_steps < 0 or self.eval_every < 0:
+        steps = (self.iters, self.warmup_iters, self.min_steps, self.eval_every)
+        if not all(0 <= n <= schemas.COUNT_MAX for n in steps):
             raise VlmcacheError(
-                f"--iters, --warmup-iters, --min-steps and --eval-every must be 0 or more, got {self.iters}, "
-                f"{self.warmup_iters}, {self.min_steps}, {self.eval_every}."
+                f"--iters, --warmup-iters, --min-steps and --eval-every must be between 0 and {schemas.COUNT_MAX}, "
+                f"got {', '.join(map(str, steps))}."
             )
         if self.select_on == "none":
             self.select_on = ""

@@ -73,6 +73,7 @@ def demo(
     from vlmcache.choices import default_workers
     from vlmcache.cli.extract import print_extract_summary
 
+    demo_loop.check_outputs(str(cache_dir), str(runs_dir))
     err.print(
         "[bold]vlmcache demo[/]: digits_lt (scikit-learn digits, long-tailed) with vlmcache-tiny.\n"
         "vlmcache-tiny has [bold]random weights[/]: its numbers show that the pipeline runs, not CLIP's accuracy.",

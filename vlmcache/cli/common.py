@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import sys
+import unicodedata
 from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -61,6 +62,14 @@ def _main(
     """
 
 
+def printable(text: str) -> str:
+    """`text` with control and format characters escaped as Python writes them (\\x1b, \\x01): a name the user
+    gave is echoed in an error, and must not colour or move the terminal."""
+    return "".join(
+        c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in ("Cc", "Cf") else c for c in text
+    )
+
+
 def user_errors(fn):
     """Print a VlmcacheError as one line on stderr and exit 2; a user mistake never shows a traceback. A command
     run in-process (tests, a notebook) leaves torch's thread count as it found it (`use_threads` sets it)."""
@@ -72,7 +81,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except VlmcacheError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {printable(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         finally:
             if threads is not None and torch.get_num_threads() != threads:
@@ -446,13 +455,16 @@ class EpochProgress:
             )
 
 
+THREADS_MAX = 1024  # --threads: more than any machine has cores; torch crashes (exit 139) on absurd counts
+
+
 def use_threads(threads: int | None, default: int = 1) -> None:
     """Set torch's intra-op CPU threads for this command: `threads`, else the command's `default` (0: torch's own,
     one per core). Heads on a cache do small matrix products whose threads wait on each other, and collapse when
     other processes hold the cores: docs/cli.md has the measurements behind each command's default."""
     n = default if threads is None else threads
-    if n < 0:
-        raise VlmcacheError(f"--threads must be 0 (torch's default) or more, got {n}.")
+    if not 0 <= n <= THREADS_MAX:
+        raise VlmcacheError(f"--threads must be between 0 (torch's default) and {THREADS_MAX}, got {n}.")
     if n:
         import torch
 
