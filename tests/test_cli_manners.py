@@ -164,6 +164,18 @@ def test_cache_verify_of_nothing_is_an_error(tmp_path, kind):
     assert "all shards match" not in res.output and str(target) in res.output
 
 
+@pytest.mark.parametrize("kind", ["file", "missing", "empty"])
+def test_cache_ls_of_a_file_or_a_missing_folder_is_an_error(tmp_path, kind):
+    target = tmp_path / "c"
+    if kind == "file":
+        target.write_text("x")
+    elif kind == "empty":
+        target.mkdir()
+    res = runner.invoke(app, ["cache", "ls", "--cache-dir", str(target)])
+    assert res.exit_code == (0 if kind == "empty" else 2), res.output  # an empty folder is an empty listing
+    assert str(target) in res.output and "Traceback" not in res.output
+
+
 def test_two_class_folders_of_one_name_are_refused(tmp_path):
     from conftest import make_image
 
