@@ -8,8 +8,10 @@ in-process CLI call and two hashes of a small tree.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +169,16 @@ def refuse(t, argv: list[str], target: Path) -> None:
     assert "Traceback" not in res.output
     assert str(target) in res.output or target.name in res.output, res.output
     assert snapshot(t["root"], t["outside"]) == before, f"{argv} changed the tree"
+    assert not re.search(r"\ba (export|a|an|other)\b", res.output), res.output  # "an export folder"
+    unknown = set(re.findall(r"--[a-z][a-z-]*", res.output)) - flags_of(argv[0])
+    assert not unknown, f"{argv}: the error names flags that {argv[0]} does not have: {unknown}\n{res.output}"
+
+
+@functools.cache
+def flags_of(command: str) -> set[str]:
+    """The flags `vlmcache COMMAND --help` lists (an error may point the user only to these)."""
+    res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    return set(re.findall(r"--[a-z][a-z-]*", res.output))
 
 
 @pytest.mark.parametrize("writer", list(WRITERS))

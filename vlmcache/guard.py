@@ -160,7 +160,7 @@ class OutputKind:
     """One kind of output: a file or a folder, how vlmcache recognises one it wrote (`marker`), and whether an
     existing one of its kind is taken as it is without --overwrite (`reuse`: containers and resumable runs)."""
 
-    what: str
+    what: str  # with its article: "an export folder"
     folder: bool
     marker: Callable[[Path], bool]
     suffix: str | None = None  # a file kind's required extension
@@ -182,13 +182,13 @@ def _is_export(path: Path) -> bool:
 
 
 KINDS = {
-    "run": OutputKind("run folder", True, lambda p: is_run(p) or _is_file(p / RUN_FILES[2]) or _only(p, {"error.txt"})),
-    "predictions": OutputKind("predictions file", False, _is_predictions, ".parquet"),
-    "export": OutputKind("export folder", True, _is_export),
-    "runs": OutputKind("runs folder", True, lambda p: vlmcache_folder(p) is None),
-    "cache-root": OutputKind("cache folder", True, lambda p: vlmcache_folder(p) is None),
-    "cache-split": OutputKind("cache split", True, lambda p: vlmcache_folder(p) == "a cache split"),
-    "markdown": OutputKind("Markdown file", False, lambda p: _first_line(p).startswith("# vlmcache"), ".md"),
+    "run": OutputKind("a run folder", True, lambda p: is_run(p) or _is_file(p / RUN_FILES[2]) or _only(p, {"error.txt"})),
+    "predictions": OutputKind("a predictions file", False, _is_predictions, ".parquet"),
+    "export": OutputKind("an export folder", True, _is_export),
+    "runs": OutputKind("a runs folder", True, lambda p: vlmcache_folder(p) is None),
+    "cache-root": OutputKind("a cache folder", True, lambda p: vlmcache_folder(p) is None),
+    "cache-split": OutputKind("a cache split", True, lambda p: vlmcache_folder(p) == "a cache split"),
+    "markdown": OutputKind("a Markdown file", False, lambda p: _first_line(p).startswith("# vlmcache"), ".md"),
 }
 CONTAINERS = ("runs", "cache-root")  # hold many outputs: may exist and hold things
 
@@ -267,7 +267,7 @@ def check_output(
     if str(path) == "":
         raise VlmcacheError(f"{option}: the path is empty.")
     if spec.suffix and path.suffix.lower() != spec.suffix:
-        raise VlmcacheError(f"{option} '{path}': a {spec.what} must end in {spec.suffix}.")
+        raise VlmcacheError(f"{option} '{path}': {spec.what} must end in {spec.suffix}.")
     special = _special(path)
     if special is not None:
         raise VlmcacheError(f"{option} '{path}' is {special}; vlmcache writes only regular files and folders.")
@@ -291,25 +291,25 @@ def check_output(
             raise VlmcacheError(f"{option} '{path}' is a file, not a folder.")
         if not spec.marker(path):
             raise VlmcacheError(
-                f"{option} '{path}' is {vlmcache_folder(path)}, not a {spec.what}; choose another folder."
+                f"{option} '{path}' is {vlmcache_folder(path)}, not {spec.what}; choose another folder."
             )
         return path
     if spec.folder and not path.is_dir():
-        raise VlmcacheError(f"{option} '{path}' is a file; a {spec.what} goes there. Choose another path.")
+        raise VlmcacheError(f"{option} '{path}' is a file; {spec.what} goes there. Choose another path.")
     if not spec.folder and path.is_dir():
-        raise VlmcacheError(f"{option} '{path}' is a folder; a {spec.what} goes there. Choose another path.")
+        raise VlmcacheError(f"{option} '{path}' is a folder; {spec.what} goes there. Choose another path.")
     if spec.folder and not any(path.iterdir()):
         return path
     own = spec.marker(path)
     if own and (overwrite or reuse):
         return path
     if own:
-        raise VlmcacheError(f"{option} '{path}': a {spec.what} exists there already; pass --overwrite to replace it.")
+        raise VlmcacheError(f"{option} '{path}': {spec.what} exists there already; pass --overwrite to replace it.")
     found = "a non-empty folder" if path.is_dir() else "a file"
     label = vlmcache_folder(path) if path.is_dir() else None
     raise VlmcacheError(
-        f"{option} '{path}' is {label or found} that is not a {spec.what} vlmcache wrote; "
-        f"{'--overwrite replaces only its own kind' if overwrite else 'it is kept'}. Choose another path."
+        f"{option} '{path}' is {label or found} that is not {spec.what} vlmcache wrote; "
+        f"{'only its own kind is replaced' if overwrite else 'it is kept'}. Choose another path."
     )
 
 
