@@ -554,3 +554,37 @@ def test_control_characters_in_an_error_are_escaped(tree):
     res = runner.invoke(app, ["cache", "info", "digits_lt/\x1b[31m", "--cache-dir", str(tree["cache"])])
     assert res.exit_code == 2, res.output
     assert "\x1b" not in res.output and "\\x1b" in res.output, repr(res.output)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run_and_nothing_else(small_cache):
+    """A SIGKILLed train-head leaves `<run>.tmp-<pid>.<host>.<random>`; the next run of that name removes it. Kept:
+    a live process's, another host's, another output's, this process's own, and anything not of the exact shape."""
+    runs, host, dead = small_cache / "runs", guard._host(), _dead_pid()
+    runs.mkdir()
+    other_host = "0" * 8 if host != "0" * 8 else "1" * 8
+    names = {
+        f"x.tmp-{dead}.{host}.abcd_123": False,  # a killed run's: removed
+        f"x.tmp-{os.getppid()}.{host}.abcd_123": True,  # a live process's
+        f"x.tmp-{os.getpid()}.{host}.abcd_123": True,  # this process's own
+        f"x.tmp-{dead}.{other_host}.abcd_123": True,  # another machine's pid means nothing here
+        f"y.tmp-{dead}.{host}.abcd_123": True,  # another output's
+        f"x.tmp-{dead}.{host}.notes": True,  # not the shape staging_folder makes
+        f"x.tmp-{dead}.{host}.abcd_1234": True,
+    }
+    for name in names:
+        (runs / name).mkdir()
+        (runs / name / "metrics.json").write_text("{}")
+    (runs / f"x.tmp-{dead}.{host}.file_123").write_text("a file of the shape is not a staging folder")
+    res = runner.invoke(app, ["train-head", "--cache-dir", str(small_cache / "cache"), "-d", DATASET, "--device", "cpu",
+                              "--epochs", "1", "--out", str(runs / "x")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    left = {p.name for p in runs.iterdir()}
+    assert left == {n for n, kept in names.items() if kept} | {"x", f"x.tmp-{dead}.{host}.file_123", ".vlmcache.lock"}

@@ -18,9 +18,12 @@ Every name that becomes a folder (dataset, split, run, cache key, `--name`) pass
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import stat
 import tempfile
 import unicodedata
@@ -395,12 +398,53 @@ def remove_split_files(split_dir: Path) -> None:
 # --------------------------------------------------------------------------- building an output aside
 
 
+def _host() -> str:
+    """This machine, as 8 hex digits: a staging folder's pid means something only on the host that made it (a
+    runs folder on a shared disk is written from several machines)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def staging_folder(final: Path) -> Path:
     """A new, empty folder beside `final` (same file system, so a rename publishes it) that no other process
-    and no earlier attempt owns: made with mkdtemp, never by removing what is there."""
+    and no earlier attempt owns: made with mkdtemp, never by removing what is there.
+
+    Named `<final name>.tmp-<pid>.<host>.<random>`; the staging folders of `final` left by a killed process of
+    this host (its pid no longer runs) are removed first, so a SIGKILL costs one rerun, not a folder forever."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{final.name}{TMP_MARK}{os.getpid()}.", dir=final.parent))
+    remove_dead_staging(final)
+    return Path(tempfile.mkdtemp(prefix=f"{final.name}{TMP_MARK}{os.getpid()}.{_host()}.", dir=final.parent))
+
+
+def remove_dead_staging(final: Path) -> list[Path]:
+    """Remove the staging folders of `final` whose process, on this host, has died; return them. Only names of
+    the exact shape `staging_folder` makes are touched (mkdtemp's suffix: 8 of [a-z0-9_]), only folders, never
+    one of a live process, of another host or of this process."""
+    shape = re.compile(rf"{re.escape(final.name)}{re.escape(TMP_MARK)}(\d+)\.([0-9a-f]{{8}})\.[a-z0-9_]{{8}}")
+    removed = []
+    try:
+        entries = list(os.scandir(final.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = shape.fullmatch(entry.name)
+        if not m or m.group(2) != _host() or int(m.group(1)) == os.getpid():
+            continue
+        if _pid_alive(int(m.group(1))) or entry.is_symlink() or not entry.is_dir():
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a pid beyond the system's range: keep
+        return True
+    return True
 
 
 def write_export_marker(folder: Path, info: dict) -> None:
