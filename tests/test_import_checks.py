@@ -61,7 +61,7 @@ def _refused(tmp_path: Path, source: str, location: Path, match: str, **kw) -> N
         dataset, split = kw.pop("dataset", "mine"), kw.pop("split", "train")
         import_embeddings(source, location, dataset, split, tmp_path / "c", **kw, **QUIET)
     assert _tree(tmp_path / "c") == before
-    leftovers = [p for p in (tmp_path / "c").rglob("*") if p.name.startswith(".import-")]
+    leftovers = [p for p in (tmp_path / "c").rglob("*") if p.name.startswith(".import-") or ".tmp-" in p.name]
     assert not leftovers
 
 
@@ -366,6 +366,23 @@ def test_a_refused_overwrite_keeps_the_old_split(tmp_path):
         "text.h5",
         "train",
     ]
+
+
+def test_import_stages_in_a_folder_of_its_own_and_removes_nothing_else(tmp_path):
+    """The staging folder is made new (mkdtemp), never by removing a folder of the name it would take: folders
+    named as the pid-named staging and replaced folders once were survive an import and an --overwrite import."""
+    good = _parquet(tmp_path / "g.parquet", np.ones((4, 2)).tolist(), [0, 1, 2, 0])
+    out = Path(import_embeddings("parquet", good, "m", "train", tmp_path / "c", **QUIET)["cache"])
+    theirs = [out / f".import-train-{os.getpid()}", out / f".replaced-train-{os.getpid()}"]
+    for folder in theirs:
+        folder.mkdir()
+        (folder / "keep.txt").write_text("someone's")
+    new = _parquet(tmp_path / "n.parquet", (np.ones((5, 2)) * 2).tolist(), [1, 1, 2, 0, 0])
+    import_embeddings("parquet", new, "m", "train", tmp_path / "c", overwrite=True, **QUIET)
+    import_embeddings("parquet", good, "m", "test", tmp_path / "c", **QUIET)
+    assert all((folder / "keep.txt").read_text() == "someone's" for folder in theirs)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(f.name for f in theirs), "test", "text.h5", "train"])
+    assert cache.SplitCache(out / "train").labels().tolist() == [1, 1, 2, 0, 0]
 
 
 # --------------------------------------------------------------------------- fuzz

@@ -236,6 +236,7 @@ def import_embeddings(
     cache's other splits is refused, since a head trained on one and evaluated on the other measures nothing."""
     import os
     import shutil
+    import tempfile
 
     from vlmcache import ingest
     from vlmcache.datasets import read_classnames, read_split_file
@@ -285,12 +286,12 @@ def import_embeddings(
         labels_file=labels_file,
         root=Path(root).resolve() if root is not None else None,
     )
-    staging = model_dir / f".import-{split}-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
     made = [d for d in (model_dir.parent.parent, model_dir.parent, model_dir) if not d.exists()]
+    model_dir.mkdir(parents=True, exist_ok=True)
+    # a new folder no one else owns (never made by removing what is there); hidden, so no listing takes it for a split
+    staging = Path(tempfile.mkdtemp(prefix=f".import-{split}-{os.getpid()}.", dir=model_dir))
     try:
-        stream = ingest.ShardStream(staging, shard_size)
+        stream = ingest.ShardStream(staging / split, shard_size)
         for piece in pieces:
             stream.add(*check.check(piece))
         if check.rows == 0:
@@ -337,12 +338,12 @@ def import_embeddings(
         }
         stream.finish(fingerprint, f"import:{source}", check.width)
         if split_dir.exists():  # --overwrite: the old split goes only once the new one is complete
-            old = model_dir / f".replaced-{split}-{os.getpid()}"
+            old = staging / f"replaced-{split}"  # removed with the staging folder below, whatever is left
             split_dir.rename(old)
-            staging.rename(split_dir)
+            (staging / split).rename(split_dir)
             guard.remove_split_files(old)  # its own files only: check_cache_folders refused a split holding more
         else:
-            staging.rename(split_dir)
+            (staging / split).rename(split_dir)
         cache.fsync_dir(model_dir)
     finally:
         if staging.exists():
