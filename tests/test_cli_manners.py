@@ -51,6 +51,7 @@ def test_argument_errors_are_answered_before_torch_is_imported(tmp_path):
         ["extract", "--dataset", "imagefolder", "--root", str(tmp_path), "--name", "../up"],
         ["train-head", "--threads", "-1"],
         ["knn", "-d", "imagefolder", "--name", "../up"],
+        ["export", "--splits", "train", "--splits", "test", "--splits", "train", "--out", str(tmp_path / "x")],
     ]
     script = _NO_TORCH_SCRIPT.format(heavy=HEAVY)
     proc = subprocess.run(

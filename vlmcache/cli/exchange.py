@@ -43,6 +43,9 @@ def export(
     SPLIT/metadata/metadata_N.parquet (image_path, then row, label, class_name). npy-raw: the same layout with the
     embeddings as cached (not normalised). Memory holds one piece at a time.
     """
+    twice = sorted({s for s in splits or [] if splits.count(s) > 1})
+    if twice:
+        raise VlmcacheError(f"--splits '{twice[0]}' is given twice; name each split once.")
     from vlmcache import guard
     from vlmcache.cache import resolve_cache
     from vlmcache.exchange import export_cache
