@@ -248,6 +248,19 @@ def test_absolute_image_paths_are_kept_or_made_relative_to_root(tmp_path):
     _refused(tmp_path, "parquet", src, "row 0: the image path '.*' is not under --root", root=tmp_path / "elsewhere")
 
 
+@pytest.mark.parametrize(
+    "bad, says",
+    [("../up.jpg", "contains '..'"), ("a/../../up.jpg", "contains '..'"), ("a\\..\\..\\up.jpg", "contains '..'"),
+     ("two\nlines.jpg", "control characters"), ("esc\x1b[31m.jpg", "control characters")],
+)
+def test_image_paths_that_leave_their_root_or_hold_control_characters_are_refused(tmp_path, bad, says):
+    src = _parquet(tmp_path / "p.parquet", np.ones((3, 2)).tolist(), [0, 1, 2], paths=["a/0.jpg", bad, "a/2.jpg"])
+    _refused(tmp_path, "parquet", src, f"row 1: the image path .* {says}")
+    kept = _parquet(tmp_path / "k.parquet", np.ones((2, 2)).tolist(), [0, 1], paths=["a/..b.jpg", "a/b..jpg"])
+    out = import_embeddings("parquet", kept, "m", "train", tmp_path / "c", **QUIET)  # '..' inside a name is fine
+    assert cache.SplitCache(Path(out["cache"]) / "train").paths() == ["a/..b.jpg", "a/b..jpg"]
+
+
 def test_the_exports_own_class_names_come_back(tmp_path):
     model_dir = _cache(tmp_path)
     export_cache(model_dir, "parquet", tmp_path / "pq", **QUIET)

@@ -9,7 +9,8 @@ row, anything that would be stored wrong:
   the cast to float16 (1e6 is finite as float32 and inf as float16; the cache stores float16);
 - labels: integers >= 0 (a float such as 1.7, a string, a null or a bool is refused, not truncated), and their
   count obeys extract's class-count rule when no class names are given (`datasets.implied_classes_problem`);
-- paths: strings; with `root`, absolute paths are stored relative to it and a path outside it is refused;
+- paths: strings without control characters, a relative one without `..` parts; with `root`, absolute paths are
+  stored relative to it and a path outside it is refused;
 - class names from the source's `class_name` column: one name per label.
 
 Files are opened only after `os.stat` says they are regular files: a FIFO would block the open forever, a device
@@ -24,7 +25,7 @@ import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -313,6 +314,13 @@ class Validator:
                 continue
             if not isinstance(path, str):
                 raise VlmcacheError(f"{p.where}, row {p.first + i}: the image path {path!r} is not text.")
+            if any(ord(c) < 32 or ord(c) == 127 for c in path):
+                raise VlmcacheError(f"{p.where}, row {p.first + i}: the image path {path!r} holds control characters.")
+            if not os.path.isabs(path) and ".." in PurePosixPath(path.replace("\\", "/")).parts:
+                raise VlmcacheError(
+                    f"{p.where}, row {p.first + i}: the image path '{path}' contains '..'; a relative path stays "
+                    f"under its root."
+                )
             if self.root is not None and os.path.isabs(path):
                 rel = os.path.relpath(path, self.root)
                 if rel == ".." or rel.startswith(".." + os.sep):
