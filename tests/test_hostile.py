@@ -207,6 +207,9 @@ NAMED = {
     "knn --split": lambda t, n: ["knn", *cache_args(t), "--k", "3", "--split", n],
     "extract --name": lambda t, n: [*split_args(t), "--name", n],
     "extract --split-file NAME": lambda t, n: split_args(t, n),
+    "extract --shards NAME": lambda t, n: ["extract", "-d", "wds", "--root", str(t["root"]), "--shards",
+                                           f"{n}=notes.txt", "-m", "vlmcache-tiny", "-p", "none",
+                                           "--cache-dir", str(t["cache"])],
 }  # fmt: skip
 BAD_NAMES = ["..", ".", "a/b", "../../escape", ".hidden", "tab\there", "nul\x01", "back\\slash"]
 
@@ -219,6 +222,7 @@ def test_every_name_option_refuses_what_the_name_rule_refuses(tree, option):
         lines = [line for line in res.output.splitlines() if line.strip()]
         assert res.exit_code == 2 and len(lines) == 1, f"{option} {name!r}: {res.exit_code}\n{res.output}"
         assert "Traceback" not in res.output
+        assert option.split()[1] in res.output, f"{option} {name!r}: the error does not name the option\n{res.output}"
         assert snapshot(tree["root"], tree["outside"]) == before
 
 

@@ -75,7 +75,7 @@ def test_no_import_cycle_between_modules():
             if nxt.startswith(node + ".") or node.startswith(nxt + "."):
                 continue  # parent package and its own submodule
             if state.get(nxt) == 1:
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -93,7 +93,7 @@ def test_the_layout_page_names_every_module():
     # rows name a module by path (`vlmcache/train.py`) or, after the first in a row, by file name (`runs.py`);
     # packages (`vlmcache/cli/`, `vlmcache/bench/`) name their submodules in prose
     missing = []
-    for name, path in modules().items():
+    for path in modules().values():
         rel = path.relative_to(ROOT).as_posix()
         if path.parent != PACKAGE:
             if f"`{path.parent.relative_to(ROOT).as_posix()}/`" not in page:
@@ -106,13 +106,18 @@ def test_the_layout_page_names_every_module():
     assert not missing, f"docs/layout.md does not say what these modules hold: {missing}"
 
 
-@pytest.mark.parametrize("public", ["vlmcache.losses", "vlmcache.metrics", "vlmcache.heads", "vlmcache.samplers",
-                                    "vlmcache.stage2"])
+@pytest.mark.parametrize(
+    "public", ["vlmcache.losses", "vlmcache.metrics", "vlmcache.heads", "vlmcache.samplers", "vlmcache.stage2"]
+)
 def test_the_public_interface_in_design_md_imports(public):
     import importlib
 
     module = importlib.import_module(public)
-    wanted = {"vlmcache.losses": ["build_loss", "LOSSES"], "vlmcache.metrics": ["shot_accuracy"],
-              "vlmcache.heads": ["build_head"], "vlmcache.samplers": ["build_sampler"],
-              "vlmcache.stage2": ["build_stage2"]}[public]
+    wanted = {
+        "vlmcache.losses": ["build_loss", "LOSSES"],
+        "vlmcache.metrics": ["shot_accuracy"],
+        "vlmcache.heads": ["build_head"],
+        "vlmcache.samplers": ["build_sampler"],
+        "vlmcache.stage2": ["build_stage2"],
+    }[public]
     assert all(hasattr(module, w) for w in wanted)

@@ -97,7 +97,7 @@ class ExtractConfig:
             raise VlmcacheError(f"--seed and --view-seed must be between 0 and {SEED_MAX}.")
         guard.check_output(self.cache_dir, "--cache-dir", "cache-root")
         for split in self.split_files:  # the name rule: each split becomes a folder
-            guard.check_name(split, "The split name of --split-file")
+            guard.check_name(split, f"The split name of {'--shards' if self.dataset == 'wds' else '--split-file'}")
         for split in self.splits or []:
             guard.check_name(split, "--splits")
         if self.name is not None:

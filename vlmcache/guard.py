@@ -185,7 +185,9 @@ def _is_export(path: Path) -> bool:
 
 
 KINDS = {
-    "run": OutputKind("a run folder", True, lambda p: is_run(p) or _is_file(p / RUN_FILES[2]) or _only(p, {"error.txt"})),
+    "run": OutputKind(
+        "a run folder", True, lambda p: is_run(p) or _is_file(p / RUN_FILES[2]) or _only(p, {"error.txt"})
+    ),
     "predictions": OutputKind("a predictions file", False, _is_predictions, ".parquet"),
     "export": OutputKind("an export folder", True, _is_export),
     "runs": OutputKind("a runs folder", True, lambda p: vlmcache_folder(p) is None),

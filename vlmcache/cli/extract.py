@@ -302,7 +302,9 @@ def cache_ls(cache_dir: Path = CACHE_DIR, as_json: bool = JSON):
 
     if not cache_dir.is_dir():  # `ls` of a missing folder is an error, not an empty listing
         what = "is a file, not a folder" if cache_dir.exists() else "does not exist"
-        raise VlmcacheError(f"--cache-dir '{cache_dir}' {what}. Make a cache with `vlmcache extract` (or `vlmcache demo`).")
+        raise VlmcacheError(
+            f"--cache-dir '{cache_dir}' {what}. Make a cache with `vlmcache extract` (or `vlmcache demo`)."
+        )
     found = [{**cache.summarize(p), "flags": cache_flags(p)} for p in cache.iter_caches(cache_dir)]
     if as_json:
         print_json({"cache_dir": str(cache_dir), "caches": found})

@@ -52,6 +52,7 @@ from vlmcache.cli.common import (
     use_threads,
     user_errors,
 )
+from vlmcache.guard import check_name
 
 
 @app.command("train-head", rich_help_panel="Stage 2: heads")
@@ -178,6 +179,12 @@ def train_head(
     )
 
 
+def split_name(split: str | None) -> None:
+    """--split passes the name rule before any import: a split is one folder of its cache, never a path."""
+    if split is not None:
+        check_name(split, "--split")
+
+
 @app.command("eval", rich_help_panel="Stage 2: heads")
 @user_errors
 def eval_run(
@@ -197,6 +204,7 @@ def eval_run(
     """
     from vlmcache.runs import evaluate_run
 
+    split_name(split)
     result = evaluate_run(run, tau_norm, logit_adjust, split, device, save_predictions)
     print_result(result, as_json, f"{run} ({result['split']})")
 
@@ -226,6 +234,7 @@ def zero_shot(
 
     Example: [bold]vlmcache zero-shot -d inat18 -m ViT-B-16 -p openai --templates openai[/]
     """
+    split_name(split)  # before torch: a split is one folder of its cache
     from vlmcache.zeroshot import zero_shot as run
 
     result = run(
@@ -260,6 +269,7 @@ def knn(
     Example: [bold]vlmcache knn -d places_lt -m ViT-B-16 --k 20 --balanced --blend runs/<run>[/]
     """
     use_threads(threads, default=0)  # measured: no gain from one thread (docs/cli.md), and faiss searches use the cores
+    split_name(split)
     from vlmcache.knn import knn as run
 
     result = run(
