@@ -153,6 +153,15 @@ def test_train_head_refuses_a_one_class_cache_in_one_line(tmp_path):
     assert "1 class" in res.output and "at least 2" in res.output and "torch.Size" not in res.output
 
 
+def test_brackets_in_user_text_print_as_they_are(tmp_path):
+    """Rich markup is off for what vlmcache prints: a path or dataset named `[red]x[/red]` is shown, not styled away."""
+    res = runner.invoke(app, ["extract", "-d", "split", "--split-file", "train=[red]x[/red].txt"])
+    assert res.exit_code == 2 and "'[red]x[/red].txt'" in res.output, res.output
+    _user_cache(tmp_path, "[b]mine")  # a folder name: no closing tag (it holds a slash)
+    res = runner.invoke(app, ["cache", "ls", "--cache-dir", str(tmp_path)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "[b]mine" in res.output, res.output
+
+
 @pytest.mark.parametrize("kind", ["file", "missing", "empty"])
 def test_cache_verify_of_nothing_is_an_error(tmp_path, kind):
     target = tmp_path / "c"

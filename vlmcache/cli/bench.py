@@ -77,6 +77,7 @@ def demo(
     err.print(
         "[bold]vlmcache demo[/]: digits_lt (scikit-learn digits, long-tailed) with vlmcache-tiny.\n"
         "vlmcache-tiny has [bold]random weights[/]: its numbers show that the pipeline runs, not CLIP's accuracy.",
+        markup=True,
     )
     with demo_loop.one_thread():
         with RichProgress() as progress:

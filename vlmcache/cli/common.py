@@ -18,6 +18,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -25,8 +26,10 @@ from rich.text import Text
 from vlmcache.choices import DATASETS, HEADS, LOSSES, PROTOCOLS, SAMPLERS, STAGE2
 from vlmcache.errors import VlmcacheError, parse_key_values
 
-out = Console(soft_wrap=True)  # paths and commands stay on one line, for copying
-err = Console(stderr=True, soft_wrap=True)
+# paths and commands stay on one line, for copying; no markup: a path, class or run name holding `[red]` prints as
+# it is (the few styled words pass markup=True with the user's text escaped)
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 log = functools.partial(err.print, highlight=False)
 
 DatasetName = Enum("DatasetName", {k: k for k in DATASETS}, type=str)
@@ -81,7 +84,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except VlmcacheError as e:
-            err.print(f"[bold red]error:[/] {printable(str(e))}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(printable(str(e)))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         finally:
             if threads is not None and torch.get_num_threads() != threads:

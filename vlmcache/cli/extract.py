@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from vlmcache.choices import DEFAULT_TEMPLATE_SETS, TEMPLATE_SETS
@@ -354,7 +355,8 @@ def cache_info(
         extra = {"paths": listed} if paths else {}
         print_json({**summary, "encoder": fingerprint, "skipped_images": skipped, **extra})
         return
-    out.print(f"[bold]{summary['dataset']} / {summary['key']}[/]  ({size(summary['bytes'])})  {summary['path']}")
+    head = f"{summary['dataset']} / {summary['key']}"
+    out.print(f"[bold]{escape(head)}[/]  ({size(summary['bytes'])})  {escape(str(summary['path']))}", markup=True)
     if fingerprint:
         out.print_json(json.dumps(fingerprint))
     table = Table()
@@ -444,7 +446,7 @@ def cache_verify(
         for path in repaired:
             out.print(f"repaired {path}", highlight=False)
         for p in problems:
-            out.print(f"[red]BAD[/] {p}", highlight=False)
+            out.print(f"[red]BAD[/] {escape(str(p))}", markup=True, highlight=False)
         out.print(
             f"{checked} split(s) checked: "
             + ("all shards match their manifest." if not problems else f"{len(problems)} problem(s).")
