@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from vlmcache.ablate import load_pipeline, plan, run_pipeline, shipped_pipelines
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
-from vlmcache.report import paper_table, summarize, write_report
+from vlmcache.report import write_report
+from vlmcache.tables import paper_table, summarize
 
 KEY = "vlmcache-tiny__random__00000000"  # a synthetic cache filed under the tiny model, as extract would
 PIPELINE = """\

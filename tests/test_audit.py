@@ -17,8 +17,8 @@ from vlmcache.finetune import FinetuneConfig, finetune_dataset
 from vlmcache.heads import build_head
 from vlmcache.metrics import Evaluator
 from vlmcache.recipe import make_optimizer, param_groups
-from vlmcache.report import collect_runs, paper_table, summarize
 from vlmcache.stage2 import build_stage2
+from vlmcache.tables import collect_runs, paper_table, summarize
 from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head
 
 QUIET = dict(log=lambda *a: None)

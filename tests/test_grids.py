@@ -20,7 +20,8 @@ from vlmcache.ablate import load_pipeline, run_pipeline
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
 from vlmcache.group import make_groups
-from vlmcache.report import per_class_points, write_report
+from vlmcache.plots import per_class_points
+from vlmcache.report import write_report
 from vlmcache.train import TrainConfig, train_head
 
 KEY = "vlmcache-tiny__random__00000000"  # synthetic caches filed under the tiny model, as extract would

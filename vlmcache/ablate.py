@@ -671,7 +671,7 @@ RESULTS = "results.csv"
 def read_previous_results(out: Path) -> pd.DataFrame | None:
     """The runs folder's results.csv as another pipeline (or an earlier run of this one) left it, read before any
     run trains, so that a table this pipeline could not keep stops it before it costs anything."""
-    from vlmcache.report import read_results_csv
+    from vlmcache.tables import read_results_csv
 
     path = out / RESULTS
     if not path.is_file():

@@ -97,7 +97,7 @@ def ablate(
             )
             + " (or pass --extract for built-in data)."
         )
-    from vlmcache.report import paper_table, summarize
+    from vlmcache.tables import paper_table, summarize
 
     try:
         with RunProgress() as progress:
