@@ -10,10 +10,13 @@ from conftest import long_tailed_features, write_feature_cache
 from PIL import Image
 from typer.testing import CliRunner
 
-from vlmcache.ablate import load_pipeline, plan, run_pipeline, shipped_pipelines
+from vlmcache.ablate import run_pipeline
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
-from vlmcache.report import paper_table, summarize, write_report
+from vlmcache.pipeline import load_pipeline, shipped_pipelines
+from vlmcache.planning import plan
+from vlmcache.report import write_report
+from vlmcache.tables import paper_table, summarize
 
 KEY = "vlmcache-tiny__random__00000000"  # a synthetic cache filed under the tiny model, as extract would
 PIPELINE = """\

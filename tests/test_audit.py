@@ -10,15 +10,16 @@ import torch
 from conftest import long_tailed_features, make_image, write_feature_cache
 
 from vlmcache import runs
-from vlmcache.ablate import load_pipeline, run_pipeline
+from vlmcache.ablate import run_pipeline
 from vlmcache.encoders import load_encoder
 from vlmcache.errors import VlmcacheError
 from vlmcache.finetune import FinetuneConfig, finetune_dataset
 from vlmcache.heads import build_head
 from vlmcache.metrics import Evaluator
+from vlmcache.pipeline import load_pipeline
 from vlmcache.recipe import make_optimizer, param_groups
-from vlmcache.report import collect_runs, paper_table, summarize
 from vlmcache.stage2 import build_stage2
+from vlmcache.tables import collect_runs, paper_table, summarize
 from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head
 
 QUIET = dict(log=lambda *a: None)

@@ -407,8 +407,9 @@ def test_seed_preprocessing_is_resize_256_center_crop_224_with_imagenet_statisti
 def test_pipelines_take_the_new_parameter_mappings_as_grids_and_dry_run_names_the_points(tmp_path):
     from typer.testing import CliRunner
 
-    from vlmcache.ablate import load_pipeline, plan
     from vlmcache.cli import app
+    from vlmcache.pipeline import load_pipeline
+    from vlmcache.planning import plan
 
     path = tmp_path / "p.yaml"
     path.write_text(

@@ -21,7 +21,8 @@ from vlmcache import choices
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
 from vlmcache.heads import build_head, full_head_params, upgrade_head_file
-from vlmcache.report import _cell, detail_table, plot_per_class, summarize
+from vlmcache.plots import plot_per_class
+from vlmcache.tables import _cell, detail_table, summarize
 from vlmcache.train import TrainConfig, train_epochs, train_head
 
 runner = CliRunner()

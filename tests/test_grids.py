@@ -16,11 +16,13 @@ from conftest import long_tailed_features, write_feature_cache
 from typer.testing import CliRunner
 
 from vlmcache import runlock
-from vlmcache.ablate import load_pipeline, run_pipeline
+from vlmcache.ablate import run_pipeline
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
 from vlmcache.group import make_groups
-from vlmcache.report import per_class_points, write_report
+from vlmcache.pipeline import load_pipeline
+from vlmcache.plots import per_class_points
+from vlmcache.report import write_report
 from vlmcache.train import TrainConfig, train_head
 
 KEY = "vlmcache-tiny__random__00000000"  # synthetic caches filed under the tiny model, as extract would

@@ -178,7 +178,8 @@ def test_ablate_groups_by_default_and_two_processes_give_the_same_table(cache_di
     import pandas as pd
     from conftest import run
 
-    from vlmcache.ablate import load_pipeline, run_pipeline
+    from vlmcache.ablate import run_pipeline
+    from vlmcache.pipeline import load_pipeline
 
     path = tmp_path / "grid.yaml"
     path.write_text(PIPELINE + f"cache_dir: {cache_dir}\n")

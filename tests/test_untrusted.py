@@ -17,12 +17,12 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from vlmcache import cache, runs
-from vlmcache.ablate import load_pipeline
 from vlmcache.cli import app
 from vlmcache.datasets import load_dataset, read_classnames, read_split_file
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ExtractConfig, repair_split, run_extract
 from vlmcache.heads import build_head
+from vlmcache.pipeline import load_pipeline
 from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head
 
 runner = CliRunner()

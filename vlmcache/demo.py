@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 
 from vlmcache import guard
-from vlmcache.ablate import load_pipeline, run_pipeline
+from vlmcache.ablate import run_pipeline
 from vlmcache.extract import ExtractConfig, run_extract
+from vlmcache.pipeline import load_pipeline
 from vlmcache.report import write_report
 from vlmcache.zeroshot import zero_shot
 

@@ -61,7 +61,9 @@ def ablate(
     import dataclasses
 
     from vlmcache import guard
-    from vlmcache.ablate import extract_missing, load_pipeline, missing_caches, plan, run_pipeline
+    from vlmcache.ablate import run_pipeline
+    from vlmcache.pipeline import load_pipeline
+    from vlmcache.planning import extract_missing, missing_caches, plan
 
     check_nproc("ablate", nproc)
     use_threads(threads)
@@ -97,7 +99,7 @@ def ablate(
             )
             + " (or pass --extract for built-in data)."
         )
-    from vlmcache.report import paper_table, summarize
+    from vlmcache.tables import paper_table, summarize
 
     try:
         with RunProgress() as progress:
@@ -132,7 +134,7 @@ def ablate(
 
 def _print_dry_run(pipe, runs: list, missing: list, as_json: bool) -> None:
     """The grid's runs by their real names, and the caches it lacks with their extract commands."""
-    from vlmcache.ablate import same_configs
+    from vlmcache.planning import same_configs
 
     same = same_configs(runs)
     listing = [
