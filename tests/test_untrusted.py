@@ -578,6 +578,12 @@ def test_a_grid_of_a_billion_runs_is_counted_and_refused_at_once(tmp_path):
         ("seeds: [[0]]\nmethods:\n  - {name: a}\n", "'seeds' must be a list of single values"),
         ("seeds: [99999999999999]\nmethods:\n  - {name: a}\n", "'seeds' must be a list of integers"),
         ("methods:\n  - {name: a, epochs: []}\n", "empty list"),
+        ("methods:\n  - {name: a, epochs: true}\n", "line 4: 'epochs' in a method must be an integer.*got 'true'"),
+        ("defaults: {batch_size: 2.0}\nmethods:\n  - {name: a}\n", "'batch_size' in defaults must be an integer"),
+        ("methods:\n  - {name: a, lr: [0.1, yes]}\n", "'lr' in a method must be a number"),
+        ("methods:\n  - {name: a, loss: 1}\n", "'loss' in a method must be a name .* quote it"),
+        ("methods:\n  - {name: a, drop_last: 1}\n", "'drop_last' in a method must be true or false"),
+        ("methods:\n  - {name: a, lr: [1e-3, 1e-3x]}\n", "got '1e-3x'"),  # 1e-3 is a number, 1e-3x is not
     ],
 )
 def test_wrongly_typed_pipelines_are_one_line(tmp_path, body, message):

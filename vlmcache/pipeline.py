@@ -15,6 +15,7 @@ Its runs are planned in `planning.py` and trained by `ablate.run_pipeline`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -92,15 +93,48 @@ def _check_duplicate_keys(root, source: str) -> None:
             stack.extend(node.value)
 
 
+# YAML's type of a plain value, by its resolved tag, and the TrainConfig field types each may fill: a setting of
+# the wrong type is refused by its line (YAML reads `epochs: true` as a boolean, which Python would count as 1)
+YAML_TYPES = {f"tag:yaml.org,2002:{t}": t for t in ("bool", "int", "float", "str", "null")}
+ACCEPTS = {"int": {"int"}, "float": {"int", "float"}, "bool": {"bool"}, "str": {"str"}}
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a name (text)"}
+
+
+def _field_type(name: str) -> tuple[str, bool] | None:
+    """A TrainConfig field's base type and whether it may be null; None for fields of other shapes (dicts)."""
+    kind = {f.name: str(f.type) for f in fields(TrainConfig)}.get(name, "")
+    parts = [p.strip() for p in kind.split("|")]
+    return (parts[0], "None" in parts) if parts[0] in ACCEPTS else None
+
+
+def _check_type(v, key: str, where: str, line: str) -> None:
+    found = _field_type(key)
+    if found is None:
+        return
+    base, nullable = found
+    got = YAML_TYPES.get(v.tag, "str")
+    if got in ACCEPTS[base] or (got == "null" and nullable):
+        return
+    if base == "float" and got == "str" and SCIENTIFIC.fullmatch(v.value):
+        return  # YAML 1.1 reads `1e-3` (no dot) as text; it is the number users mean
+    raise VlmcacheError(
+        f"{line}: '{key}' in {where} must be {TYPE_WORDS[base]}{' or null' if nullable else ''}, got '{v.value}' "
+        f"(YAML reads it as {got}{'; quote it for text' if base == 'str' else ''})."
+    )
+
+
 def _check_setting_shapes(node, source: str, where: str, grids: bool) -> None:
     """Values of `defaults` or a method: a single value, or (in a method) a list of single values, a grid axis.
-    loss_params and head_params are mappings of the same. Nested lists and other shapes are refused."""
+    loss_params and head_params are mappings of the same. Nested lists and other shapes are refused, and so is a
+    value of the wrong type for its setting."""
 
     def line(n) -> str:
         return f"{source}, line {n.start_mark.line + 1}"
 
     def value(v, key: str) -> None:
         if isinstance(v, yaml.ScalarNode):
+            _check_type(v, key, where, line(v))
             return
         if isinstance(v, yaml.SequenceNode) and grids:
             if not v.value:
@@ -108,6 +142,7 @@ def _check_setting_shapes(node, source: str, where: str, grids: bool) -> None:
             for item in v.value:
                 if not isinstance(item, yaml.ScalarNode):
                     raise VlmcacheError(f"{line(item)}: '{key}' in {where}: a grid lists single values, not lists.")
+                _check_type(item, key, where, line(item))
             return
         kind = "a list (grids belong in methods)" if isinstance(v, yaml.SequenceNode) else "a mapping or a list"
         raise VlmcacheError(f"{line(v)}: '{key}' in {where} takes a single value, not {kind}.")
