@@ -252,6 +252,24 @@ def test_ablate_off_a_terminal_says_each_finished_run(grid):
     lines = [line for line in res.output.splitlines() if line.startswith("run ")]
     assert [line.split(" done: ")[0] for line in lines] == ["run 1/2", "run 2/2"]
     assert "linear[loss=ce]" in lines[0]
+    res = runner.invoke(app, ["ablate", str(grid)])  # each line says what became of its run
+    assert [line.split(":")[0] for line in res.output.splitlines() if line.startswith("run ")] == [
+        "run 1/2 resumed",
+        "run 2/2 resumed",
+    ]
+
+
+def test_ablate_says_a_failed_run_failed(grid, monkeypatch):
+    from vlmcache import ablate
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ablate, "train_head", crash)  # a crash inside a run: the grid goes on, the run is failed
+    res = runner.invoke(app, ["ablate", str(grid), "--no-group"])
+    said = [line.split(":")[0] for line in res.output.splitlines() if line.startswith("run ")]
+    assert said == ["run failed", "run 1/2 failed", "run failed", "run 2/2 failed"], res.output
+    assert not [line for line in said if line.endswith(" done")], res.output
 
 
 def test_extract_rate_is_the_summarys_rate():

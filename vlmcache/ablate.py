@@ -116,7 +116,7 @@ def _train_phases(pipe, planned, progress, log, group: bool, group_size: int, ra
             except VlmcacheError as e:
                 rows[i] = _failed(run, cfg, e, None, run_dir, log)
             if progress is not None:
-                progress.advance(run.method)
+                progress.advance(run.method, rows[i]["status"])
         for i, j in same.items():
             log(
                 f"same config: {planned[i].method} is {planned[j].method} ({planned[i].dataset}, seed "
@@ -131,7 +131,7 @@ def _train_phases(pipe, planned, progress, log, group: bool, group_size: int, ra
         for i, j in same.items():
             rows[i] = {**rows[j], "method": planned[i].method, "same_config_as": planned[j].method}
             if progress is not None:
-                progress.advance(planned[i].method)
+                progress.advance(planned[i].method, rows[i]["status"])
         for i in phase:
             run = planned[i]
             key = (run.dataset, json.dumps(run.model, sort_keys=True), run.seed, run.method)
@@ -190,7 +190,7 @@ def _train(planned: list[PlannedRun], members: list[tuple], rows: dict, progress
         else:
             rows[i] = _failed(run, cfg, outcome.error, outcome.trace, run_dir, log)
         if progress is not None:
-            progress.advance(run.method)
+            progress.advance(run.method, rows[i]["status"])
         faults.hit("run_recorded")
 
     if len(members) == 1:

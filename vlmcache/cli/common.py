@@ -402,13 +402,14 @@ class RunProgress(_Bar):
         self.total = total
         self.task = self.bar.add_task("ablate", total=total)
 
-    def advance(self, method: str) -> None:
+    def advance(self, method: str, status: str = "done") -> None:
+        """One run finished: `status` is its results.csv status (done, resumed, failed)."""
         self.done += 1
         self.bar.update(self.task, advance=1, description=f"ablate: {method[:40]:<40}")
         if self.lines:
             task = self.bar.tasks[0]
             eta = f", ETA {task.time_remaining:,.0f} s" if task.time_remaining else ""
-            log(f"run {self.done}/{self.total} done: {method} ({task.elapsed:,.0f} s{eta})", markup=False)
+            log(f"run {self.done}/{self.total} {status}: {method} ({task.elapsed:,.0f} s{eta})", markup=False)
 
 
 def epoch_every(total: int, lines: int = 15) -> int:
