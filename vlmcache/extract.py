@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from vlmcache import cache, distributed, guard, handover
-from vlmcache.choices import default_workers  # noqa: F401 (re-exported: streaming, finetune, bench)
+from vlmcache.choices import default_workers  # noqa: F401 (re-exported: streaming, bench)
 from vlmcache.datasets import Dataset, Split
 from vlmcache.device_decode import DeviceDecoder, EncodedRows, collate_encoded
 from vlmcache.encoders import Encoder, load_encoder, math_mode
