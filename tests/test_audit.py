@@ -13,7 +13,8 @@ from vlmcache import runs
 from vlmcache.ablate import run_pipeline
 from vlmcache.encoders import load_encoder
 from vlmcache.errors import VlmcacheError
-from vlmcache.finetune import FinetuneConfig, finetune_dataset
+from vlmcache.finetune_config import FinetuneConfig
+from vlmcache.finetune_data import finetune_dataset
 from vlmcache.heads import build_head
 from vlmcache.metrics import Evaluator
 from vlmcache.pipeline import load_pipeline

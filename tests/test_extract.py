@@ -559,7 +559,7 @@ def test_memory_file_reads_unwritten_bytes_as_zeros():
 
 
 def _stacked_in_shared_memory(items):
-    from vlmcache.extract import collate
+    from vlmcache.image_rows import collate
 
     batch = collate(items)
     return {"rows": batch["rows"], "shared": (batch["images"].is_shared(), batch["views"].is_shared())}
@@ -569,7 +569,7 @@ def test_loader_workers_stack_batches_straight_into_shared_memory(split_dataset,
     """In a worker, collate makes the batch's images and views in shared memory (so the loader need not copy
     them there to hand them over); the images are the transform's, in order."""
     from vlmcache.datasets import load_dataset
-    from vlmcache.extract import ImageRows, collate, image_loader
+    from vlmcache.image_rows import ImageRows, collate, image_loader
 
     root, files = split_dataset
     source = load_dataset("split", root, {s: str(p) for s, p in files.items()}).splits["train"].source
@@ -592,7 +592,7 @@ def test_uint8_handover_finishes_to_the_whole_transforms_numbers_bit_for_bit(tin
 
     from vlmcache import handover
     from vlmcache.encoders import _seed_preprocess
-    from vlmcache.extract import seeded_view
+    from vlmcache.image_rows import seeded_view
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((375, 500), (300, 260))]

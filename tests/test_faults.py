@@ -280,7 +280,7 @@ def test_the_float16_finite_check_finds_every_non_finite_value_and_passes_the_ex
     and signed zeros pass; inf, -inf and NaN of either sign anywhere in a token array are found, naming the row."""
     from types import SimpleNamespace
 
-    from vlmcache.extract import _check_finite
+    from vlmcache.shard_writer import _check_finite
 
     split = SimpleNamespace(source=SimpleNamespace(describe=lambda row: f"img/{row}.jpg"))
     tokens = np.random.default_rng(0).normal(size=(5, 7, 3)).astype(np.float16)

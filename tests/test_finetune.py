@@ -14,7 +14,8 @@ from vlmcache import cache
 from vlmcache.cli import app
 from vlmcache.encoders import load_encoder
 from vlmcache.errors import VlmcacheError
-from vlmcache.finetune import FinetuneConfig, finetune
+from vlmcache.finetune import finetune
+from vlmcache.finetune_config import FinetuneConfig
 from vlmcache.runs import evaluate_run
 from vlmcache.train import TrainConfig, load_run, train_head
 
@@ -220,7 +221,7 @@ def test_training_workers_are_started_once_per_run_and_give_each_epoch_what_no_w
     import os
 
     from vlmcache.datasets import load_dataset
-    from vlmcache.finetune import AugmentedRows, EpochBatches, training_loader
+    from vlmcache.finetune_data import AugmentedRows, EpochBatches, training_loader
 
     root, files = split_dataset
     split = load_dataset("split", str(root), {"train": str(files["train"])}, None).split("train")

@@ -231,7 +231,7 @@ def test_a_prefix_extraction_resumes_where_it_stopped(split_dataset, tmp_path):
 
 
 def _finetune_cfg(split_dataset, tmp_path, **kw):
-    from vlmcache.finetune import FinetuneConfig
+    from vlmcache.finetune_config import FinetuneConfig
 
     root, files = split_dataset
     base = dict(
@@ -268,7 +268,7 @@ def test_finetune_tail_mistakes_are_one_clear_error_and_other_finetune_runs_keep
     import json
     from dataclasses import fields
 
-    from vlmcache.finetune import FinetuneConfig
+    from vlmcache.finetune_config import FinetuneConfig
 
     with pytest.raises(VlmcacheError, match="--tune must be one of adapter, lora, full, none; got 'all'"):
         FinetuneConfig(dataset="split", tail_blocks=1).resolve()

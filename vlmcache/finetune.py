@@ -18,15 +18,13 @@ head's module in the last K, trained with train-head's tail recipe (vlmcache/tai
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import pickle
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,214 +33,24 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vlmcache import cache, distributed, faults, handover, runs
-from vlmcache.choices import TAIL_TUNE, TUNE
-from vlmcache.datasets import Split, load_dataset
+from vlmcache.datasets import Split
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
-from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
-from vlmcache.extract import ExtractConfig, ImageRows, default_workers, image_loader, probe_dims, run_extract
-from vlmcache.heads import build_head, full_head_params, upgrade_head_file
-from vlmcache.images import BadImage
+from vlmcache.errors import VlmcacheError
+from vlmcache.extract import probe_dims
+from vlmcache.finetune_config import FinetuneConfig
+from vlmcache.finetune_data import AugmentedRows, EpochBatches, finetune_dataset, training_loader
+from vlmcache.finetune_eval import TunedModel, autocast, evaluate, reextract
+from vlmcache.heads import build_head, full_head_params
 from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb, start_peak_memory
-from vlmcache.metrics import Evaluator
-from vlmcache.recipe import (
-    OPTIMIZERS,
-    SCHEDULES,
-    SEED_SWITCHES,
-    check_finite_parameters,
-    check_numbers,
-    check_training_choices,
-    last_step_lr,
-    lr_factor,
-    param_groups,
-)
-from vlmcache.samplers import build_sampler, sampler_params
-from vlmcache.schemas import SEED_MAX
-from vlmcache.stage2 import logit_adjusted, tau_normalized
+from vlmcache.recipe import check_finite_parameters, last_step_lr, lr_factor, param_groups
+from vlmcache.samplers import build_sampler
 from vlmcache.templates import get_templates
 
-HEADS = ("linear", "cosine")  # on the tower's pooled embedding (with --tail-blocks: the tail head's classifier)
-TAIL_ONLY = {"views": 0, "view_seed": 0, "round_prefix": True}  # settings of --tail-blocks runs, and their defaults
 CHECKPOINT = "checkpoint.pt"
 
 
-@dataclass
-class FinetuneConfig:
-    """Everything `vlmcache finetune` needs; `resolve()` validates it once."""
-
-    dataset: str
-    root: str | None = None
-    split_files: dict[str, str] = field(default_factory=dict)
-    classnames_file: str | None = None
-    holdout: float = 0.2
-    holdout_seed: int = 0  # the test split's, as extraction's --seed: never the training seed (one test set)
-    model: str = "ViT-B-16"
-    pretrained: str | None = "openai"
-    preprocess_from: str | None = None
-    tune: str = "all"  # TUNE; with tail_blocks, TAIL_TUNE (what the tail module trains)
-    last_k: int = 1
-    tail_blocks: int = 0  # K > 0: blocks 0..L-K-1 frozen, the tail head's module in the last K (tail_finetune.py)
-    views: int = 0  # with tail_blocks: each row shows one of V views per epoch, as extract --views V draws them
-    view_seed: int = 0  # with tail_blocks: extract's --view-seed (0: a fresh view every epoch when views is 0)
-    round_prefix: bool = True  # with tail_blocks: the prefix rounded to float16 as the prefix cache stores it
-    head: str = "linear"
-    head_params: dict = field(default_factory=dict)
-    text_init: str | None = None  # template set whose class-text embeddings initialise a cosine head
-    loss: str = "ce"
-    loss_params: dict = field(default_factory=dict)
-    sampler: str = "instance"
-    epochs: int = 10
-    batch_size: int = 64
-    sampler_params: dict = field(default_factory=dict)
-    protocol: str = "default"  # fills every setting left None below (FINETUNE_PROTOCOLS); an explicit value wins
-    lr: float | None = None  # the tower's
-    head_lr: float | None = None
-    weight_decay: float | None = None
-    optimizer: str | None = None
-    momentum: float | None = None
-    nesterov: bool | None = None
-    warmup_iters: int | None = None
-    schedule: str | None = None
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    seed: int = 0
-    train_split: str = "train"
-    eval_split: str | None = None  # default: test, else val
-    device: str = "auto"
-    precision: str = "auto"  # bf16 autocast on GPUs that have it, else fp16 with loss scaling; fp32 on CPU
-    grad_checkpointing: bool = False
-    workers: int = field(default_factory=default_workers)
-    runs_dir: str = "runs"
-    out: str | None = None
-    overwrite: bool = False
-    reextract: bool = False
-    reextract_tokens: bool = False
-    cache_dir: str = "cache"
-    many: int = 100
-    few: int = 20
-
-    def resolve(self) -> FinetuneConfig:
-        if self.protocol not in FINETUNE_PROTOCOLS:
-            raise unknown_choice("protocol", self.protocol, FINETUNE_PROTOCOLS)
-        self._resolve_tail()
-        for key, value in FINETUNE_PROTOCOLS[self.protocol].items():
-            if getattr(self, key) is None and not (key == "lr" and self.tail_blocks):  # a tail run has no tower lr
-                setattr(self, key, value)
-        if self.protocol == "seed":
-            self.loss_params = {**SEED_SWITCHES["loss"].get(self.loss, {}), **self.loss_params}
-            self.sampler_params = {**SEED_SWITCHES["sampler"], **self.sampler_params}
-        if self.optimizer not in OPTIMIZERS:
-            raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
-        if self.schedule not in SCHEDULES:
-            raise unknown_choice("schedule", self.schedule, SCHEDULES)
-        if self.warmup_iters < 0:
-            raise VlmcacheError(f"--warmup-iters must be 0 or more, got {self.warmup_iters}.")
-        self.sampler_params = checked_params(
-            f"sampler '{self.sampler}'", self.sampler_params, sampler_params(self.sampler)
-        )
-        if self.tune not in (TAIL_TUNE if self.tail_blocks else TUNE):
-            if self.tail_blocks:
-                raise VlmcacheError(
-                    f"--tail-blocks {self.tail_blocks} puts a tuned module in the tower's last blocks: --tune must "
-                    f"be one of {', '.join(TAIL_TUNE)}; got '{self.tune}'."
-                )
-            if self.tune in TAIL_TUNE:
-                raise VlmcacheError(
-                    f"--tune {self.tune} tunes a module in the tower's last blocks: add --tail-blocks K."
-                )
-            raise unknown_choice("--tune choice", self.tune, TUNE)
-        if self.head not in HEADS:
-            raise unknown_choice("fine-tuning head", self.head, HEADS)
-        check_training_choices(self, ("epochs", "batch_size", "last_k"), "tail" if self.tail_blocks else None)
-        check_numbers(self)
-        if not 0 <= self.holdout_seed <= SEED_MAX:
-            raise VlmcacheError(f"--holdout-seed must be between 0 and {SEED_MAX}, got {self.holdout_seed}.")
-        if not self.tail_blocks:  # the tower's embedding is unit-normalised, as CLIP trains it (the tail head's own)
-            self.head_params = {"normalize": "l2", **self.head_params}
-        if self.head_params.get("normalize", "l2") not in ("l2", "none"):
-            raise VlmcacheError(
-                f"Fine-tuning takes the linear head's normalize=l2 or none, not {self.head_params['normalize']}: "
-                f"center_l2 and standardize fit statistics of frozen features, and a tuned tower's features move "
-                f"every step. Train a head on a re-extracted cache (--reextract) for them."
-            )
-        if self.text_init:
-            if self.head != "cosine":
-                raise VlmcacheError("--text-init initialises the cosine head; use --head cosine.")
-            get_templates(self.text_init)
-        self.crop_scale = tuple(self.crop_scale)
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise VlmcacheError(f"--crop-scale must be 0 < min <= max <= 1, got {self.crop_scale}.")
-        return self
-
-    def _resolve_tail(self) -> None:
-        """With --tail-blocks K the run trains the tail head's module with train-head's recipe (tail_finetune.py);
-        the settings that recipe has no use for are refused rather than ignored."""
-        if self.tail_blocks < 0:
-            raise VlmcacheError(
-                f"--tail-blocks must be 1 or more (0: tune the tower as --tune says), got {self.tail_blocks}."
-            )
-        if not self.tail_blocks:
-            given = [f"--{n.replace('_', '-')}" for n in TAIL_ONLY if getattr(self, n) != TAIL_ONLY[n]]
-            if given:
-                raise VlmcacheError(f"{', '.join(given)} apply to a run with --tail-blocks K; add it or drop them.")
-            return
-        if self.lr is not None:
-            raise VlmcacheError(
-                "--lr is the tower's learning rate; with --tail-blocks the tail module and the head train together "
-                "at --head-lr (train-head --head tail's one learning rate). Drop --lr."
-            )
-        for flag, on in (("--reextract", self.reextract), ("--grad-checkpointing", self.grad_checkpointing)):
-            if on:
-                raise VlmcacheError(f"{flag} does not apply with --tail-blocks (the tower's own weights never change).")
-        if self.precision not in ("auto", "fp32"):
-            raise VlmcacheError(
-                f"With --tail-blocks the tail trains in fp32, as train-head's; got --precision {self.precision}."
-            )
-        if self.views < 0:
-            raise VlmcacheError(f"--views must be 0 or more, got {self.views}.")
-        if not 0 <= self.view_seed <= SEED_MAX:
-            raise VlmcacheError(f"--view-seed must be between 0 and {SEED_MAX}, got {self.view_seed}.")
-        for key, want in (("tune", self.tune), ("classifier", self.head)):
-            if self.head_params.get(key, want) != want:
-                raise VlmcacheError(
-                    f"--head-param {key}={self.head_params[key]} disagrees with {key} {want}; give one of them."
-                )
-        self.head_params = {**self.head_params, "tune": self.tune, "classifier": self.head}
-
-    def hash(self) -> str:
-        """A short hash of the settings that change the result (not where outputs go, not the loader)."""
-        skip = {"runs_dir", "out", "overwrite", "device", "workers", "reextract", "reextract_tokens", "cache_dir"}
-        if not self.tail_blocks:  # runs without a tail keep the names they had before these settings existed
-            skip |= {"tail_blocks", *TAIL_ONLY}
-        keep = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-    def run_name(self) -> str:
-        tune = f"tail{self.tail_blocks}-{self.tune}" if self.tail_blocks else self.tune
-        return f"{self.dataset}__ft-{tune}-{self.head}-{self.loss}-{self.sampler}__s{self.seed}__{self.hash()}"
-
-
-# The seed never tunes the tower (its Supervised.train freezes every `vision_model` parameter), so "seed" here means
-# its optimiser, schedule and method forms for what fine-tuning trains; the tower keeps its own small lr.
-FINETUNE_PROTOCOLS: dict[str, dict] = {
-    "default": dict(lr=1e-5, head_lr=1e-3, weight_decay=0.1, optimizer="adamw", momentum=0.9, nesterov=False,
-                    warmup_iters=0, schedule="cosine"),
-    "seed": dict(lr=1e-5, head_lr=0.03, weight_decay=5e-4, optimizer="sgd", momentum=0.9, nesterov=True,
-                 warmup_iters=512, schedule="seed_cosine"),
-}  # fmt: skip
-
-
 # --------------------------------------------------------------------------- the model
-
-
-class TunedModel(nn.Module):
-    """The open_clip image tower followed by a head on its pooled, projected embedding."""
-
-    def __init__(self, visual: nn.Module, head: nn.Module):
-        super().__init__()
-        self.visual, self.head = visual, head
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.visual(images))
 
 
 def select_trainable(visual: nn.Module, tune: str, last_k: int = 1) -> list[str]:
@@ -277,58 +85,6 @@ def select_trainable(visual: nn.Module, tune: str, last_k: int = 1) -> list[str]
     return chosen
 
 
-# --------------------------------------------------------------------------- the data
-
-
-class AugmentedRows(torch.utils.data.Dataset):
-    """Training samples of any epoch: item (epoch, k, row) is sample k of that epoch, image `row`, its crop and flip
-    seeded by (seed, epoch, k). The items carry their epoch, so one set of loader workers, started once per run,
-    serves every epoch (EpochBatches says which items an epoch has). An unreadable image is a skipped sample,
-    counted per epoch in the run's history."""
-
-    def __init__(self, split: Split, transform, seed: int):
-        self.source, self.transform, self.seed = split.source, transform, seed
-
-    def __getitem__(self, item: tuple[int, int, int]):
-        epoch, k, row = item
-        try:
-            img = self.source.load(row)
-        except BadImage as e:
-            return row, None, None, str(e)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, k]).generate_state(1)[0]))
-            return row, self.transform(img), None, None
-
-
-class EpochBatches:
-    """The batches of (epoch, k, row) items of the epoch set last (`set_epoch`), in order. It lives in the main
-    process, which hands each batch's items to the loader's workers, so the workers never need the epoch's order."""
-
-    def __init__(self, batch_size: int):
-        self.batch_size, self.epoch = batch_size, 0
-        self.rows = self.positions = np.zeros(0, np.int64)
-
-    def set_epoch(self, epoch: int, rows: np.ndarray, positions: np.ndarray) -> None:
-        self.epoch, self.rows, self.positions = epoch, rows, positions
-
-    def __iter__(self):
-        for i in range(0, len(self.rows), self.batch_size):
-            j = slice(i, i + self.batch_size)
-            yield [(self.epoch, int(k), int(r)) for k, r in zip(self.positions[j], self.rows[j], strict=True)]
-
-    def __len__(self) -> int:
-        return -(-len(self.rows) // self.batch_size)
-
-
-def training_loader(data: AugmentedRows, batches: EpochBatches, workers: int, pin: bool) -> DataLoader:
-    """One loader for a whole run: its workers are started once and kept across epochs (persistent). Workers forked
-    anew each epoch share the process's memory copy-on-write, and while they live every page that the training
-    step writes (weights, gradients, optimiser state, the activations' heap) is copied first: ViT-B-16 on a CPU
-    trained at 1.2 to 1.4 img/s beside two idle forked workers against 1.9 without them. Kept, that cost is paid in
-    the first epoch only."""
-    return image_loader(data, None, workers, pin, batch_sampler=batches, persistent=True)
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -340,43 +96,6 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict:
 
 
 # --------------------------------------------------------------------------- the job
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-@torch.no_grad()
-def _evaluate(model, split: Split, encoder: Encoder, counts, classnames, cfg, precision, logit_adjust=None):
-    model.eval()
-    evaluator = Evaluator(counts, classnames)
-    log_prior = None
-    if logit_adjust is not None:
-        c = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
-        log_prior = (c / c.sum()).log().float().to(encoder.device)
-    part, finish = handover.cut(encoder.preprocess)  # uint8 from the workers, finished on the device
-    data = ImageRows(split.source, np.arange(len(split)), part)
-    skipped = 0
-    for batch in image_loader(data, cfg.batch_size * 2, cfg.workers, encoder.device.type == "cuda"):
-        skipped += len(batch["bad"])
-        if batch["images"] is None:
-            continue
-        x = handover.finished(batch, encoder.device, finish)["images"].to(encoder.device, non_blocking=True)
-        with _autocast(encoder.device, precision):
-            logits = model(x).float()
-        if log_prior is not None:
-            logits = logit_adjusted(logits, log_prior, logit_adjust)
-        evaluator.update(logits, torch.from_numpy(split.labels[batch["rows"].numpy()]).to(encoder.device))
-    metrics, table = evaluator.compute(cfg.many, cfg.few)
-    return metrics, table, skipped
-
-
-def finetune_dataset(cfg: FinetuneConfig):
-    """The dataset a fine-tuning run reads. A generated hold-out takes `holdout_seed`, not the training seed, so
-    every run of a dataset is scored on one test set."""
-    return load_dataset(cfg.dataset, cfg.root, cfg.split_files, cfg.classnames_file, cfg.holdout, cfg.holdout_seed)
 
 
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=None) -> dict:
@@ -547,7 +266,7 @@ class _Step:
     precision: str
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with _autocast(self.device, self.precision):
+        with autocast(self.device, self.precision):
             loss = self.loss_fn(self.ddp(x).float(), y)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -604,7 +323,7 @@ def _save_checkpoint(cfg, run_dir: Path, epoch: int, parts: dict, history: list,
 def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, cost) -> dict:
     """Evaluate and write the run's files but metrics.json (rank 0 only)."""
     check_finite_parameters(model)
-    metrics, table, skipped = _evaluate(model, eval_split, encoder, counts, dataset.classnames, cfg, cost["precision"])
+    metrics, table, skipped = evaluate(model, eval_split, encoder, counts, dataset.classnames, cfg, cost["precision"])
     device = encoder.device
     # the tuned weights as an open_clip checkpoint: `vlmcache extract --pretrained FILE` reads it
     weights = run_dir / f"{cfg.model}-ft-{cfg.hash()}.pt"
@@ -661,83 +380,3 @@ def save_run_files(
         "argv": sys.argv,
     }
     cache.write_json_atomic(run_dir / "config.json", config)
-
-
-def _preprocess_tag(cfg: FinetuneConfig) -> str | None:
-    """The pretrained tag whose preprocessing (and QuickGELU) the tuned weights file must be loaded with."""
-    base = cfg.pretrained if cfg.pretrained and not Path(cfg.pretrained).is_file() else cfg.preprocess_from
-    return None if base in (None, "none", "random") else base
-
-
-def evaluate_finetuned(
-    run_dir: str | Path,
-    tau_norm: float | None = None,
-    logit_adjust: float | None = None,
-    split: str | None = None,
-    device: str = "auto",
-) -> dict:
-    """Evaluate a finished fine-tuning run again (its tuned tower and head), as `vlmcache eval RUN` does."""
-    run_dir = Path(run_dir)
-    meta, cfg = runs.read_config(run_dir, FinetuneConfig)
-    try:
-        cfg.resolve()
-    except VlmcacheError as e:
-        raise VlmcacheError(f"'{run_dir}/config.json': {e}") from None
-    if cfg.tail_blocks:
-        raise VlmcacheError(
-            f"'{run_dir}' is a finetune --tail-blocks run: its metrics.json holds its evaluation, and evaluating it "
-            f"again is not supported yet (its tuned tail is in head.pt)."
-        )
-    weights = run_dir / Path(str(meta.get("weights"))).name  # the tuned tower lives in the run folder, by name
-    if not weights.is_file():
-        raise VlmcacheError(f"'{run_dir}' has no tuned weights '{weights.name}'; is it a finished fine-tuning run?")
-    dataset = finetune_dataset(cfg)
-    eval_split = dataset.split(split or meta["eval_split"])
-    encoder = load_encoder(cfg.model, str(weights), device, "fp32", _preprocess_tag(cfg))
-    saved = upgrade_head_file(runs.load_head_file(run_dir, encoder.device))
-    if saved["num_classes"] != dataset.num_classes or len(meta["train_counts"]) != dataset.num_classes:
-        raise VlmcacheError(
-            f"'{run_dir}/head.pt' is a head for {saved['num_classes']} classes; "
-            f"{cfg.dataset} has {dataset.num_classes}."
-        )
-    try:
-        head = build_head(saved["head"], saved["in_dim"], saved["num_classes"], **saved["head_params"])
-        head.load_state_dict(saved["head_state"])
-    except (RuntimeError, TypeError, ValueError, KeyError) as e:
-        raise VlmcacheError(f"The weights in '{run_dir}/head.pt' do not fit this vlmcache's heads: {e}") from None
-    if tau_norm is not None:
-        if cfg.head != "linear":
-            raise VlmcacheError("--tau-norm applies to a linear classifier (cosine weights are unit norm).")
-        head.classifier = tau_normalized(head.classifier, tau_norm)
-    model = TunedModel(encoder.model.visual, head).to(encoder.device)
-    counts = np.asarray(meta["train_counts"])
-    precision = pick_precision(cfg.precision, encoder.device)
-    metrics, _, _ = _evaluate(model, eval_split, encoder, counts, dataset.classnames, cfg, precision, logit_adjust)
-    return {
-        "run": str(run_dir),
-        "split": eval_split.name,
-        "tau_norm": tau_norm,
-        "logit_adjust": logit_adjust,
-        "metrics": metrics,
-    }
-
-
-def reextract(cfg: FinetuneConfig, weights: Path, log=print) -> dict:
-    """A new cache of every split from the tuned tower (a new key: its fingerprint holds the file's sha256)."""
-    ecfg = ExtractConfig(
-        dataset=cfg.dataset,
-        root=cfg.root,
-        split_files=cfg.split_files,
-        classnames_file=cfg.classnames_file,
-        holdout=cfg.holdout,
-        seed=cfg.holdout_seed,
-        model=cfg.model,
-        pretrained=str(weights),
-        preprocess_from=_preprocess_tag(cfg),
-        cache_dir=cfg.cache_dir,
-        workers=cfg.workers,
-        tokens=cfg.reextract_tokens,
-        device=cfg.device,
-    )
-    summary = run_extract(ecfg, log=log)
-    return {"path": summary["cache"], "key": summary["key"]}

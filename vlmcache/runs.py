@@ -71,7 +71,7 @@ def read_kind(run_dir: Path) -> str:
 
 # What evaluates a run folder of each kind (config.json's "kind"), named by import path: this module sits below
 # the training modules, so it imports the one a run needs only when it evaluates one.
-RUN_KINDS = {"head": "vlmcache.train:evaluate_run", "finetune": "vlmcache.finetune:evaluate_finetuned"}
+RUN_KINDS = {"head": "vlmcache.train:evaluate_run", "finetune": "vlmcache.finetune_eval:evaluate_finetuned"}
 
 
 def check_post_hoc(tau_norm: float | None, logit_adjust: float | None) -> None:
@@ -169,7 +169,7 @@ def method_label(config: dict, kind: str = "head") -> str:
     return " + ".join(str(p) for p in parts)
 
 
-# finetune's --tail-blocks settings at their defaults (finetune.TAIL_ONLY): left out of a run's identity, so runs
+# finetune's --tail-blocks settings at their defaults (finetune_config.TAIL_ONLY): left out of a run's identity, so runs
 # made before they existed group with runs made after
 FINETUNE_TAIL_UNSET = {"tail_blocks": 0, "views": 0, "view_seed": 0, "round_prefix": True}
 

@@ -17,8 +17,9 @@ from vlmcache import cache, handover
 from vlmcache.datasets import load_dataset
 from vlmcache.encoders import Encoder, load_encoder
 from vlmcache.errors import VlmcacheError
-from vlmcache.extract import ImageRows, default_workers, image_loader, probe_dims, use_decode
+from vlmcache.extract import default_workers, probe_dims, use_decode
 from vlmcache.features import view_choice
+from vlmcache.image_rows import ImageRows, image_loader
 
 
 def encoder_of(split: cache.SplitCache, device: str) -> Encoder:

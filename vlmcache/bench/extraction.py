@@ -31,7 +31,8 @@ def bench_extraction(
     from vlmcache import handover
     from vlmcache.datasets import read_split_file
     from vlmcache.encoders import load_encoder
-    from vlmcache.extract import ExtractConfig, ImageRows, default_workers, image_loader, run_extract
+    from vlmcache.extract import ExtractConfig, default_workers, run_extract
+    from vlmcache.image_rows import ImageRows, image_loader
     from vlmcache.images import FileSource
 
     workers = default_workers()

@@ -23,7 +23,10 @@ def bench_finetune(model: str, images: int, batch_size: int, device: str = "auto
     from vlmcache.datasets import load_dataset
     from vlmcache.encoders import load_encoder
     from vlmcache.extract import default_workers, probe_dims
-    from vlmcache.finetune import AugmentedRows, EpochBatches, FinetuneConfig, TunedModel, finetune, training_loader
+    from vlmcache.finetune import finetune
+    from vlmcache.finetune_config import FinetuneConfig
+    from vlmcache.finetune_data import AugmentedRows, EpochBatches, training_loader
+    from vlmcache.finetune_eval import TunedModel
     from vlmcache.heads import build_head
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -85,7 +85,7 @@ def _loader_rate(root: Path, split_file: Path, encoder, batch_size: int, workers
     """(images/s, CPU seconds per image) of the loader alone over the split's files."""
     from vlmcache import handover
     from vlmcache.datasets import read_split_file
-    from vlmcache.extract import ImageRows, image_loader
+    from vlmcache.image_rows import ImageRows, image_loader
     from vlmcache.images import FileSource
 
     relpaths, _ = read_split_file(split_file)
@@ -207,7 +207,8 @@ def bench_decode(model: str, images: int, size: tuple[int, int] = (800, 600), ba
     from vlmcache.datasets import load_dataset
     from vlmcache.device_decode import DeviceDecoder, EncodedRows, collate_encoded
     from vlmcache.encoders import load_encoder
-    from vlmcache.extract import DECODE_MODES, ExtractConfig, ImageRows, image_loader, run_extract, use_decode
+    from vlmcache.extract import DECODE_MODES, ExtractConfig, run_extract, use_decode
+    from vlmcache.image_rows import ImageRows, image_loader
 
     workers = default_workers()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -131,8 +131,8 @@ def finetune(
     from vlmcache import distributed
     from vlmcache.choices import default_workers
     from vlmcache.datasets import parse_split_files
-    from vlmcache.finetune import FinetuneConfig
     from vlmcache.finetune import finetune as run
+    from vlmcache.finetune_config import FinetuneConfig
     from vlmcache.memory import keep_heap_on_cpu
 
     check_nproc("finetune", nproc)
