@@ -432,13 +432,35 @@ def test_extract_refuses_a_link_beneath_the_cache_dir(extracted, tmp_path, linke
     assert [p.name for p in outside.iterdir()] == ["keep.txt"]
 
 
-def test_extract_refuses_a_split_folder_it_did_not_write(extracted, tmp_path):
+@pytest.mark.parametrize("name", ["data.bin", "shard-00000.h5"])
+def test_extract_refuses_a_split_folder_it_did_not_write(extracted, tmp_path, name):
+    """Files named like shards without a manifest are someone else's too: extract writes the manifest first."""
     split_dir = tmp_path / "cache" / extracted["key"] / "train"
     split_dir.mkdir(parents=True)
-    (split_dir / "data.bin").write_bytes(b"precious")
+    (split_dir / name).write_bytes(b"precious")
     for extra in ((), ("--overwrite",)):
         refuse_extract(extracted, tmp_path / "cache", tmp_path, says="is not a cache split", extra=extra)
-    assert [p.name for p in split_dir.iterdir()] == ["data.bin"]
+    assert [p.name for p in split_dir.iterdir()] == [name]
+    (split_dir / name).unlink()
+    (split_dir / f"manifest.json{guard.TMP_MARK}999999999.x").write_text("{")  # a killed first manifest write
+    res = runner.invoke(app, [*extracted["argv"], "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output  # its temporary is swept and the split extracted
+
+
+def test_extract_writes_its_manifest_before_its_first_shard(extracted, tmp_path, monkeypatch):
+    from vlmcache import cache
+
+    seen = []
+    real = cache.shard_image
+
+    def spy(final, *args, **kwargs):
+        seen.append((final.name, (final.parent / cache.MANIFEST).is_file()))
+        return real(final, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "shard_image", spy)  # what extraction builds each shard with
+    res = runner.invoke(app, [*extracted["argv"], "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    assert seen and all(has_manifest for _, has_manifest in seen), seen
 
 
 def test_extract_overwrite_never_removes_someone_elses_file_in_a_split(extracted):

@@ -241,7 +241,8 @@ def _open_manifest(
     if distributed.rank_world()[0] == 0:
         try:
             manifest = _prepare_split_dir(split_dir, fingerprint, cfg, log)
-            if manifest is None:
+            fresh = manifest is None
+            if fresh:
                 manifest = {
                     "format": cache.FORMAT,
                     "fingerprint": fingerprint,
@@ -254,6 +255,8 @@ def _open_manifest(
                 }
             # how to make this split again: `cache verify --repair` re-extracts damaged shards with it
             manifest["extract_config"] = {**asdict(cfg), "splits": [split.name], "overwrite": False}
+            if fresh:  # before the first shard: a folder of shards without a manifest is never one of ours
+                cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
             state = ("ok", manifest)
         except VlmcacheError as e:
             state = ("error", str(e))

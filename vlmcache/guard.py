@@ -340,8 +340,8 @@ def _own_split_entry(entry: os.DirEntry) -> bool:
 def check_cache_folders(model_dir: Path, splits: list[str], what: str, overwrite: bool) -> None:
     """The folders extract and import write beneath `--cache-dir` (`<dataset>/<key>/<split>`, `text.h5`), checked
     before any work: none may be a link (writing through it lands outside the cache) or a file where a folder goes;
-    a split folder must be a split vlmcache wrote, or empty, or hold only a split's own files (an extraction killed
-    before its first manifest); and --overwrite of a split is refused while anything else is inside, since someone
+    a split folder must be a split vlmcache wrote (its manifest is written before its first shard), or empty, or
+    hold only temporaries (an extraction killed while writing its first manifest); and --overwrite of a split is refused while anything else is inside, since someone
     else's file is never removed. `what` names the command in the message."""
     model_dir = Path(model_dir)
     from vlmcache.cache import read_manifest
@@ -369,7 +369,18 @@ def check_cache_folders(model_dir: Path, splits: list[str], what: str, overwrite
         if not split_dir.is_dir():
             raise VlmcacheError(f"{what}: '{split_dir}' is a file where a cache split goes; move it away.")
         with os.scandir(split_dir) as entries:
-            foreign = sorted(e.name for e in entries if not _own_split_entry(e))
+            found = [(e.name, _own_split_entry(e)) for e in entries]
+        foreign = sorted(name for name, own in found if not own)
+        if not (split_dir / MANIFEST).exists():
+            # extract writes a split's manifest before its first shard, so files here without one (even ones named
+            # like shards) are someone else's; only the temporaries of a killed first write are swept
+            kept = sorted(name for name, own in found if not own or TMP_MARK not in name)
+            if kept:
+                raise VlmcacheError(
+                    f"{what}: '{split_dir}' exists and is not a cache split (no {MANIFEST}; it holds '{kept[0]}'); "
+                    f"move it away or write under another split name or --cache-dir."
+                )
+            continue
         if not foreign:
             continue
         if read_manifest(split_dir) is None:
