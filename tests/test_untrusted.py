@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from vlmcache import cache, runs
+from vlmcache import atomic, cache, runs, text_cache
 from vlmcache.ablate import load_pipeline
 from vlmcache.cli import app
 from vlmcache.datasets import load_dataset, read_classnames, read_split_file
@@ -357,7 +357,7 @@ def test_overwrite_replaces_a_finished_run_only_once_the_new_one_is_complete(fin
     assert _tree(run) == before
     result = train_head(_cfg(features, tmp_path, out=str(run), overwrite=True, epochs=1), log=lambda *a: None)
     assert runs.read_metrics(run)["history"] == result["history"]
-    assert not [p for p in run.parent.iterdir() if cache.TMP_MARK in p.name]
+    assert not [p for p in run.parent.iterdir() if atomic.TMP_MARK in p.name]
 
 
 @pytest.mark.parametrize("option", ["--out", "--runs-dir"])
@@ -430,17 +430,19 @@ def test_a_foreign_results_table_is_one_line(tmp_path, csv, message):
 
 def test_a_damaged_text_file_is_one_line(features, tmp_path):
     model_dir = _copy_cache(features, tmp_path)
-    text = cache.read_text(model_dir / cache.TEXT_FILE)
+    text = text_cache.read_text(model_dir / text_cache.TEXT_FILE)
     emb = text.sets["photo"][1].copy()
     emb[0, 0] = np.nan
-    cache.write_text(model_dir / cache.TEXT_FILE, cache.TextCache({}, text.classnames, {"photo": (["{}"], emb)}, 1.0))
+    text_cache.write_text(
+        model_dir / text_cache.TEXT_FILE, text_cache.TextCache({}, text.classnames, {"photo": (["{}"], emb)}, 1.0)
+    )
     with pytest.raises(VlmcacheError, match="NaN"):
-        cache.read_text(model_dir / cache.TEXT_FILE)
-    cache.write_text(
-        model_dir / cache.TEXT_FILE, cache.TextCache({}, text.classnames[:2], {"photo": (["{}"], emb)}, 1.0)
+        text_cache.read_text(model_dir / text_cache.TEXT_FILE)
+    text_cache.write_text(
+        model_dir / text_cache.TEXT_FILE, text_cache.TextCache({}, text.classnames[:2], {"photo": (["{}"], emb)}, 1.0)
     )
     with pytest.raises(VlmcacheError, match="not \\(2, D\\)"):
-        cache.read_text(model_dir / cache.TEXT_FILE)
+        text_cache.read_text(model_dir / text_cache.TEXT_FILE)
 
 
 def test_disk_full_while_writing_text_is_a_clear_error(tmp_path):
@@ -453,7 +455,7 @@ def test_disk_full_while_writing_text_is_a_clear_error(tmp_path):
         "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
         "emb = np.ones((1000, 64), np.float32)\n"
         "try:\n"
-        f"    cache.write_text(Path({str(tmp_path / 'text.h5')!r}), cache.TextCache({{}}, ['c'] * 1000, "
+        f"    text_cache.write_text(Path({str(tmp_path / 'text.h5')!r}), text_cache.TextCache({{}}, ['c'] * 1000, "
         "{'photo': (['{}'], emb)}, 1.0))\n"
         "except VlmcacheError as e:\n"
         "    print(e); sys.exit(2)\n"

@@ -715,7 +715,7 @@ def merge_results(previous: pd.DataFrame | None, table: pd.DataFrame) -> pd.Data
 
 def write_results(out: Path, table: pd.DataFrame) -> None:
     """results.csv (and results.parquet with pyarrow) in the runs folder, each replaced atomically."""
-    from vlmcache.cache import write_bytes_atomic
+    from vlmcache.atomic import write_bytes_atomic
 
     write_bytes_atomic(out / RESULTS, table.to_csv(index=False).encode())
     try:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlmcache import cache, distributed, faults, guard, handover
+from vlmcache import atomic, cache, distributed, faults, guard, handover, text_cache
 from vlmcache.choices import default_workers  # noqa: F401 (re-exported: streaming, finetune, bench)
 from vlmcache.datasets import Dataset, Split
 from vlmcache.device_decode import DeviceDecoder, EncodedRows, collate_encoded
@@ -194,7 +194,7 @@ def _prepare_split_dir(split_dir: Path, fingerprint: dict, cfg: ExtractConfig, l
             f"Pass --overwrite to start this split again, or --cache-dir for a separate cache."
         )
     split_dir.mkdir(parents=True, exist_ok=True)
-    for p in cache.remove_stale_tmp(split_dir):
+    for p in atomic.remove_stale_tmp(split_dir):
         log(f"removed a leftover temporary file: {p.name}")
     if manifest is None:
         return None
@@ -203,7 +203,7 @@ def _prepare_split_dir(split_dir: Path, fingerprint: dict, cfg: ExtractConfig, l
         path = split_dir / entry["file"]
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
             log(f"shard {entry['file']} is missing or has the wrong size; it will be extracted again")
-        elif cfg.verify and cache.sha256_file(path) != entry["sha256"]:
+        elif cfg.verify and atomic.sha256_file(path) != entry["sha256"]:
             log(f"shard {entry['file']} differs from its sha256; it will be extracted again")
         else:
             kept.append(entry)
@@ -226,7 +226,7 @@ class Publisher:
             new = [e for e in entries if e is not None]
             if new:
                 self.manifest["shards"] = sorted(self.manifest["shards"] + new, key=lambda e: e["index"])
-                cache.write_json_atomic(self.split_dir / cache.MANIFEST, self.manifest)
+                atomic.write_json_atomic(self.split_dir / cache.MANIFEST, self.manifest)
         self.rounds += 1
         if entry is not None:
             faults.hit("shard_published")
@@ -346,7 +346,7 @@ def extract_split(
 
     if rank == 0:
         manifest["complete"] = len(manifest["shards"]) == n_shards
-        cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+        atomic.write_json_atomic(split_dir / cache.MANIFEST, manifest)
     distributed.barrier()
     manifest = cache.read_manifest(split_dir)
     if manifest["complete"] and not any(e["rows"] for e in manifest["shards"]):
@@ -477,7 +477,7 @@ class ShardWriter:
 
     def _publish(self, built) -> None:
         final, image, entry = built.result()
-        cache.write_bytes_atomic(final, image, fault="shard_written", drop_cache=True)
+        atomic.write_bytes_atomic(final, image, fault="shard_written", drop_cache=True)
         self.publisher.publish(entry)
 
     def submit(self, buf: ShardBuffer) -> None:
@@ -589,11 +589,11 @@ def _cat(parts: list[np.ndarray], empty_shape: tuple, order=None) -> np.ndarray 
 def check_text_file(model_dir: Path, overwrite: bool) -> None:
     """Before any work: an existing `<model_dir>/text.h5` that cannot be read is someone else's file or a damaged
     one of ours; it is replaced only with --overwrite, never silently."""
-    path = model_dir / cache.TEXT_FILE
+    path = model_dir / text_cache.TEXT_FILE
     if overwrite or not path.is_file():
         return
     try:
-        cache.read_text(path)
+        text_cache.read_text(path)
     except VlmcacheError as e:
         raise VlmcacheError(f"{e} It is kept; pass --overwrite to replace it (never without).") from None
 
@@ -603,13 +603,13 @@ def extract_text(
 ) -> Path:
     """Class-text embeddings for each template set, in `<model_dir>/text.h5` (kept sets are reused). An unreadable
     text.h5 is rewritten only with `overwrite` (`check_text_file` refused it before any work otherwise)."""
-    path = model_dir / cache.TEXT_FILE
+    path = model_dir / text_cache.TEXT_FILE
     fingerprint = {"encoder": encoder.fingerprint, "dataset": dataset.name}
     sets = {}
     old = None
     if path.is_file():
         try:
-            old = cache.read_text(path)
+            old = text_cache.read_text(path)
         except VlmcacheError as e:
             if not overwrite:
                 raise
@@ -626,7 +626,7 @@ def extract_text(
         templates = get_templates(name)
         sets[name] = (templates, encoder.encode_classnames(dataset.classnames, templates).cpu().numpy())
     logit_scale = float(encoder.model.logit_scale.exp()) if hasattr(encoder.model, "logit_scale") else 100.0
-    cache.write_text(path, cache.TextCache(fingerprint, dataset.classnames, sets, logit_scale))
+    text_cache.write_text(path, text_cache.TextCache(fingerprint, dataset.classnames, sets, logit_scale))
     return path
 
 
@@ -687,7 +687,7 @@ def run_extract(
         "rank": rank,
         "peak_rss_mb": peak,  # per process, rank 0 first (on rank 0 only under torchrun)
         "splits": results,
-        "text": {"path": str(text_path or model_dir / cache.TEXT_FILE), "template_sets": cfg.templates},
+        "text": {"path": str(text_path or model_dir / text_cache.TEXT_FILE), "template_sets": cfg.templates},
         "seconds": round(time.perf_counter() - t0, 3),
         "notes": dataset.notes,
         "config": asdict(cfg),
@@ -726,7 +726,7 @@ def repair_split(split_dir: Path, root: str | None = None, log=print) -> list[st
         log(f"repairing {split_dir / name}: {damaged[name]}")
     manifest["shards"] = [e for e in manifest["shards"] if e["file"] not in damaged]
     manifest["complete"] = False
-    cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+    atomic.write_json_atomic(split_dir / cache.MANIFEST, manifest)
     run_extract(cfg, log=log, model_dir=split_dir.parent)
     return sorted(damaged)
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmcache import cache, distributed, faults, handover, runs
+from vlmcache import atomic, distributed, faults, handover, runs
 from vlmcache.choices import TAIL_TUNE, TUNE
 from vlmcache.datasets import Split, load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
@@ -466,7 +466,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     if cfg.reextract:  # every process takes part, as in a multi-process `vlmcache extract`
         result["cache"] = reextract(cfg, Path(result["weights"]), log)
     if rank == 0:
-        cache.write_json_atomic(run_dir / "metrics.json", result)  # last: a run with metrics.json is complete
+        atomic.write_json_atomic(run_dir / "metrics.json", result)  # last: a run with metrics.json is complete
         (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the final weights are in the run; the checkpoint is spent
     distributed.barrier()
     return result
@@ -588,7 +588,7 @@ def _train_epoch(
 
 def _save_checkpoint(cfg, run_dir: Path, epoch: int, parts: dict, history: list, train_seconds: float) -> None:
     """Everything a resume needs after `epoch`, written atomically (rank 0)."""
-    cache.save_torch_atomic(
+    atomic.save_torch_atomic(
         {
             "config_hash": cfg.hash(),
             "epoch": epoch,
@@ -608,7 +608,7 @@ def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, 
     device = encoder.device
     # the tuned weights as an open_clip checkpoint: `vlmcache extract --pretrained FILE` reads it
     weights = run_dir / f"{cfg.model}-ft-{cfg.hash()}.pt"
-    cache.save_torch_atomic(encoder.model.state_dict(), weights)
+    atomic.save_torch_atomic(encoder.model.state_dict(), weights)
     head_params = full_head_params(cfg.head, cfg.head_params)
     in_dim = model.head.classifier.weight.shape[1]
     save_run_files(run_dir, cfg, cfg.head, in_dim, dataset.num_classes, head_params, model.head, table, weights,
@@ -650,8 +650,8 @@ def save_run_files(
         "stage2_params": None,
         "stage2_state": None,
     }
-    cache.save_torch_atomic(saved, run_dir / "head.pt")
-    cache.write_bytes_atomic(run_dir / "per_class.csv", table.to_csv(index=False).encode())
+    atomic.save_torch_atomic(saved, run_dir / "head.pt")
+    atomic.write_bytes_atomic(run_dir / "per_class.csv", table.to_csv(index=False).encode())
     config = {
         "config": asdict(cfg),
         "kind": "finetune",
@@ -660,7 +660,7 @@ def save_run_files(
         "train_counts": counts.tolist(),
         "argv": sys.argv,
     }
-    cache.write_json_atomic(run_dir / "config.json", config)
+    atomic.write_json_atomic(run_dir / "config.json", config)
 
 
 def _preprocess_tag(cfg: FinetuneConfig) -> str | None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmcache import cache
+from vlmcache import atomic, cache
 from vlmcache.errors import VlmcacheError
 
 PIECE_ROWS = 4096  # rows read, checked and converted at a time
@@ -466,4 +466,4 @@ class ShardStream:
             "dims": {"pooled": width, "tokens": None},
             "shards": self.entries,
         }
-        cache.write_json_atomic(self.dir / cache.MANIFEST, manifest)
+        atomic.write_json_atomic(self.dir / cache.MANIFEST, manifest)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmcache import cache, guard
+from vlmcache import cache, guard, text_cache
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.features import Pooled, default_eval_split, find_cache, open_split
@@ -50,7 +50,7 @@ def zero_shot(
     dev = pick_device(device)
     model_dir = find_cache(cache_dir, dataset, model, pretrained, cache_key)
     dataset = model_dir.parent.name  # given, or the one cache's
-    text = cache.read_text(model_dir / cache.TEXT_FILE)
+    text = text_cache.read_text(model_dir / text_cache.TEXT_FILE)
     if not text.sets:
         raise VlmcacheError(
             f"The cache '{model_dir}' was imported ({text.fingerprint['imported_from']['source']}): it has image "

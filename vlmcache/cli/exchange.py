@@ -44,8 +44,8 @@ def export(
     embeddings as cached (not normalised). Memory holds one piece at a time.
     """
     from vlmcache import guard
-    from vlmcache.cache import resolve_cache
     from vlmcache.exchange import export_cache
+    from vlmcache.listing import resolve_cache
 
     if ref and any((cache.dataset, cache.model, cache.pretrained, cache.cache_key)):
         raise VlmcacheError("export takes a cache as REF or by its flags (-d, -m, -p, --cache-key), not both.")
