@@ -130,7 +130,7 @@ def test_labels_must_be_class_indices_named_by_row(tmp_path, labels, match):
 
 
 def test_whole_float_labels_import_and_the_class_count_rule_is_extracts(tmp_path):
-    from vlmcache.datasets import implied_classes_problem
+    from vlmcache.user_data import implied_classes_problem
 
     out = import_embeddings("parquet", _parquet(tmp_path / "f.parquet", np.ones((4, 3)).tolist(), [0.0, 2.0, 1.0, 2.0]),
                             "m", "train", tmp_path / "c", **QUIET)  # fmt: skip

@@ -19,10 +19,11 @@ from typer.testing import CliRunner
 from vlmcache import atomic, cache, runs, text_cache
 from vlmcache.ablate import load_pipeline
 from vlmcache.cli import app
-from vlmcache.datasets import load_dataset, read_classnames, read_split_file
+from vlmcache.datasets import load_dataset
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ExtractConfig, repair_split, run_extract
 from vlmcache.heads import build_head
+from vlmcache.splits import read_classnames, read_split_file
 from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head
 
 runner = CliRunner()

@@ -1,8 +1,8 @@
 """Atomic files: the one write path (a temporary name, fsync, rename, fsync the folder), HDF5 files built in
 memory, and the temporaries a killed process leaves behind.
 
-Every file vlmcache writes (shards, manifests, class texts, run folders, checkpoints) goes through here, so a killed
-or full-disk run leaves the previous version or nothing, never a half-written file under its final name.
+Shards, manifests, class texts, run files and checkpoints are written through here, so a killed or full-disk run
+leaves the previous version or nothing, never a half-written file under its final name.
 """
 
 from __future__ import annotations

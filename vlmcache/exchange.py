@@ -238,7 +238,7 @@ def import_embeddings(
     import shutil
 
     from vlmcache import ingest
-    from vlmcache.datasets import read_classnames, read_split_file
+    from vlmcache.splits import read_classnames, read_split_file
 
     if source not in IMPORT_SOURCES:
         raise unknown_choice("import source (--from)", source, IMPORT_SOURCES)

@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 
 from vlmcache import atomic, cache, distributed, faults, guard, handover, text_cache
 from vlmcache.choices import default_workers  # noqa: F401 (re-exported: streaming, finetune, bench)
-from vlmcache.datasets import Dataset, Split
 from vlmcache.device_decode import DeviceDecoder, EncodedRows, collate_encoded
 from vlmcache.encoders import Encoder, load_encoder, math_mode
 from vlmcache.errors import VlmcacheError
@@ -28,6 +27,7 @@ from vlmcache.extract_config import (  # noqa: F401 (re-exported: the config and
 )
 from vlmcache.images import BadImage
 from vlmcache.memory import peak_rss_mb
+from vlmcache.splits import Dataset, Split
 from vlmcache.templates import get_templates
 from vlmcache.templates import template_sets as known_template_sets
 

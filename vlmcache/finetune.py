@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from vlmcache import atomic, distributed, faults, handover, runs
 from vlmcache.choices import TAIL_TUNE, TUNE
-from vlmcache.datasets import Split, load_dataset
+from vlmcache.datasets import load_dataset
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
 from vlmcache.extract import ExtractConfig, ImageRows, default_workers, image_loader, probe_dims, run_extract
@@ -58,6 +58,7 @@ from vlmcache.recipe import (
 )
 from vlmcache.samplers import build_sampler, sampler_params
 from vlmcache.schemas import SEED_MAX
+from vlmcache.splits import Split
 from vlmcache.stage2 import logit_adjusted, tau_normalized
 from vlmcache.templates import get_templates
 

@@ -21,7 +21,8 @@ def train_counts(model_dir, num_classes: int, dataset: str) -> np.ndarray:
     definition; NaN (groups unknown) when neither exists."""
     if (model_dir / "train" / cache.MANIFEST).is_file():
         return np.bincount(open_split(model_dir, "train").labels(), minlength=num_classes)
-    from vlmcache.datasets import BENCHMARKS, load_dataset
+    from vlmcache.datasets import load_dataset
+    from vlmcache.lt_benchmarks import BENCHMARKS
 
     if dataset in BENCHMARKS:
         ds = load_dataset(dataset)

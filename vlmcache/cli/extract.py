@@ -237,7 +237,9 @@ def datasets_info(
     """
     import numpy as np
 
-    from vlmcache.datasets import load_dataset, read_split_file, split_stats, where_data
+    from vlmcache.datasets import load_dataset
+    from vlmcache.lt_benchmarks import where_data
+    from vlmcache.splits import read_split_file, split_stats
 
     source = where_data(name.value)
     if split_file is not None:
