@@ -450,7 +450,7 @@ def test_disk_full_while_writing_text_is_a_clear_error(tmp_path):
     script = (
         "import numpy as np, resource, signal, sys\n"
         "from pathlib import Path\n"
-        "from vlmcache import cache\n"
+        "from vlmcache import text_cache\n"
         "from vlmcache.errors import VlmcacheError\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
