@@ -87,7 +87,7 @@ def write_feature_cache(
     text_dim: int | None = None,
 ) -> Path:
     """A cache in the real on-disk format from arrays: {split: (pooled (N, D), labels (N,), tokens or None)}."""
-    from vlmcache import cache
+    from vlmcache import cache, text_cache
 
     model_dir = cache_dir / dataset / key
     for split, (pooled, labels, tokens) in splits.items():
@@ -103,9 +103,9 @@ def write_feature_cache(
     emb = np.random.default_rng(0).normal(size=(num_classes, d))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     names = [f"class {i}" for i in range(num_classes)]
-    cache.write_text(
-        model_dir / cache.TEXT_FILE,
-        cache.TextCache({"encoder": {}}, names, {"photo": (["a photo of a {}."], emb)}, 100.0),
+    text_cache.write_text(
+        model_dir / text_cache.TEXT_FILE,
+        text_cache.TextCache({"encoder": {}}, names, {"photo": (["a photo of a {}."], emb)}, 100.0),
     )
     return model_dir
 

@@ -131,11 +131,13 @@ def test_a_cache_not_found_names_the_flags_that_would_find_it(tmp_path):
 
 
 def test_cache_ls_says_an_imported_cache_has_no_class_texts(tmp_path):
-    from vlmcache import cache
+    from vlmcache import text_cache
 
     model_dir = _user_cache(tmp_path, "mine")
     names = [f"class {i}" for i in range(3)]  # as `vlmcache import` writes it: class names, no embeddings
-    cache.write_text(model_dir / cache.TEXT_FILE, cache.TextCache({"imported_from": "x"}, names, {}, 100.0))
+    text_cache.write_text(
+        model_dir / text_cache.TEXT_FILE, text_cache.TextCache({"imported_from": "x"}, names, {}, 100.0)
+    )
     _user_cache(tmp_path, "other")
     res = runner.invoke(app, ["cache", "ls", "--cache-dir", str(tmp_path), "--json"])
     found = {c["dataset"]: c for c in json.loads(res.stdout)["caches"]}

@@ -6,8 +6,9 @@ from conftest import SHARED_DATA, write_split_dataset
 from typer.testing import CliRunner
 
 from vlmcache.cli import app
-from vlmcache.datasets import load_dataset, parse_split_files, read_split_file, split_stats
+from vlmcache.datasets import load_dataset, parse_split_files
 from vlmcache.errors import VlmcacheError
+from vlmcache.splits import read_split_file, split_stats
 
 PLACES_TRAIN = {
     "images": 62500,

@@ -13,7 +13,7 @@ import pytest
 from conftest import write_feature_cache
 from typer.testing import CliRunner
 
-from vlmcache import cache
+from vlmcache import cache, text_cache
 from vlmcache.cli import app
 from vlmcache.datasets import load_dataset
 from vlmcache.errors import VlmcacheError
@@ -58,7 +58,7 @@ def test_a_cache_without_paths_still_reads_and_exports(tmp_path):
 def test_parquet_export_reads_back_as_the_cache_and_imports_exactly(digits_cache, tmp_path, dtype):
     model_dir = _model_dir(digits_cache)
     export_cache(model_dir, "parquet", tmp_path / "pq", dtype=dtype, **QUIET)
-    names = cache.read_text(model_dir / cache.TEXT_FILE).classnames
+    names = text_cache.read_text(model_dir / text_cache.TEXT_FILE).classnames
     for name in ("train", "test"):
         split = _split(model_dir, name)
         f = pq.ParquetFile(tmp_path / "pq" / f"{name}.parquet")
@@ -145,7 +145,7 @@ def test_a_hand_made_clip_retrieval_folder_imports_with_a_labels_file(tmp_path):
     split = _split(Path(out["cache"]), "train")
     np.testing.assert_array_equal(split.pooled(), np.concatenate(all_emb))
     assert split.labels().tolist() == list(labels.values()) and split.paths() == paths
-    assert cache.read_text(Path(out["cache"]) / cache.TEXT_FILE).classnames == ["cat", "dog", "bird"]
+    assert text_cache.read_text(Path(out["cache"]) / text_cache.TEXT_FILE).classnames == ["cat", "dog", "bird"]
     assert Path(out["cache"]).name.startswith("ViT-B-32__imported__")
 
     (tmp_path / "labels.txt").write_text("".join(f"{p} {y}\n" for p, y in list(labels.items())[:-1]))

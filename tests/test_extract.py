@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmcache import cache
+from vlmcache import atomic, cache, text_cache
 from vlmcache.encoders import load_encoder, resolve_weights
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ExtractConfig, run_extract
@@ -85,7 +85,7 @@ def test_reader_pickles_without_open_files(tmp_path, split_dataset):
 
 def test_class_text_embeddings_match_open_clip(tmp_path, split_dataset, tiny_encoder):
     summary = _extract(tmp_path, split_dataset)
-    text = cache.read_text(Path(summary["text"]["path"]))
+    text = text_cache.read_text(Path(summary["text"]["path"]))
     names, sets = text.classnames, text.sets
     assert names == ["red thing", "green thing", "blue thing"] and set(sets) == {"openai", "photo"}
     templates, emb = sets["photo"]
@@ -263,7 +263,7 @@ def test_a_local_weights_file_takes_its_preprocessing_from_the_named_tag(tmp_pat
     assert "'squares'" in enc.note and "QuickGELU off" in enc.note
     assert enc.preprocess_cfg["mean"] == [0.5, 0.5, 0.5] and enc.preprocess_cfg["resize_mode"] == "squash"
     assert "bilinear" in repr(enc.preprocess).lower() and "0.5" in repr(enc.preprocess)
-    assert enc.fingerprint["weights_sha256"] == cache.sha256_file(path) and enc.key.startswith("vlmcache-tiny__file-")
+    assert enc.fingerprint["weights_sha256"] == atomic.sha256_file(path) and enc.key.startswith("vlmcache-tiny__file-")
     x = torch.randn(2, 3, 32, 32)
     net.eval()
     with torch.no_grad():
@@ -276,7 +276,7 @@ def test_a_local_weights_file_takes_its_preprocessing_from_the_named_tag(tmp_pat
 def test_a_local_file_whose_sha_is_published_is_recognised(tmp_path, fake_tags, monkeypatch):
     path = tmp_path / "w.pt"
     path.write_bytes(b"weights")
-    digest = cache.sha256_file(path)
+    digest = atomic.sha256_file(path)
     fake_tags["squares"]["url"] = f"https://example.org/{digest}/tiny.pt"
     resolved = resolve_weights("vlmcache-tiny", str(path))
     assert resolved["preprocess_from"] == "squares" and resolved["tag_cfg"]["mean"] == [0.5, 0.5, 0.5]
@@ -489,7 +489,7 @@ def test_shards_leave_the_page_cache_once_durable_and_parts_are_written_without_
         split_dir = Path(s["path"])
         shards = cache.read_manifest(split_dir)["shards"]
         assert s["shards"] > 1 and cache.damaged_shards(split_dir, {"shards": shards}) == {}
-        names = sorted(Path(p).name.split(cache.TMP_MARK)[0] for p in dropped if Path(p).parent == split_dir)
+        names = sorted(Path(p).name.split(atomic.TMP_MARK)[0] for p in dropped if Path(p).parent == split_dir)
         assert names == sorted(e["file"] for e in shards)
 
     rng = np.random.default_rng(0)
@@ -506,7 +506,7 @@ def test_shards_leave_the_page_cache_once_durable_and_parts_are_written_without_
 
 
 def test_in_memory_hdf5_image_reads_back_as_the_file_hdf5_writes_to_disk(tmp_path):
-    """cache.h5_image builds through h5py's fileobj driver into a MemoryFile. Its bytes are an HDF5 file holding
+    """atomic.h5_image builds through h5py's fileobj driver into a MemoryFile. Its bytes are an HDF5 file holding
     what HDF5's default driver writes to disk for the same build (strings, groups, attributes, chunked fletcher32
     datasets written in parts), also when the file outgrows its expected size. (The layout may differ: that
     driver does not aggregate metadata.)"""
@@ -534,16 +534,16 @@ def test_in_memory_hdf5_image_reads_back_as_the_file_hdf5_writes_to_disk(tmp_pat
     reference = content(tmp_path / "disk.h5")
     assert reference[1] == names and reference[3] == tokens.tolist()
     for expected in (1 << 20, 100):  # room for all of it; far too little, so the buffer grows as HDF5 writes
-        image = cache.h5_image(build, expected=expected)
+        image = atomic.h5_image(build, expected=expected)
         (tmp_path / f"image{expected}.h5").write_bytes(image)
         assert content(tmp_path / f"image{expected}.h5") == reference
-    assert bytes(cache.h5_image(build)) == bytes(image)  # the same build, the same bytes (and sha256)
+    assert bytes(atomic.h5_image(build)) == bytes(image)  # the same build, the same bytes (and sha256)
 
 
 def test_memory_file_reads_unwritten_bytes_as_zeros():
     """As a file does: a write past the end, or a truncate that lengthens it, leaves zeros in the gap (the buffer
     is allocated uninitialised)."""
-    f = cache.MemoryFile(16)
+    f = atomic.MemoryFile(16)
     f.buf[:] = 0xFF
     f.seek(4)
     f.write(b"ab")

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import assert_same_cache, extract_cmd, long_tailed_features, run, write_feature_cache
 
-from vlmcache import cache, runs
+from vlmcache import atomic, cache, runs
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.features import TokenBlocks
@@ -215,8 +215,13 @@ def test_resume_trusts_sizes_unless_asked_to_verify(split_dataset, tmp_path, mon
     split_dir = Path(run_extract(ExtractConfig(**base), log=lambda *a: None)["splits"][0]["path"])
     _flip_pooled_byte(split_dir / "shard-00000.h5")
     hashed = []
-    real = cache.sha256_file
-    monkeypatch.setattr(cache, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    real = atomic.sha256_file
+
+    def spy(p):
+        return hashed.append(Path(p).name) or real(p)
+
+    monkeypatch.setattr(atomic, "sha256_file", spy)  # where extraction's resume check looks it up
+    monkeypatch.setattr(cache, "sha256_file", spy)  # and cache.damaged_shards (it imports the name)
     again = run_extract(ExtractConfig(**base), log=lambda *a: None)
     assert again["splits"][0]["resumed_shards"] == 6 and hashed == []  # nothing re-hashed, nothing redone
     checked = run_extract(ExtractConfig(**base, verify=True), log=lambda *a: None)

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from conftest import long_tailed_features, write_feature_cache
 from torch import nn
 
-from vlmcache.datasets import _package_file, read_split_file
 from vlmcache.errors import VlmcacheError
 from vlmcache.heads import build_head
 from vlmcache.losses import build_loss
+from vlmcache.lt_benchmarks import _package_file
 from vlmcache.metrics import shot_groups
 from vlmcache.recipe import PROTOCOLS, lr_factor, make_optimizer
 from vlmcache.samplers import build_sampler
+from vlmcache.splits import read_split_file
 from vlmcache.stage2 import build_stage2
 from vlmcache.train import OnRawCosines, TrainConfig, evaluate_run, fit, train_head
 from vlmcache.train import epoch_steps as train_epoch_steps

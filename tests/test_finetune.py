@@ -10,7 +10,7 @@ import torch
 from conftest import run
 from typer.testing import CliRunner
 
-from vlmcache import cache
+from vlmcache import atomic, cache
 from vlmcache.cli import app
 from vlmcache.encoders import load_encoder
 from vlmcache.errors import VlmcacheError
@@ -122,7 +122,7 @@ def test_reextraction_writes_a_new_cache_that_stage_2_trains_on(tmp_path, digits
     base = next((digits_cache / "digits_lt").iterdir())
     new = tmp_path / "cache" / "digits_lt" / result["cache"]["key"]
     assert new.is_dir() and new.name != base.name
-    assert new.name.startswith("vlmcache-tiny__file-" + cache.sha256_file(result["weights"])[:12])
+    assert new.name.startswith("vlmcache-tiny__file-" + atomic.sha256_file(result["weights"])[:12])
     fp_new = cache.SplitCache(new / "train").fingerprint["encoder"]
     fp_base = cache.SplitCache(base / "train").fingerprint["encoder"]
     assert fp_new["weights_sha256"] and fp_new["weights_sha256"] != fp_base.get("weights_sha256")

@@ -483,10 +483,11 @@ def test_extract_keeps_an_unreadable_text_file_without_overwrite(extracted, tmp_
     assert (model_dir / "text.h5").read_text() == "precious" and sorted(os.listdir(model_dir)) == ["text.h5"]
     res = runner.invoke(app, [*extracted["argv"], "--cache-dir", str(tmp_path / "cache"), "--overwrite"])
     assert res.exit_code == 0, res.output  # a damaged text.h5 is replaced with --overwrite
-    from vlmcache import cache
+    from vlmcache import text_cache
 
     assert (
-        cache.read_text(model_dir / "text.h5").classnames == cache.read_text(extracted["model"] / "text.h5").classnames
+        text_cache.read_text(model_dir / "text.h5").classnames
+        == text_cache.read_text(extracted["model"] / "text.h5").classnames
     )
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from vlmcache import cache
+from vlmcache import cache, text_cache
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
 from vlmcache.exchange import export_cache, file_number, import_embeddings, unit_rows
@@ -36,7 +36,9 @@ def _cache(tmp_path: Path, n: int = 40, dim: int = 8, classes: int = 3, shard: i
         cache.write_arrays(model_dir / split, x, y, fp, None, shard, "synthetic", paths)
     names = ["cat", "dog", "bird", "fish", "cow"][:classes]
     emb = np.eye(classes, dim, dtype=np.float32)
-    cache.write_text(model_dir / cache.TEXT_FILE, cache.TextCache({}, names, {"photo": (["{}"], emb)}, 100.0))
+    text_cache.write_text(
+        model_dir / text_cache.TEXT_FILE, text_cache.TextCache({}, names, {"photo": (["{}"], emb)}, 100.0)
+    )
     return model_dir
 
 
@@ -128,7 +130,7 @@ def test_labels_must_be_class_indices_named_by_row(tmp_path, labels, match):
 
 
 def test_whole_float_labels_import_and_the_class_count_rule_is_extracts(tmp_path):
-    from vlmcache.datasets import implied_classes_problem
+    from vlmcache.user_data import implied_classes_problem
 
     out = import_embeddings("parquet", _parquet(tmp_path / "f.parquet", np.ones((4, 3)).tolist(), [0.0, 2.0, 1.0, 2.0]),
                             "m", "train", tmp_path / "c", **QUIET)  # fmt: skip
@@ -270,7 +272,7 @@ def test_the_exports_own_class_names_come_back(tmp_path):
     model_dir = _cache(tmp_path)
     export_cache(model_dir, "parquet", tmp_path / "pq", **QUIET)
     out = import_embeddings("parquet", tmp_path / "pq" / "train.parquet", "toy", "train", tmp_path / "c", **QUIET)
-    assert cache.read_text(Path(out["cache"]) / cache.TEXT_FILE).classnames == ["cat", "dog", "bird"]
+    assert text_cache.read_text(Path(out["cache"]) / text_cache.TEXT_FILE).classnames == ["cat", "dog", "bird"]
     t = pq.read_table(tmp_path / "pq" / "test.parquet")
     names = t.column("class_name").to_pylist()
     names[5] = "wolf" if names[5] != "wolf" else "fox"
@@ -327,7 +329,7 @@ def test_clip_retrieval_export_is_what_clip_retrieval_writes(tmp_path):
     back = cache.SplitCache(Path(out["cache"]) / "train")
     np.testing.assert_array_equal(back.pooled(), emb)
     assert back.paths() == split.paths() and back.labels().tolist() == split.labels().tolist()
-    assert cache.read_text(Path(out["cache"]) / cache.TEXT_FILE).classnames == ["cat", "dog", "bird"]
+    assert text_cache.read_text(Path(out["cache"]) / text_cache.TEXT_FILE).classnames == ["cat", "dog", "bird"]
 
 
 @pytest.mark.parametrize(

@@ -114,10 +114,10 @@ def test_train_head_and_eval_at_every_class_count(shaped, head):
 
 
 def test_zero_shot_at_every_class_count(shaped):
-    from vlmcache import cache
+    from vlmcache import text_cache
 
     d, c, counts, x, labels = shaped
-    text = cache.read_text(d / "cache" / "shapes" / "synthetic__random__00000000" / cache.TEXT_FILE)
+    text = text_cache.read_text(d / "cache" / "shapes" / "synthetic__random__00000000" / text_cache.TEXT_FILE)
     emb = text.sets["photo"][1]
     logits = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ emb.T  # the scale does not change the ranking
     order = np.argsort(-logits, axis=1, kind="stable")[:, : min(5, c)]

@@ -9,10 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vlmcache import cache, runs
+from vlmcache import atomic, cache, runs
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ExtractConfig, run_extract
+from vlmcache.listing import summarize
 from vlmcache.tail import TUNES, TailHead, lift_bottleneck, prefix_tap, tower_blocks
 from vlmcache.train import TrainConfig, evaluate_run, train_head
 
@@ -158,7 +159,7 @@ def test_protocol_lift_sets_lifts_recipe_and_records_it(prefix_cache, tmp_path, 
 
 
 def test_cache_listings_name_the_prefix(prefix_cache):
-    splits = cache.summarize(Path(prefix_cache["cache"]))["splits"]
+    splits = summarize(Path(prefix_cache["cache"]))["splits"]
     assert (splits["train"]["tail_blocks"], splits["test"]["tail_blocks"]) == (1, 1)
     listing = CliRunner().invoke(
         app, ["cache", "ls", "--cache-dir", prefix_cache["config"]["cache_dir"]], env={"COLUMNS": "200"}
@@ -221,7 +222,7 @@ def test_a_prefix_extraction_resumes_where_it_stopped(split_dataset, tmp_path):
     manifest = cache.read_manifest(split_dir)
     last = manifest["shards"].pop()
     manifest["complete"] = False
-    cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+    atomic.write_json_atomic(split_dir / cache.MANIFEST, manifest)
     (split_dir / last["file"]).unlink()
     resumed = run_extract(_extract_cfg(split_dataset, tmp_path / "resumed", **cfg), **QUIET)["splits"][0]
     assert (resumed["resumed_shards"], resumed["shards"], resumed["rows"]) == (2, 3, 47)

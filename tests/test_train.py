@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import long_tailed_features, write_feature_cache
 from typer.testing import CliRunner
 
-from vlmcache import cache
+from vlmcache import cache, text_cache
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
 from vlmcache.features import Tokens, load_inputs, open_split
@@ -72,7 +72,7 @@ def test_sampler_class_frequencies():
 
 def test_text_initialised_cosine_head_is_open_clips_zero_shot_classifier(digits_cache):
     model_dir = next((digits_cache / "digits_lt").iterdir())
-    text = cache.read_text(model_dir / cache.TEXT_FILE)
+    text = text_cache.read_text(model_dir / text_cache.TEXT_FILE)
     x = torch.from_numpy(cache.SplitCache(model_dir / "test").pooled().astype(np.float32))
     head = CosineHead(x.shape[1], 10)
     head.classifier.init_from_text(torch.from_numpy(text.sets["openai"][1]), text.logit_scale)

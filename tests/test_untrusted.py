@@ -16,13 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from vlmcache import cache, runs
+from vlmcache import atomic, cache, runs, text_cache
 from vlmcache.cli import app
-from vlmcache.datasets import load_dataset, read_classnames, read_split_file
+from vlmcache.datasets import load_dataset
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ExtractConfig, repair_split, run_extract
 from vlmcache.heads import build_head
 from vlmcache.pipeline import load_pipeline
+from vlmcache.splits import read_classnames, read_split_file
 from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head
 
 runner = CliRunner()
@@ -357,7 +358,7 @@ def test_overwrite_replaces_a_finished_run_only_once_the_new_one_is_complete(fin
     assert _tree(run) == before
     result = train_head(_cfg(features, tmp_path, out=str(run), overwrite=True, epochs=1), log=lambda *a: None)
     assert runs.read_metrics(run)["history"] == result["history"]
-    assert not [p for p in run.parent.iterdir() if cache.TMP_MARK in p.name]
+    assert not [p for p in run.parent.iterdir() if atomic.TMP_MARK in p.name]
 
 
 @pytest.mark.parametrize("option", ["--out", "--runs-dir"])
@@ -430,30 +431,32 @@ def test_a_foreign_results_table_is_one_line(tmp_path, csv, message):
 
 def test_a_damaged_text_file_is_one_line(features, tmp_path):
     model_dir = _copy_cache(features, tmp_path)
-    text = cache.read_text(model_dir / cache.TEXT_FILE)
+    text = text_cache.read_text(model_dir / text_cache.TEXT_FILE)
     emb = text.sets["photo"][1].copy()
     emb[0, 0] = np.nan
-    cache.write_text(model_dir / cache.TEXT_FILE, cache.TextCache({}, text.classnames, {"photo": (["{}"], emb)}, 1.0))
+    text_cache.write_text(
+        model_dir / text_cache.TEXT_FILE, text_cache.TextCache({}, text.classnames, {"photo": (["{}"], emb)}, 1.0)
+    )
     with pytest.raises(VlmcacheError, match="NaN"):
-        cache.read_text(model_dir / cache.TEXT_FILE)
-    cache.write_text(
-        model_dir / cache.TEXT_FILE, cache.TextCache({}, text.classnames[:2], {"photo": (["{}"], emb)}, 1.0)
+        text_cache.read_text(model_dir / text_cache.TEXT_FILE)
+    text_cache.write_text(
+        model_dir / text_cache.TEXT_FILE, text_cache.TextCache({}, text.classnames[:2], {"photo": (["{}"], emb)}, 1.0)
     )
     with pytest.raises(VlmcacheError, match="not \\(2, D\\)"):
-        cache.read_text(model_dir / cache.TEXT_FILE)
+        text_cache.read_text(model_dir / text_cache.TEXT_FILE)
 
 
 def test_disk_full_while_writing_text_is_a_clear_error(tmp_path):
     script = (
         "import numpy as np, resource, signal, sys\n"
         "from pathlib import Path\n"
-        "from vlmcache import cache\n"
+        "from vlmcache import text_cache\n"
         "from vlmcache.errors import VlmcacheError\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
         "emb = np.ones((1000, 64), np.float32)\n"
         "try:\n"
-        f"    cache.write_text(Path({str(tmp_path / 'text.h5')!r}), cache.TextCache({{}}, ['c'] * 1000, "
+        f"    text_cache.write_text(Path({str(tmp_path / 'text.h5')!r}), text_cache.TextCache({{}}, ['c'] * 1000, "
         "{'photo': (['{}'], emb)}, 1.0))\n"
         "except VlmcacheError as e:\n"
         "    print(e); sys.exit(2)\n"

@@ -8,7 +8,7 @@ import numpy as np
 from conftest import write_feature_cache
 from typer.testing import CliRunner
 
-from vlmcache import cache
+from vlmcache import text_cache
 from vlmcache.cli import app
 
 
@@ -21,7 +21,7 @@ def test_cache_verify_names_a_damaged_or_mismatched_text_file(tmp_path):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(30, 8)).astype(np.float32), np.arange(30) % 3
     model_dir = write_feature_cache(tmp_path, "toy", {"train": (x, y, None)}, 3)
-    text = model_dir / cache.TEXT_FILE
+    text = model_dir / text_cache.TEXT_FILE
     good = text.read_bytes()
     assert _verify(model_dir) == (0, [])
 
@@ -38,7 +38,9 @@ def test_cache_verify_names_a_damaged_or_mismatched_text_file(tmp_path):
     assert code == 1 and "text.h5" in problems[0]
 
     names = [f"class {i}" for i in range(4)]  # a valid file for another class count
-    cache.write_text(text, cache.TextCache({}, names, {"photo": (["{}"], np.eye(4, 8, dtype=np.float32))}, 100.0))
+    text_cache.write_text(
+        text, text_cache.TextCache({}, names, {"photo": (["{}"], np.eye(4, 8, dtype=np.float32))}, 100.0)
+    )
     code, problems = _verify(model_dir)
     assert code == 1 and problems == [f"{text}: 4 class names, the split 'train' has 3 classes"]
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmcache import cache, guard
+from vlmcache import atomic, cache, guard, text_cache
 from vlmcache.errors import VlmcacheError, unknown_choice
 
 EXPORT_FORMATS = ("parquet", "clip-retrieval", "npy-raw")
@@ -113,8 +113,8 @@ def export_cache(
     for s in splits or []:
         if s not in have:
             raise unknown_choice(f"split of '{model_dir}'", s, have)
-    text = model_dir / cache.TEXT_FILE
-    classnames = cache.read_text(text).classnames if text.is_file() else []
+    text = model_dir / text_cache.TEXT_FILE
+    classnames = text_cache.read_text(text).classnames if text.is_file() else []
     written = {}
     provenance = {"cache": f"{model_dir.parent.name}/{model_dir.name}", "format": fmt}
     for name in splits or have:
@@ -145,7 +145,7 @@ def _write_parquet(split, classnames, path: Path, dim: int, dtype: str, meta: di
         metadata=meta,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.tmp_name(path)
+    tmp = atomic.tmp_name(path)
     n, has_paths = 0, split.has_paths()
     with pq.ParquetWriter(tmp, schema) as writer:
         for i in range(len(split.shards)):
@@ -155,7 +155,7 @@ def _write_parquet(split, classnames, path: Path, dim: int, dtype: str, meta: di
                 columns = [cols["row"], cols["path"], cols["label"], cols["class_name"], pooled]
                 writer.write_table(pa.table(columns, schema=schema))
                 n += len(cols["row"])
-    cache.publish(tmp, path)
+    atomic.publish(tmp, path)
     return {"path": str(path), "rows": n}
 
 
@@ -179,7 +179,7 @@ def _write_npy(split, classnames, folder: Path, dtype: str, unit: bool, meta: di
         emb = folder / "img_emb" / f"img_emb_{number}.npy"
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False}
         cols_out: dict[str, list] = {"image_path": [], "row": [], "label": [], "class_name": []}
-        tmp = cache.tmp_name(emb)
+        tmp = atomic.tmp_name(emb)
         with open(tmp, "wb") as f:
             np.lib.format.write_array_header_1_0(f, {**header, "shape": (split.shards[i].rows, dim)})
             for cols in _pieces(split, classnames, i, has_paths):
@@ -188,11 +188,11 @@ def _write_npy(split, classnames, folder: Path, dtype: str, unit: bool, meta: di
                 cols_out["image_path"] += list(cols["path"])
                 for key in ("row", "label", "class_name"):
                     cols_out[key] += list(cols[key])
-        cache.publish(tmp, emb)
+        atomic.publish(tmp, emb)
         path = folder / "metadata" / f"metadata_{number}.parquet"
-        tmp = cache.tmp_name(path)
+        tmp = atomic.tmp_name(path)
         pq.write_table(pa.table(cols_out, schema=schema), tmp)
-        cache.publish(tmp, path)
+        atomic.publish(tmp, path)
         n += split.shards[i].rows
     return {"path": str(folder), "rows": n}
 
@@ -239,7 +239,7 @@ def import_embeddings(
     import tempfile
 
     from vlmcache import ingest
-    from vlmcache.datasets import read_classnames, read_split_file
+    from vlmcache.splits import read_classnames, read_split_file
 
     if source not in IMPORT_SOURCES:
         raise unknown_choice("import source (--from)", source, IMPORT_SOURCES)
@@ -317,9 +317,9 @@ def import_embeddings(
                     f"{describe_source(m['fingerprint'].get('source'))}. One cache holds one source's embeddings; "
                     f"import it under another --model (or import every split from one source)."
                 )
-        text = model_dir / cache.TEXT_FILE
+        text = model_dir / text_cache.TEXT_FILE
         if others and text.is_file() and not overwrite and (classnames_file is not None or check.names):
-            known = cache.read_text(text).classnames
+            known = text_cache.read_text(text).classnames
             named = range(num_classes) if classnames_file is not None else sorted(check.names)
             differ = [y for y in named if y < len(known) and known[y] != names[y]]
             if differ:
@@ -344,7 +344,7 @@ def import_embeddings(
             guard.remove_split_files(old)  # its own files only: check_cache_folders refused a split holding more
         else:
             (staging / split).rename(split_dir)
-        cache.fsync_dir(model_dir)
+        atomic.fsync_dir(model_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -352,6 +352,6 @@ def import_embeddings(
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
     if not text.is_file() or overwrite:
-        cache.write_text(text, cache.TextCache({"imported_from": origin}, names, {}, 100.0))
+        text_cache.write_text(text, text_cache.TextCache({"imported_from": origin}, names, {}, 100.0))
     log(f"imported {check.rows:,} rows of width {check.width} ({num_classes} classes) into {split_dir}")
     return {"cache": str(model_dir), "split": split, "rows": check.rows, "dim": int(check.width)}

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmcache import cache, distributed, guard, handover
+from vlmcache import atomic, cache, distributed, guard, handover, text_cache
 from vlmcache.choices import default_workers  # noqa: F401 (re-exported: streaming, bench)
-from vlmcache.datasets import Dataset, Split
 from vlmcache.device_decode import DeviceDecoder, EncodedRows, collate_encoded
 from vlmcache.encoders import Encoder, load_encoder, math_mode
 from vlmcache.errors import VlmcacheError
@@ -28,6 +27,7 @@ from vlmcache.extract_config import (  # noqa: F401 (re-exported: the config and
 from vlmcache.image_rows import ImageRows, collate, image_loader
 from vlmcache.memory import peak_rss_mb
 from vlmcache.shard_writer import Publisher, ShardBuffer, ShardWriter, add_batch, build, encode_batch
+from vlmcache.splits import Dataset, Split
 from vlmcache.templates import get_templates
 from vlmcache.templates import template_sets as known_template_sets
 
@@ -86,7 +86,7 @@ def _prepare_split_dir(split_dir: Path, fingerprint: dict, cfg: ExtractConfig, l
             f"Pass --overwrite to start this split again, or --cache-dir for a separate cache."
         )
     split_dir.mkdir(parents=True, exist_ok=True)
-    for p in cache.remove_stale_tmp(split_dir):
+    for p in atomic.remove_stale_tmp(split_dir):
         log(f"removed a leftover temporary file: {p.name}")
     if manifest is None:
         return None
@@ -95,7 +95,7 @@ def _prepare_split_dir(split_dir: Path, fingerprint: dict, cfg: ExtractConfig, l
         path = split_dir / entry["file"]
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
             log(f"shard {entry['file']} is missing or has the wrong size; it will be extracted again")
-        elif cfg.verify and cache.sha256_file(path) != entry["sha256"]:
+        elif cfg.verify and atomic.sha256_file(path) != entry["sha256"]:
             log(f"shard {entry['file']} differs from its sha256; it will be extracted again")
         else:
             kept.append(entry)
@@ -212,7 +212,7 @@ def extract_split(
 
     if rank == 0:
         manifest["complete"] = len(manifest["shards"]) == n_shards
-        cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+        atomic.write_json_atomic(split_dir / cache.MANIFEST, manifest)
     distributed.barrier()
     manifest = cache.read_manifest(split_dir)
     if manifest["complete"] and not any(e["rows"] for e in manifest["shards"]):
@@ -256,7 +256,7 @@ def _open_manifest(
             # how to make this split again: `cache verify --repair` re-extracts damaged shards with it
             manifest["extract_config"] = {**asdict(cfg), "splits": [split.name], "overwrite": False}
             if fresh:  # before the first shard: a folder of shards without a manifest is never one of ours
-                cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+                atomic.write_json_atomic(split_dir / cache.MANIFEST, manifest)
             state = ("ok", manifest)
         except VlmcacheError as e:
             state = ("error", str(e))
@@ -282,11 +282,11 @@ def probe_dims(encoder: Encoder, tokens: bool, prefix: int = 0) -> dict:
 def check_text_file(model_dir: Path, overwrite: bool) -> None:
     """Before any work: an existing `<model_dir>/text.h5` that cannot be read is someone else's file or a damaged
     one of ours; it is replaced only with --overwrite, never silently."""
-    path = model_dir / cache.TEXT_FILE
+    path = model_dir / text_cache.TEXT_FILE
     if overwrite or not path.is_file():
         return
     try:
-        cache.read_text(path)
+        text_cache.read_text(path)
     except VlmcacheError as e:
         raise VlmcacheError(f"{e} It is kept; pass --overwrite to replace it (never without).") from None
 
@@ -296,13 +296,13 @@ def extract_text(
 ) -> Path:
     """Class-text embeddings for each template set, in `<model_dir>/text.h5` (kept sets are reused). An unreadable
     text.h5 is rewritten only with `overwrite` (`check_text_file` refused it before any work otherwise)."""
-    path = model_dir / cache.TEXT_FILE
+    path = model_dir / text_cache.TEXT_FILE
     fingerprint = {"encoder": encoder.fingerprint, "dataset": dataset.name}
     sets = {}
     old = None
     if path.is_file():
         try:
-            old = cache.read_text(path)
+            old = text_cache.read_text(path)
         except VlmcacheError as e:
             if not overwrite:
                 raise
@@ -319,7 +319,7 @@ def extract_text(
         templates = get_templates(name)
         sets[name] = (templates, encoder.encode_classnames(dataset.classnames, templates).cpu().numpy())
     logit_scale = float(encoder.model.logit_scale.exp()) if hasattr(encoder.model, "logit_scale") else 100.0
-    cache.write_text(path, cache.TextCache(fingerprint, dataset.classnames, sets, logit_scale))
+    text_cache.write_text(path, text_cache.TextCache(fingerprint, dataset.classnames, sets, logit_scale))
     return path
 
 
@@ -380,7 +380,7 @@ def run_extract(
         "rank": rank,
         "peak_rss_mb": peak,  # per process, rank 0 first (on rank 0 only under torchrun)
         "splits": results,
-        "text": {"path": str(text_path or model_dir / cache.TEXT_FILE), "template_sets": cfg.templates},
+        "text": {"path": str(text_path or model_dir / text_cache.TEXT_FILE), "template_sets": cfg.templates},
         "seconds": round(time.perf_counter() - t0, 3),
         "notes": dataset.notes,
         "config": asdict(cfg),
@@ -419,7 +419,7 @@ def repair_split(split_dir: Path, root: str | None = None, log=print) -> list[st
         log(f"repairing {split_dir / name}: {damaged[name]}")
     manifest["shards"] = [e for e in manifest["shards"] if e["file"] not in damaged]
     manifest["complete"] = False
-    cache.write_json_atomic(split_dir / cache.MANIFEST, manifest)
+    atomic.write_json_atomic(split_dir / cache.MANIFEST, manifest)
     run_extract(cfg, log=log, model_dir=split_dir.parent)
     return sorted(damaged)
 

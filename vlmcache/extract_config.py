@@ -17,9 +17,11 @@ from pathlib import Path
 
 from vlmcache import guard
 from vlmcache.choices import DATASETS, DEFAULT_TEMPLATE_SETS, TEMPLATE_SETS, USER_DATASETS, default_workers
-from vlmcache.datasets import Dataset, load_dataset, where_data
+from vlmcache.datasets import load_dataset
 from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.images import FileSource
+from vlmcache.lt_benchmarks import where_data
+from vlmcache.splits import Dataset
 
 DECODE_MODES = ("pil", "draft", "gpu")
 COUNT_MAX = 2**31 - 1  # as vlmcache.schemas.COUNT_MAX: the largest count an option takes

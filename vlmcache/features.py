@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmcache import cache, guard
+from vlmcache import cache, guard, listing
 from vlmcache.choices import DATASETS, USER_DATASETS
 from vlmcache.encoders import RANDOM, SEED_PREPROCESS_SUFFIX
 from vlmcache.errors import VlmcacheError
@@ -45,8 +45,8 @@ def find_cache(
     out (None): the one cache that matches what is given is the answer; several or none is an error that
     lists the caches there are as ready-to-paste flags."""
     if key:
-        return cache.resolve_cache(Path(cache_dir), f"{dataset}/{key}" if dataset and "/" not in key else key)
-    caches = list(cache.iter_caches(Path(cache_dir)))
+        return listing.resolve_cache(Path(cache_dir), f"{dataset}/{key}" if dataset and "/" not in key else key)
+    caches = list(listing.iter_caches(Path(cache_dir)))
     found = [p for p in caches if _matches(p, dataset, model, pretrained, preprocess)]
     if len(found) == 1:
         return found[0]
@@ -81,7 +81,7 @@ def find_cache(
 
 def cache_parts(model_dir: Path) -> tuple[str, str, str]:
     """(dataset, model, weights label) of a cache folder, from its name `<dataset>/<model>__<weights>__<hash>`."""
-    m = cache.KEY_RE.match(model_dir.name)
+    m = listing.KEY_RE.match(model_dir.name)
     return model_dir.parent.name, m["model"], m["source"]
 
 

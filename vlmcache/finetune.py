@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmcache import cache, distributed, faults, handover, runs
-from vlmcache.datasets import Split
+from vlmcache import atomic, cache, distributed, faults, handover, runs
+from vlmcache.splits import Split
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import probe_dims
@@ -185,7 +185,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
     if cfg.reextract:  # every process takes part, as in a multi-process `vlmcache extract`
         result["cache"] = reextract(cfg, Path(result["weights"]), log)
     if rank == 0:
-        cache.write_json_atomic(run_dir / "metrics.json", result)  # last: a run with metrics.json is complete
+        atomic.write_json_atomic(run_dir / "metrics.json", result)  # last: a run with metrics.json is complete
         (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the final weights are in the run; the checkpoint is spent
     distributed.barrier()
     return result
@@ -307,7 +307,7 @@ def _train_epoch(
 
 def _save_checkpoint(cfg, run_dir: Path, epoch: int, parts: dict, history: list, train_seconds: float) -> None:
     """Everything a resume needs after `epoch`, written atomically (rank 0)."""
-    cache.save_torch_atomic(
+    atomic.save_torch_atomic(
         {
             "config_hash": cfg.hash(),
             "epoch": epoch,
@@ -327,7 +327,7 @@ def _finish(cfg, run_dir, encoder, model, dataset, eval_split, counts, history, 
     device = encoder.device
     # the tuned weights as an open_clip checkpoint: `vlmcache extract --pretrained FILE` reads it
     weights = run_dir / f"{cfg.model}-ft-{cfg.hash()}.pt"
-    cache.save_torch_atomic(encoder.model.state_dict(), weights)
+    atomic.save_torch_atomic(encoder.model.state_dict(), weights)
     head_params = full_head_params(cfg.head, cfg.head_params)
     in_dim = model.head.classifier.weight.shape[1]
     save_run_files(run_dir, cfg, cfg.head, in_dim, dataset.num_classes, head_params, model.head, table, weights,
@@ -369,8 +369,8 @@ def save_run_files(
         "stage2_params": None,
         "stage2_state": None,
     }
-    cache.save_torch_atomic(saved, run_dir / "head.pt")
-    cache.write_bytes_atomic(run_dir / "per_class.csv", table.to_csv(index=False).encode())
+    atomic.save_torch_atomic(saved, run_dir / "head.pt")
+    atomic.write_bytes_atomic(run_dir / "per_class.csv", table.to_csv(index=False).encode())
     config = {
         "config": asdict(cfg),
         "kind": "finetune",
@@ -379,4 +379,4 @@ def save_run_files(
         "train_counts": counts.tolist(),
         "argv": sys.argv,
     }
-    cache.write_json_atomic(run_dir / "config.json", config)
+    atomic.write_json_atomic(run_dir / "config.json", config)

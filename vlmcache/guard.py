@@ -41,7 +41,7 @@ RUN_FILES = ("metrics.json", "head.pt", "checkpoint.pt")  # a config.json beside
 EXPORT_MARKER = "export.json"  # written last into an export folder: vlmcache wrote it
 PREDICTIONS_MARKER = (b"vlmcache", b"predictions")  # parquet schema metadata of --save-predictions files
 PREDICTION_COLUMNS = ("row", "path", "label", "class_name", "pred", "pred_name", "correct", "topk", "topk_scores")
-TMP_MARK = ".tmp-"  # temporary files and staging folders are `<final name>.tmp-<pid>...` (cache.TMP_MARK is this one)
+TMP_MARK = ".tmp-"  # temporary files and staging folders are `<final name>.tmp-<pid>...` (atomic.TMP_MARK is this one)
 SCAN_LIMIT = 2000  # entries of one folder looked at to tell a cache's dataset folder: bounded on huge folders
 
 
@@ -330,7 +330,7 @@ def check_own_files(folder: Path, names: tuple[str, ...], what: str) -> None:
 
 def _own_split_entry(entry: os.DirEntry) -> bool:
     """A plain file of a cache split's own names: its manifest, a shard, or a temporary of either."""
-    from vlmcache.cache import TMP_MARK
+    from vlmcache.atomic import TMP_MARK
 
     name = entry.name.split(TMP_MARK, 1)[0]
     own = name == MANIFEST or (name.startswith("shard-") and name.endswith(".h5"))
@@ -462,22 +462,22 @@ def _pid_alive(pid: int) -> bool:
 
 def write_export_marker(folder: Path, info: dict) -> None:
     """export.json, the export folder's marker: vlmcache wrote this folder, so --overwrite may replace it whole."""
-    from vlmcache import cache
+    from vlmcache import atomic
 
-    cache.write_json_atomic(Path(folder) / EXPORT_MARKER, {"vlmcache": "export", **info})
+    atomic.write_json_atomic(Path(folder) / EXPORT_MARKER, {"vlmcache": "export", **info})
 
 
 def publish_folder(staging: Path, final: Path) -> None:
     """Move a complete folder into place; what was there (checked by `check_output`) is removed only after the
     new one is in, so `final` is the old folder or the new one, whole, never a mixture."""
-    from vlmcache import cache
+    from vlmcache import atomic
 
     old = None
     if os.path.lexists(final):
         old = Path(tempfile.mkdtemp(prefix=f"{final.name}.old{TMP_MARK}{os.getpid()}.", dir=final.parent))
         os.replace(final, old / final.name)
     os.replace(staging, final)
-    cache.fsync_dir(final.parent)
+    atomic.fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -8,7 +8,7 @@ row, anything that would be stored wrong:
 - embeddings: a 2-D numeric array or list column, width >= 1 and the same in every piece and file, finite *after*
   the cast to float16 (1e6 is finite as float32 and inf as float16; the cache stores float16);
 - labels: integers >= 0 (a float such as 1.7, a string, a null or a bool is refused, not truncated), and their
-  count obeys extract's class-count rule when no class names are given (`datasets.implied_classes_problem`);
+  count obeys extract's class-count rule when no class names are given (`user_data.implied_classes_problem`);
 - paths: strings without control characters, a relative one without `..` parts; with `root`, absolute paths are
   stored relative to it and a path outside it is refused;
 - class names from the source's `class_name` column: one name per label.
@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from vlmcache import cache
+from vlmcache import atomic, cache
 from vlmcache.errors import VlmcacheError
 
 PIECE_ROWS = 4096  # rows read, checked and converted at a time
@@ -362,7 +362,7 @@ class Validator:
     def classnames(self, given: list[str] | None, given_file: Path | None) -> list[str]:
         """The class names to store: --classnames, else the source's class_name column, else `class N`; the
         class count obeys extract's rule when the names do not come from a file."""
-        from vlmcache.datasets import implied_classes_problem
+        from vlmcache.user_data import implied_classes_problem
 
         top, where = self.top
         if given is not None:
@@ -410,7 +410,7 @@ def integer_labels(column, where: str, first: int) -> np.ndarray:
         raise VlmcacheError(
             f"{where}, row {first}: the label {sample!r} is of type {t}; labels are class indices 0, 1, 2, ..."
         )
-    from vlmcache.datasets import MAX_CLASSES
+    from vlmcache.splits import MAX_CLASSES
 
     bad = (values < 0) | (values >= MAX_CLASSES)
     if bad.any():
@@ -474,4 +474,4 @@ class ShardStream:
             "dims": {"pooled": width, "tokens": None},
             "shards": self.entries,
         }
-        cache.write_json_atomic(self.dir / cache.MANIFEST, manifest)
+        atomic.write_json_atomic(self.dir / cache.MANIFEST, manifest)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmcache import cache, guard
+from vlmcache import guard, text_cache
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.features import Pooled, default_eval_split, find_cache, load_inputs, open_split
@@ -115,7 +115,7 @@ def knn(
     dev = pick_device(device)
     model_dir = find_cache(cache_dir, dataset, model, pretrained, cache_key)
     dataset = model_dir.parent.name  # given, or the one cache's
-    text = cache.read_text(model_dir / cache.TEXT_FILE)
+    text = text_cache.read_text(model_dir / text_cache.TEXT_FILE)
     train_split = open_split(model_dir, "train")
     num_classes = int(train_split.fingerprint["num_classes"])
     train = torch.from_numpy(train_split.load("pooled", np.float32))

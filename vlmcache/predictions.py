@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmcache import cache, guard
+from vlmcache import atomic, cache, guard
 from vlmcache.errors import VlmcacheError
 
 FILE = "predictions.parquet"
@@ -55,7 +55,7 @@ class PredictionWriter:
             metadata=dict([guard.PREDICTIONS_MARKER]),  # the guard's mark: --overwrite may replace this file
         )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = cache.tmp_name(self.path)
+        self.tmp = atomic.tmp_name(self.path)
         self.writer = pq.ParquetWriter(self.tmp, self.schema)
         self.done = 0
 
@@ -84,7 +84,7 @@ class PredictionWriter:
         if self.done != len(self.rows):
             self.tmp.unlink(missing_ok=True)
             raise VlmcacheError(f"Predictions cover {self.done} of the split's {len(self.rows)} rows; none written.")
-        cache.publish(self.tmp, self.path)
+        atomic.publish(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmcache import cache, distributed, faults
+from vlmcache import atomic, cache, distributed, faults
 from vlmcache.datasets import Split
 from vlmcache.encoders import Encoder
 from vlmcache.errors import VlmcacheError
@@ -61,7 +61,7 @@ class Publisher:
             new = [e for e in entries if e is not None]
             if new:
                 self.manifest["shards"] = sorted(self.manifest["shards"] + new, key=lambda e: e["index"])
-                cache.write_json_atomic(self.split_dir / cache.MANIFEST, self.manifest)
+                atomic.write_json_atomic(self.split_dir / cache.MANIFEST, self.manifest)
         self.rounds += 1
         if entry is not None:
             faults.hit("shard_published")
@@ -152,7 +152,7 @@ class ShardWriter:
 
     def _publish(self, built) -> None:
         final, image, entry = built.result()
-        cache.write_bytes_atomic(final, image, fault="shard_written", drop_cache=True)
+        atomic.write_bytes_atomic(final, image, fault="shard_written", drop_cache=True)
         self.publisher.publish(entry)
 
     def submit(self, buf: ShardBuffer) -> None:

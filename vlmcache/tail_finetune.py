@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmcache import cache, distributed
+from vlmcache import atomic, distributed
 from vlmcache.errors import VlmcacheError
 from vlmcache.finetune import save_run_files
 from vlmcache.heads import CosineClassifier, build_head, full_head_params
@@ -99,5 +99,5 @@ def finetune_tail(
         "peak_rss_mb": peak_rss_mb(),
     }
     result = {"run": str(run_dir), "metrics": metrics, "cost": cost, "history": history, "weights": None}
-    cache.write_json_atomic(run_dir / "metrics.json", result)  # last: a run with metrics.json is complete
+    atomic.write_json_atomic(run_dir / "metrics.json", result)  # last: a run with metrics.json is complete
     return result

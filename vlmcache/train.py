@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmcache import cache, guard, runlock, runs, schemas, streaming
+from vlmcache import atomic, cache, guard, runlock, runs, schemas, streaming, text_cache
 from vlmcache.encoders import RANDOM, pick_device
 from vlmcache.epochlog import LOGS, EpochLog
 from vlmcache.errors import VlmcacheError, checked_params, unknown_choice
@@ -581,7 +581,7 @@ def use_views(cfg: TrainConfig, split: cache.SplitCache, log) -> bool:
     return True
 
 
-def _bind_text(head: nn.Module, split: cache.SplitCache, text: cache.TextCache, device: torch.device) -> None:
+def _bind_text(head: nn.Module, split: cache.SplitCache, text: text_cache.TextCache, device: torch.device) -> None:
     """Give a prompt-tuning head the frozen text tower of the encoder that wrote the cache."""
     encoder = streaming.encoder_of(split, str(device))
     encoder.model.visual = nn.Identity()  # the image side is cached; free the tower's memory
@@ -634,7 +634,7 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
         if hasattr(head, "bind_tower"):
             bind_tail(head, split, device)
         if hasattr(head, "bind_text"):
-            _bind_text(head, split, cache.read_text(model_dir / cache.TEXT_FILE), device)
+            _bind_text(head, split, text_cache.read_text(model_dir / text_cache.TEXT_FILE), device)
         stage2 = (
             build_stage2(saved["stage2"], head.classifier, **(saved.get("stage2_params") or {}))
             if saved.get("stage2")
@@ -783,7 +783,7 @@ def prepare_run(
             f"The cache '{model_dir}' holds {num_classes} class; a classifier needs at least 2. Extract images "
             f"(or split-file labels) of two or more classes."
         )
-    text = cache.read_text(model_dir / cache.TEXT_FILE)
+    text = text_cache.read_text(model_dir / text_cache.TEXT_FILE)
     run_dir = _run_dir(cfg)
     if hold is not None:
         hold(run_dir.parent)
@@ -995,10 +995,10 @@ def _cost(cfg: TrainConfig, times: dict, history: list[dict], device: torch.devi
 def _save_run(run_dir: Path, staging: Path, saved: dict, table, config: dict, result: dict) -> None:
     """head.pt, per_class.csv, config.json and, last, metrics.json, written into the run's staging folder (which
     holds its logs and predictions already), that replaces `run_dir` only once complete."""
-    cache.save_torch_atomic(saved, staging / "head.pt")
-    cache.write_bytes_atomic(staging / "per_class.csv", table.to_csv(index=False).encode())
-    cache.write_json_atomic(staging / "config.json", config)
-    cache.write_json_atomic(staging / "metrics.json", result)  # last: a run with metrics.json is complete
+    atomic.save_torch_atomic(saved, staging / "head.pt")
+    atomic.write_bytes_atomic(staging / "per_class.csv", table.to_csv(index=False).encode())
+    atomic.write_json_atomic(staging / "config.json", config)
+    atomic.write_json_atomic(staging / "metrics.json", result)  # last: a run with metrics.json is complete
     runs.publish_run(staging, run_dir)
 
 
@@ -1028,7 +1028,7 @@ def evaluate_run(
     # the run's own post-hoc corrections apply unless a flag replaces them (0 turns either off)
     tau_norm = cfg.tau_norm if tau_norm is None else tau_norm
     logit_adjust = cfg.logit_adjust if logit_adjust is None else logit_adjust
-    text = cache.read_text(model_dir / cache.TEXT_FILE)
+    text = text_cache.read_text(model_dir / text_cache.TEXT_FILE)
     writer = None
     if save_predictions:
         writer = PredictionWriter(Path(run_dir) / PREDICTIONS, open_split(model_dir, eval_name), text.classnames)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmcache import cache, guard
+from vlmcache import cache, guard, text_cache
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError, unknown_choice
 from vlmcache.features import Pooled, default_eval_split, find_cache, open_split
@@ -21,7 +21,8 @@ def train_counts(model_dir, num_classes: int, dataset: str) -> np.ndarray:
     definition; NaN (groups unknown) when neither exists."""
     if (model_dir / "train" / cache.MANIFEST).is_file():
         return np.bincount(open_split(model_dir, "train").labels(), minlength=num_classes)
-    from vlmcache.datasets import BENCHMARKS, load_dataset
+    from vlmcache.datasets import load_dataset
+    from vlmcache.lt_benchmarks import BENCHMARKS
 
     if dataset in BENCHMARKS:
         ds = load_dataset(dataset)
@@ -50,7 +51,7 @@ def zero_shot(
     dev = pick_device(device)
     model_dir = find_cache(cache_dir, dataset, model, pretrained, cache_key)
     dataset = model_dir.parent.name  # given, or the one cache's
-    text = cache.read_text(model_dir / cache.TEXT_FILE)
+    text = text_cache.read_text(model_dir / text_cache.TEXT_FILE)
     if not text.sets:
         raise VlmcacheError(
             f"The cache '{model_dir}' was imported ({text.fingerprint['imported_from']['source']}): it has image "

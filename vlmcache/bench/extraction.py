@@ -29,11 +29,11 @@ def bench_extraction(
     (benchmarks/gpu_check.py)."""
 
     from vlmcache import handover
-    from vlmcache.datasets import read_split_file
     from vlmcache.encoders import load_encoder
     from vlmcache.extract import ExtractConfig, default_workers, run_extract
     from vlmcache.image_rows import ImageRows, image_loader
     from vlmcache.images import FileSource
+    from vlmcache.splits import read_split_file
 
     workers = default_workers()
     with tempfile.TemporaryDirectory() as tmp:

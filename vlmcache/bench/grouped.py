@@ -28,7 +28,7 @@ def _read_bytes() -> int:
 
 def _synthetic(folder: Path, rows: int, dim: int, classes: int, test_rows: int, tokens: tuple | None) -> None:
     """A long-tailed synthetic cache filed as the tiny model's, with tokens (rows, T, W) when asked."""
-    from vlmcache import cache
+    from vlmcache import cache, text_cache
 
     rng = np.random.default_rng(0)
     counts = np.maximum(2, (1000 * np.exp(-np.linspace(0, 6.2, classes)))).astype(int)
@@ -42,7 +42,9 @@ def _synthetic(folder: Path, rows: int, dim: int, classes: int, test_rows: int, 
     text = rng.normal(size=(classes, dim))
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     names = [f"c{i}" for i in range(classes)]
-    cache.write_text(model_dir / cache.TEXT_FILE, cache.TextCache({}, names, {"photo": (["{}"], text)}, 100.0))
+    text_cache.write_text(
+        model_dir / text_cache.TEXT_FILE, text_cache.TextCache({}, names, {"photo": (["{}"], text)}, 100.0)
+    )
 
 
 def _timed(fn) -> tuple[object, float, int]:

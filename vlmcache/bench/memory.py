@@ -35,7 +35,7 @@ def _peak_rss(argv: list[str]) -> tuple[float, float]:
 
 def bench_memory(rows: int, dim: int, classes: int, test_rows: int, folder: Path) -> dict:
     """Peak RSS of train-head (one epoch, linear), zero-shot and kNN on an iNat-sized synthetic pooled cache."""
-    from vlmcache import cache
+    from vlmcache import cache, text_cache
 
     rng = np.random.default_rng(0)
     counts = np.maximum(2, (1000 * np.exp(-np.linspace(0, 6.2, classes)))).astype(int)  # a long tail, 1000 to 2
@@ -48,9 +48,9 @@ def bench_memory(rows: int, dim: int, classes: int, test_rows: int, folder: Path
         cache.write_arrays(model_dir / split, pooled, lab, fingerprint, shard_size=65536)
     text = rng.normal(size=(classes, dim))
     text /= np.linalg.norm(text, axis=1, keepdims=True)
-    cache.write_text(
-        model_dir / cache.TEXT_FILE,
-        cache.TextCache({}, [f"c{i}" for i in range(classes)], {"photo": (["{}"], text)}, 100.0),
+    text_cache.write_text(
+        model_dir / text_cache.TEXT_FILE,
+        text_cache.TextCache({}, [f"c{i}" for i in range(classes)], {"photo": (["{}"], text)}, 100.0),
     )
     common = ["-d", "split", "-m", "vlmcache-tiny", "-p", "none", "--cache-dir", str(folder), "--json"]
     out = {

@@ -84,9 +84,9 @@ def _cpu_seconds() -> float:
 def _loader_rate(root: Path, split_file: Path, encoder, batch_size: int, workers: int) -> tuple[float, float]:
     """(images/s, CPU seconds per image) of the loader alone over the split's files."""
     from vlmcache import handover
-    from vlmcache.datasets import read_split_file
     from vlmcache.image_rows import ImageRows, image_loader
     from vlmcache.images import FileSource
+    from vlmcache.splits import read_split_file
 
     relpaths, _ = read_split_file(split_file)
     workers_part, _ = handover.cut(encoder.preprocess)  # what extraction's loader workers run

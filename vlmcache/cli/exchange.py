@@ -47,8 +47,8 @@ def export(
     if twice:
         raise VlmcacheError(f"--splits '{twice[0]}' is given twice; name each split once.")
     from vlmcache import guard
-    from vlmcache.cache import resolve_cache
     from vlmcache.exchange import export_cache
+    from vlmcache.listing import resolve_cache
 
     if ref and any((cache.dataset, cache.model, cache.pretrained, cache.cache_key)):
         raise VlmcacheError("export takes a cache as REF or by its flags (-d, -m, -p, --cache-key), not both.")

@@ -238,7 +238,9 @@ def datasets_info(
     """
     import numpy as np
 
-    from vlmcache.datasets import load_dataset, read_split_file, split_stats, where_data
+    from vlmcache.datasets import load_dataset
+    from vlmcache.lt_benchmarks import where_data
+    from vlmcache.splits import read_split_file, split_stats
 
     source = where_data(name.value)
     if split_file is not None:
@@ -298,7 +300,7 @@ def cache_ls(cache_dir: Path = CACHE_DIR, as_json: bool = JSON):
 
     Example: [bold]vlmcache cache ls --cache-dir cache[/]
     """
-    from vlmcache import cache
+    from vlmcache import listing
     from vlmcache.features import cache_flags
 
     if not cache_dir.is_dir():  # `ls` of a missing folder is an error, not an empty listing
@@ -306,7 +308,7 @@ def cache_ls(cache_dir: Path = CACHE_DIR, as_json: bool = JSON):
         raise VlmcacheError(
             f"--cache-dir '{cache_dir}' {what}. Make a cache with `vlmcache extract` (or `vlmcache demo`)."
         )
-    found = [{**cache.summarize(p), "flags": cache_flags(p)} for p in cache.iter_caches(cache_dir)]
+    found = [{**listing.summarize(p), "flags": cache_flags(p)} for p in listing.iter_caches(cache_dir)]
     if as_json:
         print_json({"cache_dir": str(cache_dir), "caches": found})
         return
@@ -343,10 +345,10 @@ def cache_info(
 
     Example: [bold]vlmcache cache info digits_lt/vlmcache-tiny__random__50f14ae9 --paths 5[/]
     """
-    from vlmcache import cache
+    from vlmcache import cache, listing
 
-    model_dir = cache.resolve_cache(cache_dir, ref)
-    summary = cache.summarize(model_dir)
+    model_dir = listing.resolve_cache(cache_dir, ref)
+    summary = listing.summarize(model_dir)
     manifests = {s: cache.read_manifest(model_dir / s) for s in summary["splits"]}
     skipped = {s: [x for e in m["shards"] for x in e["skipped"]] for s, m in manifests.items() if m}
     fingerprint = next((m["fingerprint"]["encoder"] for m in manifests.values() if m), None)
@@ -420,18 +422,18 @@ def cache_verify(
 
     Example: [bold]vlmcache cache verify places_lt/ViT-B-16__openai__3f9a2c1e --repair[/]
     """
-    from vlmcache import cache
+    from vlmcache import cache, listing, text_cache
     from vlmcache.extract import repair_split
 
     if not ref and not cache_dir.is_dir():
         what = "is a file, not a folder" if cache_dir.exists() else "does not exist"
         raise VlmcacheError(f"--cache-dir '{cache_dir}' {what}: there is no cache to verify.")
-    targets = [cache.resolve_cache(cache_dir, ref)] if ref else list(cache.iter_caches(cache_dir))
+    targets = [listing.resolve_cache(cache_dir, ref)] if ref else list(listing.iter_caches(cache_dir))
     if not targets:  # "0 split(s) checked: all shards match" would claim what was never checked
         raise VlmcacheError(f"No caches under --cache-dir '{cache_dir}' to verify; `vlmcache cache ls` lists them.")
     problems, checked, repaired = [], 0, []
     for model_dir in targets:
-        problems += cache.verify_text(model_dir)  # not repaired: extract writes it again (imports: import again)
+        problems += text_cache.verify_text(model_dir)  # not repaired: extract writes it again (imports: import again)
         for split_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
             found = cache.verify_split(split_dir)
             if found and repair:
