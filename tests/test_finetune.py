@@ -16,7 +16,8 @@ from vlmcache.encoders import load_encoder
 from vlmcache.errors import VlmcacheError
 from vlmcache.finetune import FinetuneConfig, finetune
 from vlmcache.runs import evaluate_run
-from vlmcache.train import TrainConfig, load_run, train_head
+from vlmcache.train import load_run, train_head
+from vlmcache.train_config import TrainConfig
 
 
 def _cfg(tmp_path, **kw):

@@ -21,7 +21,8 @@ from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
 from vlmcache.group import make_groups
 from vlmcache.report import per_class_points, write_report
-from vlmcache.train import TrainConfig, train_head
+from vlmcache.train import train_head
+from vlmcache.train_config import TrainConfig
 
 KEY = "vlmcache-tiny__random__00000000"  # synthetic caches filed under the tiny model, as extract would
 COUNTS = {"three": [120, 40, 8], "five": [200, 80, 30, 12, 5]}  # training images per class

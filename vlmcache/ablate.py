@@ -36,7 +36,8 @@ from vlmcache.errors import VlmcacheError
 from vlmcache.features import find_cache
 from vlmcache.group import GROUP_SIZE, Outcome, make_groups, train_group
 from vlmcache.schemas import SEED_MAX, describe
-from vlmcache.train import TrainConfig, inherit_first_stage, train_head
+from vlmcache.train import inherit_first_stage, train_head
+from vlmcache.train_config import TrainConfig
 
 TOP_KEYS = {"name", "description", "cache_dir", "runs_dir", "datasets", "models", "seeds", "defaults", "methods"}
 MODEL_KEYS = {"model", "pretrained", "cache_key", "preprocess"}
