@@ -52,6 +52,13 @@ def post_hoc(model: RunModel, tau_norm: float | None) -> RunModel:
     return RunModel(model.head, None, tau_normalized(model.head.classifier, tau_norm))
 
 
+def _check_tau_norm(model: RunModel) -> None:
+    if model.stage2 is not None or not isinstance(model.head.classifier, LinearClassifier):
+        raise VlmcacheError(
+            "--tau-norm applies to a first-stage linear classifier (cosine and prompt classifiers are unit norm)."
+        )
+
+
 def epoch_steps(draws: int, batch_size: int, drop_last: bool) -> int:
     """Optimiser steps in an epoch of `draws` sampled rows: with `drop_last` (the seed's DataLoader) whole
     batches only, else a last partial batch too."""
@@ -335,10 +342,3 @@ def bind_text(head: nn.Module, split: cache.SplitCache, text: cache.TextCache, d
     encoder = streaming.encoder_of(split, str(device))
     encoder.model.visual = nn.Identity()  # the image side is cached; free the tower's memory
     head.bind_text(encoder.model, encoder.tokenizer, text.classnames, text.logit_scale)
-
-
-def _check_tau_norm(model: RunModel) -> None:
-    if model.stage2 is not None or not isinstance(model.head.classifier, LinearClassifier):
-        raise VlmcacheError(
-            "--tau-norm applies to a first-stage linear classifier (cosine and prompt classifiers are unit norm)."
-        )
