@@ -21,7 +21,8 @@ from vlmcache.pipeline import load_pipeline
 from vlmcache.recipe import make_optimizer, param_groups
 from vlmcache.stage2 import build_stage2
 from vlmcache.tables import collect_runs, paper_table, summarize
-from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head
+from vlmcache.train import evaluate_run, load_run, train_head
+from vlmcache.train_config import TrainConfig
 
 QUIET = dict(log=lambda *a: None)
 

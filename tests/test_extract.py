@@ -457,7 +457,8 @@ def test_device_decoding_matches_the_cpu_transform_and_falls_back_per_image(tmp_
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.99, cos
     assert cache.read_manifest(g.dir)["fingerprint"]["encoder"]["decode"] == "gpu"
-    from vlmcache.train import TrainConfig, train_head
+    from vlmcache.train import train_head
+    from vlmcache.train_config import TrainConfig
 
     stream = TrainConfig(
         dataset="data", cache_key=gpu["key"], cache_dir=str(tmp_path / "c"), stream=True, epochs=1,

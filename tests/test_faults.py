@@ -24,7 +24,8 @@ from vlmcache import atomic, cache, runs
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.features import TokenBlocks
-from vlmcache.train import TrainConfig, train_head
+from vlmcache.train import train_head
+from vlmcache.train_config import TrainConfig
 
 
 def _extract_cmd(root: Path, files: dict, cache_dir: Path, *extra: str) -> list[str]:

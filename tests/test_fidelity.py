@@ -13,6 +13,8 @@ from torch import nn
 
 from vlmcache.errors import VlmcacheError
 from vlmcache.heads import build_head
+from vlmcache.loop import OnRawCosines, fit
+from vlmcache.loop import epoch_steps as train_epoch_steps
 from vlmcache.losses import build_loss
 from vlmcache.lt_benchmarks import _package_file
 from vlmcache.metrics import shot_groups
@@ -20,8 +22,8 @@ from vlmcache.recipe import PROTOCOLS, lr_factor, make_optimizer
 from vlmcache.samplers import build_sampler
 from vlmcache.splits import read_split_file
 from vlmcache.stage2 import build_stage2
-from vlmcache.train import OnRawCosines, TrainConfig, evaluate_run, fit, train_head
-from vlmcache.train import epoch_steps as train_epoch_steps
+from vlmcache.train import evaluate_run, train_head
+from vlmcache.train_config import TrainConfig
 
 COUNTS = np.array([500, 120, 40, 9, 3])
 

@@ -17,7 +17,8 @@ from vlmcache.errors import VlmcacheError
 from vlmcache.finetune import finetune
 from vlmcache.finetune_config import FinetuneConfig
 from vlmcache.runs import evaluate_run
-from vlmcache.train import TrainConfig, load_run, train_head
+from vlmcache.train import load_run, train_head
+from vlmcache.train_config import TrainConfig
 
 
 def _cfg(tmp_path, **kw):

@@ -21,9 +21,11 @@ from vlmcache import choices
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
 from vlmcache.heads import build_head, full_head_params, upgrade_head_file
+from vlmcache.loop import train_epochs
 from vlmcache.plots import plot_per_class
 from vlmcache.tables import _cell, detail_table, summarize
-from vlmcache.train import TrainConfig, train_epochs, train_head
+from vlmcache.train import train_head
+from vlmcache.train_config import TrainConfig
 
 runner = CliRunner()
 
@@ -198,7 +200,8 @@ def test_peak_memory_is_each_runs_own(digits_cache, tmp_path):
     code = (
         "import sys, numpy as np\n"
         "from vlmcache.memory import current_rss_mb\n"
-        "from vlmcache.train import TrainConfig, train_head\n"
+        "from vlmcache.train import train_head\n"
+        "from vlmcache.train_config import TrainConfig\n"
         "before = current_rss_mb()\n"
         "big = np.ones(1000 * 2**20 // 8); del big\n"
         "cfg = TrainConfig(dataset=None, cache_dir=sys.argv[1], runs_dir=sys.argv[2], device='cpu', epochs=1)\n"

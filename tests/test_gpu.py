@@ -80,7 +80,8 @@ def check_knn_search(device: str) -> None:
 
 
 def check_train_head(tmp_path: Path, device: str) -> None:
-    from vlmcache.train import TrainConfig, train_head
+    from vlmcache.train import train_head
+    from vlmcache.train_config import TrainConfig
 
     rng = np.random.default_rng(0)
     x, y = long_tailed_features(rng, [200, 60, 12], noise=0.8)

@@ -23,7 +23,8 @@ from vlmcache.group import make_groups
 from vlmcache.pipeline import load_pipeline
 from vlmcache.plots import per_class_points
 from vlmcache.report import write_report
-from vlmcache.train import TrainConfig, train_head
+from vlmcache.train import train_head
+from vlmcache.train_config import TrainConfig
 
 KEY = "vlmcache-tiny__random__00000000"  # synthetic caches filed under the tiny model, as extract would
 COUNTS = {"three": [120, 40, 8], "five": [200, 80, 30, 12, 5]}  # training images per class

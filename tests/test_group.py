@@ -11,7 +11,8 @@ from conftest import long_tailed_features, write_feature_cache
 
 from vlmcache.features import BlockReader, Tokens, block_order
 from vlmcache.group import make_groups, train_group
-from vlmcache.train import TrainConfig, train_head
+from vlmcache.train import train_head
+from vlmcache.train_config import TrainConfig
 
 KEY = "vlmcache-tiny__random__00000000"
 

@@ -33,7 +33,8 @@ DATASET = "hostile"
 def tree(tmp_path_factory):
     """root/cache (a synthetic cache: train and test), root/runs/<run> (one finished train-head run with logs and
     predictions), root/export (an export vlmcache wrote), a user's file and folder, and links to outside/."""
-    from vlmcache.train import TrainConfig, train_head
+    from vlmcache.train import train_head
+    from vlmcache.train_config import TrainConfig
 
     root = tmp_path_factory.mktemp("hostile")
     outside = tmp_path_factory.mktemp("outside")
@@ -371,6 +372,7 @@ def test_a_container_may_be_a_link_to_a_folder(small_cache, tmp_path_factory):
 def test_a_failed_run_leaves_nothing_behind(small_cache, monkeypatch):
     """A run that fails mid-training removes its own staging folder (its live logs with it) and nothing else."""
     from vlmcache import train
+    from vlmcache.train_config import TrainConfig
 
     def broken(*args, **kwargs):
         raise RuntimeError("the device went away")
@@ -379,7 +381,7 @@ def test_a_failed_run_leaves_nothing_behind(small_cache, monkeypatch):
     runs_dir = small_cache / "runs"
     runs_dir.mkdir()
     (runs_dir / "keep.txt").write_text("x")
-    cfg = train.TrainConfig(
+    cfg = TrainConfig(
         dataset=DATASET, cache_dir=str(small_cache / "cache"), runs_dir=str(runs_dir), epochs=1, device="cpu", log="csv"
     )
     with pytest.raises(RuntimeError, match="went away"):

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from vlmcache.bench.prompts import prompt_step_memory
 from vlmcache.errors import VlmcacheError
 from vlmcache.prompts import CoOpHead
-from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head
+from vlmcache.train import evaluate_run, load_run, train_head
+from vlmcache.train_config import TrainConfig
 
 NAMES = ["red thing", "green thing", "blue thing", "a rather long class name of many words", "x"]
 

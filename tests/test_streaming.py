@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from vlmcache.cli import app
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ExtractConfig, run_extract
-from vlmcache.train import TrainConfig, evaluate_run, train_head
+from vlmcache.train import evaluate_run, train_head
+from vlmcache.train_config import TrainConfig
 
 
 def _cfg(cache_dir, tmp_path, **kw):

@@ -15,7 +15,8 @@ from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.listing import summarize
 from vlmcache.tail import TUNES, TailHead, lift_bottleneck, prefix_tap, tower_blocks
-from vlmcache.train import TrainConfig, evaluate_run, train_head
+from vlmcache.train import evaluate_run, train_head
+from vlmcache.train_config import TrainConfig
 
 QUIET = dict(log=lambda *a: None)
 
@@ -188,7 +189,7 @@ def test_tune_names_the_method_and_leaves_other_runs_names_as_they_were():
     from dataclasses import asdict
 
     from vlmcache.runs import identity_key, method_label
-    from vlmcache.train import config_hash
+    from vlmcache.train_config import config_hash
 
     linear = TrainConfig(dataset="digits_lt").resolve()
     before = {k: v for k, v in asdict(linear).items() if k != "tune"}  # a config.json written before --tune

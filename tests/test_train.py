@@ -17,7 +17,8 @@ from vlmcache.features import Tokens, load_inputs, open_split
 from vlmcache.heads import CosineHead
 from vlmcache.knn import knn
 from vlmcache.samplers import build_sampler
-from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head
+from vlmcache.train import evaluate_run, load_run, train_head
+from vlmcache.train_config import TrainConfig
 from vlmcache.zeroshot import zero_shot
 
 TAIL = [400, 200, 100, 50, 25, 12, 6, 3]

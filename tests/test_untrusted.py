@@ -24,7 +24,8 @@ from vlmcache.extract import ExtractConfig, repair_split, run_extract
 from vlmcache.heads import build_head
 from vlmcache.pipeline import load_pipeline
 from vlmcache.splits import read_classnames, read_split_file
-from vlmcache.train import TrainConfig, evaluate_run, load_run, train_head
+from vlmcache.train import evaluate_run, load_run, train_head
+from vlmcache.train_config import TrainConfig
 
 runner = CliRunner()
 

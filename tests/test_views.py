@@ -9,7 +9,8 @@ from vlmcache import cache
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.features import Pooled, view_choice
-from vlmcache.train import TrainConfig, train_head
+from vlmcache.train import train_head
+from vlmcache.train_config import TrainConfig
 
 QUIET = dict(log=lambda *a: None)
 

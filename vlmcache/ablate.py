@@ -23,7 +23,8 @@ from vlmcache.group import GROUP_SIZE, Outcome, make_groups, train_group
 from vlmcache.pipeline import Pipeline
 from vlmcache.planning import PlannedRun, plan
 from vlmcache.results import carry_group_walls, merge_results, read_previous_results, row, write_results
-from vlmcache.train import TrainConfig, inherit_first_stage, train_head
+from vlmcache.train import inherit_first_stage, train_head
+from vlmcache.train_config import TrainConfig
 
 
 def run_pipeline(

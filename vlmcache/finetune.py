@@ -32,8 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmcache import atomic, cache, distributed, faults, handover, runs
-from vlmcache.splits import Split
+from vlmcache import atomic, distributed, faults, handover, runs
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import probe_dims
@@ -45,6 +44,7 @@ from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb, start_peak_memory
 from vlmcache.recipe import check_finite_parameters, last_step_lr, lr_factor, param_groups
 from vlmcache.samplers import build_sampler
+from vlmcache.splits import Split
 from vlmcache.templates import get_templates
 
 CHECKPOINT = "checkpoint.pt"

@@ -1,7 +1,7 @@
 """Grouped training: the runs of a grid that read the same cache train together in one process.
 
 Each split is loaded once for the group, and the runs advance in lock-step, one optimiser step at a time,
-the run furthest behind first (`train.fit_steps` is a generator that yields after every step). Every run
+the run furthest behind first (`loop.fit_steps` is a generator that yields after every step). Every run
 keeps all that makes its numbers: its own model, loss, optimiser, schedule, sampler and generator, and its
 own state of the global random number generator (swapped in for its steps), so a run trained in a group
 gives the metrics, losses and weights it gives alone, bit for bit. What the group shares is the reading:
@@ -23,8 +23,10 @@ import torch
 
 from vlmcache.encoders import pick_device
 from vlmcache.heads import HEADS
+from vlmcache.loop import fit_steps
 from vlmcache.memory import start_peak_memory
-from vlmcache.train import TrainConfig, finish_run, fit_steps, prepare_run
+from vlmcache.train import finish_run, prepare_run
+from vlmcache.train_config import TrainConfig
 
 GROUP_SIZE = 32  # most runs per group: their models, optimiser states and second-stage features share memory
 

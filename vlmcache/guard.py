@@ -341,8 +341,9 @@ def check_cache_folders(model_dir: Path, splits: list[str], what: str, overwrite
     """The folders extract and import write beneath `--cache-dir` (`<dataset>/<key>/<split>`, `text.h5`), checked
     before any work: none may be a link (writing through it lands outside the cache) or a file where a folder goes;
     a split folder must be a split vlmcache wrote (its manifest is written before its first shard), or empty, or
-    hold only temporaries (an extraction killed while writing its first manifest); and --overwrite of a split is refused while anything else is inside, since someone
-    else's file is never removed. `what` names the command in the message."""
+    hold only temporaries (an extraction killed while writing its first manifest); and --overwrite of a split is
+    refused while anything else is inside, since someone else's file is never removed. `what` names the command
+    in the message."""
     model_dir = Path(model_dir)
     from vlmcache.cache import read_manifest
 

@@ -25,7 +25,7 @@ import yaml
 from vlmcache import guard
 from vlmcache.errors import VlmcacheError
 from vlmcache.schemas import SEED_MAX
-from vlmcache.train import TrainConfig
+from vlmcache.train_config import TrainConfig
 
 TOP_KEYS = {"name", "description", "cache_dir", "runs_dir", "datasets", "models", "seeds", "defaults", "methods"}
 MODEL_KEYS = {"model", "pretrained", "cache_key", "preprocess"}

@@ -14,7 +14,7 @@ from vlmcache.errors import VlmcacheError
 from vlmcache.features import find_cache
 from vlmcache.pipeline import GRID_DICTS, Pipeline
 from vlmcache.schemas import describe
-from vlmcache.train import TrainConfig
+from vlmcache.train_config import TrainConfig
 
 # --------------------------------------------------------------------------- planning
 

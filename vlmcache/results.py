@@ -15,7 +15,7 @@ from vlmcache import runs
 from vlmcache.errors import VlmcacheError
 from vlmcache.pipeline import GRID_DICTS
 from vlmcache.planning import PlannedRun
-from vlmcache.train import TrainConfig
+from vlmcache.train_config import TrainConfig
 
 METRICS = ("overall", "many", "medium", "few", "top5", "mean_per_class")
 COSTS = ("train_seconds", "total_seconds", "total_with_first_stage_seconds", "samples_per_s", "peak_rss_mb")

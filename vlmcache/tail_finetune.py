@@ -4,7 +4,7 @@ frozen and a tuned module in its last K blocks, the third leg of issue 28's equa
 This is a real fine-tuning run: every step decodes the images, draws their augmented views and runs the whole tower
 on them. Only what it trains is the tail head's: the same `tail.TailTuner` (the last K blocks with AdaptFormer
 adapters, LoRA, the blocks themselves, or nothing) and classifier that `train-head --head tail` trains on a cached
-prefix, with train-head's recipe (`train.fit`: one optimiser over the head's parameters, its learning-rate schedule,
+prefix, with train-head's recipe (`loop.fit`: one optimiser over the head's parameters, its learning-rate schedule,
 its sampler order from one generator seeded once). The views are drawn as `extract --views V --view-seed S` draws
 them (`--views`, `--view-seed`, the crop scale from `--crop-min`), and the prefix is rounded to float16 as the cache
 stores it (`round_prefix`), so for the same seed and views the run equals the cached run and its `--stream` twin
@@ -24,13 +24,14 @@ from vlmcache import atomic, distributed
 from vlmcache.errors import VlmcacheError
 from vlmcache.finetune import save_run_files
 from vlmcache.heads import CosineClassifier, build_head, full_head_params
+from vlmcache.loop import OnRawCosines, RunModel, evaluate, fit
 from vlmcache.losses import build_loss
 from vlmcache.memory import peak_rss_mb
 from vlmcache.samplers import build_sampler
 from vlmcache.streaming import StreamedImages
 from vlmcache.tail import check_tail_blocks
 from vlmcache.templates import get_templates
-from vlmcache.train import OnRawCosines, RunModel, TrainConfig, evaluate, fit
+from vlmcache.train_config import TrainConfig
 
 
 def tail_recipe(cfg) -> TrainConfig:

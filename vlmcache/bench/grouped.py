@@ -75,7 +75,7 @@ def _group(cfgs):
 
 def bench_grouped(pooled: tuple, tokens: tuple, folder: Path, device: str = "cpu") -> dict:
     """pooled: (rows, dim, classes, test rows); tokens: (rows, (T, W), classes, test rows, decoders)."""
-    from vlmcache.train import TrainConfig
+    from vlmcache.train_config import TrainConfig
 
     rows, dim, classes, test_rows = pooled
     _synthetic(folder / "pooled", rows, dim, classes, test_rows, None)

@@ -28,9 +28,10 @@ def _bare(head, x, y, batch_size: int, epochs: int) -> float:
 
 
 def _looped(head, data, batch_size: int, epochs: int, num_classes: int) -> float:
+    from vlmcache.loop import fit
     from vlmcache.losses import build_loss
     from vlmcache.samplers import build_sampler
-    from vlmcache.train import TrainConfig, fit
+    from vlmcache.train_config import TrainConfig
 
     cfg = TrainConfig(dataset="bench", epochs=epochs, batch_size=batch_size, lr=1e-3).resolve()
     loss = build_loss("ce", torch.bincount(data.y, minlength=num_classes).cpu().numpy()).to(data.y.device)

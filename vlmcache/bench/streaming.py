@@ -17,7 +17,8 @@ def bench_streaming(model: str, images: int, device: str = "auto") -> list[dict]
     tower's time from its bare forward passes over the same images and the head's from the cached epoch."""
     from vlmcache.encoders import load_encoder
     from vlmcache.extract import ExtractConfig, default_workers, run_extract
-    from vlmcache.train import TrainConfig, train_head
+    from vlmcache.train import train_head
+    from vlmcache.train_config import TrainConfig
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,8 @@ def bench_tail(model: str, images: int, ks: tuple[int, ...], device: str = "auto
     from vlmcache import cache
     from vlmcache.encoders import load_encoder
     from vlmcache.extract import ExtractConfig, default_workers, run_extract
-    from vlmcache.train import TrainConfig, train_head
+    from vlmcache.train import train_head
+    from vlmcache.train_config import TrainConfig
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -157,8 +157,8 @@ def train_head(
     Second stage: [bold]vlmcache train-head --stage2 crt --from runs/places_lt__linear-ce-instance__s0__1a2b3c4d[/]
     """
     use_threads(threads)
-    from vlmcache.train import TrainConfig
     from vlmcache.train import train_head as run
+    from vlmcache.train_config import TrainConfig
 
     cfg = build_config(
         TrainConfig, {**locals(), **dataclasses.asdict(cache)}, from_run=str(from_run) if from_run else None,
