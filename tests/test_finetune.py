@@ -146,6 +146,12 @@ def test_reextraction_writes_a_new_cache_that_stage_2_trains_on(tmp_path, digits
     assert evaluate_run(result["run"], logit_adjust=1.0)["metrics"] != result["metrics"]
     with pytest.raises(VlmcacheError, match="is a fine-tuning run"):
         load_run(result["run"], torch.device("cpu"))
+    config = Path(result["run"]) / "config.json"
+    meta = json.loads(config.read_text())
+    meta["train_counts"] = meta["train_counts"][::-1]  # hand-edited: many and few swapped
+    config.write_text(json.dumps(meta))
+    with pytest.raises(VlmcacheError, match="config.json' records .* training images for class 0"):
+        evaluate_run(result["run"])
 
 
 def test_two_processes_under_torchrun_equal_one_with_twice_the_batch(tmp_path):

@@ -117,6 +117,15 @@ def evaluate_finetuned(
         head.classifier = tau_normalized(head.classifier, tau_norm)
     model = TunedModel(encoder.model.visual, head).to(encoder.device)
     counts = np.asarray(meta["train_counts"])
+    # many/medium/few are the training split's counts: recorded, and checked against the split they came from (a
+    # config.json edited or copied beside other data would regroup the classes silently)
+    actual = np.bincount(dataset.split(cfg.train_split).labels, minlength=dataset.num_classes)
+    if not np.array_equal(counts, actual):
+        c = int(np.flatnonzero(counts != actual)[0])
+        raise VlmcacheError(
+            f"'{run_dir}/config.json' records {int(counts[c])} training images for class {c}, but the training "
+            f"split '{cfg.train_split}' of {cfg.dataset} has {int(actual[c])}; the run was trained on other data."
+        )
     precision = pick_precision(cfg.precision, encoder.device)
     metrics, _, _ = evaluate(model, eval_split, encoder, counts, dataset.classnames, cfg, precision, logit_adjust)
     return {
