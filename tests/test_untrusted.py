@@ -317,6 +317,10 @@ def _tampered(finished_run: Path, tmp_path: Path) -> Path:
         (lambda r: _edit_json(r / "config.json", lambda c: c["config"].update(bogus=1)), "unknown keys"),
         (lambda r: _edit_json(r / "config.json", lambda c: c.update(kind="other")), "kind"),
         (lambda r: _edit_json(r / "config.json", lambda c: c.update(train_counts=[1])), "train_counts"),
+        (  # many and few swapped by hand: the counts no longer are the cache's
+            lambda r: _edit_json(r / "config.json", lambda c: c.update(train_counts=c["train_counts"][::-1])),
+            "records .* training images for class 0, but its cache's 'train' split has",
+        ),
         (lambda r: _edit_head(r, lambda s: s.update(num_classes=5)), "5 classes"),
         (lambda r: _edit_head(r, lambda s: s["head_state"]["classifier.weight"].fill_(float("nan"))), "NaN"),
         (lambda r: _edit_head(r, lambda s: s.update(head="nope")), "does not have"),

@@ -494,6 +494,15 @@ def evaluate_run(
         raise VlmcacheError(
             f"'{run_dir}/config.json': train_counts has {len(counts)} classes, its head {saved['num_classes']}."
         )
+    # many/medium/few are the training split's counts: checked against the cache (a hand-edited or copied
+    # config.json would regroup the classes silently)
+    actual = np.bincount(open_split(model_dir, cfg.train_split).labels(), minlength=len(counts))[: len(counts)]
+    if not np.array_equal(counts, actual):
+        c = int(np.flatnonzero(counts != actual)[0])
+        raise VlmcacheError(
+            f"'{run_dir}/config.json' records {int(counts[c])} training images for class {c}, but its cache's "
+            f"'{cfg.train_split}' split has {int(actual[c])}; the run was trained on other data."
+        )
     # the run's own post-hoc corrections apply unless a flag replaces them (0 turns either off)
     tau_norm = cfg.tau_norm if tau_norm is None else tau_norm
     logit_adjust = cfg.logit_adjust if logit_adjust is None else logit_adjust
