@@ -1,6 +1,7 @@
 """Ablation grids end to end on a synthetic cache: resume, recorded failures, tables and report files."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -195,5 +196,18 @@ def test_ablate_and_report_from_the_cli(grid, tmp_path):
     assert table.exit_code == 1 and "| method |" in table.stdout and "'resumed': 12" in table.stdout
     rep = runner.invoke(app, ["report", str(tmp_path / "runs")])
     assert rep.exit_code == 0 and "report.md" in rep.stdout
+    # the report's files are replaced whole (temporary name, rename), never written into: a file elsewhere that
+    # shares one of them (a hard link) keeps its bytes, and a reader never sees half a file
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    written = ["report.md", "summary.csv"]
+    written += [p.name for p in (tmp_path / "runs").glob("*.png")]
+    assert any(name.endswith(".png") for name in written)
+    for name in written:
+        os.link(tmp_path / "runs" / name, elsewhere / name)
+    before = {name: (elsewhere / name).read_bytes() for name in written}
+    assert runner.invoke(app, ["report", str(tmp_path / "runs")]).exit_code == 0
+    assert {name: (elsewhere / name).read_bytes() for name in written} == before
+    assert all((tmp_path / "runs" / name).stat().st_nlink == 1 for name in written)
     missing = runner.invoke(app, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "does not exist" in missing.output

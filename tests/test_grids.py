@@ -279,6 +279,12 @@ def test_a_second_writer_into_a_held_runs_folder_refuses_naming_the_holder(cache
                   "--device", "cpu", "--epochs", "1"],
         )  # fmt: skip
         assert head.exit_code == 2 and f"pid {holder.pid}" in head.output
+        tune = runner.invoke(
+            app, ["finetune", "-d", "digits_lt", "-m", "vlmcache-tiny", "-p", "none", "--device", "cpu", "--epochs",
+                  "1", "--workers", "0", "--runs-dir", str(tmp_path / "runs")],
+        )  # fmt: skip
+        assert tune.exit_code == 2 and f"pid {holder.pid}" in tune.output and "--wait" in tune.output
+        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [runlock.LOCK_FILE]
         # a mistake is found before the folder is held: nothing is made for a run that cannot start
         bad = runner.invoke(
             app, ["train-head", "-d", "nine", "--cache-dir", str(caches), "--runs-dir", str(tmp_path / "new")]

@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vlmcache import atomic, distributed, faults, handover, runs
+from vlmcache import atomic, distributed, faults, handover, runlock, runs
 from vlmcache.encoders import Encoder, load_encoder, pick_precision
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import probe_dims
@@ -98,8 +99,12 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict:
 # --------------------------------------------------------------------------- the job
 
 
-def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=None) -> dict:
-    """Fine-tune, evaluate and save one run (resuming from its checkpoint); returns the run's summary."""
+def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=None, wait: bool = False) -> dict:
+    """Fine-tune, evaluate and save one run (resuming from its checkpoint); returns the run's summary.
+
+    The folder the run goes into is held (`runlock`, by rank 0 for every process of a torchrun run) from before
+    its checkpoint is read until the run is saved: another vlmcache process there makes this one refuse, or wait
+    with `wait`."""
     cfg.resolve()
     run_dir = _run_dir(cfg)  # the output guard, before any work
     dataset = finetune_dataset(cfg)
@@ -109,6 +114,28 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print, on_epoch=N
         raise VlmcacheError(f"{cfg.dataset} has no test or val split to evaluate on; name one with --split.")
     eval_split = dataset.split(eval_name)
     distributed.init_from_env()
+    with _hold_runs_folder(run_dir.parent, wait, log):
+        return _finetune(cfg, run_dir, dataset, train_split, eval_split, log, on_epoch)
+
+
+@contextmanager
+def _hold_runs_folder(folder: Path, wait: bool, log):
+    """The runs folder's lock, taken by rank 0 for every process; a refusal is raised on every rank."""
+    with ExitStack() as stack:
+        error = None
+        if distributed.rank_world()[0] == 0:
+            try:
+                stack.enter_context(runlock.hold(folder, "vlmcache finetune", wait, log))
+            except VlmcacheError as e:
+                error = str(e)
+        error = distributed.broadcast(error)
+        if error is not None:
+            raise VlmcacheError(error)
+        yield
+
+
+def _finetune(cfg: FinetuneConfig, run_dir: Path, dataset, train_split, eval_split, log, on_epoch) -> dict:
+    """The run itself, in its held folder: the tower, the epochs from the checkpoint on, evaluation, the files."""
     rank, world = distributed.rank_world()
     encoder = load_encoder(cfg.model, cfg.pretrained, distributed.local_device(cfg.device), "fp32", cfg.preprocess_from)
     device = encoder.device

@@ -4,6 +4,7 @@ frequency, accuracy by shot group, accuracy against training cost; a distinct co
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -13,9 +14,18 @@ import pandas as pd
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 
+from vlmcache.atomic import write_bytes_atomic  # noqa: E402
 from vlmcache.tables import GROUPS, STD, distinct_seeds, finished_runs, row_labels, run_folder  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """A PNG written whole or not at all (`atomic`): a report drawn while another is written never tears a plot."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    write_bytes_atomic(Path(path), buffer.getvalue())
 
 
 def _palette() -> list:
@@ -117,8 +127,7 @@ def plot_per_class(table: pd.DataFrame, path: Path, bins: int = 12, runs_dir: Pa
     fig.suptitle("Per-class accuracy against training frequency, per dataset and model (dashed: its first method)",
                  fontsize=10)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return True
 
 
@@ -172,8 +181,7 @@ def plot_shot_bars(summary: pd.DataFrame, path: Path) -> None:
     axes[0, 0].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     axes[-1, 0].set_xlabel(f"accuracy (%), mean ± {STD}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def method_seconds(row: dict) -> float:
@@ -203,5 +211,4 @@ def plot_cost(summary: pd.DataFrame, path: Path) -> None:
     ax.set_title(f"Accuracy against training cost{only}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from vlmcache import guard
+from vlmcache.atomic import write_bytes_atomic
 from vlmcache.plots import plot_cost, plot_per_class, plot_shot_bars
 from vlmcache.tables import (
     SELECTED,
@@ -123,10 +124,11 @@ def write_report(runs_dir: str | Path, log=print) -> dict:
 
 
 def _write_report_files(runs_dir: Path, summary, text: str, markdown: str, plots: dict, table, failed) -> dict:
-    """summary.csv and report.md (the plots are written as they are drawn)."""
-    summary.to_csv(runs_dir / "summary.csv", index=False)
+    """summary.csv and report.md, each written whole (`atomic`; the plots are written as they are drawn), so a
+    report run while a grid trains (it takes no lock: it only reads finished runs) never leaves a torn file."""
+    write_bytes_atomic(runs_dir / "summary.csv", summary.to_csv(index=False).encode())
     report = runs_dir / "report.md"
-    report.write_text(text)
+    write_bytes_atomic(report, text.encode())
     return {
         "report": str(report),
         "summary": str(runs_dir / "summary.csv"),

@@ -36,6 +36,7 @@ from vlmcache.cli.common import (
     SCHEDULE,
     SPLIT_FILES,
     TEXT_INIT,
+    WAIT,
     WARMUP_ITERS,
     WEIGHT_DECAY,
     WORKERS,
@@ -111,6 +112,7 @@ def finetune(
     runs_dir: Path = RUNS_DIR,
     out_dir: Path = OUT_RUN,
     overwrite: bool = switch("overwrite", "Start again even if the run has a checkpoint."),
+    wait: bool = WAIT,
     reextract: bool = switch("reextract", "Afterwards, extract a new cache with the tuned tower (a new key)."),
     reextract_tokens: bool = switch("reextract-tokens", "With --reextract: cache tokens too."),
     cache_dir: Path = CACHE_DIR,
@@ -153,7 +155,7 @@ def finetune(
         log(f"epoch {row['epoch']:>3}/{epochs}  loss {row['loss']:.4f}  {row['samples_per_s']:>10,.1f} img/s")
 
     keep_heap_on_cpu(cfg.device)
-    result = run(cfg, log=log, on_epoch=on_epoch)
+    result = run(cfg, log=log, on_epoch=on_epoch, wait=wait)
     if distributed.rank_world()[0] != 0:
         return
     if as_json:
