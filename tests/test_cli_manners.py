@@ -164,6 +164,19 @@ def test_brackets_in_user_text_print_as_they_are(tmp_path):
     assert res.exit_code == 0 and "[b]mine" in res.output, res.output
 
 
+def test_demo_over_a_cache_of_other_settings_names_only_its_own_flags(tmp_path):
+    """A digits_lt cache made by `extract` with another shard size: extract's advice (--overwrite) is not the
+    demo's to give; it says what the demo can do, and keeps the cache."""
+    made = runner.invoke(app, ["extract", "-d", "digits_lt", "-m", "vlmcache-tiny", "-p", "none", "--shard-size",
+                               "100", "--workers", "0", "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    manifest = next((tmp_path / "cache").rglob("train/manifest.json")).read_bytes()
+    res = runner.invoke(app, ["demo", "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs")])
+    assert res.exit_code == 2 and "shard_size: 100 -> 256" in res.output, res.output
+    assert "--overwrite" not in res.output and "--cache-dir" in res.output
+    assert next((tmp_path / "cache").rglob("train/manifest.json")).read_bytes() == manifest
+
+
 @pytest.mark.parametrize("kind", ["file", "missing", "empty"])
 def test_cache_verify_of_nothing_is_an_error(tmp_path, kind):
     target = tmp_path / "c"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 from vlmcache import guard
+from vlmcache.errors import VlmcacheError
 from vlmcache.ablate import run_pipeline
 from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.pipeline import load_pipeline
@@ -36,9 +37,20 @@ def check_outputs(cache_dir: str, runs_dir: str) -> None:
     guard.check_output(runs_dir, "--runs-dir", "runs")
 
 
+OTHER_SETTINGS = " Pass --overwrite to start this split again"  # extract's advice, which the demo cannot take
+
+
 def extract(cache_dir: str, workers: int = 0, progress=None, log=print) -> dict:
     cfg = ExtractConfig(dataset="digits_lt", cache_dir=cache_dir, shard_size=256, tokens=True, workers=workers, **MODEL)
-    return run_extract(cfg, progress=progress, log=log)
+    try:
+        return run_extract(cfg, progress=progress, log=log)
+    except VlmcacheError as e:  # a digits_lt cache made by `vlmcache extract` with other settings
+        if OTHER_SETTINGS not in str(e):
+            raise
+        raise VlmcacheError(
+            f"{str(e).split(OTHER_SETTINGS)[0]} The demo never replaces a cache: pass --cache-dir for a folder of its "
+            f"own, or remove that cache."
+        ) from None
 
 
 def evaluate(cache_dir: str, runs_dir: str, progress=None, log=print) -> dict:

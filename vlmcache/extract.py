@@ -83,7 +83,7 @@ def _prepare_split_dir(split_dir: Path, fingerprint: dict, cfg: ExtractConfig, l
         raise VlmcacheError(
             f"The cache at '{split_dir}' was made with other settings, so resuming would mix them: "
             f"{cache.describe_diff(manifest['fingerprint'], fingerprint)}. "
-            f"Pass --overwrite to start this split again, or --cache-dir for a separate cache."
+            f"Pass --overwrite to start this split again, or --cache-dir for a separate cache."  # demo.OTHER_SETTINGS
         )
     split_dir.mkdir(parents=True, exist_ok=True)
     for p in atomic.remove_stale_tmp(split_dir):
