@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 
 from vlmcache import guard
-from vlmcache.errors import VlmcacheError
 from vlmcache.ablate import run_pipeline
+from vlmcache.errors import VlmcacheError
 from vlmcache.extract import ExtractConfig, run_extract
 from vlmcache.pipeline import load_pipeline
 from vlmcache.report import write_report
