@@ -174,18 +174,8 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
     removed = []
     for p in folder.glob(f"*{TMP_MARK}*"):
         pid = p.name.rsplit(TMP_MARK, 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and guard.pid_alive(int(pid)):
             continue
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

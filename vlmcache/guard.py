@@ -444,14 +444,15 @@ def remove_dead_staging(final: Path) -> list[Path]:
         m = shape.fullmatch(entry.name)
         if not m or m.group(2) != _host() or int(m.group(1)) == os.getpid():
             continue
-        if _pid_alive(int(m.group(1))) or entry.is_symlink() or not entry.is_dir():
+        if pid_alive(int(m.group(1))) or entry.is_symlink() or not entry.is_dir():
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(Path(entry.path))
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host runs under `pid` (one that is not ours counts: it cannot be signalled)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
