@@ -144,8 +144,9 @@ def test_reextraction_writes_a_new_cache_that_stage_2_trains_on(tmp_path, digits
     again = evaluate_run(result["run"])  # `vlmcache eval` of a fine-tuning run rebuilds its tuned tower
     assert again["metrics"] == result["metrics"]
     assert evaluate_run(result["run"], logit_adjust=1.0)["metrics"] != result["metrics"]
-    with pytest.raises(VlmcacheError, match="is a fine-tuning run"):
+    with pytest.raises(VlmcacheError, match="is a fine-tuning run") as refused:
         load_run(result["run"], torch.device("cpu"))
+    assert f"--pretrained {Path(result['run']) / Path(result['weights']).name} " in str(refused.value)
     config = Path(result["run"]) / "config.json"
     meta = json.loads(config.read_text())
     meta["train_counts"] = meta["train_counts"][::-1]  # hand-edited: many and few swapped

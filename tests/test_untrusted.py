@@ -321,6 +321,8 @@ def _tampered(finished_run: Path, tmp_path: Path) -> Path:
             lambda r: _edit_json(r / "config.json", lambda c: c.update(train_counts=c["train_counts"][::-1])),
             "records .* training images for class 0, but its cache's 'train' split has",
         ),
+        (lambda r: _edit_json(r / "config.json", lambda c: c["config"].update(head="cosine")), "names the head cosine"),
+        (lambda r: _edit_head(r, lambda s: s.update(head="cosine")), "holds cosine"),
         (lambda r: _edit_head(r, lambda s: s.update(num_classes=5)), "5 classes"),
         (lambda r: _edit_head(r, lambda s: s["head_state"]["classifier.weight"].fill_(float("nan"))), "NaN"),
         (lambda r: _edit_head(r, lambda s: s.update(head="nope")), "does not have"),
@@ -336,6 +338,22 @@ def test_a_tampered_run_folder_is_one_clear_line_under_eval(finished_run, tmp_pa
         evaluate_run(run, device="cpu")
     result = runner.invoke(app, ["eval", str(run), "--device", "cpu"])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["config"].update(head="coop"), "not coop prompts"),
+        (lambda c: c.update(kind="finetune"), "is a fine-tuning run; a second stage re-balances"),
+    ],
+)
+def test_a_second_stage_from_a_run_it_cannot_rebalance_is_one_line(finished_run, features, tmp_path, edit, message):
+    """The head comes from --from after the config's own checks ran: a coop run (or a fine-tuning run) named
+    there is refused in one line, not an AttributeError in the second stage."""
+    run = _tampered(finished_run, tmp_path)
+    _edit_json(run / "config.json", edit)
+    with pytest.raises(VlmcacheError, match=message):
+        train_head(_cfg(features, tmp_path, stage2="crt", from_run=str(run)), log=lambda *a: None)
 
 
 def _edit_json(path: Path, edit) -> None:

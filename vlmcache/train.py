@@ -58,10 +58,15 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
     run_dir = Path(run_dir)
     if runs.read_kind(run_dir) == "finetune":
         meta = runs.read_json(run_dir / "config.json", "run")
-        raise VlmcacheError(
-            f"'{run_dir}' is a fine-tuning run; its head needs its tuned tower (vlmcache eval handles both). To "
-            f"train heads on its features: vlmcache extract --pretrained {run_dir / str(meta.get('weights'))} "
+        weights = meta.get("weights")  # the tuned tower, saved in the run folder under this name (None: a tail run)
+        then = (
+            f" To train heads on its features: vlmcache extract --pretrained {run_dir / Path(str(weights)).name} "
             f"(or finetune --reextract)."
+            if weights
+            else ""
+        )
+        raise VlmcacheError(
+            f"'{run_dir}' is a fine-tuning run; its head needs its tuned tower (vlmcache eval handles both).{then}"
         )
     _, cfg = runs.read_config(run_dir, TrainConfig)
     try:
@@ -71,6 +76,11 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
     saved = upgrade_head_file(runs.load_head_file(run_dir, device))
     if saved["head"] not in HEADS or (saved["stage2"] is not None and saved["stage2"] not in STAGE2):
         raise VlmcacheError(f"'{run_dir}/head.pt' names a head or second stage this vlmcache does not have.")
+    if (saved["head"], saved["stage2"]) != (cfg.head, cfg.stage2):  # the config decides the inputs, head.pt the head
+        raise VlmcacheError(
+            f"'{run_dir}/config.json' names the head {cfg.head} (second stage {cfg.stage2}), but its head.pt holds "
+            f"{saved['head']} (second stage {saved['stage2']}); the two files are not one run's."
+        )
     model_dir = find_cache(cfg.cache_dir, cfg.dataset, cfg.model, cfg.pretrained, cfg.cache_key, cfg.preprocess)
     split = open_split(model_dir, cfg.train_split)
     num_classes = int(split.fingerprint["num_classes"])
@@ -104,9 +114,16 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, Ru
 def inherit_first_stage(cfg: TrainConfig) -> TrainConfig:
     """A second stage takes its data and head from its first-stage run (`--from`), so its config, run name and
     labels say the head it really trains on. Returns the first stage's config."""
+    if runs.read_kind(Path(cfg.from_run)) == "finetune":
+        raise VlmcacheError(
+            f"--from '{cfg.from_run}' is a fine-tuning run; a second stage re-balances a train-head run's head (train "
+            f"heads on the tuned tower's features: finetune --reextract, then train-head)."
+        )
     _, first_cfg = runs.read_config(Path(cfg.from_run), TrainConfig)
     for key in ("dataset", "model", "pretrained", "preprocess", "head", "head_params", "cache_key", "cache_dir"):
         setattr(cfg, key, getattr(first_cfg, key))
+    if cfg.head == "coop":  # TrainConfig refuses it when --head says so; here the head came from --from
+        raise VlmcacheError("Second stages re-balance linear, cosine, decoder and tail heads, not coop prompts.")
     return first_cfg
 
 

@@ -119,7 +119,9 @@ class TrainConfig:
             self.loss = self.loss or STAGE2[self.stage2].loss
             self.sampler = self.sampler or STAGE2[self.stage2].sampler
             if self.head == "coop":
-                raise VlmcacheError("Second stages re-balance linear, cosine and decoder heads, not coop prompts.")
+                raise VlmcacheError(
+                    "Second stages re-balance linear, cosine, decoder and tail heads, not coop prompts."
+                )
         elif self.from_run:
             raise VlmcacheError("--from names a first-stage run for a second stage; add --stage2 (crt, lws, ...).")
         self.loss = self.loss or "ce"
