@@ -193,7 +193,7 @@ def test_ablate_and_report_from_the_cli(grid, tmp_path):
     body = json.loads(result.stdout)
     assert body["status"] == {"done": 12, "failed": 4}
     table = runner.invoke(app, ["ablate", str(grid)])
-    assert table.exit_code == 1 and "| method |" in table.stdout and "'resumed': 12" in table.stdout
+    assert table.exit_code == 1 and "| method |" in table.stdout and "runs: 12 resumed, 4 failed." in table.stdout
     rep = runner.invoke(app, ["report", str(tmp_path / "runs")])
     assert rep.exit_code == 0 and "report.md" in rep.stdout
     # the report's files are replaced whole (temporary name, rename), never written into: a file elsewhere that
@@ -211,3 +211,30 @@ def test_ablate_and_report_from_the_cli(grid, tmp_path):
     assert all((tmp_path / "runs" / name).stat().st_nlink == 1 for name in written)
     missing = runner.invoke(app, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_a_tail_head_in_a_grid_needs_a_prefix_cache_and_extract_makes_it(tmp_path, monkeypatch):
+    """The pre-flight knows the tail head reads a prefix: a cache without one is missing (the command names the
+    model entry's tail_blocks and views), and --extract makes it with them."""
+    from vlmcache import planning
+
+    cache_dir = tmp_path / "cache"
+    x, y = long_tailed_features(np.random.default_rng(0), [20, 8, 4])
+    write_feature_cache(cache_dir, "digits_lt", {"train": (x, y, None), "test": (x, y, None)}, 3,
+                        key="vlmcache-tiny__random__00000000")  # fmt: skip
+    path = tmp_path / "tail.yaml"
+    path.write_text(
+        f"datasets: [digits_lt]\ncache_dir: {cache_dir}\nmodels:\n"
+        "  - {model: vlmcache-tiny, pretrained: random, cache_key: vlmcache-tiny__random__00000000, tail_blocks: 1, "
+        "views: 2}\nmethods:\n  - {name: lin, head: linear}\n  - {name: tail, head: tail, tune: lora}\n"
+    )
+    (missing,) = planning.missing_caches(load_pipeline(path))
+    assert missing.prefix and "no prefix for the tail head" in missing.reason
+    assert "--tail-blocks 1 --views 2 --overwrite" in missing.command(str(cache_dir))
+    made = []
+    monkeypatch.setattr("vlmcache.extract.run_extract", lambda cfg, **kw: made.append(cfg))
+    planning.extract_missing(load_pipeline(path), [missing])
+    assert (made[0].tail_blocks, made[0].views, made[0].overwrite) == (1, 2, True)
+    path.write_text(path.read_text().replace(", tail_blocks: 1", ""))  # no K to extract with: said, not guessed
+    with pytest.raises(VlmcacheError, match="add tail_blocks"):
+        planning.extract_missing(load_pipeline(path), planning.missing_caches(load_pipeline(path)))

@@ -28,7 +28,8 @@ from vlmcache.schemas import SEED_MAX
 from vlmcache.train_config import TrainConfig
 
 TOP_KEYS = {"name", "description", "cache_dir", "runs_dir", "datasets", "models", "seeds", "defaults", "methods"}
-MODEL_KEYS = {"model", "pretrained", "cache_key", "preprocess"}
+MODEL_KEYS = {"model", "pretrained", "cache_key", "preprocess", "tail_blocks", "views"}  # the last two: how --extract
+# makes the cache a tail head needs (extract --tail-blocks K --views V); they do not pick the cache
 # what a method or `defaults` may set: TrainConfig fields, less those the pipeline decides
 PIPELINE_OWNED = {
     "dataset",
@@ -352,6 +353,9 @@ def _axes(root, data: dict, source: str) -> tuple[list, list, list]:
         where = f"{source}, line {node.start_mark.line + 1}"
         if "model" not in m:
             raise VlmcacheError(f"{where}: every entry of 'models' needs 'model' (and usually 'pretrained').")
+        for key in ("tail_blocks", "views"):
+            if key in m and not (type(m[key]) is int and 0 <= m[key] <= 1000):
+                raise VlmcacheError(f"{where}: '{key}' must be a whole number (extract --{key.replace('_', '-')}).")
         _check_model(m, where)
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not all(type(s) is int and 0 <= s <= SEED_MAX for s in seeds):

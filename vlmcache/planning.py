@@ -127,7 +127,8 @@ class MissingCache:
     model: dict
     tokens: bool  # a decoder in the grid needs the cache's tokens
     reason: str
-    exists: bool = False  # there is a cache, without the tokens: made again with them
+    exists: bool = False  # there is a cache, without the tokens or the prefix: made again with them
+    prefix: bool = False  # a tail head in the grid needs the cache's prefix (the model entry's tail_blocks, views)
 
     def command(self, cache_dir: str) -> str:
         m = self.model
@@ -137,6 +138,8 @@ class MissingCache:
             + (f" --pretrained {pretrained}" if pretrained is not None else "")
             + (" --preprocess seed" if m.get("preprocess") == "seed" else "")
             + (" --tokens" if self.tokens else "")
+            + (f" --tail-blocks {m.get('tail_blocks') or 'K'}" if self.prefix else "")
+            + (f" --views {m['views']}" if self.prefix and m.get("views") else "")
             + (" --overwrite" if self.exists else "")
             + f" --cache-dir {cache_dir}"
             + ("" if self.dataset in NO_USER_DATA else " --root ROOT")
@@ -147,28 +150,35 @@ NO_USER_DATA = ("digits_lt",)  # datasets whose images ship with vlmcache: `abla
 
 
 def missing_caches(pipe: Pipeline) -> list[MissingCache]:
-    """Every (dataset, model) cache the grid reads that is not there, or lacks the tokens a decoder needs:
-    checked before the first run, so that a grid does not fail run by run."""
+    """Every (dataset, model) cache the grid reads that is not there, or lacks the tokens a decoder needs or the
+    prefix a tail head needs: checked before the first run, so that a grid does not fail run by run."""
     from vlmcache import cache
 
     planned = plan(pipe)
     found = []
     for dataset, model in itertools.product(pipe.datasets, pipe.models):
-        tokens = any(
-            r.dataset == dataset and r.model == model and {**pipe.defaults, **r.settings}.get("head") == "decoder"
-            for r in planned
-        )
+        heads = {
+            {**pipe.defaults, **r.settings}.get("head") for r in planned if r.dataset == dataset and r.model == model
+        }
+        tokens, prefix = "decoder" in heads, "tail" in heads
         try:
             model_dir = find_cache(
                 pipe.cache_dir, dataset, str(model["model"]), _opt_str(model.get("pretrained")),
                 _opt_str(model.get("cache_key")), str(model.get("preprocess", "model")),
             )  # fmt: skip
         except VlmcacheError as e:
-            found.append(MissingCache(dataset, model, tokens, str(e)))
+            found.append(MissingCache(dataset, model, tokens, str(e), prefix=prefix))
             continue
-        manifest = cache.read_manifest(model_dir / "train")
-        if tokens and not (manifest and manifest["fingerprint"].get("tokens")):
-            found.append(MissingCache(dataset, model, tokens, f"'{model_dir}' has no tokens for the decoder", True))
+        fingerprint = (cache.read_manifest(model_dir / "train") or {}).get("fingerprint", {})
+        lacks = []
+        if tokens and not fingerprint.get("tokens"):
+            lacks.append("tokens for the decoder")
+        if prefix and not fingerprint.get("tail_blocks"):
+            lacks.append("prefix for the tail head")
+        if lacks:
+            found.append(
+                MissingCache(dataset, model, tokens, f"'{model_dir}' has no {' and no '.join(lacks)}", True, prefix)
+            )
     return found
 
 
@@ -182,11 +192,20 @@ def extract_missing(pipe: Pipeline, missing: list[MissingCache], progress=None, 
             "--extract makes caches of built-in data only; these need your images: "
             + "; ".join(m.command(pipe.cache_dir) for m in need_data)
         )
+    no_k = [m for m in missing if m.prefix and not m.model.get("tail_blocks")]
+    if no_k:
+        raise VlmcacheError(
+            f"{pipe.source}: a tail head needs a prefix cache, and --extract takes its K from the model entry: add "
+            f"tail_blocks (and views) to {{model: {no_k[0].model['model']}, ...}}, or run: "
+            + no_k[0].command(pipe.cache_dir)
+        )
     for m in missing:
         log(f"extracting: {m.command(pipe.cache_dir)}")
         cfg = ExtractConfig(
             dataset=m.dataset, model=str(m.model["model"]), pretrained=_opt_str(m.model.get("pretrained")),
             preprocess=str(m.model.get("preprocess", "model")), cache_dir=pipe.cache_dir, tokens=m.tokens,
+            tail_blocks=int(m.model.get("tail_blocks") or 0) if m.prefix else 0,
+            views=int(m.model.get("views") or 0) if m.prefix else 0,
             workers=0, shard_size=256, overwrite=m.exists,
         )  # fmt: skip
         run_extract(cfg, progress=progress, log=log)

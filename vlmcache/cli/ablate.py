@@ -127,7 +127,10 @@ def ablate(
         )
     else:
         out.print(paper_table(summary), markup=False, highlight=False, soft_wrap=True)
-        out.print(f"{counts}. Table: {runs_dir / 'results.csv'}. Report: vlmcache report {runs_dir}", highlight=False)
+        said = ", ".join(f"{n} {status}" for status, n in counts.items())
+        out.print(
+            f"runs: {said}. Table: {runs_dir / 'results.csv'}. Report: vlmcache report {runs_dir}", highlight=False
+        )
     if counts.get("failed"):  # the grid went on and wrote its table; the exit code still says a run failed
         raise typer.Exit(1)
 
