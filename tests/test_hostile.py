@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -447,6 +449,18 @@ def test_extract_refuses_a_split_folder_it_did_not_write(extracted, tmp_path, na
     (split_dir / f"manifest.json{guard.TMP_MARK}999999999.x").write_text("{")  # a killed first manifest write
     res = runner.invoke(app, [*extracted["argv"], "--cache-dir", str(tmp_path / "cache")])
     assert res.exit_code == 0, res.output  # its temporary is swept and the split extracted
+
+
+def test_a_damaged_manifest_is_refused_and_replaced_with_overwrite(extracted, tmp_path):
+    """The error's advice (--overwrite) works: the split's own files go, the manifest is never read."""
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(extracted["cache"], cache_dir)
+    manifest = cache_dir / extracted["key"] / "train" / "manifest.json"
+    manifest.write_text("{bad")
+    refuse_extract(extracted, cache_dir, cache_dir, says="not valid JSON")
+    res = runner.invoke(app, [*extracted["argv"], "--cache-dir", str(cache_dir), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(manifest.read_text())["complete"] is True
 
 
 def test_extract_writes_its_manifest_before_its_first_shard(extracted, tmp_path, monkeypatch):

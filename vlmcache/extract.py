@@ -75,10 +75,9 @@ def _prepare_split_dir(split_dir: Path, fingerprint: dict, cfg: ExtractConfig, l
 
     What is done is decided from the manifest and the files' sizes; `cfg.verify` also re-hashes them.
     """
+    if cfg.overwrite and split_dir.is_dir():  # only its own files: run_extract refused anything else inside, and
+        guard.remove_split_files(split_dir)  # a damaged manifest is replaced too, never read
     manifest = cache.read_manifest(split_dir) if split_dir.is_dir() else None
-    if manifest is not None and cfg.overwrite:  # only its own files: run_extract refused anything else inside
-        guard.remove_split_files(split_dir)
-        manifest = None
     if manifest is not None and manifest["fingerprint"] != fingerprint:
         raise VlmcacheError(
             f"The cache at '{split_dir}' was made with other settings, so resuming would mix them: "
