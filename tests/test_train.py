@@ -359,8 +359,10 @@ def test_run_folder_contents(synthetic, tmp_path):
 
     table = pd.read_csv(run / "per_class.csv")
     assert list(table["train_count"]) == TAIL and set(table["group"]) == {"many", "medium", "few"}
-    with pytest.raises(VlmcacheError, match="exists already"):
+    with pytest.raises(VlmcacheError, match=r"exists already \(same settings"):
         train_head(_cfg(synthetic, tmp_path, epochs=2))
+    with pytest.raises(VlmcacheError, match="exists already; pass --overwrite"):  # --out: any settings, no claim
+        train_head(_cfg(synthetic, tmp_path, epochs=2, loss="focal", out=str(run)))
 
 
 def test_a_nan_loss_stops_the_run_naming_epoch_and_step(synthetic, tmp_path):

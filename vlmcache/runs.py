@@ -34,7 +34,8 @@ def run_folder(out: str | None, runs_dir: str, run_name: str, overwrite: bool) -
         run_dir = Path(runs_dir) / guard.check_name(run_name, "The run name")
         guard.check_output(run_dir, "--runs-dir", "run", overwrite, reuse=True)
     if (run_dir / "metrics.json").is_file() and not overwrite:
-        raise VlmcacheError(f"The run '{run_dir}' exists already (same settings); pass --overwrite to run it again.")
+        same = "" if out else " (same settings: a run's name is a hash of them)"  # --out names any folder
+        raise VlmcacheError(f"The run '{run_dir}' exists already{same}; pass --overwrite to run it again.")
     return run_dir
 
 
