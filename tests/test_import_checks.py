@@ -405,6 +405,22 @@ def test_import_stages_in_a_folder_of_its_own_and_removes_nothing_else(tmp_path)
     assert cache.SplitCache(out / "train").labels().tolist() == [1, 1, 2, 0, 0]
 
 
+def test_a_damaged_imported_shard_says_to_import_again(tmp_path):
+    """`cache verify --repair` extracts; an imported split has no extraction to repeat, so its message says so."""
+    good = _parquet(tmp_path / "g.parquet", np.ones((4, 2)).tolist(), [0, 1, 2, 0])
+    out = Path(import_embeddings("parquet", good, "m", "train", tmp_path / "c", **QUIET)["cache"])
+    shard = next((out / "train").glob("shard-*.h5"))
+    import h5py
+
+    with h5py.File(shard, "r") as f:  # a byte of the embeddings flipped: the shard's fletcher32 check fails
+        offset = f["pooled"].id.get_chunk_info(0).byte_offset
+    data = bytearray(shard.read_bytes())
+    data[offset] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(VlmcacheError, match="it is damaged: import it again with --overwrite"):
+        cache.SplitCache(out / "train").pooled()
+
+
 # --------------------------------------------------------------------------- fuzz
 
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402

@@ -246,10 +246,17 @@ class SplitCache:
         try:
             return self._file(i)[name][rows]
         except (OSError, KeyError) as e:  # fletcher32 mismatch, truncated file, missing dataset
-            raise VlmcacheError(
-                f"The shard '{self.shards[i].path}' cannot be read ({e}); it is damaged. Run "
-                f"`vlmcache cache verify --repair {self.dir.parent}` to extract it again."
-            ) from None
+            raise self._damaged(i, e) from None
+
+    def _damaged(self, i: int, e: Exception) -> VlmcacheError:
+        """A shard that cannot be read, and how to make it again: repair re-extracts, an imported split is imported
+        again (there is no extraction to repeat)."""
+        again = (
+            f"import it again with --overwrite (`vlmcache cache verify --repair` extracts, and {self.dir} was imported)"
+            if self.fingerprint.get("imported")
+            else f"run `vlmcache cache verify --repair {self.dir.parent}` to extract it again"
+        )
+        return VlmcacheError(f"The shard '{self.shards[i].path}' cannot be read ({e}); it is damaged: {again}.")
 
     def _read_into(self, i: int, name: str, rows: slice, out: np.ndarray) -> None:
         try:
@@ -258,10 +265,7 @@ class SplitCache:
                 raise KeyError(f"'{name}' is {dset.dtype} {dset.shape}, not {out.dtype} (n, {out.shape[1:]})")
             dset.read_direct(out, np.s_[rows], np.s_[0 : len(out)])
         except (OSError, KeyError) as e:  # as _read's
-            raise VlmcacheError(
-                f"The shard '{self.shards[i].path}' cannot be read ({e}); it is damaged. Run "
-                f"`vlmcache cache verify --repair {self.dir.parent}` to extract it again."
-            ) from None
+            raise self._damaged(i, e) from None
 
     def load(self, name: str, dtype=None) -> np.ndarray:
         """One dataset of every shard in row order (for pooled, labels, rows, views), as `dtype` when given. The
