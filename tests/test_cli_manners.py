@@ -348,3 +348,11 @@ def test_threads_sets_torchs_cpu_threads(tmp_path, monkeypatch):
         assert seen == [3, 1, 2, 2]
     finally:
         torch.set_num_threads(before)
+
+
+def test_cache_info_of_a_cache_without_splits_says_so(tmp_path):
+    model_dir = _user_cache(tmp_path, "mine")
+    for manifest in model_dir.glob("*/manifest.json"):
+        manifest.unlink()
+    res = runner.invoke(app, ["cache", "info", str(model_dir), "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 0 and "no split of this cache has a manifest.json (folders: test, train)" in res.output

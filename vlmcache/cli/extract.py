@@ -361,6 +361,10 @@ def cache_info(
     out.print(f"[bold]{escape(head)}[/]  ({size(summary['bytes'])})  {escape(str(summary['path']))}", markup=True)
     if fingerprint:
         out.print_json(json.dumps(fingerprint))
+    if not summary["splits"]:  # an empty table would say nothing; say what is missing
+        folders = ", ".join(sorted(p.name for p in model_dir.iterdir() if p.is_dir())) or "none"
+        out.print(f"no split of this cache has a manifest.json (folders: {folders}).")
+        return
     table = Table()
     for col in ("split", "rows", "of", "skipped", "shards", "complete", "tokens", "views", "size"):
         table.add_column(col)
