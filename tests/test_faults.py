@@ -79,6 +79,32 @@ def test_torchrun_two_processes_write_every_row_once(split_dataset, reference, t
     assert_same_cache(split_dir, reference)
 
 
+def test_a_signal_to_the_nproc_launcher_alone_stops_every_rank(split_dataset, tmp_path):
+    """`extract --nproc 2` killed by its pid (a scheduler's SIGTERM, `kill -INT`): the launcher passes it on, so no
+    rank goes on writing the cache after the command has ended."""
+    root, files = split_dataset
+    proc = subprocess.Popen(
+        _extract_cmd(root, files, tmp_path, "--nproc", "2"), start_new_session=True,
+        env={**os.environ, "VLMCACHE_FAULT": "shard_published:1:HANG"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.rglob("shard-*.h5")) and time.monotonic() < deadline:  # both ranks under way
+        time.sleep(0.2)
+    assert proc.poll() is None, "the launcher ended before its ranks started"
+    proc.send_signal(signal.SIGTERM)  # to the launcher's pid alone, not its group (SIGINT takes the same path)
+    proc.wait(60)
+    for _ in range(100):  # every process of the launcher's session is gone
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("ranks went on after the launcher ended")
+
+
 # --------------------------------------------------------------------------- kills and full disks
 
 

@@ -476,7 +476,9 @@ def use_threads(threads: int | None, default: int = 1) -> None:
 
 
 def launch_torchrun(command: str, nproc: int) -> int:
-    """Run this same command under torchrun with `nproc` processes; returns its exit code."""
+    """Run this same command under torchrun with `nproc` processes; returns its exit code. A SIGTERM, SIGHUP or
+    SIGINT sent to this launcher alone is passed on, so that no rank goes on without it."""
+    import signal
     import subprocess
 
     args, skip = [], False
@@ -490,7 +492,21 @@ def launch_torchrun(command: str, nproc: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["-m", "vlmcache", command, *args]
     log(f"launching: {' '.join(cmd)}")
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+
+    def forward(signum, frame) -> None:  # a kill of the launcher reaches the ranks: torchrun stops its workers
+        proc.send_signal(signum)
+
+    before = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # Ctrl-C at a terminal reached torchrun too; a SIGINT to the launcher alone not
+                proc.send_signal(signal.SIGINT)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def check_nproc(command: str, nproc: int) -> None:
