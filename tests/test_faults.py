@@ -94,15 +94,27 @@ def test_a_signal_to_the_nproc_launcher_alone_stops_every_rank(split_dataset, tm
     assert proc.poll() is None, "the launcher ended before its ranks started"
     proc.send_signal(signal.SIGTERM)  # to the launcher's pid alone, not its group (SIGINT takes the same path)
     proc.wait(60)
-    for _ in range(100):  # every process of the launcher's session is gone
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
+    for _ in range(150):  # every process of this command (torchrun and its ranks, whatever their session) is gone
+        left = _processes_naming(tmp_path)
+        if not left:
             break
         time.sleep(0.2)
     else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("ranks went on after the launcher ended")
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"{len(left)} processes went on after the launcher ended")
+
+
+def _processes_naming(path: Path) -> list[int]:
+    """The pids whose command line holds `path` (this test's own folder, so no other process matches)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(path).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 # --------------------------------------------------------------------------- kills and full disks
