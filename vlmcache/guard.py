@@ -330,8 +330,6 @@ def check_own_files(folder: Path, names: tuple[str, ...], what: str) -> None:
 
 def _own_split_entry(entry: os.DirEntry) -> bool:
     """A plain file of a cache split's own names: its manifest, a shard, or a temporary of either."""
-    from vlmcache.atomic import TMP_MARK
-
     name = entry.name.split(TMP_MARK, 1)[0]
     own = name == MANIFEST or (name.startswith("shard-") and name.endswith(".h5"))
     return own and entry.is_file(follow_symlinks=False)
