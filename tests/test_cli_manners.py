@@ -356,3 +356,15 @@ def test_cache_info_of_a_cache_without_splits_says_so(tmp_path):
         manifest.unlink()
     res = runner.invoke(app, ["cache", "info", str(model_dir), "--cache-dir", str(tmp_path)])
     assert res.exit_code == 0 and "no split of this cache has a manifest.json (folders: test, train)" in res.output
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_ctrl_c_under_torchrun_is_said_once_by_rank_0(tmp_path, monkeypatch, rank):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vlmcache.extract.run_extract", interrupted)
+    monkeypatch.setenv("RANK", rank)
+    res = runner.invoke(app, ["extract", "-d", "digits_lt", "-m", "vlmcache-tiny", "-p", "none", "--cache-dir",
+                              str(tmp_path)])  # fmt: skip
+    assert res.exit_code == 130 and ("interrupted:" in res.output) == (rank == "0"), res.output

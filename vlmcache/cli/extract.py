@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -144,11 +145,12 @@ def extract(
         with RichProgress() as progress:
             summary = run_extract(cfg, progress=progress, log=log, prepared=prepared)
     except KeyboardInterrupt:
-        log(
-            f"interrupted: the shards finished so far are kept in {Path(cfg.cache_dir) / cfg.name}; the same "
-            "command again resumes from them.",
-            markup=False,
-        )
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all (Ctrl-C reaches each rank)
+            log(
+                f"interrupted: the shards finished so far are kept in {Path(cfg.cache_dir) / cfg.name}; the same "
+                "command again resumes from them.",
+                markup=False,
+            )
         raise typer.Exit(130) from None
     if summary["rank"] != 0:  # under torchrun, rank 0 speaks for all
         return
